@@ -1,0 +1,190 @@
+"""Typed records that flow between winnow's stages.
+
+Every stage boundary passes one of these, never a loose dict:
+
+    Prompt ──Engine.generate──► Completion ──Oracle.reward──► Group ──Learner──► TrainBatch
+
+Shapes use B for sequences in a batch and T for padded sequence length. Token ids are plain Python
+lists on the records that cross process boundaries (they pickle cheaply and carry no device);
+only `TrainBatch` holds tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class SamplingParams:
+    """How the engine samples; names follow vLLM's `SamplingParams`."""
+
+    temperature: float = 1.0
+    """softmax temperature; 0 means greedy decoding"""
+    top_p: float = 1.0
+    """nucleus sampling: keep the smallest set of tokens whose probability mass reaches top_p (0, 1]"""
+    top_k: int = -1
+    """keep only the k most likely tokens; -1 keeps all"""
+    max_tokens: int = 256
+    """the most new tokens to generate per response"""
+    n: int = 1
+    """responses sampled per prompt"""
+    stop: list[str] = field(default_factory=list)
+    """strings that end a response; the stop string is kept out of the returned text and ids"""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """token ids that end a response, besides the tokenizer's EOS (the stop token is kept in the ids)"""
+    ignore_eos: bool = False
+    """keep generating past EOS until max_tokens (benchmarks use this to fix the length)"""
+    seed: int | None = None
+    """seed for this call; the same seed, prompts and weights give the same responses"""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        problems = []
+        if self.temperature < 0:
+            problems.append(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k == 0 or self.top_k < -1:
+            problems.append(f"top_k={self.top_k} must be -1 (off) or a positive integer")
+        if self.max_tokens < 1:
+            problems.append(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.n < 1:
+            problems.append(f"n={self.n} must be >= 1")
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Prompt:
+    """One prompt from a dataset, rendered through its chat template."""
+
+    text: str
+    """the prompt as the model sees it (chat template applied)"""
+    token_ids: list[int]
+    """`text` tokenized, [prompt_len]"""
+    reference: str | None = None
+    """the reference answer (for verifiable rewards), or None"""
+    columns: dict[str, Any] = field(default_factory=dict)
+    """the dataset row's other columns, passed to user reward functions as keyword arguments"""
+    index: int = -1
+    """position of the row in its dataset"""
+
+
+@dataclass
+class Completion:
+    """One sampled response to one prompt."""
+
+    prompt_ids: list[int]
+    """the prompt's token ids, [prompt_len]"""
+    response_ids: list[int]
+    """the sampled token ids, [response_len]; includes the EOS/stop token when one ended the response"""
+    logprobs: list[float]
+    """engine log-probability of each sampled token under the sampling distribution (logits / temperature,
+    before top-k/top-p truncation), [response_len]; for greedy decoding, under temperature 1"""
+    finish_reason: FinishReason
+    """"stop" (EOS, a stop token or a stop string) or "length" (hit max_tokens)"""
+    text: str
+    """the decoded response, special tokens and any stop string removed"""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.response_ids)
+
+
+@dataclass
+class RewardResult:
+    """What a reward oracle returns for a batch of N completions."""
+
+    scores: list[float | None]
+    """the combined reward per completion, [N]; None where the oracle could not score it"""
+    components: dict[str, list[float | None]] = field(default_factory=dict)
+    """each named reward function's own scores, [N] each, before weighting"""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """the oracle's own numbers: latency, failures, retries"""
+
+    @property
+    def num_failed(self) -> int:
+        return sum(s is None for s in self.scores)
+
+
+@dataclass
+class Group:
+    """All sampled responses to one prompt, with their rewards: the unit that group advantages work on."""
+
+    prompt: Prompt
+    completions: list[Completion]
+    """G responses to `prompt`"""
+    rewards: list[float | None] = field(default_factory=list)
+    """one reward per completion, [G]; None marks a completion the oracle could not score"""
+    components: dict[str, list[float | None]] = field(default_factory=dict)
+    """named reward components, [G] each"""
+
+    @property
+    def is_scored(self) -> bool:
+        return len(self.rewards) == len(self.completions) and all(r is not None for r in self.rewards)
+
+
+@dataclass
+class PreferencePair:
+    """Two responses to one prompt and which one is preferred (for preference learning)."""
+
+    prompt: Prompt
+    chosen: Completion
+    rejected: Completion
+    probability: float = 1.0
+    """the oracle's probability that `chosen` beats `rejected`"""
+
+
+@dataclass
+class TrainBatch:
+    """Padded tensors for the learner. Prompt and response are concatenated and right-padded.
+
+    `response_mask[b, t]` is 1 where `input_ids[b, t]` is a response token, so per-token arrays below are
+    aligned with `input_ids`: position t holds the value for predicting token t (from the logits at t-1).
+    """
+
+    input_ids: torch.Tensor
+    """prompt + response token ids, right-padded, [B, T] long"""
+    attention_mask: torch.Tensor
+    """1 for real tokens, 0 for padding, [B, T] long"""
+    response_mask: torch.Tensor
+    """1 for response tokens that are trained on, [B, T] float"""
+    advantages: torch.Tensor
+    """per-sequence advantage, [B] float"""
+    engine_logprobs: torch.Tensor
+    """the engine's logprob of each response token when it was sampled, [B, T] float (0 off the mask)"""
+    rewards: torch.Tensor | None = None
+    """per-sequence reward, [B] float (for logging)"""
+    old_logprobs: torch.Tensor | None = None
+    """logprobs under the policy before this iteration's updates, [B, T] float; filled by the learner"""
+    ref_logprobs: torch.Tensor | None = None
+    """logprobs under the reference model, [B, T] float; filled by the learner when a KL term is on"""
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum().item())
+
+    def select(self, index: torch.Tensor | slice) -> "TrainBatch":
+        """The rows at `index`, as a new TrainBatch sharing storage where torch allows."""
+        def pick(t):
+            return None if t is None else t[index]
+        return TrainBatch(**{name: pick(getattr(self, name)) for name in self.__dataclass_fields__})
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+        return TrainBatch(**{name: move(getattr(self, name)) for name in self.__dataclass_fields__})
