@@ -33,7 +33,8 @@ class SamplingParams:
     n: int = 1
     """responses sampled per prompt"""
     stop: list[str] = field(default_factory=list)
-    """strings that end a response; the stop string is kept out of the returned text and ids"""
+    """strings that end a response; the stop string is cut from the returned text, while the ids keep the
+    tokens that produced it, so the learner trains on exactly what was sampled"""
     stop_token_ids: list[int] = field(default_factory=list)
     """token ids that end a response, besides the tokenizer's EOS (the stop token is kept in the ids)"""
     ignore_eos: bool = False

@@ -1,0 +1,261 @@
+"""`hf`: the embedded engine, on plain PyTorch + transformers.
+
+It runs its own decode loop over a `transformers` causal LM instead of calling `model.generate`, so that
+it returns exactly what RL needs (the log-probability of every sampled token, under the same distribution
+the learner recomputes) and so that sampling is reproducible from a seed:
+
+    prompts ─► left-pad ─► prefill (one forward) ─► decode loop: sample, record logprob, stop checks
+                                                     └─ one forward per new token on the KV cache
+
+On GPU it runs in bf16 with a static KV cache (preallocated, so no per-step allocation). The speed work
+(compiled decode with CUDA graphs, bucketing) lives in a later issue; this engine keeps the structure
+that work needs: one fixed-shape step function.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
+
+from winnow.types import Completion, SamplingParams
+
+
+@dataclass
+class HFEngineConfig:
+    """Settings of the embedded `hf` engine."""
+
+    max_batch_size: int = 256
+    """the most sequences (prompts x samples) decoded together; larger requests run in chunks"""
+    kv_cache: str = "auto"
+    """"static" (preallocated, GPU default), "dynamic" (grows per step, CPU default) or "auto\""""
+    dtype: str = "auto"
+    """engine weights: "auto" (bf16 on GPU, fp32 on CPU), "bfloat16", "float16" or "float32\""""
+    seed: int = 0
+    """seed of the engine's own generator, used when a call's SamplingParams has no seed"""
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+class HFEngine:
+    """Batched sampling with per-token logprobs on a `transformers` causal LM.
+
+    The engine owns its own copy of the policy (the learner trains another), so weight sync is an
+    explicit, timed `update_weights` call, as it is with any other backend.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: HFEngineConfig | None = None,
+        device: torch.device | str | None = None,
+        copy_model: bool = True,
+    ):
+        self.config = config or HFEngineConfig()
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.dtype = resolve_dtype(self.config.dtype, self.device)
+        model = copy.deepcopy(model) if copy_model else model
+        self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        self.generator = torch.Generator(self.device).manual_seed(self.config.seed)
+        self.last_sync_seconds = 0.0
+        kv_cache = self.config.kv_cache
+        if kv_cache == "auto":
+            kv_cache = "static" if self.device.type == "cuda" else "dynamic"
+        if kv_cache not in ("static", "dynamic"):
+            raise ValueError(f"kv_cache={self.config.kv_cache!r}: use 'auto', 'static' or 'dynamic'")
+        self.kv_cache = kv_cache
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Sample `params.n` responses per prompt; completions[i*n:(i+1)*n] answer prompts[i]."""
+        params.validate()
+        for i, ids in enumerate(prompts):
+            if len(ids) == 0:
+                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        generator = self.generator
+        if params.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(params.seed)
+        expanded = [ids for ids in prompts for _ in range(params.n)]
+        out: list[Completion] = []
+        for start in range(0, len(expanded), self.config.max_batch_size):
+            chunk = expanded[start : start + self.config.max_batch_size]
+            out.extend(self._generate_chunk(chunk, params, generator))
+        return out
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the learner's weights in place (names as in `model.named_parameters()`)."""
+        start = time.perf_counter()
+        params = dict(self.model.named_parameters())
+        seen = set()
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise KeyError(f"update_weights got {name!r}, which the engine's model has no parameter for")
+            params[name].copy_(tensor.detach())
+            seen.add(name)
+        if missing := set(params) - seen:
+            raise KeyError(f"update_weights left {len(missing)} parameters stale, e.g. {sorted(missing)[:3]}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.last_sync_seconds = time.perf_counter() - start
+
+    def sleep(self) -> None:
+        """Nothing to free: the embedded engine holds no KV cache between calls."""
+
+    def wake(self) -> None:
+        """See `sleep`."""
+
+    # ------------------------------------------------------------------ decoding
+
+    def _generate_chunk(
+        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
+    ) -> list[Completion]:
+        batch_size, prompt_len = len(prompts), max(len(p) for p in prompts)
+        # Left padding puts every prompt's last token in the last column, so one decode step serves all rows.
+        input_ids = torch.full((batch_size, prompt_len), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, prompt_len), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, prompt_len - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, prompt_len - len(ids) :] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self._new_cache(batch_size, prompt_len + params.max_tokens)
+
+        stop_ids = torch.tensor(
+            list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids), device=self.device
+        )
+        tokens = torch.empty((batch_size, params.max_tokens), dtype=torch.long, device=self.device)
+        logprobs = torch.zeros((batch_size, params.max_tokens), dtype=torch.float32, device=self.device)
+        lengths = torch.full((batch_size,), params.max_tokens, dtype=torch.long, device=self.device)
+        is_done = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
+        stop_checker = _StopStrings(self.tokenizer, params.stop) if params.stop else None
+
+        logits = self._forward(input_ids, attention_mask, position_ids, cache)
+        for step in range(params.max_tokens):
+            next_tokens, next_logprobs = sample(logits, params, generator)
+            next_tokens = torch.where(is_done, self.pad_token_id, next_tokens)
+            tokens[:, step], logprobs[:, step] = next_tokens, next_logprobs.masked_fill(is_done, 0.0)
+            is_stop = torch.isin(next_tokens, stop_ids) & ~is_done
+            if stop_checker is not None:
+                is_stop |= stop_checker.update(tokens[:, : step + 1], is_done | is_stop)
+            lengths = torch.where(is_stop, step + 1, lengths)
+            is_done |= is_stop
+            if step + 1 == params.max_tokens or bool(is_done.all()):
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            logits = self._forward(next_tokens[:, None], attention_mask, position_ids, cache)
+        return self._completions(prompts, tokens.cpu(), logprobs.cpu(), lengths.cpu(), is_done.cpu(), params)
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """Logits of the last position, float32, [B, V]."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+    def _new_cache(self, batch_size: int, max_len: int):
+        if self.kv_cache == "static":
+            return StaticCache(config=self.model.config, max_cache_len=max_len)
+        return DynamicCache(config=self.model.config)
+
+    def _completions(self, prompts, tokens, logprobs, lengths, is_done, params) -> list[Completion]:
+        out = []
+        for row, prompt_ids in enumerate(prompts):
+            n = int(lengths[row])
+            ids = tokens[row, :n].tolist()
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            for stop in params.stop:
+                if (cut := text.find(stop)) >= 0:
+                    text = text[:cut]
+            out.append(
+                Completion(
+                    prompt_ids=list(prompt_ids),
+                    response_ids=ids,
+                    logprobs=logprobs[row, :n].tolist(),
+                    finish_reason="stop" if bool(is_done[row]) else "length",
+                    text=text,
+                )
+            )
+        return out
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator):
+    """Pick the next token of every row and its log-probability.
+
+    logits: [B, V] float32. Returns (tokens [B] long, logprobs [B] float32). The logprob is taken under
+    softmax(logits / temperature) *before* top-k/top-p truncation: that is the distribution the learner
+    recomputes, so engine and learner logprobs agree (truncation only decides which tokens may be drawn).
+    Greedy decoding reports the temperature-1 logprob.
+    """
+    if params.is_greedy:
+        tokens = logits.argmax(dim=-1)
+        return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    scaled = logits / params.temperature
+    logprobs_all = torch.log_softmax(scaled, dim=-1)
+    filtered = _top_k_top_p(scaled, params.top_k, params.top_p)
+    probs = torch.softmax(filtered, dim=-1)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits outside the top-k and outside the top-p nucleus with -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p; the most likely token always stays.
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class _StopStrings:
+    """Finds rows whose decoded text now contains a stop string (decoding only the rows still running)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.tail = max(len(s) for s in stops) + 8  # tokens to decode: enough to hold any stop string
+
+    def update(self, tokens: torch.Tensor, is_done: torch.Tensor) -> torch.Tensor:
+        hit = torch.zeros_like(is_done)
+        for row in (~is_done).nonzero().flatten().tolist():
+            text = self.tokenizer.decode(tokens[row, -self.tail :].tolist(), skip_special_tokens=True)
+            hit[row] = any(stop in text for stop in self.stops)
+        return hit
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        raise ValueError("neither the model's generation_config nor the tokenizer names an EOS token")
+    return [ids] if isinstance(ids, int) else list(ids)
