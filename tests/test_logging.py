@@ -1,0 +1,176 @@
+"""winnow.logging: metrics.jsonl round trip, TensorBoard and offline wandb sinks, plots, progress bar."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+
+import pytest
+from matplotlib.image import imread
+
+from winnow.logging import LoggingConfig, MetricsLogger, plot_main, plot_run, plot_runs, progress, read_metrics
+
+
+def _log_fake_run(run_dir, num_steps=10, eval_every=3):
+    """A small run: train/* and reward/* every step, eval/* every `eval_every` steps in its own call.
+
+    samples grows by 8 a step, so at step s it is 8 * (s + 1); eval rows carry no `samples`.
+    """
+    with MetricsLogger(run_dir, LoggingConfig(), "fake", {}) as logger:
+        for step in range(num_steps):
+            logger.log({"train/loss": 1.0 / (step + 1), "reward/mean": step / num_steps, "samples": 8 * (step + 1)}, step)
+            if step % eval_every == 0:
+                logger.log({"eval/gsm8k_accuracy": 0.1 * step}, step)
+    return run_dir
+
+
+def test_jsonl_round_trip_values(tmp_path):
+    with MetricsLogger(tmp_path, LoggingConfig(), "run", {"lr": 1e-5}) as logger:
+        logger.log({"loss/policy": 0.25, "samples": 64, "train/clipped": True}, step=1)
+        logger.log({"eval/accuracy": 0.5}, step=2)
+    assert read_metrics(tmp_path) == [
+        {"step": 1, "loss/policy": 0.25, "samples": 64, "train/clipped": 1},  # bool stored as 0/1
+        {"step": 2, "eval/accuracy": 0.5},
+    ]
+
+
+def test_each_line_is_on_disk_before_close(tmp_path):
+    # A crash after log() returns must lose nothing: the line is flushed, not buffered.
+    logger = MetricsLogger(tmp_path, LoggingConfig(), "run", {})
+    logger.log({"reward/mean": 0.75}, step=3)
+    assert read_metrics(tmp_path) == [{"step": 3, "reward/mean": 0.75}]
+    logger.close()
+    logger.close()  # idempotent
+
+
+def test_tensor_scalars_are_logged_as_numbers(tmp_path):
+    torch = pytest.importorskip("torch")
+    with MetricsLogger(tmp_path, LoggingConfig(), "run", {}) as logger:
+        logger.log({"loss/policy": torch.tensor(0.5)}, step=0)
+    assert read_metrics(tmp_path) == [{"step": 0, "loss/policy": 0.5}]
+
+
+def test_nonfinite_floats_are_valid_json_and_read_back(tmp_path):
+    with MetricsLogger(tmp_path, LoggingConfig(), "run", {}) as logger:
+        logger.log({"a": math.nan, "b": math.inf, "c": -math.inf, "d": 1.5}, step=0)
+    line = (tmp_path / "metrics.jsonl").read_text().strip()
+    # Strict JSON (no bare NaN tokens): parse_constant is called only for NaN/Infinity tokens.
+    raw = json.loads(line, parse_constant=lambda token: pytest.fail(f"bare {token} in {line}"))
+    assert raw == {"step": 0, "a": "NaN", "b": "Infinity", "c": "-Infinity", "d": 1.5}
+    (record,) = read_metrics(tmp_path)
+    assert math.isnan(record["a"]) and record["b"] == math.inf and record["c"] == -math.inf
+
+
+def test_bad_metrics_are_rejected(tmp_path):
+    with MetricsLogger(tmp_path, LoggingConfig(), "run", {}) as logger:
+        with pytest.raises(ValueError, match="reserved"):
+            logger.log({"step": 1}, step=1)
+        with pytest.raises(TypeError, match="train/name"):
+            logger.log({"train/name": "abc"}, step=1)
+
+
+def test_truncated_last_line_is_skipped(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "x": 1}\n{"step": 1, "x"')
+    with pytest.warns(UserWarning, match="truncated"):
+        assert read_metrics(tmp_path) == [{"step": 0, "x": 1}]
+
+
+def test_tensorboard_scalars_read_back(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    with MetricsLogger(tmp_path, LoggingConfig(tensorboard=True), "run", {"lr": 1e-5}) as logger:
+        logger.log({"reward/mean": 0.5}, step=1)
+        logger.log({"reward/mean": 0.75}, step=2)
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    accumulator.Reload()
+    events = accumulator.Scalars("reward/mean")
+    assert [(e.step, e.value) for e in events] == [(1, 0.5), (2, 0.75)]
+
+
+def test_wandb_offline_writes_run_without_network(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    # Keep wandb's caches and settings inside the test's folder, not the user's home.
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    run_dir = tmp_path / "run"
+    config = LoggingConfig(wandb=True, wandb_mode="offline")
+    with MetricsLogger(run_dir, config, "offline-test", {"lr": 1e-5}) as logger:
+        logger.log({"reward/mean": 0.5}, step=1)
+    (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
+    assert list(offline_run.glob("run-*.wandb")), f"no .wandb file in {offline_run}"
+    assert read_metrics(run_dir) == [{"step": 1, "reward/mean": 0.5}]
+
+
+def test_unknown_wandb_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="wandb_mode='offlne'.*offline"):
+        LoggingConfig(wandb=True, wandb_mode="offlne")
+
+
+@pytest.mark.parametrize(("sink", "module", "extra"), [("wandb", "wandb", "wandb"), ("tensorboard", "torch.utils.tensorboard", "tensorboard")])
+def test_missing_extra_names_the_pip_install(tmp_path, monkeypatch, sink, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    with pytest.raises(ImportError, match=rf'pip install "winnow\[{extra}\]"'):
+        MetricsLogger(tmp_path, LoggingConfig(**{sink: True}), "run", {})
+    assert not (tmp_path / "metrics.jsonl").exists()  # failed before opening anything
+
+
+def _assert_png(path):
+    image = imread(path)  # [H, W, channels]
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_plot_run_writes_one_png_per_group_and_summary(tmp_path):
+    run_dir = _log_fake_run(tmp_path / "grpo")
+    paths = plot_run(run_dir)
+    assert [p.name for p in paths] == ["train.png", "reward.png", "misc.png", "eval.png", "summary.png"]
+    assert all(p.parent == run_dir / "plots" for p in paths)
+    for path in paths:
+        _assert_png(path)
+
+
+def test_plot_run_with_samples_on_x(tmp_path):
+    run_dir = _log_fake_run(tmp_path / "grpo")
+    paths = plot_run(run_dir, out_dir=tmp_path / "by_samples", x="samples")
+    # `samples` is now the axis, so no misc figure; eval rows took samples from their step's row.
+    assert [p.name for p in paths] == ["train.png", "reward.png", "eval.png", "summary.png"]
+    for path in paths:
+        _assert_png(path)
+
+
+def test_plot_missing_x_column_is_a_clear_error(tmp_path):
+    run_dir = _log_fake_run(tmp_path / "grpo")
+    with pytest.raises(ValueError, match="x='oracle_queries'.*samples"):
+        plot_run(run_dir, x="oracle_queries")
+
+
+def test_plot_runs_overlays_runs(tmp_path):
+    runs = [_log_fake_run(tmp_path / "grpo"), _log_fake_run(tmp_path / "dpo", num_steps=6)]
+    out = plot_runs(runs, "eval/gsm8k_accuracy", tmp_path / "compare.png", x="samples")
+    _assert_png(out)
+    with pytest.warns(UserWarning, match="has no 'eval/nope'"), pytest.raises(ValueError, match="none of the runs"):
+        plot_runs(runs, "eval/nope", tmp_path / "nope.png")
+
+
+def test_plot_main_prints_paths(tmp_path, capsys):
+    run_dir = _log_fake_run(tmp_path / "grpo")
+    paths = plot_main(str(run_dir), out=str(tmp_path / "out"))
+    assert capsys.readouterr().out.split() == [str(p) for p in paths]
+
+
+def test_progress_disabled_still_iterates_and_takes_postfix():
+    bar = progress(range(3), "train", enabled=False)
+    assert list(bar) == [0, 1, 2]
+    bar.set_postfix(reward=0.5, accuracy=0.25)
+    bar.close()
+    with progress(5, "sft", enabled=False) as bar:
+        bar.update(2)
+        bar.set_postfix(loss=1.0)
+
+
+def test_progress_off_when_not_a_tty():
+    stream = io.StringIO()
+    with progress(4, "eval", enabled=True, file=stream) as bar:
+        bar.update(4)
+    assert bar.disable and stream.getvalue() == ""
