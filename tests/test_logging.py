@@ -139,6 +139,16 @@ def test_plot_run_with_samples_on_x(tmp_path):
         _assert_png(path)
 
 
+def test_plot_x_finds_runtime_counters_under_counts(tmp_path):
+    with MetricsLogger(tmp_path, LoggingConfig(), "run", {}) as logger:
+        for step in range(3):
+            logger.log({"reward/mean": 0.5, "counts/oracle_queries": 16.0 * (step + 1)}, step)
+    paths = plot_run(tmp_path, x="oracle_queries")  # counts/oracle_queries is the axis, not a figure
+    assert [p.name for p in paths] == ["reward.png", "summary.png"]
+    for path in paths:
+        _assert_png(path)
+
+
 def test_plot_missing_x_column_is_a_clear_error(tmp_path):
     run_dir = _log_fake_run(tmp_path / "grpo")
     with pytest.raises(ValueError, match="x='oracle_queries'.*samples"):

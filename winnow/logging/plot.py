@@ -9,7 +9,7 @@ switches the process-wide backend (the caller may be a notebook or a GUI) and ho
 figure state, so it is safe to call from a training process.
 
 The x axis is any numeric column: `step`, or a cumulative counter such as `samples` or
-`oracle_queries`, which is the fairer axis when algorithms spend samples or oracle calls at
+`oracle_queries` (found bare or as `counts/samples`), which is the fairer axis when algorithms spend samples or oracle calls at
 different rates per step. A row that lacks the x column (say, eval metrics logged in their own
 call) takes the last value seen before it, which is right for counters that only grow.
 """
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 PLOTS_DIR = "plots"
 SUMMARY_FILE = "summary.png"
 MISC_GROUP = "misc"
+COUNTS_PREFIX = "counts/"
 _MARKER_MAX_POINTS = 60  # draw dots on sparse series (eval every N steps) so lone points show
 _NUM_COLS = 3
 _SUBPLOT_SIZE = (4.2, 3.0)  # inches per subplot
@@ -40,7 +41,7 @@ def plot_run(run_dir: Path | str, out_dir: Path | str | None = None, x: str = "s
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / PLOTS_DIR
     records = read_metrics(run_dir)
-    _check_x(records, x, where=str(run_dir))
+    x = _resolve_x(records, x, where=str(run_dir))
     series = {key: _series(records, key, x) for key in _metric_keys(records, x)}
     series = {key: xy for key, xy in series.items() if xy[0]}
 
@@ -68,8 +69,8 @@ def plot_runs(run_dirs: Sequence[Path | str], metric: str, out: Path | str, x: s
     num_plotted = 0
     for run_dir in map(Path, run_dirs):
         records = read_metrics(run_dir)
-        _check_x(records, x, where=str(run_dir))
-        xs, ys = _series(records, metric, x)
+        run_x = _resolve_x(records, x, where=str(run_dir))
+        xs, ys = _series(records, metric, run_x)
         if not xs:
             warnings.warn(f"{run_dir} has no {metric!r}; left out of the plot")
             continue
@@ -88,7 +89,8 @@ def plot_main(run_dir: str, x: str = "step", out: str | None = None) -> list[Pat
 
     Args:
         run_dir: the run directory holding metrics.jsonl.
-        x: the column on the x axis: step, or a counter such as samples or oracle_queries.
+        x: the column on the x axis: step, or a counter such as samples or oracle_queries
+            (looked up bare, then under counts/).
         out: the folder to write to; default RUN_DIR/plots.
     """
     paths = plot_run(run_dir, out_dir=out, x=x)
@@ -97,10 +99,13 @@ def plot_main(run_dir: str, x: str = "step", out: str | None = None) -> list[Pat
     return paths
 
 
-def _check_x(records: list[dict[str, Any]], x: str, where: str) -> None:
-    if not any(_is_number(r.get(x)) for r in records):
-        columns = sorted({k for r in records for k, v in r.items() if _is_number(v)})
-        raise ValueError(f"x={x!r} is not a numeric column of {where}/metrics.jsonl; columns are {columns}")
+def _resolve_x(records: list[dict[str, Any]], x: str, where: str) -> str:
+    """`x` itself, or `counts/<x>` (the runtime logs its counters there), so `x="samples"` works."""
+    for column in (x, f"{COUNTS_PREFIX}{x}"):
+        if any(_is_number(r.get(column)) for r in records):
+            return column
+    columns = sorted({k for r in records for k, v in r.items() if _is_number(v)})
+    raise ValueError(f"x={x!r} is not a numeric column of {where}/metrics.jsonl; columns are {columns}")
 
 
 def _metric_keys(records: list[dict[str, Any]], x: str) -> list[str]:
