@@ -1,0 +1,49 @@
+"""`winnow eval`: held-out accuracy of a saved model, without training."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from winnow.config import EvalConfig, ModelConfig
+from winnow.data import DataConfig, load_prompts
+from winnow.engines.hf import HFEngine, HFEngineConfig
+from winnow.eval.accuracy import evaluate_accuracy
+from winnow.oracles import OracleConfig, make_oracle
+
+
+@dataclass
+class EvalRunConfig:
+    """Evaluate a model on a dataset's held-out split."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    oracle: OracleConfig = field(default_factory=OracleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    engine: HFEngineConfig = field(default_factory=HFEngineConfig)
+    max_tokens: int = 256
+    """generation budget per response"""
+    split: str = "eval"
+    """which split of the data to score: "eval" (held-out) or "train\""""
+    seed: int = 0
+    """seed of the sampled (mean@k) responses"""
+    device: str = "auto"
+    """"auto", "cpu" or "cuda[:N]\""""
+    num_threads: int | None = None
+    """torch CPU threads; None uses min(4, cores)"""
+
+
+def run_eval(config: EvalRunConfig) -> dict[str, float]:
+    from winnow.runtime.setup import load_policy, resolve_device, setup_process
+
+    setup_process(config.seed, config.num_threads)
+    model, tokenizer = load_policy(config.model)
+    prompts = load_prompts(config.data, tokenizer, config.split)[: config.eval.max_prompts]
+    engine = HFEngine(model, tokenizer, config.engine, device=resolve_device(config.device), copy_model=False)
+    oracle = make_oracle(config.oracle)
+    try:
+        return evaluate_accuracy(
+            engine, oracle, prompts, max_tokens=config.eval.max_tokens or config.max_tokens,
+            greedy=config.eval.greedy, k=config.eval.k, temperature=config.eval.temperature,
+            correct_threshold=config.eval.correct_threshold, seed=config.seed,
+        ).metrics
+    finally:
+        oracle.close()

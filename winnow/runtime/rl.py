@@ -1,0 +1,70 @@
+"""`winnow train ALGO` for RL objectives: build the parts from a TrainConfig and run the local loop."""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+from winnow.config import TrainConfig, save_config
+from winnow.data import batches, load_prompts
+from winnow.engines.hf import HFEngine
+from winnow.learner.learner import Learner
+from winnow.logging import MetricsLogger, progress
+from winnow.logging.plot import plot_run
+from winnow.oracles import make_oracle
+from winnow.runtime.local import LocalRuntime
+from winnow.runtime.setup import load_policy, make_run_dir, resolve_device, setup_process
+
+log = logging.getLogger(__name__)
+
+
+def train(config: TrainConfig) -> Path:
+    """Run policy iteration as `config` says; returns the run directory (metrics, plots, final model)."""
+    if config.rollout.temperature <= 0:
+        raise ValueError("rollout.temperature must be > 0: RL needs sampled responses (greedy is for eval)")
+    setup_process(config.seed, config.num_threads)
+    device = resolve_device(config.device)
+    run_dir = make_run_dir(config.output_dir, config.run_name, config.algo.name)
+    save_config(config, run_dir / "config.yaml")
+
+    policy, tokenizer = load_policy(config.model)
+    train_prompts = load_prompts(config.data, tokenizer, "train")
+    eval_prompts = load_prompts(config.data, tokenizer, "eval")
+    if config.eval.max_prompts is not None:
+        eval_prompts = eval_prompts[: config.eval.max_prompts]
+    if len(train_prompts) < config.rollout.prompts_per_iteration:
+        raise ValueError(
+            f"{len(train_prompts)} training prompts but rollout.prompts_per_iteration="
+            f"{config.rollout.prompts_per_iteration}; lower it or add data"
+        )
+    oracle = make_oracle(config.oracle)
+    ref_model = copy.deepcopy(policy) if config.algo.needs_reference else None
+    steps_per_iteration = config.learner.num_mini_batches * config.learner.num_epochs
+    learner = Learner(policy, config.learner, config.num_iterations * steps_per_iteration, ref_model,
+                      temperature=config.rollout.temperature, device=device)
+    engine = HFEngine(learner.model, tokenizer, config.engine, device=device)
+    log.info("run %s: %d train / %d eval prompts, %d samples per iteration, %d optimizer steps per iteration",
+             run_dir, len(train_prompts), len(eval_prompts), config.rollout.samples_per_iteration,
+             steps_per_iteration)
+    try:
+        with MetricsLogger(run_dir, config.logging, run_dir.name, _plain(config)) as logger, \
+                progress(config.num_iterations, desc=f"{config.algo.name}", enabled=config.logging.progress) as bar:
+            runtime = LocalRuntime(
+                config, engine=engine, learner=learner, oracle=oracle, objective=config.algo,
+                train_stream=batches(train_prompts, config.rollout.prompts_per_iteration, seed=config.seed),
+                eval_prompts=eval_prompts, logger=logger, run_dir=run_dir,
+                pad_token_id=tokenizer.pad_token_id, progress=bar,
+            )
+            runtime.run()
+    finally:
+        oracle.close()
+    if config.save_final:
+        learner.save(run_dir / "final", tokenizer)
+    plot_run(run_dir)
+    return run_dir
+
+
+def _plain(config) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(config)
