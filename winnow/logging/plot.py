@@ -20,7 +20,9 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import tyro
 
 from winnow.logging.metrics import read_metrics
 
@@ -84,8 +86,10 @@ def plot_runs(run_dirs: Sequence[Path | str], metric: str, out: Path | str, x: s
     return _save(fig, Path(out))
 
 
-def plot_main(run_dir: str, x: str = "step", out: str | None = None) -> list[Path]:
-    """Plot a run's learning curves to PNGs.
+def plot_main(run_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")], x: str = "step", out: str | None = None) -> list[Path]:
+    """Plot a run's learning curves to PNGs; returns the paths (the CLI prints them).
+
+    `run_dir` is positional so `winnow plot RUN_DIR` reads like the command it is.
 
     Args:
         run_dir: the run directory holding metrics.jsonl.
@@ -93,10 +97,7 @@ def plot_main(run_dir: str, x: str = "step", out: str | None = None) -> list[Pat
             (looked up bare, then under counts/).
         out: the folder to write to; default RUN_DIR/plots.
     """
-    paths = plot_run(run_dir, out_dir=out, x=x)
-    for path in paths:
-        print(path)
-    return paths
+    return plot_run(run_dir, out_dir=out, x=x)
 
 
 def _resolve_x(records: list[dict[str, Any]], x: str, where: str) -> str:
