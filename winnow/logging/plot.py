@@ -86,10 +86,9 @@ def plot_runs(run_dirs: Sequence[Path | str], metric: str, out: Path | str, x: s
     return _save(fig, Path(out))
 
 
+# RUN_DIR is positional under tyro so the command reads `winnow plot RUN_DIR`.
 def plot_main(run_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")], x: str = "step", out: str | None = None) -> list[Path]:
     """Plot a run's learning curves to PNGs; returns the paths (the CLI prints them).
-
-    `run_dir` is positional so `winnow plot RUN_DIR` reads like the command it is.
 
     Args:
         run_dir: the run directory holding metrics.jsonl.
