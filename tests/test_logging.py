@@ -19,7 +19,8 @@ def _log_fake_run(run_dir, num_steps=10, eval_every=3):
     """
     with MetricsLogger(run_dir, LoggingConfig(), "fake", {}) as logger:
         for step in range(num_steps):
-            logger.log({"train/loss": 1.0 / (step + 1), "reward/mean": step / num_steps, "samples": 8 * (step + 1)}, step)
+            metrics = {"train/loss": 1.0 / (step + 1), "reward/mean": step / num_steps, "samples": 8 * (step + 1)}
+            logger.log(metrics, step)
             if step % eval_every == 0:
                 logger.log({"eval/gsm8k_accuracy": 0.1 * step}, step)
     return run_dir
@@ -108,7 +109,10 @@ def test_unknown_wandb_mode_is_a_clear_error():
         LoggingConfig(wandb=True, wandb_mode="offlne")
 
 
-@pytest.mark.parametrize(("sink", "module", "extra"), [("wandb", "wandb", "wandb"), ("tensorboard", "torch.utils.tensorboard", "tensorboard")])
+@pytest.mark.parametrize(
+    ("sink", "module", "extra"),
+    [("wandb", "wandb", "wandb"), ("tensorboard", "torch.utils.tensorboard", "tensorboard")],
+)
 def test_missing_extra_names_the_pip_install(tmp_path, monkeypatch, sink, module, extra):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     with pytest.raises(ImportError, match=rf'pip install "winnow\[{extra}\]"'):

@@ -41,7 +41,7 @@ class LoggingConfig:
     wandb_project: str = "winnow"
     """the wandb project the run is filed under"""
     wandb_mode: WandbMode = "offline"
-    """online syncs live; offline writes the run under run_dir/wandb with no network (`wandb sync` later); disabled is a no-op"""
+    """online syncs live; offline writes run_dir/wandb with no network (`wandb sync` it later); disabled: no-op"""
     wandb_entity: str | None = None
     """the wandb user or team; None uses your default entity"""
     progress: bool = True
@@ -155,7 +155,8 @@ def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
                 warnings.warn(f"{path}: skipping a truncated last line: {line[:80]!r}")
                 continue
             raise ValueError(f"{path}:{i + 1} is not valid JSON: {line[:80]!r}") from None
-        records.append({k: _STR_TO_NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()})
+        records.append({k: _STR_TO_NONFINITE.get(v, v) if isinstance(v, str) else v
+                        for k, v in record.items()})
     return records
 
 

@@ -9,9 +9,10 @@ switches the process-wide backend (the caller may be a notebook or a GUI) and ho
 figure state, so it is safe to call from a training process.
 
 The x axis is any numeric column: `step`, or a cumulative counter such as `samples` or
-`oracle_queries` (found bare or as `counts/samples`), which is the fairer axis when algorithms spend samples or oracle calls at
-different rates per step. A row that lacks the x column (say, eval metrics logged in their own
-call) takes the last value seen before it, which is right for counters that only grow.
+`oracle_queries` (found bare or under `counts/`, where the runtime logs them). Counters are the
+fairer axis when algorithms spend samples or oracle calls at different rates per step. A row that
+lacks the x column (say, eval metrics logged in their own call) takes the last value seen before
+it, which is right for counters that only grow.
 """
 from __future__ import annotations
 
@@ -87,7 +88,10 @@ def plot_runs(run_dirs: Sequence[Path | str], metric: str, out: Path | str, x: s
 
 
 # RUN_DIR is positional under tyro so the command reads `winnow plot RUN_DIR`.
-def plot_main(run_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")], x: str = "step", out: str | None = None) -> list[Path]:
+RunDirArg = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+
+
+def plot_main(run_dir: RunDirArg, x: str = "step", out: str | None = None) -> list[Path]:
     """Plot a run's learning curves to PNGs; returns the paths (the CLI prints them).
 
     Args:
@@ -135,7 +139,8 @@ def _save_grid(series: dict[str, tuple[list[float], list[float]]], x: str, title
     """One subplot per metric, `_NUM_COLS` to a row."""
     num_cols = min(_NUM_COLS, len(series))
     num_rows = math.ceil(len(series) / num_cols)
-    fig, axes = _new_figure(num_rows, num_cols, figsize=(_SUBPLOT_SIZE[0] * num_cols, _SUBPLOT_SIZE[1] * num_rows + 0.4))
+    figsize = (_SUBPLOT_SIZE[0] * num_cols, _SUBPLOT_SIZE[1] * num_rows + 0.4)  # +0.4 in for the suptitle
+    fig, axes = _new_figure(num_rows, num_cols, figsize)
     flat_axes = [ax for row in axes for ax in row]
     for ax, (key, (xs, ys)) in zip(flat_axes, series.items()):
         ax.plot(xs, ys, **_marker_style(len(xs)))
