@@ -1,0 +1,31 @@
+"""Algorithms: pure tensor math and small configured objects, no orchestration.
+
+- advantages: `group_advantages` (GRPO, Dr. GRPO), `rloo_advantages`
+- kl: `kl_estimate` (Schulman's k1, k2, k3)
+- aggregation: `aggregate_loss` (token-mean, seq-mean-token-mean, seq-mean-token-sum-norm)
+- policy_loss: `clipped_policy_loss` (clipped surrogate, clip-higher, truncated importance sampling)
+- objectives: `PolicyObjective` and its configured implementations `GRPO`, `DrGRPO`, `RLOO`, by name in `OBJECTIVES`
+"""
+from winnow.algorithms.advantages import group_advantages, rloo_advantages
+from winnow.algorithms.aggregation import LOSS_AGG_MODES, LossAggregation, aggregate_loss, masked_mean
+from winnow.algorithms.kl import KL_ESTIMATORS, KLEstimator, kl_estimate
+from winnow.algorithms.objectives import GRPO, OBJECTIVES, RLOO, DrGRPO, PolicyObjective
+from winnow.algorithms.policy_loss import clipped_policy_loss
+
+__all__ = [
+    "GRPO",
+    "KLEstimator",
+    "KL_ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "LossAggregation",
+    "OBJECTIVES",
+    "RLOO",
+    "DrGRPO",
+    "PolicyObjective",
+    "aggregate_loss",
+    "clipped_policy_loss",
+    "group_advantages",
+    "kl_estimate",
+    "masked_mean",
+    "rloo_advantages",
+]

@@ -1,0 +1,216 @@
+"""Policy objectives: configured objects that turn rewards into advantages and logprobs into a loss.
+
+The learner holds one `PolicyObjective` chosen from `OBJECTIVES` by name and calls the same three members
+whatever the algorithm; variants are fields or small subclasses here, never branches in the learner.
+
+    objective = OBJECTIVES["grpo"](clip_high=0.28)
+    advantages = objective.advantages(rewards, group_size)            # [B*G] -> [B*G]
+    if objective.needs_reference: ...fill batch.ref_logprobs...
+    loss, metrics = objective.loss(logprobs, micro_batch, num_sequences=..., num_tokens=..., max_tokens=...)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from winnow.algorithms.advantages import group_advantages, rloo_advantages
+from winnow.algorithms.aggregation import LOSS_AGG_MODES, LossAggregation, aggregate_loss
+from winnow.algorithms.kl import KL_ESTIMATORS, KLEstimator, kl_estimate
+from winnow.algorithms.policy_loss import clipped_policy_loss
+from winnow.types import TrainBatch
+
+
+@runtime_checkable
+class PolicyObjective(Protocol):
+    """What the learner needs from a policy-gradient algorithm."""
+
+    name: ClassVar[str]
+    """the registry name, e.g. "grpo" (for logs and the CLI); a class attribute, not a config field"""
+
+    def advantages(self, rewards: Tensor, group_size: int) -> Tensor:
+        """Per-sequence advantages `[B*G]` from rewards `[B*G]` (each prompt's G samples consecutive)."""
+        ...
+
+    @property
+    def needs_reference(self) -> bool:
+        """True when `loss` reads `batch.ref_logprobs`, so the learner must run the reference model."""
+        ...
+
+    def loss(
+        self, logprobs: Tensor, batch: TrainBatch, *, num_sequences: int, num_tokens: float, max_tokens: int
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The loss of one micro-batch and its metrics; both SUM over micro-batches to the mini-batch's.
+
+        logprobs: `[B, T]` log pi_theta of `batch.input_ids`, aligned like `batch.response_mask`, with grad.
+        num_sequences / num_tokens: sequences / response tokens in the whole mini-batch (see `aggregate_loss`).
+        max_tokens: the generation budget, `SamplingParams.max_tokens` (the Dr. GRPO normaliser).
+        """
+        ...
+
+
+@dataclass
+class GRPO:
+    """Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath), with DAPO's clip-higher as an
+    option (Yu et al. 2025), truncated importance sampling against the engine (Yao et al. 2025) and an
+    optional KL penalty to a reference model in the loss."""
+
+    name: ClassVar[str] = "grpo"
+
+    clip_low: float = 0.2
+    """epsilon_low: the ratio pi/pi_old is clipped below at 1 - clip_low"""
+    clip_high: float = 0.2
+    """epsilon_high: the ratio is clipped above at 1 + clip_high (DAPO's clip-higher uses 0.28)"""
+    tis_cap: float | None = 2.0
+    """cap on the truncated importance weight pi_old/pi_engine per token; None turns the correction off"""
+    kl_coef: float = 0.0
+    """weight of the KL(pi || pi_ref) penalty in the loss; 0 turns it off and needs no reference model"""
+    kl_estimator: KLEstimator = "k3"
+    """per-token KL estimator: k1, k2 or k3 (Schulman 2020); k3 is DeepSeekMath's"""
+    loss_agg: LossAggregation = "seq-mean-token-mean"
+    """how token losses become one number: token-mean, seq-mean-token-mean or seq-mean-token-sum-norm"""
+    scale_by_std: bool = True
+    """divide the group-centred rewards by the group's std (GRPO) or not (Dr. GRPO)"""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0
+
+    def advantages(self, rewards: Tensor, group_size: int) -> Tensor:
+        return group_advantages(rewards, group_size, scale_by_std=self.scale_by_std)
+
+    def loss(
+        self, logprobs: Tensor, batch: TrainBatch, *, num_sequences: int, num_tokens: float, max_tokens: int
+    ) -> tuple[Tensor, dict[str, float]]:
+        return _surrogate_loss(
+            self, logprobs, batch, num_sequences=num_sequences, num_tokens=num_tokens, max_tokens=max_tokens
+        )
+
+
+@dataclass
+class DrGRPO(GRPO):
+    """Dr. GRPO, "GRPO done right" (Liu et al. 2025, "Understanding R1-Zero-like training"): GRPO without
+    its two biases. No std scaling (which up-weights prompts that are nearly always or never solved),
+    and each sequence's token losses are summed and divided by the constant generation budget
+    `max_tokens`, not by the sequence's own length (which favours long wrong answers)."""
+
+    name: ClassVar[str] = "dr-grpo"
+
+    loss_agg: LossAggregation = "seq-mean-token-sum-norm"
+    """how token losses become one number; Dr. GRPO's constant normaliser is the learner's `max_tokens`"""
+    scale_by_std: bool = False
+    """divide the group-centred rewards by the group's std; Dr. GRPO does not"""
+
+
+@dataclass
+class RLOO:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, "Back to Basics"): each sample's baseline is the mean
+    reward of the other samples of its prompt. Optimised with the same clipped surrogate and TIS as GRPO,
+    so that several optimizer steps per policy iteration stay safe (with one step, rho = 1 and the
+    surrogate's gradient is exactly REINFORCE's)."""
+
+    name: ClassVar[str] = "rloo"
+
+    clip_low: float = 0.2
+    """epsilon_low: the ratio pi/pi_old is clipped below at 1 - clip_low"""
+    clip_high: float = 0.2
+    """epsilon_high: the ratio is clipped above at 1 + clip_high"""
+    tis_cap: float | None = 2.0
+    """cap on the truncated importance weight pi_old/pi_engine per token; None turns the correction off"""
+    kl_coef: float = 0.0
+    """weight of the KL(pi || pi_ref) penalty in the loss; 0 turns it off and needs no reference model"""
+    kl_estimator: KLEstimator = "k3"
+    """per-token KL estimator: k1, k2 or k3 (Schulman 2020)"""
+    loss_agg: LossAggregation = "token-mean"
+    """how token losses become one number: token-mean, seq-mean-token-mean or seq-mean-token-sum-norm"""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0
+
+    def advantages(self, rewards: Tensor, group_size: int) -> Tensor:
+        return rloo_advantages(rewards, group_size)
+
+    def loss(
+        self, logprobs: Tensor, batch: TrainBatch, *, num_sequences: int, num_tokens: float, max_tokens: int
+    ) -> tuple[Tensor, dict[str, float]]:
+        return _surrogate_loss(
+            self, logprobs, batch, num_sequences=num_sequences, num_tokens=num_tokens, max_tokens=max_tokens
+        )
+
+
+OBJECTIVES: dict[str, type[PolicyObjective]] = {"grpo": GRPO, "dr-grpo": DrGRPO, "rloo": RLOO}
+"""policy objectives by name, as the CLI spells them (`winnow train grpo`)"""
+
+
+def _validate(objective: GRPO | RLOO) -> None:
+    problems = []
+    if objective.clip_low < 0:
+        problems.append(f"clip_low={objective.clip_low} must be >= 0")
+    if objective.clip_high < 0:
+        problems.append(f"clip_high={objective.clip_high} must be >= 0")
+    if objective.tis_cap is not None and not objective.tis_cap > 0:
+        problems.append(f"tis_cap={objective.tis_cap} must be > 0, or None to turn TIS off")
+    if not objective.kl_coef >= 0:
+        problems.append(f"kl_coef={objective.kl_coef} must be >= 0")
+    if objective.kl_estimator not in KL_ESTIMATORS:
+        problems.append(f"kl_estimator={objective.kl_estimator!r} must be one of {', '.join(KL_ESTIMATORS)}")
+    if objective.loss_agg not in LOSS_AGG_MODES:
+        problems.append(f"loss_agg={objective.loss_agg!r} must be one of {', '.join(LOSS_AGG_MODES)}")
+    if problems:
+        raise ValueError(f"invalid {type(objective).__name__}: " + "; ".join(problems))
+
+
+def _surrogate_loss(
+    objective: GRPO | RLOO,
+    logprobs: Tensor,
+    batch: TrainBatch,
+    *,
+    num_sequences: int,
+    num_tokens: float,
+    max_tokens: int,
+) -> tuple[Tensor, dict[str, float]]:
+    """clipped_policy_loss + kl_coef * aggregate(kl_estimate), with the objective's settings."""
+    # No old_logprobs means one optimizer step per iteration: pi_old is the current policy, rho = 1 with
+    # the gradient of the policy-gradient loss (the learner may skip the extra forward pass).
+    old_logprobs = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
+    denominators = dict(max_tokens=max_tokens, num_sequences=num_sequences, num_tokens=num_tokens)
+    policy_loss, metrics = clipped_policy_loss(
+        logprobs,
+        old_logprobs,
+        batch.advantages,
+        batch.response_mask,
+        clip_low=objective.clip_low,
+        clip_high=objective.clip_high,
+        engine_logprobs=batch.engine_logprobs,
+        tis_cap=objective.tis_cap,
+        loss_agg=objective.loss_agg,
+        **denominators,
+    )
+    loss = policy_loss
+    if objective.kl_coef > 0 and batch.ref_logprobs is None:
+        raise ValueError(
+            f"{type(objective).__name__}(kl_coef={objective.kl_coef}) needs batch.ref_logprobs: the learner must "
+            f"fill them from the reference model when objective.needs_reference is True"
+        )
+    if batch.ref_logprobs is not None:
+        # With kl_coef = 0 the KL is still reported when the reference logprobs happen to be there.
+        with torch.set_grad_enabled(objective.kl_coef > 0 and torch.is_grad_enabled()):
+            # float32 like the ratios in clipped_policy_loss: bf16 rounding is the size of a typical KL
+            per_token_kl = kl_estimate(logprobs.float(), batch.ref_logprobs.float(), objective.kl_estimator)  # [B, T]
+            kl = aggregate_loss(per_token_kl, batch.response_mask, objective.loss_agg, **denominators)
+        if objective.kl_coef > 0:
+            loss = loss + objective.kl_coef * kl
+        metrics["kl"] = kl.detach()
+    metrics["policy_loss"] = policy_loss.detach()
+    # One device-to-host copy for all metrics, not one sync per .item().
+    values = torch.stack([v.float() for v in metrics.values()]).tolist()
+    return loss, dict(zip(metrics.keys(), values))
