@@ -201,7 +201,6 @@ class LocalRuntime:
     def log(self, metrics: dict[str, float], timer: PhaseTimer) -> dict[str, float]:
         total = sum(timer.seconds.values())
         row = {
-            "iteration": float(self.counters.iteration),
             **metrics,
             **self.counters.as_metrics(),
             **{f"time/{phase}": s for phase, s in timer.seconds.items()},
