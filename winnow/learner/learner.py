@@ -24,7 +24,7 @@ from winnow.types import TrainBatch
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 """`loss_fn(logprobs [b, T], micro_batch, *, num_sequences, num_tokens) -> (scalar loss, metrics)`; the
-normalisers are the whole mini-batch's, so micro-batch losses add up to the mini-batch loss."""
+normalisers are the whole mini-batch's, so micro-batch losses and metrics add up to the mini-batch's."""
 
 
 @dataclass
@@ -139,9 +139,9 @@ class Learner:
                 logprobs = sequence_logprobs(self.model, micro, self.temperature)
                 loss, metrics = loss_fn(logprobs, micro, num_sequences=num_sequences, num_tokens=num_tokens)
             self.strategy.backward(loss)
-            share = micro.batch_size / num_sequences
-            for key, value in {"loss": float(loss.detach()) / share, **metrics}.items():
-                totals[key] = totals.get(key, 0.0) + share * float(value)
+            # Losses and metrics use the mini-batch's normalisers, so they add up across micro-batches.
+            for key, value in {"loss": float(loss.detach()), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
         grad_norm = self.strategy.clip_grad_norm(self.model, self.config.max_grad_norm)
         self.strategy.step(self.optimizer)
         self.scheduler.step()

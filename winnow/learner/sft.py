@@ -57,7 +57,7 @@ class SFTConfig:
 def sft_loss(logprobs: torch.Tensor, batch, *, num_sequences: int, num_tokens: float):
     """Token-mean NLL over the mini-batch's completion tokens. logprobs, mask: [B, T]."""
     nll = -(logprobs * batch.response_mask).sum() / num_tokens
-    return nll, {"nll": float(nll.detach()) * num_tokens / max(float(batch.response_mask.sum()), 1.0)}
+    return nll, {"nll": float(nll.detach())}
 
 
 def sft_pairs(prompts: list[Prompt], tokenizer) -> list[tuple[list[int], list[int]]]:
