@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny tokenizer and model, built locally (nothing downloads)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from winnow.data.tiny import train_char_tokenizer
+
+    return train_char_tokenizer(["0123456789+-*= "])
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    from winnow.data.tiny import build_tiny_model
+
+    return build_tiny_model(tiny_tokenizer, seed=0)

@@ -1,0 +1,191 @@
+"""The embedded `hf` engine: determinism, sampling correctness, stops, weight sync, logprob parity."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from winnow.engines.hf import HFEngine, HFEngineConfig
+from winnow.learner.batch import make_train_batch
+from winnow.learner.logprobs import sequence_logprobs
+from winnow.types import SamplingParams
+
+
+def encode(tokenizer, *texts):
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@pytest.fixture()
+def engine(tiny_model, tiny_tokenizer):
+    return HFEngine(tiny_model, tiny_tokenizer, device="cpu")
+
+
+def test_shapes_and_grouping(engine, tiny_tokenizer):
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=")
+    out = engine.generate(prompts, SamplingParams(max_tokens=5, n=3, seed=0))
+    assert len(out) == 9
+    for i, c in enumerate(out):
+        assert c.prompt_ids == prompts[i // 3]
+        assert 1 <= len(c.response_ids) <= 5 and len(c.logprobs) == len(c.response_ids)
+        assert all(lp <= 0 for lp in c.logprobs)
+        assert c.finish_reason in ("stop", "length")
+
+
+def test_seeded_sampling_is_reproducible(engine, tiny_tokenizer):
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=")
+    params = SamplingParams(temperature=1.0, max_tokens=8, n=4, seed=123)
+    a, b = engine.generate(prompts, params), engine.generate(prompts, params)
+    assert [c.response_ids for c in a] == [c.response_ids for c in b]
+    assert [c.logprobs for c in a] == [c.logprobs for c in b]
+    other = engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=8, n=4, seed=124))
+    assert [c.response_ids for c in other] != [c.response_ids for c in a]
+
+
+def test_greedy_is_deterministic_and_is_the_argmax(engine, tiny_model, tiny_tokenizer):
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=")
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    a = engine.generate(prompts, params)
+    assert [c.response_ids for c in a] == [c.response_ids for c in engine.generate(prompts, params)]
+    # Recompute by hand with full forwards (no cache, no padding): every step must be the argmax.
+    for prompt, completion in zip(prompts, a):
+        ids = list(prompt)
+        for token in completion.response_ids:
+            with torch.no_grad():
+                logits = tiny_model(torch.tensor([ids])).logits[0, -1]
+            assert token == int(logits.argmax())
+            ids.append(token)
+
+
+def test_greedy_does_not_depend_on_chunking_or_cache(tiny_model, tiny_tokenizer):
+    prompts = encode(tiny_tokenizer, "1+2=", "12+34=", "345+678=", "9=")
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    ref = HFEngine(tiny_model, tiny_tokenizer, device="cpu").generate(prompts, params)
+    small = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(max_batch_size=1), device="cpu")
+    static = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(kv_cache="static"), device="cpu")
+    for other in (small, static):
+        out = other.generate(prompts, params)
+        assert [c.response_ids for c in out] == [c.response_ids for c in ref]
+        for x, y in zip(out, ref):
+            assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+
+
+def test_top_k_1_equals_greedy(engine, tiny_tokenizer):
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=")
+    greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    top1 = engine.generate(prompts, SamplingParams(temperature=1.3, top_k=1, max_tokens=6, ignore_eos=True, seed=3))
+    assert [c.response_ids for c in top1] == [c.response_ids for c in greedy]
+
+
+def test_sampling_follows_the_tempered_distribution(engine, tiny_model, tiny_tokenizer):
+    """Empirical first-token frequencies over 4000 draws match softmax(logits / T) within 3 sigma."""
+    prompt = encode(tiny_tokenizer, "12+34=")[0]
+    with torch.no_grad():
+        logits = tiny_model(torch.tensor([prompt])).logits[0, -1]
+    temperature, n = 0.7, 4000
+    probs = torch.softmax(logits / temperature, -1)
+    out = engine.generate([prompt], SamplingParams(temperature=temperature, max_tokens=1, n=n, seed=0))
+    counts = torch.bincount(torch.tensor([c.response_ids[0] for c in out]), minlength=len(probs)).float()
+    sigma = (probs * (1 - probs) / n).sqrt()
+    assert ((counts / n - probs).abs() <= 3 * sigma + 1e-3).all()
+    # The reported logprob is log softmax(logits / T) of the drawn token.
+    first = out[0]
+    assert first.logprobs[0] == pytest.approx(math.log(probs[first.response_ids[0]]), abs=1e-5)
+
+
+def test_top_p_keeps_only_the_nucleus(engine, tiny_model, tiny_tokenizer):
+    prompt = encode(tiny_tokenizer, "5+7=")[0]
+    with torch.no_grad():
+        probs = torch.softmax(tiny_model(torch.tensor([prompt])).logits[0, -1], -1)
+    sorted_probs, order = probs.sort(descending=True)
+    top_p = float(sorted_probs[:2].sum()) - 1e-4  # the nucleus is exactly the two most likely tokens
+    out = engine.generate([prompt], SamplingParams(top_p=top_p, max_tokens=1, n=500, seed=0))
+    assert {c.response_ids[0] for c in out} == set(order[:2].tolist())
+
+
+def test_stop_tokens_and_strings(engine, tiny_tokenizer):
+    prompts = encode(tiny_tokenizer, "12+34=")
+    plus = tiny_tokenizer.convert_tokens_to_ids("+")
+    # Draw many samples so some hit the stop token "+".
+    out = engine.generate(prompts, SamplingParams(max_tokens=8, n=64, seed=0, stop_token_ids=[plus], ignore_eos=True))
+    stopped = [c for c in out if c.finish_reason == "stop"]
+    assert stopped, "expected some responses to hit the stop token"
+    for c in stopped:
+        assert c.response_ids[-1] == plus and plus not in c.response_ids[:-1]
+    for c in out:
+        if c.finish_reason == "length":
+            assert len(c.response_ids) == 8 and plus not in c.response_ids
+    strings = engine.generate(prompts, SamplingParams(max_tokens=8, n=64, seed=0, stop=["1"], ignore_eos=True))
+    for c in strings:
+        assert "1" not in c.text
+        if c.finish_reason == "stop":
+            assert tiny_tokenizer.decode(c.response_ids).endswith("1")
+
+
+def test_eos_ends_a_response_unless_ignored(engine, tiny_tokenizer):
+    prompts = encode(tiny_tokenizer, "12+34=")
+    eos = tiny_tokenizer.eos_token_id
+    out = engine.generate(prompts, SamplingParams(max_tokens=10, n=64, seed=1))
+    assert any(c.response_ids[-1] == eos and c.finish_reason == "stop" for c in out)
+    for c in out:
+        assert eos not in c.response_ids[:-1]
+        assert "<eos>" not in c.text
+    ignored = engine.generate(prompts, SamplingParams(max_tokens=10, n=64, seed=1, ignore_eos=True))
+    assert all(len(c.response_ids) == 10 and c.finish_reason == "length" for c in ignored)
+
+
+def test_update_weights_changes_outputs_to_the_new_models(tiny_tokenizer):
+    from winnow.data.tiny import build_tiny_model
+
+    a, b = build_tiny_model(tiny_tokenizer, seed=0), build_tiny_model(tiny_tokenizer, seed=1)
+    prompts = encode(tiny_tokenizer, "12+34=", "7+8=")
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    engine = HFEngine(a, tiny_tokenizer, device="cpu")
+    expected_b = HFEngine(b, tiny_tokenizer, device="cpu").generate(prompts, params)
+    before = engine.generate(prompts, params)
+    engine.update_weights(b.named_parameters())
+    after = engine.generate(prompts, params)
+    for x, y in zip(after, expected_b):
+        assert x.response_ids == y.response_ids
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-6)
+    assert [c.logprobs for c in before] != [c.logprobs for c in after]
+    assert engine.last_sync_seconds > 0
+    with pytest.raises(KeyError, match="no parameter"):
+        engine.update_weights([("not.a.weight", torch.zeros(1))])
+    with pytest.raises(KeyError, match="stale"):
+        engine.update_weights(list(b.named_parameters())[:1])
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, -1), (0.7, -1), (1.0, 4)])
+def test_engine_logprobs_match_learner_recomputation(engine, tiny_model, tiny_tokenizer, temperature, top_k):
+    """Prompts of different lengths (left-padded in the engine, right-padded in the learner)."""
+    prompts = encode(tiny_tokenizer, "1+2=", "12+34=", "345+678=")
+    params = SamplingParams(temperature=temperature, top_k=top_k, max_tokens=8, n=4, seed=7)
+    out = engine.generate(prompts, params)
+    batch = make_train_batch(out, torch.zeros(len(out)), pad_token_id=tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        learner = sequence_logprobs(tiny_model, batch, temperature=temperature)
+    mask = batch.response_mask.bool()
+    assert mask.sum() == sum(c.num_tokens for c in out)
+    torch.testing.assert_close(learner[mask], batch.engine_logprobs[mask], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 0}, "n=0"),
+    ],
+)
+def test_out_of_range_sampling_parameters_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_empty_prompt_is_refused(engine):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[3, 4], []], SamplingParams(max_tokens=2))
