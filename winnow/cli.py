@@ -45,7 +45,7 @@ def _train(argv: list[str]) -> None:
         raise SystemExit(f"winnow train: unknown algorithm {name!r}; choose one of: {', '.join(OBJECTIVES)}")
     algo_cls = OBJECTIVES[name]
     config = parse(TrainConfig[algo_cls], TrainConfig(algo=algo_cls()), rest, prog=f"winnow train {name}",
-                   description=(algo_cls.__doc__ or "").strip().split("\n")[0])
+                   description=" ".join((algo_cls.__doc__ or "").split()))
     run_dir = train(config)
     print(f"run written to {run_dir}")
 

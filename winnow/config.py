@@ -189,13 +189,6 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-    data = dataclasses.asdict(config)
-    if hasattr(config, "algo"):
-        data["algo_name"] = getattr(config.algo, "name", type(config.algo).__name__)
-    return data
-
-
 def save_config(config: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,8 +222,7 @@ def parse(cls: type, default: Any, argv: list[str], prog: str, description: str 
     path, rest = split_config_flag(argv)
     if path is not None:
         default = merge(default, load_config_file(path))
+    description = (description or "") + (
+        "\n\nSettings: defaults < --config FILE (YAML, TOML, JSON or Python) < the flags below."
+    )
     return tyro.cli(cls, default=default, args=rest, prog=prog, description=description)
-
-
-def is_interactive() -> bool:
-    return sys.stderr.isatty()
