@@ -37,14 +37,14 @@ class QuickstartConfig:
     """RL objective: grpo, dr-grpo or rloo"""
     seed: int = 0
     """seeds the model's initial weights, data order and sampling"""
-    sft_steps: int = 150
+    sft_steps: int = 250
     """SFT warm-start steps (batch 128): enough to sample right answers often, not so many that RL has
     nothing left to do"""
     sft_lr: float = 1e-3
     """SFT learning rate (a 0.5M-parameter model from scratch takes a large one)"""
-    rl_iterations: int = 150
+    rl_iterations: int = 200
     """policy iterations of RL"""
-    rl_lr: float = 2e-5
+    rl_lr: float = 3e-5
     """RL learning rate (5e-4 collapsed accuracy in calibration; 1e-5..3e-5 learns)"""
     prompts_per_iteration: int = 32
     """prompts per policy iteration"""
