@@ -1,0 +1,79 @@
+"""Rule-based rewards: exact match and answer format, plus the text helpers the math grader shares.
+
+Every reward here has the ecosystem's signature, `fn(prompts, completions, reference, **columns)`, and
+returns one float per completion.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+"""the start of a box: `\\boxed{` or `\\fbox{`"""
+_WHITESPACE = re.compile(r"\s+")
+
+
+class MissingReferenceError(ValueError):
+    """A reward that needs reference answers got a prompt without one: a configuration error, so the
+    oracle raises it at once instead of retrying it like a flaky grader."""
+
+
+def require_references(reference: Sequence[str | None], reward_name: str) -> list[str]:
+    """`reference`, checked to hold an answer for every completion."""
+    missing = [i for i, r in enumerate(reference) if r is None]
+    if missing:
+        raise MissingReferenceError(
+            f"reward {reward_name!r} compares completions with reference answers, but {len(missing)} of "
+            f"{len(reference)} prompts have none (first: completion {missing[0]}); set --data.answer-column "
+            f"to the dataset column that holds the answers, or use a reward that needs none (boxed_format)"
+        )
+    return list(reference)  # type: ignore[arg-type]  # no None left
+
+
+def last_boxed(text: str) -> str | None:
+    """The stripped content of the last `\\boxed{...}` or `\\fbox{...}` in `text`, nested braces included.
+
+    None when there is no box, or when the last box is never closed: a response truncated inside its final
+    answer has not given one, and an earlier box is usually a rejected intermediate result. Escaped braces
+    (`\\{`, `\\}`, as in `\\boxed{\\{1, 2\\}}`) are content, not nesting.
+    """
+    starts = [m.end() for m in BOX_OPEN.finditer(text)]
+    if not starts:
+        return None
+    depth = 1
+    for i in range(starts[-1], len(text)):
+        if text[i] in "{}" and text[i - 1] == "\\":
+            continue
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[starts[-1]:i].strip()
+    return None
+
+
+def normalize_text(text: str) -> str:
+    """`text` stripped, with each run of whitespace (spaces, tabs, newlines) made one space. Case and
+    punctuation are kept: "46" and "46." differ, as they do to a strict exact-match grader."""
+    return _WHITESPACE.sub(" ", text.strip())
+
+
+def exact_match_reward(
+    prompts: list[str], completions: list[str], reference: list[str | None], **columns: Any
+) -> list[float]:
+    """1.0 where the completion equals its reference after `normalize_text` on both, else 0.0.
+
+    For tasks whose answer is the whole response (the built-in arithmetic tasks: "12+34=" -> "46"). Raises
+    MissingReferenceError when a prompt has no reference.
+    """
+    answers = require_references(reference, "exact")
+    return [float(normalize_text(c) == normalize_text(a)) for c, a in zip(completions, answers)]
+
+
+def boxed_format_reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+    """1.0 where the completion's last `\\boxed{...}` is closed and not empty, else 0.0.
+
+    A format reward: it checks that an answer is there, not that it is right, so it needs no reference.
+    """
+    return [float(bool(last_boxed(c))) for c in completions]
