@@ -1,0 +1,129 @@
+"""End-to-end runs on the tiny model that must learn (and, with a wrong reward, must unlearn).
+
+One quickstart run (SFT warm start + GRPO, the README's promise) is shared by the module: its SFT model is
+the starting point of the other runs, which go through the real CLI with a config file.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from winnow.logging import read_metrics
+from winnow.quickstart import QuickstartConfig, quickstart
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    result = quickstart(QuickstartConfig(output_dir=str(out), progress=False))
+    return out, result
+
+
+def test_quickstart_raises_held_out_accuracy_by_25_points(quickstart_run):
+    out, result = quickstart_run
+    assert result["after"] - result["before"] >= 0.25, result
+    rows = read_metrics(out / "grpo")
+    evals = [r for r in rows if "eval/greedy_accuracy" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == rows[-1]["step"]
+    assert evals[-1]["eval/mean@4_accuracy"] > evals[0]["eval/mean@4_accuracy"]
+    # Every phase is timed, the counters add up, and the curves were drawn.
+    last = rows[-1]
+    for phase in ("generate", "score", "advantages", "train", "sync"):
+        assert last[f"time/{phase}"] >= 0
+    assert last["counts/samples"] == last["step"] * 32 * 8
+    assert last["counts/optimizer_steps"] == last["step"]
+    assert last["counts/unscored_samples"] == 0
+    assert (out / "grpo" / "plots" / "summary.png").stat().st_size > 10_000
+    assert (out / "grpo" / "final" / "config.json").exists()
+    assert yaml.safe_load((out / "grpo" / "config.yaml").read_text())["rollout"]["num_samples"] == 8
+
+
+REWARDS = '''
+def right(prompts, completions, reference, **columns):
+    return [float(c.strip() == r) for c, r in zip(completions, reference)]
+
+def wrong(prompts, completions, reference, **columns):
+    """Rewards any well-formed wrong answer: training on it must make accuracy fall."""
+    return [float(c.strip().isdigit() and c.strip() != r) for c, r in zip(completions, reference)]
+'''
+
+
+def _train_cli(tmp_path: Path, algo: str, model: Path, weights: list[float], iterations: int) -> Path:
+    """Train with reward = weights[0] * right + weights[1] * wrong; `right`, listed first, is the verifier
+    that held-out accuracy is measured with."""
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    config = {
+        "model": {"path": str(model)},
+        "oracle": {"rewards": [f"{tmp_path / 'rewards.py'}:right", f"{tmp_path / 'rewards.py'}:wrong"],
+                   "reward_weights": weights},
+        "rollout": {"prompts_per_iteration": 32, "num_samples": 8, "max_tokens": 8},
+        "learner": {"lr": 3e-5, "micro_batch_size": 256},
+        "eval": {"every": 0, "k": 0, "max_prompts": 200},
+        "logging": {"progress": False},
+        "num_iterations": iterations,
+        "device": "cpu",
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    subprocess.run(
+        [sys.executable, "-m", "winnow.cli", "train", algo, "--config", str(tmp_path / "run.yaml"),
+         "--output-dir", str(tmp_path), "--run-name", "run"],
+        check=True, timeout=900,
+    )
+    return tmp_path / "run"
+
+
+def _accuracy(run_dir: Path) -> tuple[float, float]:
+    evals = [r["eval/greedy_accuracy"] for r in read_metrics(run_dir) if "eval/greedy_accuracy" in r]
+    return evals[0], evals[-1]
+
+
+@pytest.mark.parametrize("algo", ["dr-grpo", "rloo"])
+def test_cli_run_with_user_reward_learns(quickstart_run, tmp_path, algo):
+    out, _ = quickstart_run
+    run = _train_cli(tmp_path, algo, out / "sft" / "final", [1.0, 0.0], iterations=60)
+    before, after = _accuracy(run)
+    assert after >= before + 0.1, (before, after)
+    samples = [json.loads(line) for line in (run / "samples" / "eval_00060.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "response", "reference", "correct"} <= set(samples[0])
+
+
+def test_inverted_reward_makes_accuracy_fall(quickstart_run, tmp_path):
+    out, _ = quickstart_run
+    before, after = _accuracy(_train_cli(tmp_path, "grpo", out / "sft" / "final", [0.0, 1.0], iterations=40))
+    assert after <= before - 0.1, (before, after)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "winnow.cli", *args], capture_output=True, text=True,
+                          check=True, timeout=600)
+
+
+def test_eval_cli_reproduces_the_runs_own_held_out_accuracy(quickstart_run):
+    """`winnow eval` on the SFT model scores the same 200 held-out prompts greedily: same number."""
+    out, _ = quickstart_run
+    sft_final = [r for r in read_metrics(out / "sft") if "eval/greedy_accuracy" in r][-1]
+    printed = _cli("eval", "--model.path", str(out / "sft" / "final"), "--oracle.rewards", "exact",
+                   "--eval.k", "0", "--eval.max-prompts", "200", "--max-tokens", "8", "--device", "cpu").stdout
+    assert f"eval/greedy_accuracy: {sft_final['eval/greedy_accuracy']:.4f}" in printed
+
+
+def test_sft_cli_on_a_jsonl_file_and_plot(quickstart_run, tmp_path):
+    out, _ = quickstart_run
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(10, 30) for b in range(10, 30)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _cli("sft", "--model.path", str(out / "init"), "--data.train", str(tmp_path / "pairs.jsonl"),
+         "--data.answer-column", "completion", "--num-steps", "40", "--batch-size", "64",
+         "--learner.lr", "1e-3", "--eval.every", "0", "--max-tokens", "8", "--device", "cpu",
+         "--output-dir", str(tmp_path), "--run-name", "sft", "--logging.no-progress")
+    nll = [r["train/nll"] for r in read_metrics(tmp_path / "sft") if "train/nll" in r]
+    assert len(nll) == 40 and nll[-1] < 0.5 * nll[0]
+    assert (tmp_path / "sft" / "final" / "model.safetensors").exists()
+    paths = _cli("plot", str(tmp_path / "sft"), "--x", "samples").stdout.split()
+    assert any(p.endswith("train.png") for p in paths)
