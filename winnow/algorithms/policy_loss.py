@@ -103,15 +103,22 @@ def clipped_policy_loss(
         per_token, mask, loss_agg, max_tokens=max_tokens, num_sequences=num_sequences, num_tokens=num_tokens
     )
 
-    with torch.no_grad():
-        # "Clipping active" = the min picked the clipped term and it differs, i.e. the token's gradient is 0.
-        is_clipped_low = (adv < 0) & (ratio < 1.0 - clip_low)  # [B, T]
-        is_clipped_high = (adv > 0) & (ratio > 1.0 + clip_high)  # [B, T]
-        metrics["clip_fraction"] = masked_mean((is_clipped_low | is_clipped_high).float(), mask, num_tokens)
-        metrics["clip_fraction_low"] = masked_mean(is_clipped_low.float(), mask, num_tokens)
-        metrics["clip_fraction_high"] = masked_mean(is_clipped_high.float(), mask, num_tokens)
-        metrics["ratio_mean"] = masked_mean(ratio, mask, num_tokens)
-        # KL(pi_old || pi_theta) from samples of pi_old: kl_estimate's (logp, ref_logp) = (old, new), r = rho
-        approx_kl = kl_estimate(old_logprobs.float(), logprobs.float(), "k3")  # [B, T]
-        metrics["approx_kl"] = masked_mean(approx_kl, mask, num_tokens)
+    metrics.update(_ratio_metrics(ratio, adv, logprobs, old_logprobs, mask, clip_low, clip_high, num_tokens))
     return loss, metrics
+
+
+@torch.no_grad()
+def _ratio_metrics(ratio, adv, logprobs, old_logprobs, mask, clip_low, clip_high, num_tokens) -> dict[str, Tensor]:
+    """Clip fractions, mean ratio and approx KL; token means over the mask (see clipped_policy_loss)."""
+    # "Clipping active" = the min picked the clipped term and it differs, i.e. the token's gradient is 0.
+    is_clipped_low = (adv < 0) & (ratio < 1.0 - clip_low)  # [B, T]
+    is_clipped_high = (adv > 0) & (ratio > 1.0 + clip_high)  # [B, T]
+    # KL(pi_old || pi_theta) from samples of pi_old: kl_estimate's (logp, ref_logp) = (old, new), r = rho
+    approx_kl = kl_estimate(old_logprobs.float(), logprobs.float(), "k3")  # [B, T]
+    return {
+        "clip_fraction": masked_mean((is_clipped_low | is_clipped_high).float(), mask, num_tokens),
+        "clip_fraction_low": masked_mean(is_clipped_low.float(), mask, num_tokens),
+        "clip_fraction_high": masked_mean(is_clipped_high.float(), mask, num_tokens),
+        "ratio_mean": masked_mean(ratio, mask, num_tokens),
+        "approx_kl": masked_mean(approx_kl, mask, num_tokens),
+    }

@@ -1,0 +1,8 @@
+"""The learner: logprobs, losses applied, optimizer steps; distribution lives in its `Strategy`."""
+from winnow.learner.batch import make_sft_batch, make_train_batch
+from winnow.learner.learner import Learner, LearnerConfig
+from winnow.learner.logprobs import selective_logprobs, sequence_logprobs
+from winnow.learner.strategy import STRATEGIES, SingleDevice, Strategy
+
+__all__ = ["Learner", "LearnerConfig", "STRATEGIES", "SingleDevice", "Strategy", "make_sft_batch",
+           "make_train_batch", "selective_logprobs", "sequence_logprobs"]

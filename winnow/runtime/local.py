@@ -78,7 +78,10 @@ class LocalRuntime:
 
     def run(self) -> list[dict[str, float]]:
         """Evaluate, then `num_iterations` policy iterations (evaluating every `eval.every`), then evaluate."""
-        self.log(self.evaluate(), self.timer_only("eval"))
+        timer = PhaseTimer()
+        with timer("eval"):
+            metrics = self.evaluate()
+        self.log(metrics, timer)
         for iteration in range(1, self.config.num_iterations + 1):
             self.step(iteration)
         return self.history
@@ -89,6 +92,7 @@ class LocalRuntime:
         timer = PhaseTimer()
         prompts = next(self.train_stream)
         with timer("generate"):
+            # A fresh seed per iteration, derived from the run's: runs replay exactly, iterations differ.
             self.sampling.seed = self.config.seed * 1_000_003 + iteration
             completions = self.engine.generate([p.token_ids for p in prompts], self.sampling)
         with timer("score"):
@@ -194,9 +198,6 @@ class LocalRuntime:
         return result.metrics
 
     # ------------------------------------------------------------------ logging
-
-    def timer_only(self, phase: str) -> PhaseTimer:
-        return PhaseTimer({phase: 0.0})
 
     def log(self, metrics: dict[str, float], timer: PhaseTimer) -> dict[str, float]:
         total = sum(timer.seconds.values())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def train(config: TrainConfig) -> Path:
              run_dir, len(train_prompts), len(eval_prompts), config.rollout.samples_per_iteration,
              steps_per_iteration)
     try:
-        with MetricsLogger(run_dir, config.logging, run_dir.name, _plain(config)) as logger, \
+        with MetricsLogger(run_dir, config.logging, run_dir.name, dataclasses.asdict(config)) as logger, \
                 progress(config.num_iterations, desc=f"{config.algo.name}", enabled=config.logging.progress) as bar:
             runtime = LocalRuntime(
                 config, engine=engine, learner=learner, oracle=oracle, objective=config.algo,
@@ -62,9 +63,3 @@ def train(config: TrainConfig) -> Path:
         learner.save(run_dir / "final", tokenizer)
     plot_run(run_dir)
     return run_dir
-
-
-def _plain(config) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(config)
