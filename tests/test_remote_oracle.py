@@ -34,10 +34,10 @@ from winnow.oracles.serve import ServeConfig, bradley_terry, score_requests
 TOKEN = "s3cret-token"
 REPO = Path(winnow.__file__).resolve().parent.parent
 
-# Served as ["exact", "rewards.py:tally"] with weights [1.0, 0.01]: a score of 3.01 can only belong to the
-# completion "1" (tally 1 + exact 0) or ... see `expected`: tally makes every digit string's score its own,
-# so a score placed at the wrong index shows. Each call appends the completions it scored to $TALLY_FILE,
-# the server's own record of what it scored; a "delay" column slows scoring so a test can kill mid-call.
+# Served as ["exact", "rewards.py:tally"] with weights [1.0, 0.01]. `tally` scores a digit string as its
+# number, so the scores of "i+0=" problems differ from index to index and a score placed at the wrong index
+# shows. Each call appends the completions it scored to $TALLY_FILE: the server's own record of what it
+# scored. A "delay" column slows scoring, so a test can kill the server in the middle of a call.
 REWARDS = '''
 import os, time
 
@@ -217,6 +217,23 @@ def test_serve_config_refuses_serving_a_remote_oracle():
         ServeConfig(oracle=OracleConfig(url="http://127.0.0.1:1"))
 
 
+def test_oracle_url_flag_makes_a_remote_oracle(monkeypatch):
+    from winnow.algorithms import GRPO
+    from winnow.config import TrainConfig, parse
+
+    monkeypatch.setenv("MY_TOKEN", TOKEN)
+    config = parse(TrainConfig[GRPO], TrainConfig(algo=GRPO()), [
+        "--oracle.url", "http://127.0.0.1:9/", "--oracle.token-env", "MY_TOKEN", "--oracle.max-in-flight", "8",
+        "--oracle.request-batch-size", "32", "--oracle.give-up-after-s", "30"], prog="winnow train grpo")
+    oracle = make_oracle(config.oracle)
+    assert isinstance(oracle, RemoteOracle) and oracle.url == "http://127.0.0.1:9"
+    assert (oracle.token, oracle.max_in_flight, oracle.request_batch_size) == (TOKEN, 8, 32)
+    assert oracle.outage.give_up_after_s == 30
+    oracle.close()
+    with pytest.raises(ValueError, match="must start with http:// or https://"):
+        OracleConfig(url="127.0.0.1:8000")
+
+
 def test_client_gives_up_after_the_deadline_with_an_error_that_says_why(caplog):
     url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     oracle = RemoteOracle(url, give_up_after_s=0.5, backoff_max_s=0.1, log_every_s=0.2)
@@ -378,3 +395,4 @@ def test_server_killed_mid_call_and_restarted_loses_and_duplicates_nothing(servi
     assert result["r"].metrics["oracle/paused_s"] > 1.5 and result["r"].metrics["oracle/num_retries"] > 0
     assert "actor paused; retrying" in caplog.text and "is back after" in caplog.text
     remote.close()
+
