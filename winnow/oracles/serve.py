@@ -13,6 +13,10 @@ alone, before it reaches the oracle. The oracle stage then scores every request 
 the oracle (one grader-pool map, one reward-model forward) and splits the scores back.
 
 `score_requests` is that batch logic, pure and testable without a server; `serve` starts Mosec.
+
+Shutdown (SIGTERM or SIGINT to the `winnow serve-oracle` process): Mosec stops its HTTP front end, then its
+workers; each oracle worker's math-grader processes exit when their parent's pipe closes. A worker that
+dies is restarted by Mosec; requests it held fail with 5xx or time out, and clients send them again.
 """
 from __future__ import annotations
 
