@@ -15,8 +15,9 @@ the oracle (one grader-pool map, one reward-model forward) and splits the scores
 `score_requests` is that batch logic, pure and testable without a server; `serve` starts Mosec.
 
 Shutdown (SIGTERM or SIGINT to the `winnow serve-oracle` process): Mosec stops its HTTP front end, then its
-workers; each oracle worker's math-grader processes exit when their parent's pipe closes. A worker that
-dies is restarted by Mosec; requests it held fail with 5xx or time out, and clients send them again.
+workers; each oracle worker's math-grader processes exit when their parent's pipe closes. Mosec restarts a
+worker that dies while others of its stage live, but stops the service when all of them have died: run it
+under a supervisor that restarts it. Clients wait for it meanwhile (see `winnow.oracles.remote`).
 """
 from __future__ import annotations
 
