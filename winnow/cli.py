@@ -5,6 +5,7 @@
     winnow eval [--config FILE] [--flags ...]         held-out accuracy of a model
     winnow quickstart [--flags ...]                   tiny model, SFT warm start, GRPO, curves (CPU, minutes)
     winnow plot RUN_DIR [--x counts/samples]          learning-curve PNGs of a run
+    winnow serve-oracle [--config FILE] [--flags ...] an oracle as a Mosec service (pip install 'winnow[serve]')
 
 Every command's flags come from typed config dataclasses (`winnow train grpo --help` lists them, with
 their docstrings). `--config FILE` (YAML, TOML, JSON or Python) sets values first; flags override it.
@@ -13,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import sys
-
-from winnow.algorithms import OBJECTIVES
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -26,13 +25,17 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: winnow COMMAND ...\n\n" + USAGE + "\n\nRun `winnow COMMAND --help` for a command's flags.")
         return
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "sft": _sft, "eval": _eval, "quickstart": _quickstart, "plot": _plot}
+    commands = {"train": _train, "sft": _sft, "eval": _eval, "quickstart": _quickstart, "plot": _plot,
+                "serve-oracle": _serve_oracle}
     if command not in commands:
         raise SystemExit(f"winnow: unknown command {command!r}; choose one of: {', '.join(commands)}")
     commands[command](rest)
 
 
 def _train(argv: list[str]) -> None:
+    # imported here, not at the top: `serve-oracle`'s worker processes import this module, and should not
+    # each pay for torch
+    from winnow.algorithms import OBJECTIVES
     from winnow.config import TrainConfig, parse
     from winnow.runtime.rl import train
 
@@ -75,6 +78,15 @@ def _quickstart(argv: list[str]) -> None:
     config = parse(QuickstartConfig, QuickstartConfig(), argv, prog="winnow quickstart",
                    description=(QuickstartConfig.__doc__ or "").strip())
     quickstart(config)
+
+
+def _serve_oracle(argv: list[str]) -> None:
+    from winnow.config import parse
+    from winnow.oracles.serve import ServeConfig, serve
+
+    config = parse(ServeConfig, ServeConfig(), argv, prog="winnow serve-oracle",
+                   description="Serve an oracle over HTTP with Mosec: /reward, /compare, /health, /metrics.")
+    serve(config)
 
 
 def _plot(argv: list[str]) -> None:

@@ -1,0 +1,95 @@
+"""The Mosec workers of `winnow serve-oracle` (see `winnow.oracles.serve` for the pipeline and why).
+
+Mosec starts each worker in a fresh process with no arguments, so workers read the resolved ServeConfig
+from the environment (`serve` puts it there) and the token from the variable it names.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from typing import Any
+
+import msgpack
+from mosec import ClientError, ValidationError, Worker
+from mosec.mixin import MsgpackMixin
+
+from winnow.oracles import wire
+from winnow.oracles.serve import load_config_from_env, score_requests
+
+log = logging.getLogger(__name__)
+
+
+class _Ingress(Worker):
+    """Decode one request, check its token and limits; refuse it alone (4xx) when something is wrong.
+
+    Status codes: 400 for a body that is not msgpack or lacks the right token (Mosec's workers can
+    return 400, 422, 408 and 500 only, so "unauthorized" is a 400 whose message says so); 422 for a
+    well-formed request with wrong fields or too many items; 413 (from Mosec) for a body over the size
+    limit."""
+
+    op = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = load_config_from_env()
+        self.token = os.environ.get(config.token_env) or None
+        self.max_items = config.max_items_per_request
+
+    def deserialize(self, data: bytes) -> Any:
+        try:
+            return msgpack.unpackb(data, use_list=True, raw=False)
+        except Exception as e:
+            raise ClientError(f"the body is not msgpack ({type(e).__name__}: {e}); send a msgpack map, "
+                              f"Content-Type application/msgpack") from e
+
+    def forward(self, data: Any) -> dict[str, Any]:
+        try:
+            wire.check_token(data, self.token)
+        except wire.AuthError as e:
+            raise ClientError(str(e)) from e
+        try:
+            return wire.validate(data, self.op, self.max_items)
+        except wire.RequestError as e:
+            raise ValidationError(str(e)) from e
+
+
+class RewardIngress(_Ingress):
+    op = "reward"
+
+
+class CompareIngress(_Ingress):
+    op = "compare"
+
+
+class HealthIngress(Worker):
+    """Any body, no token: the reply only says the pipeline is up and which rewards it serves."""
+
+    def deserialize(self, data: bytes) -> Any:
+        return None
+
+    def forward(self, data: Any) -> dict[str, Any]:
+        return {"op": "health", "id": "health"}
+
+
+class OracleWorker(MsgpackMixin, Worker):
+    """Scores a dynamic batch of validated requests with one in-process oracle (see `score_requests`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from winnow.oracles import make_oracle
+
+        # Mosec starts workers as daemonic processes, which multiprocessing forbids to have children; the
+        # math grader's pool needs them. Its processes exit by themselves when this one dies (their pipe
+        # closes), which is the guarantee the rule is there for.
+        multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
+        self.config = load_config_from_env()
+        self.oracle = make_oracle(self.config.oracle)
+        self.info = {"rewards": list(self.config.oracle.rewards),
+                     "reward_weights": self.config.oracle.reward_weights}
+
+    def forward(self, data: list[dict[str, Any]] | dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
+        info = {**self.info, "worker": self.worker_id}
+        if isinstance(data, dict):  # max_batch_size=1: Mosec hands over the request itself, not a list
+            return score_requests(self.oracle, [data], self.config.compare_temperature, info)[0]
+        return score_requests(self.oracle, data, self.config.compare_temperature, info)
