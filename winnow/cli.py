@@ -1,6 +1,7 @@
 """The `winnow` command line.
 
-    winnow train ALGO [--config FILE] [--flags ...]   policy iteration with an RL objective
+    winnow train ALGO [--config FILE] [--flags ...]   policy iteration: RL (grpo, dr-grpo, rloo) or preference
+                                                      optimisation (dpo, ipo, slic, simpo; --offline for a dataset)
     winnow sft [--config FILE] [--flags ...]          supervised fine-tuning
     winnow eval [--config FILE] [--flags ...]         held-out accuracy of a model
     winnow quickstart [--flags ...]                   tiny model, SFT warm start, GRPO, curves (CPU, minutes)
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from winnow.algorithms import OBJECTIVES
+from winnow.algorithms import OBJECTIVES, PREFERENCE_OBJECTIVES
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -32,19 +33,37 @@ def main(argv: list[str] | None = None) -> None:
     commands[command](rest)
 
 
-def _train(argv: list[str]) -> None:
-    from winnow.config import TrainConfig, parse
+def _rl_trainer():
+    from winnow.config import TrainConfig
     from winnow.runtime.rl import train
 
+    return TrainConfig, train
+
+
+def _preference_trainer():
+    from winnow.runtime.train_preference import PreferenceTrainConfig, train_preference
+
+    return PreferenceTrainConfig, train_preference
+
+
+TRAINERS = {**{name: (cls, _rl_trainer) for name, cls in OBJECTIVES.items()},
+            **{name: (cls, _preference_trainer) for name, cls in PREFERENCE_OBJECTIVES.items()}}
+"""`winnow train NAME` -> (the algorithm's config class, a function returning (run config class, train function))"""
+
+
+def _train(argv: list[str]) -> None:
+    from winnow.config import parse
+
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: winnow train ALGO [--config FILE] [flags]\n\nALGO: {', '.join(OBJECTIVES)}\n"
+        print(f"usage: winnow train ALGO [--config FILE] [flags]\n\nALGO: {', '.join(TRAINERS)}\n"
               "Run `winnow train ALGO --help` for the flags.")
         return
     name, rest = argv[0], argv[1:]
-    if name not in OBJECTIVES:
-        raise SystemExit(f"winnow train: unknown algorithm {name!r}; choose one of: {', '.join(OBJECTIVES)}")
-    algo_cls = OBJECTIVES[name]
-    config = parse(TrainConfig[algo_cls], TrainConfig(algo=algo_cls()), rest, prog=f"winnow train {name}",
+    if name not in TRAINERS:
+        raise SystemExit(f"winnow train: unknown algorithm {name!r}; choose one of: {', '.join(TRAINERS)}")
+    algo_cls, trainer = TRAINERS[name]
+    config_cls, train = trainer()
+    config = parse(config_cls[algo_cls], config_cls(algo=algo_cls()), rest, prog=f"winnow train {name}",
                    description=" ".join((algo_cls.__doc__ or "").split()))
     run_dir = train(config)
     print(f"run written to {run_dir}")

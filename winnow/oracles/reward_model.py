@@ -31,6 +31,7 @@ class RewardModelOracle:
         self.model = model.to(device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.batch_size, self.max_length, self.device = batch_size, max_length, torch.device(device)
+        self.temperature = temperature
         self._preference = RewardPreferenceOracle(self, temperature)
 
     @classmethod
