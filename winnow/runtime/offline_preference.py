@@ -8,6 +8,8 @@ queried: the labels are the dataset's.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from winnow.data import batches, load_prompts
@@ -37,9 +39,10 @@ def dataset_pairs(prompts: list[Prompt], tokenizer, source: str) -> list[Prefere
 
 def run_offline(config, *, learner: Learner, tokenizer, logger, run_dir, progress=None) -> list[dict]:
     """Train on dataset pairs for `config.num_iterations` iterations; returns the logged rows."""
-    train = dataset_pairs(load_prompts(config.data, tokenizer, "train"), tokenizer, config.data.train)
-    held_out = dataset_pairs(load_prompts(config.data, tokenizer, "eval"), tokenizer, config.data.eval or
-                             config.data.train)[: config.eval.max_prompts]
+    data = dataclasses.replace(config.data, answer_column=None)  # the labels are chosen/rejected, not an answer
+    train = dataset_pairs(load_prompts(data, tokenizer, "train"), tokenizer, data.train)
+    held_out = dataset_pairs(load_prompts(data, tokenizer, "eval"), tokenizer, data.eval or data.train)
+    held_out = held_out[: config.eval.max_prompts]
     stream = batches(train, config.rollout.prompts_per_iteration, seed=config.seed)
     pad, objective, history = tokenizer.pad_token_id, config.algo, []
     for iteration in range(config.num_iterations + 1):
