@@ -107,15 +107,10 @@ class PreferenceObjective(Protocol):
     name: ClassVar[str]
     """the registry name, e.g. "dpo" (for logs and the CLI)"""
 
-    @property
-    def needs_reference(self) -> bool:
-        """True when `loss` reads `batch.ref_logprobs` (the trainer runs the reference model once per iteration)."""
-        ...
-
-    @property
-    def uses_length_average(self) -> bool:
-        """True when sequence log-probabilities are means over response tokens, False when sums."""
-        ...
+    needs_reference: ClassVar[bool]
+    """True when `loss` reads `batch.ref_logprobs` (the trainer runs the reference model once per iteration)"""
+    uses_length_average: ClassVar[bool]
+    """True when sequence log-probabilities are means over response tokens, False when sums"""
 
     def pair_losses(self, chosen: Tensor, rejected: Tensor, ref_chosen: Tensor | None,
                     ref_rejected: Tensor | None) -> Tensor:
@@ -132,6 +127,8 @@ class _PairedLoss:
     """The shared `loss`: pair the rows, reduce per sequence, call `pair_losses`, normalise by pairs."""
 
     beta: float
+    needs_reference: ClassVar[bool]
+    uses_length_average: ClassVar[bool]
 
     def loss(self, logprobs: Tensor, batch: TrainBatch, *, num_sequences: int, num_tokens: float
              ) -> tuple[Tensor, dict[str, float]]:
@@ -189,8 +186,8 @@ class DPO(_PairedLoss):
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"invalid DPO: label_smoothing={self.label_smoothing} must be in [0, 0.5)")
 
-    needs_reference = property(lambda self: True)
-    uses_length_average = property(lambda self: False)
+    needs_reference: ClassVar[bool] = True
+    uses_length_average: ClassVar[bool] = False
 
     def pair_losses(self, chosen, rejected, ref_chosen, ref_rejected):
         return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing)
@@ -209,8 +206,8 @@ class IPO(_PairedLoss):
     def __post_init__(self) -> None:
         _check_beta(self)
 
-    needs_reference = property(lambda self: True)
-    uses_length_average = property(lambda self: True)
+    needs_reference: ClassVar[bool] = True
+    uses_length_average: ClassVar[bool] = True
 
     def pair_losses(self, chosen, rejected, ref_chosen, ref_rejected):
         return ipo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
@@ -228,8 +225,8 @@ class SLiC(_PairedLoss):
     def __post_init__(self) -> None:
         _check_beta(self)
 
-    needs_reference = property(lambda self: True)
-    uses_length_average = property(lambda self: False)
+    needs_reference: ClassVar[bool] = True
+    uses_length_average: ClassVar[bool] = False
 
     def pair_losses(self, chosen, rejected, ref_chosen, ref_rejected):
         return slic_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
@@ -249,8 +246,8 @@ class SimPO(_PairedLoss):
     def __post_init__(self) -> None:
         _check_beta(self)
 
-    needs_reference = property(lambda self: False)
-    uses_length_average = property(lambda self: True)
+    needs_reference: ClassVar[bool] = False
+    uses_length_average: ClassVar[bool] = True
 
     def pair_losses(self, chosen, rejected, ref_chosen, ref_rejected):
         return simpo_loss(chosen, rejected, self.beta, self.gamma_beta_ratio)

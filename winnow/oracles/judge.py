@@ -174,6 +174,9 @@ class LLMJudgeOracle:
             text = response.choices[0].message.content if response.choices else None
             verdict = parse_verdict(text)
             if verdict is not None:
+                logger.debug("judge %s: verdict %s after %d retries, %.3f s, %d prompt / %d completion tokens",
+                             self.model, verdict, attempt, time.perf_counter() - start, prompt_tokens,
+                             completion_tokens)
                 return _Call(verdict, time.perf_counter() - start, prompt_tokens, completion_tokens, attempt)
             problem = f"unparseable answer {text!r}"
         logger.warning("judge %s gave no verdict after %d tries: %s", self.model, self.max_retries + 1, problem)
