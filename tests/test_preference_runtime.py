@@ -127,3 +127,23 @@ def test_preference_config_checks():
         PreferenceTrainConfig(algo=DPO(), learner=LearnerConfig(micro_batch_size=5))
     with pytest.raises(ValueError, match="kind='banana' must be one of rule, reward_model, judge"):
         OracleConfig(kind="banana")
+
+
+def test_closeness_rule_by_hand():
+    from winnow.oracles.rules import closeness_reward
+
+    # sum 46: exact 0, off by 1 -1, off by 14 capped at -10, negative numbers parse, prose and "4-6" are -10
+    out = closeness_reward(["12+34="] * 6, ["46", " 47 ", "60", "-4", "forty-six", "4-6"], reference=["46"] * 6)
+    assert out == [0.0, -1.0, -10.0, -10.0, -10.0, -10.0]
+    assert closeness_reward(["5-9="], ["-3"], reference=["-4"]) == [-1.0]
+
+
+def test_the_builtin_preference_task_carries_reference_responses(tiny_tokenizer):
+    from winnow.data import DataConfig, load_prompts
+
+    prompts = load_prompts(DataConfig(train="arithmetic-pref", max_eval_prompts=5), tiny_tokenizer, "eval")
+    assert len(prompts) == 5
+    for p in prompts:
+        a, b = p.text.removesuffix("=").split("+")
+        assert p.reference == str(int(a) + int(b))
+        assert p.columns["reference_response"] == str(int(a) + int(b) + 1)  # off by one: only the sum beats it
