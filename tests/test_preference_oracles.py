@@ -47,7 +47,8 @@ def test_bradley_terry_temperature_and_unscored_sides():
 def test_the_math_oracle_compares_too():
     oracle = make_preference_oracle(OracleConfig(rewards=["math"], math_num_workers=1))
     try:
-        result = oracle.compare(["q", "q"], ["\\boxed{1/2}", "\\boxed{3}"], ["\\boxed{2}", "\\boxed{0.5}"], ["0.5", "0.5"])
+        result = oracle.compare(["q", "q"], ["\\boxed{1/2}", "\\boxed{3}"], ["\\boxed{2}", "\\boxed{0.5}"],
+                                ["0.5", "0.5"])
     finally:
         oracle.close()
     assert result.probabilities == pytest.approx([0.731059, 0.268941], abs=1e-6)

@@ -35,7 +35,8 @@ def dpo_loss(
     beta: float,
     label_smoothing: float = 0.0,
 ) -> Tensor:
-    """Direct Preference Optimization (Rafailov et al. 2023): -(1-eps) log sigma(beta Delta) - eps log sigma(-beta Delta).
+    """Direct Preference Optimization (Rafailov et al. 2023):
+    -(1-eps) log sigma(beta Delta) - eps log sigma(-beta Delta).
 
     eps = `label_smoothing` is the conservative DPO of Mitchell 2023 ("A note on DPO with noisy preferences"):
     the label is assumed flipped with probability eps, so the loss no longer pushes Delta to infinity.

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, Literal, TypeVar
+from typing import Generic, TypeVar
 
 from winnow.config import ModelConfig, RolloutConfig, save_config
 from winnow.data import DataConfig, batches, load_prompts
@@ -22,7 +22,7 @@ from winnow.logging import LoggingConfig, MetricsLogger, progress
 from winnow.logging.plot import plot_run
 from winnow.oracles import OracleConfig, make_preference_oracle
 from winnow.oracles.base import RewardOracle
-from winnow.runtime.preference import PAIR_SELECTORS, PreferenceRuntime
+from winnow.runtime.preference import PAIR_SELECTORS, PairSelection, PreferenceRuntime
 from winnow.runtime.setup import load_policy, make_run_dir, resolve_device, setup_process
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ AlgoT = TypeVar("AlgoT")
 class PairConfig:
     """How the online loop picks the pair of responses it asks the oracle about."""
 
-    selection: Literal["random", "best_vs_worst"] = "best_vs_worst"
+    selection: PairSelection = "best_vs_worst"
     """random (any oracle; one comparison per prompt) or best_vs_worst (oracles with scalar rewards: rule and
     reward_model; every response is scored, the best and worst form the pair)"""
 
