@@ -1,6 +1,7 @@
 """The `winnow` command line.
 
-    winnow train ALGO [--config FILE] [--flags ...]   policy iteration with an RL objective
+    winnow train ALGO [--config FILE] [--flags ...]   policy iteration: RL (grpo, dr-grpo, rloo) or preference
+                                                      optimisation (dpo, ipo, slic, simpo; --offline for a dataset)
     winnow sft [--config FILE] [--flags ...]          supervised fine-tuning
     winnow eval [--config FILE] [--flags ...]         held-out accuracy of a model
     winnow quickstart [--flags ...]                   tiny model, SFT warm start, GRPO, curves (CPU, minutes)
@@ -32,22 +33,43 @@ def main(argv: list[str] | None = None) -> None:
     commands[command](rest)
 
 
-def _train(argv: list[str]) -> None:
-    # imported here, not at the top: `serve-oracle`'s worker processes import this module, and should not
-    # each pay for torch
-    from winnow.algorithms import OBJECTIVES
-    from winnow.config import TrainConfig, parse
+def _rl_trainer():
+    from winnow.config import TrainConfig
     from winnow.runtime.rl import train
 
+    return TrainConfig, train
+
+
+def _preference_trainer():
+    from winnow.runtime.train_preference import PreferenceTrainConfig, train_preference
+
+    return PreferenceTrainConfig, train_preference
+
+
+def trainers() -> dict:
+    """`winnow train NAME` -> (the algorithm's config class, a function returning (run config class, train
+    function)). Built on call, not at import: `serve-oracle`'s worker processes import this module, and
+    should not each pay for torch."""
+    from winnow.algorithms import OBJECTIVES, PREFERENCE_OBJECTIVES
+
+    return {**{name: (cls, _rl_trainer) for name, cls in OBJECTIVES.items()},
+            **{name: (cls, _preference_trainer) for name, cls in PREFERENCE_OBJECTIVES.items()}}
+
+
+def _train(argv: list[str]) -> None:
+    from winnow.config import parse
+
+    registry = trainers()
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: winnow train ALGO [--config FILE] [flags]\n\nALGO: {', '.join(OBJECTIVES)}\n"
+        print(f"usage: winnow train ALGO [--config FILE] [flags]\n\nALGO: {', '.join(registry)}\n"
               "Run `winnow train ALGO --help` for the flags.")
         return
     name, rest = argv[0], argv[1:]
-    if name not in OBJECTIVES:
-        raise SystemExit(f"winnow train: unknown algorithm {name!r}; choose one of: {', '.join(OBJECTIVES)}")
-    algo_cls = OBJECTIVES[name]
-    config = parse(TrainConfig[algo_cls], TrainConfig(algo=algo_cls()), rest, prog=f"winnow train {name}",
+    if name not in registry:
+        raise SystemExit(f"winnow train: unknown algorithm {name!r}; choose one of: {', '.join(registry)}")
+    algo_cls, trainer = registry[name]
+    config_cls, train = trainer()
+    config = parse(config_cls[algo_cls], config_cls(algo=algo_cls()), rest, prog=f"winnow train {name}",
                    description=" ".join((algo_cls.__doc__ or "").split()))
     run_dir = train(config)
     print(f"run written to {run_dir}")

@@ -119,6 +119,20 @@ class RewardResult:
 
 
 @dataclass
+class PreferenceResult:
+    """What a preference oracle returns for N comparisons of response a with response b."""
+
+    probabilities: list[float | None]
+    """the probability that a beats b, [N]; None where the oracle could not judge that pair"""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """the oracle's own numbers: latency, tokens, failures, retries"""
+
+    @property
+    def num_failed(self) -> int:
+        return sum(p is None for p in self.probabilities)
+
+
+@dataclass
 class Group:
     """All sampled responses to one prompt, with their rewards: the unit that group advantages work on."""
 

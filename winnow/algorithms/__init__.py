@@ -5,6 +5,8 @@
 - aggregation: `aggregate_loss` (token-mean, seq-mean-token-mean, seq-mean-token-sum-norm)
 - policy_loss: `clipped_policy_loss` (clipped surrogate, clip-higher, truncated importance sampling)
 - objectives: `PolicyObjective` and its configured implementations `GRPO`, `DrGRPO`, `RLOO`, by name in `OBJECTIVES`
+- preference: `dpo_loss`, `ipo_loss`, `slic_loss`, `simpo_loss` per pair, and `DPO`, `IPO`, `SLiC`, `SimPO` by
+  name in `PREFERENCE_OBJECTIVES`
 """
 from winnow.algorithms.advantages import group_advantages, rloo_advantages
 from winnow.algorithms.aggregation import LOSS_AGG_MODES, LossAggregation, aggregate_loss, masked_mean
@@ -29,3 +31,18 @@ __all__ = [
     "masked_mean",
     "rloo_advantages",
 ]
+from winnow.algorithms.preference import (  # noqa: E402  (preference losses: DPO, IPO, SLiC, SimPO)
+    DPO,
+    IPO,
+    PREFERENCE_OBJECTIVES,
+    PreferenceObjective,
+    SimPO,
+    SLiC,
+    dpo_loss,
+    ipo_loss,
+    simpo_loss,
+    slic_loss,
+)
+
+__all__ += ["DPO", "IPO", "PREFERENCE_OBJECTIVES", "PreferenceObjective", "SLiC", "SimPO", "dpo_loss", "ipo_loss",
+            "simpo_loss", "slic_loss"]

@@ -104,7 +104,8 @@ def _load_rows(config: DataConfig, split: Split) -> _Rows:
     if source in TASKS:
         sizes = {"num_train": config.num_train_prompts, "num_eval": config.max_eval_prompts}
         task = make_task(source, seed=config.seed, **{k: v for k, v in sizes.items() if v is not None})
-        rows = [(i, {"prompt": q, "answer": a}) for i, (q, a) in enumerate(task.examples(split))]
+        extra = getattr(task, "extra_columns", lambda q, a: {})  # e.g. a preference task's reference_response
+        rows = [(i, {"prompt": q, "answer": a, **extra(q, a)}) for i, (q, a) in enumerate(task.examples(split))]
         return _Rows(rows, f"task {source!r} ({split})", "prompt", "answer")
     dict_split = config.split if split == "train" else config.eval_split
     if config.eval is not None or _has_split(config.train, config.eval_split):

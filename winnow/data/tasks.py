@@ -49,6 +49,7 @@ class ArithmeticTask:
         num_train: int = 4000,
         num_eval: int = 200,
         eval_fraction: float = 0.1,
+        reference_offset: int | None = None,
     ) -> None:
         if num_digits < 1:
             raise ValueError(f"num_digits={num_digits} must be >= 1")
@@ -62,6 +63,9 @@ class ArithmeticTask:
         self.num_train = num_train
         self.num_eval = num_eval
         self.eval_fraction = eval_fraction
+        self.reference_offset = reference_offset
+        """when set, every row also carries a `reference_response`: the answer plus this offset (a fixed,
+        mediocre response for win rates; see `extra_columns`)"""
         self._low = 0 if num_digits == 1 else 10 ** (num_digits - 1)
         self._num_operands = 10**num_digits - self._low
         self.num_questions = len(self.ops) * self._num_operands**2
@@ -81,6 +85,13 @@ class ArithmeticTask:
             if char in _OPERATIONS:
                 return str(_OPERATIONS[char](int(body[:i]), int(body[i + 1 :])))
         raise ValueError(f"not an arithmetic question: {question!r}")
+
+    def extra_columns(self, question: str, answer: str) -> dict[str, str]:
+        """Columns beyond prompt and answer for the row of `question`: the `reference_response` that a preference
+        task's win rate compares the policy with (the answer off by `reference_offset`), or none."""
+        if self.reference_offset is None:
+            return {}
+        return {"reference_response": str(int(answer) + self.reference_offset)}
 
     def is_held_out(self, question: str) -> bool:
         """Whether `question` belongs to the eval split (for this task's seed)."""
@@ -160,6 +171,10 @@ TASKS: dict[str, Callable[..., Task]] = {
     "arithmetic-sub": functools.partial(ArithmeticTask, num_digits=2, ops="-"),
     "arithmetic-mul": functools.partial(ArithmeticTask, num_digits=2, ops="*"),
     "arithmetic-mixed": functools.partial(ArithmeticTask, num_digits=2, ops="+-*"),
+    # The built-in preference task: 2-digit addition where the `closeness` rule prefers the answer nearer the
+    # sum, and win rates are against a reference response that is off by 1 (beaten only by the exact sum; an answer
+    # also off by 1 ties).
+    "arithmetic-pref": functools.partial(ArithmeticTask, num_digits=2, ops="+", reference_offset=1),
 }
 """built-in task name -> factory taking `seed`, `num_train`, `num_eval` keywords"""
 

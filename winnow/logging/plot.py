@@ -59,6 +59,9 @@ def plot_run(run_dir: Path | str, out_dir: Path | str | None = None, x: str = "s
         paths.append(_save_grid({k: series[k] for k in keys}, x, title, out_dir / f"{_safe_name(group)}.png"))
     summary_keys = [k for k in series if k.startswith("eval/") and "accuracy" in k]
     summary_keys += [k for k in ("reward/mean",) if k in series]
+    if "eval/win_rate" in series:  # preference runs: the win rate next to what training optimises
+        summary_keys += [k for k in ("eval/win_rate", "train/loss", "train/pref/reward_margin", "pref/mean_margin")
+                         if k in series]
     if summary_keys:
         summary = {k: series[k] for k in summary_keys}
         paths.append(_save_grid(summary, x, f"{run_dir.name}: summary", out_dir / SUMMARY_FILE))

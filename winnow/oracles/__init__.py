@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 from winnow.oracles.math import MathGrader, extract_answer, grade
 
 if TYPE_CHECKING:
-    from winnow.oracles.base import RewardOracle
+    from winnow.oracles.base import PreferenceOracle, RewardOracle
     from winnow.oracles.functions import FunctionOracle, load_reward_function
 
 __all__ = ["FunctionOracle", "MathGrader", "OracleConfig", "extract_answer", "grade", "load_reward_function",
-           "make_oracle"]
+           "make_oracle", "make_preference_oracle"]
 
 
 @dataclass
@@ -52,6 +52,27 @@ class OracleConfig:
     """requests to the service in flight at once"""
     request_batch_size: int = 64
     """completions per request; the service batches requests from all clients on top of this"""
+    # -- preference oracles (`winnow train dpo|ipo|slic|simpo`, win rates): see `make_preference_oracle`
+    kind: str = "rule"
+    """how preference algorithms compare two responses: rule (the rewards above, Bradley-Terry), reward_model
+    (a sequence-classification model at reward_model_path, Bradley-Terry) or judge (an LLM judge over an
+    OpenAI-compatible API)"""
+    preference_temperature: float = 1.0
+    """Bradley-Terry temperature: P(a beats b) = sigmoid((r_a - r_b) / temperature) for rule and reward_model"""
+    reward_model_path: str | None = None
+    """kind=reward_model: a directory (or hub id) with a transformers sequence-classification model"""
+    reward_model_batch_size: int = 32
+    """kind=reward_model: (prompt, response) pairs scored per forward pass"""
+    judge_model: str = "gpt-4o-mini"
+    """kind=judge: the model name sent to the chat-completions API"""
+    judge_base_url: str | None = None
+    """kind=judge: the API's base URL, e.g. http://127.0.0.1:8000/v1 for a local vLLM server; None is OpenAI's"""
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    """kind=judge: the environment variable holding the API key (keys never go in configs or flags)"""
+    judge_max_concurrency: int = 8
+    """kind=judge: the most API calls in flight at once"""
+    judge_timeout_s: float = 30.0
+    """kind=judge: seconds before a call is abandoned and retried"""
 
     def __post_init__(self) -> None:
         problems = []
@@ -70,6 +91,14 @@ class OracleConfig:
             problems.append(f"url={self.url!r} must start with http:// or https://")
         if self.timeout_s <= 0 or self.give_up_after_s <= 0 or self.max_in_flight < 1 or self.request_batch_size < 1:
             problems.append("timeout_s and give_up_after_s must be > 0, max_in_flight and request_batch_size >= 1")
+        if self.kind not in PREFERENCE_ORACLE_KINDS:
+            problems.append(f"kind={self.kind!r} must be one of {', '.join(PREFERENCE_ORACLE_KINDS)}")
+        if not self.preference_temperature > 0:
+            problems.append(f"preference_temperature={self.preference_temperature} must be > 0")
+        if self.kind == "reward_model" and not self.reward_model_path:
+            problems.append("kind='reward_model' needs --oracle.reward-model-path (a sequence-classification model)")
+        if self.judge_max_concurrency < 1:
+            problems.append(f"judge_max_concurrency={self.judge_max_concurrency} must be >= 1")
         if problems:
             raise ValueError("invalid OracleConfig: " + "; ".join(problems))
 
@@ -90,6 +119,28 @@ def make_oracle(config: OracleConfig) -> RewardOracle:
                                         math_num_workers=config.math_num_workers)
         functions.append((name, fn, weight))
     return FunctionOracle(functions, max_retries=config.max_retries)
+
+
+PREFERENCE_ORACLE_KINDS = ("rule", "reward_model", "judge")
+"""the values of `OracleConfig.kind`"""
+
+
+def make_preference_oracle(config: OracleConfig) -> PreferenceOracle:
+    """The preference oracle `config.kind` names; call its `close()` when done."""
+    if config.kind == "reward_model":
+        from winnow.oracles.reward_model import RewardModelOracle
+
+        return RewardModelOracle.from_pretrained(config.reward_model_path, batch_size=config.reward_model_batch_size,
+                                                 temperature=config.preference_temperature)
+    if config.kind == "judge":
+        from winnow.oracles.judge import LLMJudgeOracle
+
+        return LLMJudgeOracle.from_env(config.judge_model, config.judge_base_url, config.judge_api_key_env,
+                                       max_concurrency=config.judge_max_concurrency, max_retries=config.max_retries,
+                                       timeout_s=config.judge_timeout_s)
+    from winnow.oracles.preference import RewardPreferenceOracle
+
+    return RewardPreferenceOracle(make_oracle(config), config.preference_temperature)
 
 
 def __getattr__(name: str) -> Any:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
-from winnow.types import RewardResult
+from winnow.types import PreferenceResult, RewardResult
 
 RewardFunction = Callable[..., Sequence[float | None]]
 """`fn(prompts: list[str], completions: list[str], **columns) -> list[float]`, the ecosystem's usual
@@ -27,6 +27,29 @@ class RewardOracle(Protocol):
         """Score N completions. `prompts[i]` is the prompt text `completions[i]` answers; `references[i]`
         its reference answer; `columns` the other dataset columns, N values each. Returns N scores,
         None where a completion could not be scored after retries."""
+        ...
+
+    def close(self) -> None:
+        """Release worker processes or connections."""
+        ...
+
+
+@runtime_checkable
+class PreferenceOracle(Protocol):
+    """Compares two responses to the same prompt (for preference learning and win rates). Every oracle
+    batches, and reports its own latency and failures in `PreferenceResult.metrics`."""
+
+    def compare(
+        self,
+        prompts: list[str],
+        completions_a: list[str],
+        completions_b: list[str],
+        references: list[str | None] | None = None,
+        columns: dict[str, list[Any]] | None = None,
+    ) -> PreferenceResult:
+        """For each i, the probability that `completions_a[i]` is a better answer to `prompts[i]` than
+        `completions_b[i]`, [N]; None where it could not judge after retries. `references` and `columns`
+        are the dataset's, as for `RewardOracle.reward` (a rule needs the reference answer)."""
         ...
 
     def close(self) -> None:

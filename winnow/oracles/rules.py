@@ -77,3 +77,24 @@ def boxed_format_reward(prompts: list[str], completions: list[str], **columns: A
     A format reward: it checks that an answer is there, not that it is right, so it needs no reference.
     """
     return [float(bool(last_boxed(c))) for c in completions]
+
+
+CLOSENESS_CAP = 10.0
+"""the largest distance `closeness_reward` tells apart: answers further off (or not numbers) all score -10"""
+
+
+def closeness_reward(
+    prompts: list[str], completions: list[str], reference: list[str | None], **columns: Any
+) -> list[float]:
+    """-min(|answer - reference|, 10) for an integer answer, -10 for anything else: 0 is exact.
+
+    A graded rule for preference learning on numeric tasks: of two wrong answers the closer one is preferred,
+    so a pair carries signal even when neither response is right (exact match would call it a tie).
+    """
+    answers = require_references(reference, "closeness")
+    scores = []
+    for completion, answer in zip(completions, answers):
+        text = normalize_text(completion)
+        is_integer = text.lstrip("-").isdigit() and text.count("-") <= 1
+        scores.append(-min(abs(int(text) - int(answer)), CLOSENESS_CAP) if is_integer else -CLOSENESS_CAP)
+    return [float(s) for s in scores]
