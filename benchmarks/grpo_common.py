@@ -1,0 +1,263 @@
+"""What the two GRPO-iteration benchmarks share: the workload, the model, the tokenizer, the reward, the
+device ceilings and the physical floors. `grpo_iteration.py` (winnow) and `trl_grpo_iteration.py` (TRL)
+import it, so both sides do exactly the same work.
+
+The workload (issue 5): one GRPO policy iteration on a randomly initialised model of the Qwen2.5-0.5B shape
+(`qwen25_05b_config.json`), 64 prompts x 8 samples, 128-token prompts, 512 new tokens at a fixed length
+(EOS never ends a response), one optimizer step over all 512 samples, micro-batches of 16 sequences,
+activation checkpointing on. `--cpu` shrinks it to a tiny Qwen2 that runs in seconds (a smoke test, not
+a timed test).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CONFIG_PATH = HERE / "qwen25_05b_config.json"
+SEED = 0
+
+
+@dataclass
+class Workload:
+    num_prompts: int
+    num_samples: int
+    prompt_len: int
+    new_tokens: int
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    warmup_iterations: int
+    measured_iterations: int
+    lr: float = 1e-6
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+
+    @property
+    def num_sequences(self) -> int:
+        return self.num_prompts * self.num_samples
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.num_sequences * self.new_tokens
+
+    @property
+    def trained_tokens(self) -> int:
+        """Every position the learner runs forward and backward over: prompt + response."""
+        return self.num_sequences * (self.prompt_len + self.new_tokens)
+
+
+GPU_WORKLOAD = Workload(num_prompts=64, num_samples=8, prompt_len=128, new_tokens=512, micro_batch_size=16,
+                        gradient_checkpointing=True, warmup_iterations=1, measured_iterations=3)
+CPU_WORKLOAD = Workload(num_prompts=4, num_samples=4, prompt_len=16, new_tokens=32, micro_batch_size=4,
+                        gradient_checkpointing=True, warmup_iterations=1, measured_iterations=2)
+
+TINY_CONFIG = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=512,
+                   rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
+                   attention_dropout=0.0, bos_token_id=1000, eos_token_id=1000)
+
+
+def model_config(cpu: bool):
+    from transformers import Qwen2Config
+
+    if cpu:
+        return Qwen2Config(**TINY_CONFIG)
+    raw = json.loads(CONFIG_PATH.read_text())
+    for key in ("model_type", "architectures", "torch_dtype"):
+        raw.pop(key, None)
+    return Qwen2Config(**raw)
+
+
+def build_model(cpu: bool, device: torch.device):
+    """Random init from SEED, float32 master weights (the learner trains them under bf16 autocast on GPU)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(model_config(cpu), dtype=torch.float32)
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    return model.to(device)
+
+
+def build_tokenizer(vocab_size: int, eos_id: int):
+    """A word-level tokenizer with one word per model id ("t0" ... "t151935"), built in-process (~1 s):
+    prompts are exactly `prompt_len` words, so exactly `prompt_len` tokens, and every id the random model
+    samples decodes. EOS = pad = the model's EOS id (as Qwen2.5 base); no BOS is added."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    eos = f"t{eos_id}"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos, unk_token="t0")
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def prompt_texts(workload: Workload, vocab_size: int, eos_id: int, num_iterations: int) -> list[str]:
+    """`num_iterations` x `num_prompts` prompts of `prompt_len` random words (never EOS), seeded."""
+    rng = random.Random(SEED)
+    high = min(vocab_size, eos_id) - 1
+    return [" ".join(f"t{rng.randint(10, high)}" for _ in range(workload.prompt_len))
+            for _ in range(num_iterations * workload.num_prompts)]
+
+
+def parity_reward_texts(completions: list[str]) -> list[float]:
+    """The synthetic verifiable reward: the fraction of response tokens with an even id (checked from the
+    decoded text, as a real verifier parses text). Dense, so no group has a uniform reward."""
+    out = []
+    for text in completions:
+        words = text.split()
+        out.append(sum(int(w[1:]) % 2 == 0 for w in words) / max(len(words), 1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def measure_ceilings(device: torch.device) -> dict:
+    """The two ceilings, measured: a large bf16 matmul (TFLOP/s) and a large device-to-device copy (bytes
+    read + written per second). Median of 10 timed runs after 3 warm-ups, random data."""
+    if device.type != "cuda":
+        n, dtype, copy_numel = 512, torch.float32, 1 << 24
+    else:
+        n, dtype, copy_numel = 8192, torch.bfloat16, 1 << 30  # 2 GiB of bf16
+    g = torch.Generator(device).manual_seed(SEED)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    src = torch.randn(copy_numel, device=device, dtype=dtype, generator=g)
+    dst = torch.empty_like(src)
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(10):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        return median(times)
+
+    mm_s = timed(lambda: a @ b)
+    copy_s = timed(lambda: dst.copy_(src))
+    result = {
+        "matmul": f"{n}x{n}x{n} {str(dtype).removeprefix('torch.')}",
+        "matmul_tflops": 2 * n**3 / mm_s / 1e12,
+        "copy_bytes": 2 * src.numel() * src.element_size(),
+        "bandwidth_gbps": 2 * src.numel() * src.element_size() / copy_s / 1e9,
+    }
+    del a, b, src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- floors
+
+
+def floors(cfg, num_params: int, workload: Workload, ceilings: dict) -> dict:
+    """Physical lower bounds (seconds) of each phase at the measured ceilings.
+
+    generate: per decode step, max(bytes / bandwidth, FLOPs / peak), summed over steps, plus the prefill;
+      bytes = the bf16 weights read once + the K/V cache read up to the current length + the new K/V
+      written; FLOPs = 2 N per token + attention (4 x layers x heads x head_dim x context per token).
+    train: 6 N x trained tokens (prompt + response) / peak (the issue's definition; activation
+      checkpointing's extra forward and attention FLOPs are not counted, so this floor is optimistic).
+    sync: the fp32 master weights read + the bf16 engine copy written, over bandwidth (winnow; TRL
+      generates with the training weights and has no sync).
+    """
+    peak = ceilings["matmul_tflops"] * 1e12
+    bandwidth = ceilings["bandwidth_gbps"] * 1e9
+    layers, heads, kv_heads = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    batch, prompt = workload.num_sequences, workload.prompt_len
+    kv_bytes_per_token = layers * 2 * kv_heads * head_dim * 2  # K and V, bf16
+    weight_bytes = 2 * num_params
+    # prefill: one pass over every prompt token
+    prefill_flops = 2 * num_params * batch * prompt + 2 * layers * heads * head_dim * prompt * prompt * batch
+    prefill_bytes = weight_bytes + batch * prompt * kv_bytes_per_token
+    generate_s = max(prefill_flops / peak, prefill_bytes / bandwidth)
+    decode_bytes_total = decode_flops_total = 0.0
+    for step in range(1, workload.new_tokens):  # the first new token comes from the prefill's logits
+        context = prompt + step
+        step_bytes = weight_bytes + batch * context * kv_bytes_per_token + batch * kv_bytes_per_token
+        step_flops = 2 * num_params * batch + 4 * layers * heads * head_dim * context * batch
+        generate_s += max(step_bytes / bandwidth, step_flops / peak)
+        decode_bytes_total += step_bytes
+        decode_flops_total += step_flops
+    train_flops = 6 * num_params * workload.trained_tokens
+    return {
+        "generate_s": generate_s,
+        "generate_bound": "memory" if decode_bytes_total / bandwidth > decode_flops_total / peak else "compute",
+        "decode_bytes": decode_bytes_total,
+        "decode_flops": decode_flops_total,
+        "train_s": train_flops / peak,
+        "train_flops": train_flops,
+        "sync_s": (4 + 2) * num_params / bandwidth,
+        "score_s": 0.0,
+        "logprobs_s": 0.0,
+        "note": "score has no device floor (CPU string work); logprobs is not run in either framework "
+                "(one optimizer step per iteration: pi_old = pi, both skip the extra forward)",
+    }
+
+
+# ---------------------------------------------------------------------------------------------- environment
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    env = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    }
+    for name in ("trl", "accelerate", "datasets"):
+        try:
+            env["versions"][name] = __import__(name).__version__
+        except ImportError:
+            pass
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return env
+
+
+def workload_dict(workload: Workload) -> dict:
+    return {**asdict(workload), "num_sequences": workload.num_sequences,
+            "generated_tokens": workload.generated_tokens, "trained_tokens": workload.trained_tokens}
+
+
+def summarize(phase_rows: list[dict[str, float]], workload: Workload, num_params: int, ceilings: dict) -> dict:
+    """Median of every phase over the measured iterations, and the derived rates."""
+    keys = sorted({k for row in phase_rows for k in row})
+    med = {k: median([row.get(k, 0.0) for row in phase_rows]) for k in keys}
+    out = {"phases_median_s": med, "phases_per_iteration_s": phase_rows}
+    if med.get("generate"):
+        out["generated_tokens_per_s"] = workload.generated_tokens / med["generate"]
+    if med.get("train"):
+        out["trained_tokens_per_s"] = workload.trained_tokens / med["train"]
+        achieved = 6 * num_params * workload.trained_tokens / med["train"]
+        out["learner_model_tflops"] = achieved / 1e12
+        out["learner_mfu"] = achieved / (ceilings["matmul_tflops"] * 1e12)
+    return out

@@ -1,0 +1,182 @@
+"""One GRPO policy iteration with winnow's own pieces, timed per phase (issue 5, the winnow side).
+
+    python benchmarks/grpo_iteration.py --out winnow.json          # GPU: the Qwen2.5-0.5B-shape workload
+    python benchmarks/grpo_iteration.py --cpu --out winnow.json    # CPU: a tiny Qwen2, seconds (smoke test)
+
+It drives `winnow.runtime.local.LocalRuntime.step` (generate -> score -> advantages -> train -> sync, each
+phase timed by the runtime's own PhaseTimer, which synchronises CUDA at the end of each phase) with:
+HFEngine (bf16 copy of the policy, static KV cache, all 512 sequences in one decode batch), a
+FunctionOracle over a synthetic verifiable reward (`grpo_common.parity_reward_texts`), GRPO group
+advantages, Learner.train_policy (fp32 master weights, bf16 autocast, AdamW, micro-batch 16, activation
+checkpointing, one optimizer step over all 512 samples) and engine.update_weights.
+
+The workload, the floors and the ceilings are in `grpo_common.py`; `run_gpu_benchmark.sh` runs this and
+the TRL side in one go and `grpo_report.py` writes the comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import grpo_common as common
+from winnow.algorithms import GRPO
+from winnow.engines.hf import HFEngine, HFEngineConfig
+from winnow.learner.batch import make_train_batch
+from winnow.learner.learner import Learner, LearnerConfig
+from winnow.oracles.functions import FunctionOracle
+from winnow.runtime.local import LocalRuntime
+from winnow.types import Completion, Prompt
+
+
+def parity_reward(prompts, completions, reference=None, **columns):
+    return common.parity_reward_texts(completions)
+
+
+class _ListLogger:
+    def __init__(self):
+        self.rows = []
+
+    def log(self, row, step=None):
+        self.rows.append(row)
+
+
+def _prompt_stream(prompts: list[Prompt], per_iteration: int):
+    while True:
+        for start in range(0, len(prompts), per_iteration):
+            yield prompts[start : start + per_iteration]
+
+
+def time_logprobs_pass(learner: Learner, workload: common.Workload, vocab: int, device, repeats: int = 2) -> float:
+    """What a separate old-logprobs pass would cost (it is skipped at one optimizer step per iteration):
+    Learner.logprobs over a batch of the iteration's shape, no grad, micro-batch as in training."""
+    g = torch.Generator().manual_seed(1)
+    completions = [
+        Completion(torch.randint(10, vocab - 1, (workload.prompt_len,), generator=g).tolist(),
+                   torch.randint(10, vocab - 1, (workload.new_tokens,), generator=g).tolist(),
+                   [-1.0] * workload.new_tokens, "length", "")
+        for _ in range(workload.num_sequences)
+    ]
+    batch = make_train_batch(completions, torch.zeros(len(completions)), pad_token_id=0).to(device)
+    times = []
+    for _ in range(repeats):
+        common.sync(device)
+        start = time.perf_counter()
+        learner.logprobs(learner.model, batch)
+        common.sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (seconds; a smoke test)")
+    parser.add_argument("--out", default="winnow_grpo.json")
+    parser.add_argument("--iterations", type=int, default=None, help="measured iterations (default: 3 GPU, 2 CPU)")
+    args = parser.parse_args()
+
+    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    cpu = device.type == "cpu"
+    workload = common.CPU_WORKLOAD if cpu else common.GPU_WORKLOAD
+    if args.iterations:
+        workload.measured_iterations = args.iterations
+    if cpu:
+        torch.set_num_threads(1)
+    result = {"framework": "winnow", **common.environment(device), "workload": common.workload_dict(workload)}
+    t0 = time.perf_counter()
+    result["ceilings"] = common.measure_ceilings(device)
+    print("ceilings", result["ceilings"], f"({time.perf_counter() - t0:.1f}s)", flush=True)
+
+    model = common.build_model(cpu, device)
+    cfg = model.config
+    num_params = sum(p.numel() for p in model.parameters())
+    tokenizer = common.build_tokenizer(cfg.vocab_size, cfg.eos_token_id)
+    total_iterations = workload.warmup_iterations + workload.measured_iterations
+    texts = common.prompt_texts(workload, cfg.vocab_size, cfg.eos_token_id, total_iterations)
+    prompts = []
+    for i, text in enumerate(texts):
+        ids = tokenizer(text)["input_ids"]
+        assert len(ids) == workload.prompt_len, (len(ids), workload.prompt_len)
+        prompts.append(Prompt(text=text, token_ids=ids, index=i))
+
+    engine = HFEngine(model, tokenizer, HFEngineConfig(max_batch_size=workload.num_sequences), device=device)
+    learner = Learner(model, LearnerConfig(lr=workload.lr, max_grad_norm=workload.max_grad_norm,
+                                           micro_batch_size=workload.micro_batch_size,
+                                           gradient_checkpointing=workload.gradient_checkpointing),
+                      total_steps=1000, device=device)
+    oracle = FunctionOracle([("parity", parity_reward, 1.0)])
+    config = SimpleNamespace(
+        seed=0, num_iterations=10**6,
+        rollout=SimpleNamespace(temperature=workload.temperature, top_p=1.0, top_k=-1,
+                                max_tokens=workload.new_tokens, num_samples=workload.num_samples, stop=[],
+                                drop_uniform_groups=False),
+        eval=SimpleNamespace(every=0),
+    )
+    runtime = LocalRuntime(config, engine=engine, learner=learner, oracle=oracle, objective=GRPO(),
+                           train_stream=_prompt_stream(prompts, workload.num_prompts), eval_prompts=[],
+                           logger=_ListLogger(), run_dir=Path(tempfile.mkdtemp()),
+                           pad_token_id=tokenizer.pad_token_id)
+    runtime.sampling.ignore_eos = True  # fixed length: every framework does the same work
+
+    rows = []
+    for iteration in range(1, total_iterations + 1):
+        if iteration == workload.warmup_iterations + 1 and not cpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        common.sync(device)
+        start = time.perf_counter()
+        log = runtime.step(iteration)
+        common.sync(device)
+        wall = time.perf_counter() - start
+        phases = {k.removeprefix("time/"): v for k, v in log.items() if k.startswith("time/") and k != "time/iteration"}
+        phases["logprobs"] = 0.0  # not a separate pass at one optimizer step per iteration (see semantics)
+        phases["end_to_end"] = wall
+        phases["weight_sync_inner"] = engine.last_sync_seconds
+        assert log["rollout/generated_tokens"] == workload.generated_tokens, log["rollout/generated_tokens"]
+        assert log["rollout/trained_samples"] == workload.num_sequences, log["rollout/trained_samples"]
+        kind = "warm-up" if iteration <= workload.warmup_iterations else "measured"
+        print(f"iteration {iteration} ({kind}): " + ", ".join(f"{k} {v:.3f}s" for k, v in phases.items())
+              + f"; reward {log['reward/mean']:.3f}, loss {log.get('train/loss', float('nan')):.4f}", flush=True)
+        if kind == "measured":
+            rows.append(phases)
+    result["peak_memory_gib"] = None if cpu else torch.cuda.max_memory_allocated(device) / 2**30
+    result["num_params"] = num_params
+    result.update(common.summarize(rows, workload, num_params, result["ceilings"]))
+    result["weight_sync_s"] = result["phases_median_s"]["sync"]
+    result["logprobs_pass_s"] = time_logprobs_pass(learner, workload, cfg.vocab_size, device)
+    result["floors"] = common.floors(cfg, num_params, workload, result["ceilings"])
+    result["semantics"] = {
+        "driver": "winnow.runtime.local.LocalRuntime.step; phases timed by its PhaseTimer "
+                  "(torch.cuda.synchronize at each phase's end); end_to_end = wall time of step() with a sync",
+        "generate": "HFEngine.generate: bf16 engine copy, static KV cache (no torch.compile), all "
+                    f"{workload.num_sequences} sequences in one decode batch, ignore_eos, temperature 1, no top-k/p; "
+                    "includes detokenising every response",
+        "score": "FunctionOracle over the parity reward (decoded text), grouping",
+        "advantages": "GRPO group advantages (std-scaled) + building the right-padded TrainBatch on the host",
+        "logprobs": "0: with one optimizer step per iteration pi_old = pi, winnow skips the old-logprobs pass "
+                    "(as TRL does); logprobs_pass_s times what Learner.logprobs over the batch would cost",
+        "train": f"Learner.train_policy: one AdamW step over all {workload.num_sequences} samples, micro-batch "
+                 f"{workload.micro_batch_size}, activation checkpointing {workload.gradient_checkpointing}, "
+                 "fp32 master "
+                 "weights under bf16 autocast, loss = GRPO clipped surrogate (seq-mean-token-mean) with TIS against "
+                 "the engine logprobs, grad-norm clip 1.0",
+        "sync": "engine.update_weights(learner.named_weights()): in-process fp32 -> bf16 copy into the engine",
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    med, fl = result["phases_median_s"], result["floors"]
+    print(f"\nwinnow, one GRPO iteration ({result['device']}), median of {len(rows)}:")
+    print(f"{'phase':<12} {'seconds':>9} {'floor':>9}")
+    for phase in ("generate", "score", "advantages", "logprobs", "train", "sync", "end_to_end"):
+        floor = fl.get(f"{phase}_s")
+        print(f"{phase:<12} {med.get(phase, 0.0):>9.3f} {'' if floor is None else f'{floor:9.3f}'}")
+    print(f"generated tok/s {result.get('generated_tokens_per_s', 0):,.0f}; trained tok/s "
+          f"{result.get('trained_tokens_per_s', 0):,.0f}; MFU {result.get('learner_mfu', 0):.1%}; "
+          f"peak mem {result['peak_memory_gib']} GiB; logprobs pass {result['logprobs_pass_s']:.3f}s")
+
+
+if __name__ == "__main__":
+    main()
