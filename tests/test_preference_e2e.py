@@ -81,13 +81,16 @@ def test_online_dpo_raises_the_win_rate_against_the_reference(sft_model, tmp_pat
 
 
 @pytest.mark.parametrize("algo", ["ipo", "slic", "simpo"])
-def test_ipo_slic_and_simpo_run_through_the_cli(sft_model, tmp_path, algo):
-    run = _train(tmp_path, algo, sft_model, "--rollout.num-samples", "4", "--num-iterations", "4",
-                 "--eval.every", "0", "--eval.max-prompts", "32", "--no-save-final")
+def test_ipo_slic_and_simpo_raise_the_win_rate(sft_model, tmp_path, algo):
+    # Measured at 150 iterations: IPO +25, SLiC +24, SimPO +23 points; 60 iterations keep the test short.
+    run = _train(tmp_path, algo, sft_model, "--rollout.num-samples", "8", "--num-iterations", "60",
+                 "--eval.every", "0", "--no-save-final")
     rows = read_metrics(run)
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
-    assert [step for step, _ in _win_rates(run)] == [0, 4]
+    assert len(losses) == 60 and all(math.isfinite(x) for x in losses)
+    rates = _win_rates(run)
+    assert [step for step, _ in rates] == [0, 60]
+    assert rates[-1][1] >= rates[0][1] + 0.05, rates
 
 
 def test_the_llm_judge_drives_the_online_loop(sft_model, tmp_path):
