@@ -117,7 +117,8 @@ class Learner:
             model.gradient_checkpointing_enable()
         factor = _schedule(config.lr_schedule, config.warmup_steps, total_steps, config.min_lr_ratio)
         self.model, self.optimizer, self.scheduler = self.strategy.setup(
-            model, self._make_optimizer, lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            model, self._make_optimizer, lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
+            config.max_grad_norm,
         )
         self.ref_model = None if ref_model is None else self.strategy.wrap_frozen(ref_model)
         self.temperature = temperature
@@ -173,7 +174,7 @@ class Learner:
         if self.strategy.world_size > 1:  # ... and across ranks: one all-reduce for all of them
             summed = self.strategy.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64))
             totals = dict(zip(totals, summed.tolist()))
-        grad_norm = self.strategy.optimizer_step(self.config.max_grad_norm)
+        grad_norm = self.strategy.optimizer_step()
         self.num_steps += 1
         return {**totals, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
 

@@ -60,13 +60,16 @@ class Strategy(Protocol):
     """data-parallel processes (1 when not distributed)"""
 
     def setup(
-        self, model: torch.nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
-    ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]: ...
+        self, model: torch.nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory,
+        max_grad_norm: float,
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """Place (and shard) the model, build optimizer and scheduler; `max_grad_norm` 0 turns clipping off."""
+        ...
     def wrap_frozen(self, model: torch.nn.Module) -> torch.nn.Module: ...
     def zero_grad(self) -> None: ...
     def backward(self, loss: torch.Tensor, *, is_last_micro_batch: bool) -> None: ...
-    def optimizer_step(self, max_grad_norm: float) -> float:
-        """Clip (0 = no clipping), step optimizer and scheduler; returns the global grad norm before clipping."""
+    def optimizer_step(self) -> float:
+        """Clip, step optimizer and scheduler; returns the global gradient norm before clipping."""
         ...
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor: ...
     def all_reduce_max(self, value: int) -> int: ...
@@ -94,7 +97,8 @@ class SingleDevice:
     def __init__(self, device: torch.device | str | None = None, config: StrategyConfig | None = None):
         self.device = torch.device(device) if device is not None else default_device()
 
-    def setup(self, model, make_optimizer, make_scheduler):
+    def setup(self, model, make_optimizer, make_scheduler, max_grad_norm):
+        self.max_grad_norm = max_grad_norm
         self.model = model.to(self.device, dtype=torch.float32)
         self.optimizer = make_optimizer(trainable(self.model))
         self.scheduler = make_scheduler(self.optimizer)
@@ -111,8 +115,8 @@ class SingleDevice:
     def backward(self, loss: torch.Tensor, *, is_last_micro_batch: bool) -> None:
         loss.backward()
 
-    def optimizer_step(self, max_grad_norm: float) -> float:
-        grad_norm = clip_grad_norm(self.model, max_grad_norm)
+    def optimizer_step(self) -> float:
+        grad_norm = clip_grad_norm(self.model, self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         return float(grad_norm)
@@ -159,6 +163,41 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, total)
     return total
+
+
+class DataParallel:
+    """Rank bookkeeping and the small collectives every sharded strategy shares (torch.distributed)."""
+
+    def __init__(self, device: torch.device | str | None = None, config: StrategyConfig | None = None):
+        import torch.distributed as dist
+
+        self.config = config or StrategyConfig()
+        self.device = init_process_group(self.config, device)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def _comm_device(self) -> torch.device:
+        import torch.distributed as dist
+
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        values = values.to(self._comm_device)
+        dist.all_reduce(values)
+        return values.cpu()
+
+    def all_reduce_max(self, value: int) -> int:
+        import torch.distributed as dist
+
+        t = torch.tensor([value], device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
+    def wrap_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The frozen reference stays whole on every rank: it has no optimizer state to shard."""
+        return model.to(self.device).requires_grad_(False).eval()
 
 
 def init_process_group(config: StrategyConfig, device: torch.device | str | None) -> torch.device:

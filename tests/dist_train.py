@@ -1,0 +1,85 @@
+"""Train the tiny model a few steps on one fixed batch and write the losses to JSON (for test_strategies.py).
+
+    python tests/dist_train.py --strategy single --out single.json
+    torchrun --nproc-per-node 2 tests/dist_train.py --strategy fsdp2 --out fsdp2.json [--save-at 2 --ckpt DIR]
+    torchrun --nproc-per-node 2 tests/dist_train.py --strategy fsdp2 --out resumed.json --load DIR
+
+Every rank trains on its shard of the same 10-sequence batch (`Learner.shard`), so the losses must match
+the single-process run on the whole batch. The loss is a GRPO surrogate (normalised per sequence, so it
+tests the all-reduced `num_sequences`) plus a token-mean NLL (tests the all-reduced `num_tokens`); the
+old logprobs are fixed, so the ratio, the clipping and the loss change as the weights do.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from winnow.algorithms import GRPO
+from winnow.data.tiny import build_tiny_model, train_char_tokenizer
+from winnow.learner.batch import make_train_batch
+from winnow.learner.learner import Learner, LearnerConfig
+from winnow.learner.strategy import StrategyConfig
+from winnow.types import Completion
+
+
+def fixed_batch(num: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    completions = []
+    for i in range(num):
+        prompt = torch.randint(3, 15, (2 + i % 3,), generator=g).tolist()
+        response = torch.randint(3, 15, (1 + i % 4,), generator=g).tolist()
+        completions.append(Completion(prompt, response, [-2.5] * len(response), "stop", ""))
+    batch = make_train_batch(completions, torch.randn(num, generator=g), pad_token_id=0)
+    batch.old_logprobs = batch.engine_logprobs.clone()
+    return batch
+
+
+def make_loss_fn():
+    grpo = GRPO()
+
+    def loss_fn(logprobs, batch, *, num_sequences, num_tokens):
+        policy, metrics = grpo.loss(logprobs, batch, num_sequences=num_sequences, num_tokens=num_tokens, max_tokens=4)
+        nll = -(logprobs * batch.response_mask).sum() / num_tokens
+        return policy + nll, {**metrics, "nll": float(nll.detach())}
+
+    return loss_fn
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", default="single")
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--offload", action="store_true")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--save-at", type=int, default=0, help="save a checkpoint after this many steps")
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--load", default=None, help="resume from this checkpoint, then run --steps steps")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    tokenizer = train_char_tokenizer(["0123456789+-*= "])
+    config = LearnerConfig(lr=3e-3, warmup_steps=2, lr_schedule="linear", micro_batch_size=2, max_grad_norm=1.0,
+                           strategy=args.strategy,
+                           sharding=StrategyConfig(zero_stage=args.zero_stage, offload=args.offload))
+    learner = Learner(build_tiny_model(tokenizer, seed=0), config, total_steps=8, device="cpu")
+    if args.load:
+        learner.load_checkpoint(args.load)
+    batch, loss_fn = learner.shard(fixed_batch()), make_loss_fn()
+    rows = []
+    for _ in range(args.steps):
+        metrics = learner.train_step(batch, loss_fn)
+        rows.append({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
+                     "step": learner.num_steps})
+        if args.save_at and learner.num_steps == args.save_at:
+            learner.save_checkpoint(args.ckpt)
+    weight_sums = {name: float(t.double().sum()) for name, t in learner.named_weights()}
+    if learner.is_main:
+        with open(args.out, "w") as f:
+            json.dump({"steps": rows, "weight_sums": weight_sums, "world_size": int(os.environ.get("WORLD_SIZE", 1))}, f)
+
+
+if __name__ == "__main__":
+    main()
