@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-
 import torch
 
 from winnow.algorithms import GRPO
@@ -48,6 +46,28 @@ def make_loss_fn():
     return loss_fn
 
 
+def train(strategy: str = "single", *, zero_stage: int = 2, offload: bool = False, steps: int = 4,
+          save_at: int = 0, ckpt: str | None = None, load: str | None = None) -> dict:
+    """Run the steps; returns {"steps": [{loss, grad_norm, lr, step}], "weight_sums": {name: sum}}."""
+    tokenizer = train_char_tokenizer(["0123456789+-*= "])
+    config = LearnerConfig(lr=3e-3, warmup_steps=2, lr_schedule="linear", micro_batch_size=2, max_grad_norm=1.0,
+                           strategy=strategy, sharding=StrategyConfig(zero_stage=zero_stage, offload=offload))
+    learner = Learner(build_tiny_model(tokenizer, seed=0), config, total_steps=8, device="cpu")
+    if load:
+        learner.load_checkpoint(load)
+    batch, loss_fn = learner.shard(fixed_batch()), make_loss_fn()
+    rows = []
+    for _ in range(steps):
+        metrics = learner.train_step(batch, loss_fn)
+        rows.append({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
+                     "step": learner.num_steps})
+        if save_at and learner.num_steps == save_at:
+            learner.save_checkpoint(ckpt)
+    weight_sums = {name: float(t.double().sum()) for name, t in learner.named_weights()}
+    return {"steps": rows, "weight_sums": weight_sums, "is_main": learner.is_main,
+            "world_size": learner.strategy.world_size}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", default="single")
@@ -60,25 +80,11 @@ def main() -> None:
     parser.add_argument("--load", default=None, help="resume from this checkpoint, then run --steps steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    tokenizer = train_char_tokenizer(["0123456789+-*= "])
-    config = LearnerConfig(lr=3e-3, warmup_steps=2, lr_schedule="linear", micro_batch_size=2, max_grad_norm=1.0,
-                           strategy=args.strategy,
-                           sharding=StrategyConfig(zero_stage=args.zero_stage, offload=args.offload))
-    learner = Learner(build_tiny_model(tokenizer, seed=0), config, total_steps=8, device="cpu")
-    if args.load:
-        learner.load_checkpoint(args.load)
-    batch, loss_fn = learner.shard(fixed_batch()), make_loss_fn()
-    rows = []
-    for _ in range(args.steps):
-        metrics = learner.train_step(batch, loss_fn)
-        rows.append({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
-                     "step": learner.num_steps})
-        if args.save_at and learner.num_steps == args.save_at:
-            learner.save_checkpoint(args.ckpt)
-    weight_sums = {name: float(t.double().sum()) for name, t in learner.named_weights()}
-    if learner.is_main:
+    result = train(args.strategy, zero_stage=args.zero_stage, offload=args.offload, steps=args.steps,
+                   save_at=args.save_at, ckpt=args.ckpt, load=args.load)
+    if result.pop("is_main"):
         with open(args.out, "w") as f:
-            json.dump({"steps": rows, "weight_sums": weight_sums, "world_size": int(os.environ.get("WORLD_SIZE", 1))}, f)
+            json.dump(result, f)
 
 
 if __name__ == "__main__":
