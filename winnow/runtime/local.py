@@ -6,6 +6,14 @@ One policy iteration, in named phases, each timed and logged as `time/<phase>`:
 
 It consumes `prompts_per_iteration` prompts per iteration from an endless shuffled stream, and waits on
 nothing but itself: every phase runs to completion before the next starts (on-policy by construction).
+
+Under `torchrun` with a sharded learner (`fsdp2`, `deepspeed`) every rank runs this same loop with its own
+engine: the same seeded prompts and sampling, so on CPU every rank draws the same samples (on GPU they may
+differ in the last bits; each rank's batch is still on-policy, since all engines hold the same synced
+weights). The learner trains each rank on its shard of the batch (`Learner.shard`) with the global
+normalisers; the sync is a gather every rank joins. Rank 0 alone evaluates, logs and writes files. This
+is the simplest correct design: generation is repeated on every rank rather than split, which costs
+generation time, not correctness; splitting it belongs to the Ray runtime.
 """
 from __future__ import annotations
 
@@ -106,7 +114,8 @@ class LocalRuntime:
         if batch is not None:
             with timer("train"):
                 loss_fn = partial(self.objective.loss, max_tokens=self.config.rollout.max_tokens)
-                train_metrics = self.learner.train_policy(batch, loss_fn, self.objective.needs_reference)
+                train_metrics = self.learner.train_policy(self.learner.shard(batch), loss_fn,
+                                                          self.objective.needs_reference)
                 self.counters.optimizer_steps = self.learner.num_steps
             with timer("sync"):
                 sync_metrics = self.sync(prompts)
