@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from dist_train import fixed_batch, make_loss_fn, train
 from winnow.engines.hf import HFEngine
@@ -67,13 +68,18 @@ def test_two_ranks_match_one_process_and_resume(name, single_run, tmp_path):
     # The losses fall (the test would be empty if the weights did not move) and are the single process's.
     assert reference["steps"][-1]["loss"] < reference["steps"][0]["loss"] - 0.5
     ckpt = tmp_path / "ckpt"
-    full = torchrun([*SHARDED[name], "--save-at", "2", "--ckpt", str(ckpt)], tmp_path / "full.json")
+    full = torchrun([*SHARDED[name], "--save-at", "2", "--ckpt", str(ckpt), "--save-pretrained", str(tmp_path / "final")],
+                    tmp_path / "full.json")
     assert full["world_size"] == 2
     assert_same_losses(full["steps"], reference["steps"])
     # The gathered full weights (what the engine receives) are the single process's weights.
     assert full["weight_sums"].keys() == reference["weight_sums"].keys()
     for key, value in reference["weight_sums"].items():
         assert full["weight_sums"][key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+    # ... and so is the model rank 0 saved with save_pretrained.
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "final", dtype=torch.float32)
+    for key, param in saved.named_parameters():
+        assert float(param.detach().double().sum()) == pytest.approx(reference["weight_sums"][key], rel=1e-4, abs=1e-4), key
     if name == "zero3-offload":
         return  # resume is covered by zero3; offload changes where the state lives, not what is saved
     # A fresh pair of processes loads the step-2 checkpoint: steps 3 and 4 are the uninterrupted run's.
@@ -91,6 +97,13 @@ def test_single_checkpoint_resumes_to_the_same_next_loss(single_run):
 def test_unknown_strategy_names_the_choices():
     with pytest.raises(ValueError, match="choose one of.*deepspeed.*fsdp2.*single"):
         make_strategy("zero")
+
+
+def test_deepspeed_strategy_without_deepspeed_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # makes `import deepspeed` fail
+    monkeypatch.delitem(sys.modules, "winnow.learner.deepspeed", raising=False)
+    with pytest.raises(ImportError, match=r'pip install "winnow\[deepspeed\]"'):
+        make_strategy("deepspeed", "cpu")
 
 
 # ---------------------------------------------------------------------- weight sync
