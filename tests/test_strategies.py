@@ -68,7 +68,8 @@ def test_two_ranks_match_one_process_and_resume(name, single_run, tmp_path):
     # The losses fall (the test would be empty if the weights did not move) and are the single process's.
     assert reference["steps"][-1]["loss"] < reference["steps"][0]["loss"] - 0.5
     ckpt = tmp_path / "ckpt"
-    full = torchrun([*SHARDED[name], "--save-at", "2", "--ckpt", str(ckpt), "--save-pretrained", str(tmp_path / "final")],
+    final = tmp_path / "final"
+    full = torchrun([*SHARDED[name], "--save-at", "2", "--ckpt", str(ckpt), "--save-pretrained", str(final)],
                     tmp_path / "full.json")
     assert full["world_size"] == 2
     assert_same_losses(full["steps"], reference["steps"])
@@ -77,9 +78,10 @@ def test_two_ranks_match_one_process_and_resume(name, single_run, tmp_path):
     for key, value in reference["weight_sums"].items():
         assert full["weight_sums"][key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
     # ... and so is the model rank 0 saved with save_pretrained.
-    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "final", dtype=torch.float32)
+    saved = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     for key, param in saved.named_parameters():
-        assert float(param.detach().double().sum()) == pytest.approx(reference["weight_sums"][key], rel=1e-4, abs=1e-4), key
+        want = reference["weight_sums"][key]
+        assert float(param.detach().double().sum()) == pytest.approx(want, rel=1e-4, abs=1e-4), key
     if name == "zero3-offload":
         return  # resume is covered by zero3; offload changes where the state lives, not what is saved
     # A fresh pair of processes loads the step-2 checkpoint: steps 3 and 4 are the uninterrupted run's.
@@ -180,8 +182,8 @@ def dense(prompts, completions, **columns):
 @pytest.mark.slow
 def test_cli_train_under_torchrun_matches_one_process(tmp_path):
     """`torchrun -m winnow.cli train grpo --learner.strategy fsdp2` runs the loop on 2 ranks: on CPU every
-    rank samples the same batch, each trains on half (2 epochs of one step), and the logged rewards and losses are the single
-    process's; the sync check passes every iteration and rank 0 alone writes the run."""
+    rank samples the same batch, each trains on half (2 epochs of one step), and the logged rewards and losses
+    are the single process's; the sync check passes every iteration and rank 0 alone writes the run."""
     from winnow.data.tiny import build_tiny_model, save_tiny, train_char_tokenizer
     from winnow.logging import read_metrics
 
@@ -191,7 +193,8 @@ def test_cli_train_under_torchrun_matches_one_process(tmp_path):
     flags = ["train", "grpo", "--model.path", str(tmp_path / "tiny"), "--data.train", "arithmetic",
              "--oracle.rewards", f"{tmp_path / 'rewards.py'}:dense", "--rollout.prompts-per-iteration", "8",
              "--rollout.num-samples", "4", "--rollout.max-tokens", "6", "--learner.lr", "1e-3",
-             "--learner.micro-batch-size", "6", "--learner.num-epochs", "2", "--sync.check-sync", "--sync.check-tolerance", "1e-4",
+             "--learner.micro-batch-size", "6", "--learner.num-epochs", "2",
+             "--sync.check-sync", "--sync.check-tolerance", "1e-4",
              "--sync.bucket-mb", "0.5", "--eval.every", "0", "--eval.k", "0", "--eval.max-prompts", "8",
              "--num-iterations", "3", "--device", "cpu", "--output-dir", str(tmp_path), "--logging.no-progress"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}

@@ -239,7 +239,9 @@ STRATEGIES: dict[str, str | type] = {
 """strategy classes by name; sharded ones are "module:Class" strings, imported on first use"""
 
 
-def make_strategy(name: str, device: torch.device | str | None = None, config: StrategyConfig | None = None) -> Strategy:
+def make_strategy(
+    name: str, device: torch.device | str | None = None, config: StrategyConfig | None = None
+) -> Strategy:
     if name not in STRATEGIES:
         raise ValueError(f"learner.strategy={name!r} is not available; choose one of {sorted(STRATEGIES)}")
     cls = STRATEGIES[name]
