@@ -4,6 +4,8 @@ The distributed tests launch `torchrun --nproc-per-node 2` (gloo, CPU) on tests/
 trains the tiny model 4 steps on a fixed 10-sequence batch, each rank on its shard. The losses must equal
 the single process's on the whole batch: the normalisers are all-reduced and the backward is scaled by
 world_size (winnow/learner/strategy.py), so only float summation order differs (measured: ~1e-7 relative).
+On CPU, DeepSpeed JIT-compiles its shared-memory all-reduce op on first use (~40 s once, then cached in
+~/.cache/torch_extensions); the whole file takes ~4 minutes on 2 cores.
 """
 from __future__ import annotations
 
