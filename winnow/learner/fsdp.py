@@ -51,8 +51,9 @@ class FSDP2Strategy(DataParallel):
 
     def backward(self, loss: torch.Tensor, *, is_last_micro_batch: bool) -> None:
         # The reduce-scatter averages over ranks; loss x world_size makes it the gradient of the global loss.
-        # Gradients are reduced after every micro-batch's backward (simple and correct; skipping the
-        # reduction until the last one with set_requires_gradient_sync would save communication).
+        # Gradients accumulate unsharded over the micro-batches and are reduce-scattered once, after the
+        # last one's backward: one reduction per step instead of one per micro-batch.
+        self.model.set_requires_gradient_sync(is_last_micro_batch)
         (loss * self.world_size).backward()
 
     def optimizer_step(self) -> float:
