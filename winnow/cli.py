@@ -14,6 +14,7 @@ their docstrings). `--config FILE` (YAML, TOML, JSON or Python) sets values firs
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 USAGE = __doc__.split("\n\n")[1]
@@ -72,7 +73,8 @@ def _train(argv: list[str]) -> None:
     config = parse(config_cls[algo_cls], config_cls(algo=algo_cls()), rest, prog=f"winnow train {name}",
                    description=" ".join((algo_cls.__doc__ or "").split()))
     run_dir = train(config)
-    print(f"run written to {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        print(f"run written to {run_dir}")
 
 
 def _sft(argv: list[str]) -> None:

@@ -23,6 +23,7 @@ import yaml
 from winnow.data import DataConfig
 from winnow.engines.hf import HFEngineConfig
 from winnow.learner.learner import LearnerConfig
+from winnow.learner.sync import SyncConfig
 from winnow.logging import LoggingConfig
 from winnow.oracles import OracleConfig
 
@@ -100,6 +101,7 @@ class TrainConfig(Generic[AlgoT]):
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     engine: HFEngineConfig = field(default_factory=HFEngineConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     num_iterations: int = 100

@@ -21,8 +21,9 @@ class Engine(Protocol):
         completions, grouped by prompt: completions[i * n : (i + 1) * n] answer prompts[i]."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new policy weights, named as in the learner's `model.named_parameters()`."""
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, is_last_bucket: bool = True) -> None:
+        """Load new policy weights, named as in the learner's `model.named_parameters()`. A sync sent in
+        buckets passes `is_last_bucket=False` on all calls but the last, which checks nothing was missed."""
         ...
 
     def sleep(self) -> None:

@@ -74,6 +74,8 @@ class HFEngine:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self.generator = torch.Generator(self.device).manual_seed(self.config.seed)
         self.last_sync_seconds = 0.0
+        self._sync_start: float | None = None  # set while a bucketed sync is under way
+        self._synced: set[str] = set()
         kv_cache = self.config.kv_cache
         if kv_cache == "auto":
             kv_cache = "static" if self.device.type == "cuda" else "dynamic"
@@ -101,17 +103,26 @@ class HFEngine:
         return out
 
     @torch.no_grad()
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy the learner's weights in place (names as in `model.named_parameters()`)."""
-        start = time.perf_counter()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, is_last_bucket: bool = True) -> None:
+        """Copy the learner's weights in place (names as in `model.named_parameters()`).
+
+        A sync may come in several calls (buckets): every call but the last passes `is_last_bucket=False`,
+        and the last one checks that the calls together wrote every parameter, so a sync that missed one
+        fails loudly instead of leaving it stale. One call with all weights is a whole sync.
+        """
+        if self._sync_start is None:
+            self._sync_start, self._synced = time.perf_counter(), set()
         params = dict(self.model.named_parameters())
-        seen = set()
         for name, tensor in named_tensors:
             if name not in params:
+                self._sync_start = None
                 raise KeyError(f"update_weights got {name!r}, which the engine's model has no parameter for")
             params[name].copy_(tensor.detach())
-            seen.add(name)
-        if missing := set(params) - seen:
+            self._synced.add(name)
+        if not is_last_bucket:
+            return
+        start, self._sync_start = self._sync_start, None
+        if missing := set(params) - self._synced:
             raise KeyError(f"update_weights left {len(missing)} parameters stale, e.g. {sorted(missing)[:3]}")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

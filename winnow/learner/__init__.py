@@ -2,7 +2,9 @@
 from winnow.learner.batch import make_sft_batch, make_train_batch
 from winnow.learner.learner import Learner, LearnerConfig
 from winnow.learner.logprobs import selective_logprobs, sequence_logprobs
-from winnow.learner.strategy import STRATEGIES, SingleDevice, Strategy
+from winnow.learner.strategy import STRATEGIES, SingleDevice, Strategy, StrategyConfig
+from winnow.learner.sync import SyncConfig, SyncError, iter_buckets, sync_weights, verify_sync
 
-__all__ = ["Learner", "LearnerConfig", "STRATEGIES", "SingleDevice", "Strategy", "make_sft_batch",
-           "make_train_batch", "selective_logprobs", "sequence_logprobs"]
+__all__ = ["Learner", "LearnerConfig", "STRATEGIES", "SingleDevice", "Strategy", "StrategyConfig", "SyncConfig",
+           "SyncError", "iter_buckets", "make_sft_batch", "make_train_batch", "selective_logprobs",
+           "sequence_logprobs", "sync_weights", "verify_sync"]

@@ -7,19 +7,29 @@ Batch-size vocabulary (the same words appear in logs):
 - each mini-batch is run `micro_batch_size` sequences at a time, gradients accumulated (memory only: the
   loss of a mini-batch is the same whatever the micro-batch size, because the loss normalisers are
   those of the whole mini-batch).
+
+Data parallelism (strategies `fsdp2` and `deepspeed`, launched with `torchrun`): every method takes this
+rank's *local rows*; `shard(batch)` picks them (rows rank, rank + world_size, ...). A mini-batch is the
+union of the ranks' local mini-batches, so `num_mini_batches` and `micro_batch_size` count per rank. The
+loss normalisers (`num_sequences`, `num_tokens`) are all-reduced before the loss is computed, so each
+rank's loss is its share of the *global* mini-batch loss and the ranks' losses sum to it; the strategy
+scales the backward pass by world_size to undo data-parallel gradient averaging. The step, its loss and
+metrics are therefore those of one process running the whole mini-batch. Ranks with fewer rows are padded
+with fully masked rows (zero loss, zero weight) so every rank runs the same number of forward passes, as
+sharded parameters need.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from winnow.learner.logprobs import sequence_logprobs
-from winnow.learner.strategy import make_strategy
+from winnow.learner.strategy import StrategyConfig, make_strategy
 from winnow.types import TrainBatch
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
@@ -58,7 +68,9 @@ class LearnerConfig:
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
     strategy: str = "single"
-    """how the learner is distributed: "single" (one device); sharded strategies come as extras"""
+    """how the learner is distributed: "single" (one device), "fsdp2" or "deepspeed" (under torchrun)"""
+    sharding: StrategyConfig = field(default_factory=StrategyConfig)
+    """options of the sharded strategies: ZeRO stage, CPU offload, mixed precision, backend"""
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in _SCHEDULES:
@@ -100,26 +112,37 @@ class Learner:
         device: torch.device | str | None = None,
     ):
         self.config = config
-        self.strategy = make_strategy(config.strategy, device)
-        self.model = self.strategy.wrap(model)
+        self.strategy = make_strategy(config.strategy, device, config.sharding)
         if config.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable()
+        factor = _schedule(config.lr_schedule, config.warmup_steps, total_steps, config.min_lr_ratio)
+        self.model, self.optimizer, self.scheduler = self.strategy.setup(
+            model, self._make_optimizer, lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
+            config.max_grad_norm,
+        )
         self.ref_model = None if ref_model is None else self.strategy.wrap_frozen(ref_model)
         self.temperature = temperature
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=config.lr,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_eps,
-            weight_decay=config.weight_decay,
-        )
-        factor = _schedule(config.lr_schedule, config.warmup_steps, total_steps, config.min_lr_ratio)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.num_steps = 0
+
+    def _make_optimizer(self, params) -> torch.optim.Optimizer:
+        c = self.config
+        return torch.optim.AdamW(params, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps,
+                                 weight_decay=c.weight_decay)
 
     @property
     def device(self) -> torch.device:
         return self.strategy.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that logs, evaluates and writes files (rank 0)."""
+        return self.strategy.rank == 0
+
+    def shard(self, batch: TrainBatch) -> TrainBatch:
+        """This rank's rows of a batch every rank holds: rows rank, rank + world_size, ..."""
+        if self.strategy.world_size == 1:
+            return batch
+        return batch.select(slice(self.strategy.rank, None, self.strategy.world_size))
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -131,20 +154,27 @@ class Learner:
     def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step over `batch` (a mini-batch), accumulating over micro-batches."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        num_sequences, num_tokens = batch.batch_size, max(batch.num_response_tokens, 1)
+        self.strategy.zero_grad()
+        # Global normalisers: every rank's loss is its share of the whole mini-batch's (see the module doc).
+        # Counted before padding: padding rows are no sequences and have no tokens.
+        counts = torch.tensor([float(batch.batch_size), float(batch.num_response_tokens)], dtype=torch.float64)
+        num_sequences, num_tokens = self.strategy.all_reduce_sum(counts).tolist()
+        num_sequences, num_tokens = int(num_sequences), max(num_tokens, 1.0)
+        batch = self._pad_to_global_max(batch)
         totals: dict[str, float] = {}
-        for micro in self._micro_batches(batch):
+        micro_batches = list(self._micro_batches(batch))
+        for i, micro in enumerate(micro_batches):
             with self.autocast():
                 logprobs = sequence_logprobs(self.model, micro, self.temperature)
                 loss, metrics = loss_fn(logprobs, micro, num_sequences=num_sequences, num_tokens=num_tokens)
-            self.strategy.backward(loss)
+            self.strategy.backward(loss, is_last_micro_batch=i == len(micro_batches) - 1)
             # Losses and metrics use the mini-batch's normalisers, so they add up across micro-batches.
             for key, value in {"loss": float(loss.detach()), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
-        grad_norm = self.strategy.clip_grad_norm(self.model, self.config.max_grad_norm)
-        self.strategy.step(self.optimizer)
-        self.scheduler.step()
+        if self.strategy.world_size > 1:  # ... and across ranks: one all-reduce for all of them
+            summed = self.strategy.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64))
+            totals = dict(zip(totals, summed.tolist()))
+        grad_norm = self.strategy.optimizer_step()
         self.num_steps += 1
         return {**totals, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
 
@@ -161,7 +191,8 @@ class Learner:
         steps: list[dict[str, float]] = []
         for _ in range(self.config.num_epochs):
             order = torch.randperm(batch.batch_size, device=self.device)
-            for index in order.chunk(self.config.num_mini_batches):
+            # tensor_split: exactly num_mini_batches steps on every rank, however few rows it holds
+            for index in order.tensor_split(self.config.num_mini_batches):
                 steps.append(self.train_step(batch.select(index), loss_fn))
         return {key: sum(s[key] for s in steps) / len(steps) for key in steps[0]}
 
@@ -170,27 +201,63 @@ class Learner:
         """Per-token logprobs of `batch` under `model` without gradients, [B, T]."""
         model.eval()
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=self.device)
-        for start in range(0, batch.batch_size, self.config.micro_batch_size):
-            rows = slice(start, start + self.config.micro_batch_size)
+        size = self.config.micro_batch_size
+        # Sharded parameters are gathered inside forward, a collective: every rank runs as many forwards.
+        num_forwards = self.strategy.all_reduce_max(-(-batch.batch_size // size))
+        for i in range(num_forwards):
+            rows = slice(i * size, (i + 1) * size) if i * size < batch.batch_size else slice(0, 1)
             micro = batch.select(rows)
             width = _used_width(micro)
             with self.autocast():
-                out[rows, :width] = sequence_logprobs(model, _trim(micro, width), self.temperature)
+                logprobs = sequence_logprobs(model, _trim(micro, width), self.temperature)
+            if i * size < batch.batch_size:  # else a padding forward, thrown away
+                out[rows, :width] = logprobs
         return out
 
     # ------------------------------------------------------------------ weights
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full (unsharded) weights for the engine, named as in `named_parameters()`."""
-        return self.strategy.full_weights(self.model)
+        """Full (unsharded) weights for the engine, named as in `named_parameters()`; a collective under a
+        sharded strategy: every rank must iterate it to the end."""
+        return self.strategy.full_weights()
 
     def save(self, path: str | Path, tokenizer=None) -> Path:
-        """Save the policy as a `transformers` checkpoint (loadable with `from_pretrained`)."""
+        """Save the policy as a `transformers` checkpoint (loadable with `from_pretrained`); sharded
+        strategies gather on every rank and write on rank 0."""
         path = Path(path)
-        self.strategy.save_pretrained(self.model, path)
-        if tokenizer is not None:
+        self.strategy.save_pretrained(path)
+        if tokenizer is not None and self.is_main:
             tokenizer.save_pretrained(path)
         return path
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Everything needed to resume: model, optimizer, scheduler and step count (every rank calls it)."""
+        path = Path(path)
+        self.strategy.save_checkpoint(path, {"num_steps": self.num_steps})
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Resume from `save_checkpoint`'s directory, with the same strategy and world size."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint at {path}: pass a directory written by Learner.save_checkpoint")
+        self.num_steps = int(self.strategy.load_checkpoint(path)["num_steps"])
+
+    def _pad_to_global_max(self, batch: TrainBatch) -> TrainBatch:
+        """Append fully masked copies of row 0 until this rank has as many rows as the largest rank."""
+        target = self.strategy.all_reduce_max(batch.batch_size)
+        if target == batch.batch_size:
+            return batch
+        if batch.batch_size == 0:
+            raise ValueError("a rank got no rows: give the learner at least world_size sequences")
+        pad = batch.select(torch.zeros(target - batch.batch_size, dtype=torch.long, device=batch.input_ids.device))
+        pad.response_mask = torch.zeros_like(pad.response_mask)
+        pad.advantages = torch.zeros_like(pad.advantages)
+        fields = {}
+        for name in batch.__dataclass_fields__:
+            a, b = getattr(batch, name), getattr(pad, name)
+            fields[name] = None if a is None else torch.cat([a, b])
+        return TrainBatch(**fields)
 
     def _micro_batches(self, batch: TrainBatch) -> Iterator[TrainBatch]:
         for start in range(0, batch.batch_size, self.config.micro_batch_size):

@@ -37,10 +37,12 @@ def sequence_logprobs(
     first = int(has_response[0]) if len(has_response) else input_ids.shape[1] - 1
     first = max(first - 1, 0)
     positions = batch.attention_mask.cumsum(-1).clamp(min=1) - 1
-    # Run the decoder, then project only the needed columns: the prompt columns never reach the vocabulary.
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    hidden = decoder(input_ids=input_ids, attention_mask=batch.attention_mask, position_ids=positions).last_hidden_state
-    logits = head(hidden[:, first:-1])  # [B, T - 1 - first, V]
+    # Project only the needed columns (`logits_to_keep` keeps the last T - first): the prompt columns never
+    # reach the vocabulary. One call of the whole model, not decoder then head, because sharded strategies
+    # (FSDP2, DeepSpeed ZeRO-3) gather the root's parameters (embeddings, head) in the root's forward.
+    out = model(input_ids=input_ids, attention_mask=batch.attention_mask, position_ids=positions,
+                logits_to_keep=input_ids.shape[1] - first, use_cache=False)
+    logits = out.logits[:, :-1]  # [B, T - 1 - first, V]
     if temperature != 1.0:
         logits = logits / temperature
     labels = input_ids[:, first + 1 :]

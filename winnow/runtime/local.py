@@ -6,6 +6,14 @@ One policy iteration, in named phases, each timed and logged as `time/<phase>`:
 
 It consumes `prompts_per_iteration` prompts per iteration from an endless shuffled stream, and waits on
 nothing but itself: every phase runs to completion before the next starts (on-policy by construction).
+
+Under `torchrun` with a sharded learner (`fsdp2`, `deepspeed`) every rank runs this same loop with its own
+engine: the same seeded prompts and sampling, so on CPU every rank draws the same samples (on GPU they may
+differ in the last bits; each rank's batch is still on-policy, since all engines hold the same synced
+weights). The learner trains each rank on its shard of the batch (`Learner.shard`) with the global
+normalisers; the sync is a gather every rank joins. Rank 0 alone evaluates, logs and writes files. This
+is the simplest correct design: generation is repeated on every rank rather than split, which costs
+generation time, not correctness; splitting it belongs to the Ray runtime.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ from winnow.engines.base import Engine
 from winnow.eval.accuracy import evaluate_accuracy
 from winnow.learner.batch import make_train_batch
 from winnow.learner.learner import Learner
+from winnow.learner.sync import sync_weights, verify_sync
 from winnow.oracles.base import RewardOracle
 from winnow.types import Completion, Group, Prompt, SamplingParams
 
@@ -73,6 +82,7 @@ class LocalRuntime:
             max_tokens=rollout.max_tokens, n=rollout.num_samples, stop=list(rollout.stop),
         )
         self.history: list[dict[str, float]] = []
+        self.probe: list[list[int]] | None = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -100,20 +110,22 @@ class LocalRuntime:
         with timer("advantages"):
             batch, adv_metrics = self.advantages(groups)
         train_metrics: dict[str, float] = {}
+        sync_metrics: dict[str, float] = {}
         if batch is not None:
             with timer("train"):
                 loss_fn = partial(self.objective.loss, max_tokens=self.config.rollout.max_tokens)
-                train_metrics = self.learner.train_policy(batch, loss_fn, self.objective.needs_reference)
+                train_metrics = self.learner.train_policy(self.learner.shard(batch), loss_fn,
+                                                          self.objective.needs_reference)
                 self.counters.optimizer_steps = self.learner.num_steps
             with timer("sync"):
-                self.engine.update_weights(self.learner.named_weights())
+                sync_metrics = self.sync(prompts)
         eval_metrics = {}
         every, last = self.config.eval.every, self.config.num_iterations
         if iteration == last or (every > 0 and iteration % every == 0):
             with timer("eval"):
                 eval_metrics = self.evaluate()
         metrics = {**score_metrics, **adv_metrics, **{f"train/{k}": v for k, v in train_metrics.items()},
-                   **eval_metrics}
+                   **sync_metrics, **eval_metrics}
         return self.log(metrics, timer)
 
     # ------------------------------------------------------------------ phases
@@ -179,6 +191,17 @@ class LocalRuntime:
             "advantage/mean": float(adv.mean()), "advantage/abs_mean": float(adv.abs().mean()),
         })
         return batch, metrics
+
+    def sync(self, prompts: list[Prompt]) -> dict[str, float]:
+        """Send the learner's weights to the engine in buckets; with `sync.check_sync`, check a fixed probe."""
+        cfg = self.config.sync
+        metrics = sync_weights(self.learner, self.engine, cfg.bucket_mb)
+        if cfg.check_sync:
+            if self.probe is None:  # fixed for the whole run: held-out prompts, else the first iteration's
+                self.probe = [p.token_ids for p in (self.eval_prompts or prompts)[: cfg.num_probe_prompts]]
+            metrics.update(verify_sync(self.engine, self.learner, self.probe, cfg.check_tolerance,
+                                       cfg.probe_max_tokens, seed=self.config.seed))
+        return metrics
 
     def evaluate(self) -> dict[str, float]:
         if not self.eval_prompts:

@@ -14,7 +14,7 @@ from winnow.logging import MetricsLogger, progress
 from winnow.logging.plot import plot_run
 from winnow.oracles import make_oracle
 from winnow.runtime.local import LocalRuntime
-from winnow.runtime.setup import load_policy, make_run_dir, resolve_device, setup_process
+from winnow.runtime.setup import load_policy, resolve_device, setup_process, shared_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,6 @@ def train(config: TrainConfig) -> Path:
         raise ValueError("rollout.temperature must be > 0: RL needs sampled responses (greedy is for eval)")
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
-    run_dir = make_run_dir(config.output_dir, config.run_name, config.algo.name)
-    save_config(config, run_dir / "config.yaml")
 
     policy, tokenizer = load_policy(config.model)
     train_prompts = load_prompts(config.data, tokenizer, "train")
@@ -40,26 +38,48 @@ def train(config: TrainConfig) -> Path:
         )
     oracle = make_oracle(config.oracle)
     ref_model = copy.deepcopy(policy) if config.algo.needs_reference else None
+    engine_model = copy.deepcopy(policy)  # taken before a sharded learner splits `policy` across ranks
     steps_per_iteration = config.learner.num_mini_batches * config.learner.num_epochs
     learner = Learner(policy, config.learner, config.num_iterations * steps_per_iteration, ref_model,
                       temperature=config.rollout.temperature, device=device)
-    engine = HFEngine(learner.model, tokenizer, config.engine, device=device)
+    engine = HFEngine(engine_model, tokenizer, config.engine, device=learner.device, copy_model=False)
+    # Under torchrun every rank runs this same loop (see LocalRuntime); rank 0 alone writes the run directory.
+    run_dir = shared_run_dir(config.output_dir, config.run_name, config.algo.name, learner.is_main)
+    if learner.is_main:
+        save_config(config, run_dir / "config.yaml")
     log.info("run %s: %d train / %d eval prompts, %d samples per iteration, %d optimizer steps per iteration",
              run_dir, len(train_prompts), len(eval_prompts), config.rollout.samples_per_iteration,
              steps_per_iteration)
+    is_main = learner.is_main
     try:
-        with MetricsLogger(run_dir, config.logging, run_dir.name, dataclasses.asdict(config)) as logger, \
-                progress(config.num_iterations, desc=f"{config.algo.name}", enabled=config.logging.progress) as bar:
+        with (MetricsLogger(run_dir, config.logging, run_dir.name, dataclasses.asdict(config)) if is_main
+              else _NullLogger()) as logger, \
+                progress(config.num_iterations, desc=f"{config.algo.name}",
+                         enabled=config.logging.progress and is_main) as bar:
             runtime = LocalRuntime(
                 config, engine=engine, learner=learner, oracle=oracle, objective=config.algo,
                 train_stream=batches(train_prompts, config.rollout.prompts_per_iteration, seed=config.seed),
-                eval_prompts=eval_prompts, logger=logger, run_dir=run_dir,
+                eval_prompts=eval_prompts if is_main else [], logger=logger, run_dir=run_dir,
                 pad_token_id=tokenizer.pad_token_id, progress=bar,
             )
             runtime.run()
     finally:
         oracle.close()
     if config.save_final:
-        learner.save(run_dir / "final", tokenizer)
-    plot_run(run_dir)
+        learner.save(run_dir / "final", tokenizer)  # a gather on every rank; rank 0 writes
+    if is_main:
+        plot_run(run_dir)
     return run_dir
+
+
+class _NullLogger:
+    """The metrics logger of ranks other than 0: they train, rank 0 logs."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def log(self, row: dict, step: int) -> None:
+        return None

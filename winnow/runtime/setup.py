@@ -39,6 +39,18 @@ def make_run_dir(output_dir: str, run_name: str | None, prefix: str) -> Path:
     return path
 
 
+def shared_run_dir(output_dir: str, run_name: str | None, prefix: str, is_main: bool) -> Path:
+    """`make_run_dir` on rank 0, its path broadcast to the other ranks (a timestamped name could differ)."""
+    import torch.distributed as dist
+
+    path = make_run_dir(output_dir, run_name, prefix) if is_main else None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        holder = [path]
+        dist.broadcast_object_list(holder, src=0)
+        path = holder[0]
+    return path
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
