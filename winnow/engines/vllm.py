@@ -98,17 +98,22 @@ def check_vllm_version(version: str | None = None) -> str:
 class VLLMEngine:
     """Batched sampling with per-token logprobs on vLLM, from a model saved at `model_path`.
 
-    vLLM loads its own copy of the weights from `model_path` (a folder `save_pretrained` wrote, tokenizer
-    included); `update_weights` then keeps that copy equal to the learner's. `tokenizer` is winnow's, used to
+    vLLM loads its own copy of the weights from `model_path` (a hub id or a folder `save_pretrained` wrote;
+    the tokenizer from `tokenizer_path`, default the same); `update_weights` then keeps that copy equal to the learner's. `tokenizer` is winnow's, used to
     decode the returned text exactly as the `hf` engine does.
     """
 
     def __init__(
-        self, model_path: str | Path, tokenizer: PreTrainedTokenizerBase, config: VLLMEngineConfig | None = None
+        self,
+        model_path: str | Path,
+        tokenizer: PreTrainedTokenizerBase,
+        config: VLLMEngineConfig | None = None,
+        tokenizer_path: str | Path | None = None,
     ):
         self.version = check_vllm_version()
         self.config = config or VLLMEngineConfig()
         self.model_path = str(model_path)
+        self.tokenizer_path = str(tokenizer_path or model_path)
         self.tokenizer = tokenizer
         self.last_sync_seconds = 0.0
         self.is_sleeping = False
@@ -127,7 +132,7 @@ class VLLMEngine:
         c = self.config
         return LLM(
             model=self.model_path,
-            tokenizer=self.model_path,
+            tokenizer=self.tokenizer_path,
             dtype=c.dtype,
             seed=c.seed,
             max_model_len=c.max_model_len,

@@ -102,10 +102,12 @@ class LocalRuntime:
         train_metrics: dict[str, float] = {}
         if batch is not None:
             with timer("train"):
+                self.engine.sleep()  # frees the engine's GPU memory for the learner where the backend can
                 loss_fn = partial(self.objective.loss, max_tokens=self.config.rollout.max_tokens)
                 train_metrics = self.learner.train_policy(batch, loss_fn, self.objective.needs_reference)
                 self.counters.optimizer_steps = self.learner.num_steps
             with timer("sync"):
+                self.engine.wake()
                 self.engine.update_weights(self.learner.named_weights())
         eval_metrics = {}
         every, last = self.config.eval.every, self.config.num_iterations

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from winnow.config import TrainConfig, save_config
 from winnow.data import batches, load_prompts
-from winnow.engines.hf import HFEngine
+from winnow.engines import make_engine
 from winnow.learner.learner import Learner
 from winnow.logging import MetricsLogger, progress
 from winnow.logging.plot import plot_run
@@ -43,7 +43,10 @@ def train(config: TrainConfig) -> Path:
     steps_per_iteration = config.learner.num_mini_batches * config.learner.num_epochs
     learner = Learner(policy, config.learner, config.num_iterations * steps_per_iteration, ref_model,
                       temperature=config.rollout.temperature, device=device)
-    engine = HFEngine(learner.model, tokenizer, config.engine, device=device)
+    engine = make_engine(
+        config.engine_backend, learner.model, tokenizer, model_path=config.model.path,
+        tokenizer_path=config.model.tokenizer, hf=config.engine, vllm=config.vllm_engine, device=device,
+    )
     log.info("run %s: %d train / %d eval prompts, %d samples per iteration, %d optimizer steps per iteration",
              run_dir, len(train_prompts), len(eval_prompts), config.rollout.samples_per_iteration,
              steps_per_iteration)
