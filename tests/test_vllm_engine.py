@@ -184,8 +184,10 @@ def test_unsupported_version_is_refused_with_the_fix(monkeypatch):
     with pytest.raises(ImportError, match=r"vLLM 0\.9\.2 is installed.*supports vLLM >=0\.32,<0\.33.*pip install"):
         check_vllm_version("0.9.2")
     monkeypatch.setattr(vllm_engine, "installed_vllm_version", lambda: "0.40.1")
-    with pytest.raises(ImportError, match=r"vLLM 0\.40\.1 is installed"):
+    with pytest.raises(ImportError, match=r"vLLM 0\.40\.1 is installed.*WINNOW_ALLOW_UNTESTED_VLLM=1"):
         VLLMEngine("unused", None)
+    monkeypatch.setenv("WINNOW_ALLOW_UNTESTED_VLLM", "1")
+    assert check_vllm_version("0.40.1") == "0.40.1"  # the escape hatch the error message names
     monkeypatch.setattr(vllm_engine, "installed_vllm_version", lambda: None)
     with pytest.raises(ImportError, match="not installed"):
         VLLMEngine("unused", None)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,11 @@ def check_vllm_version(version: str | None = None) -> str:
         raise ImportError(f"the vllm engine needs vLLM, which is not installed; {fix}")
     # Compare the release only: local tags such as "+cpu" or "+cu130" name the build, not the API.
     if Version(Version(version).base_version) not in SpecifierSet(supported):
-        raise ImportError(f"vLLM {version} is installed, but winnow supports vLLM {supported}; {fix}")
+        message = f"vLLM {version} is installed, but winnow supports vLLM {supported}"
+        if os.environ.get("WINNOW_ALLOW_UNTESTED_VLLM") == "1":
+            log.warning("%s; going on because WINNOW_ALLOW_UNTESTED_VLLM=1", message)
+            return version
+        raise ImportError(f"{message}; {fix}, or set WINNOW_ALLOW_UNTESTED_VLLM=1 to try it at your own risk")
     return version
 
 
@@ -123,8 +128,6 @@ class VLLMEngine:
         self.llm = self._start()
 
     def _start(self):
-        import os
-
         if self.config.kv_cache_space_gib is not None:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_space_gib))
         from vllm import LLM
