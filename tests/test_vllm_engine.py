@@ -113,6 +113,12 @@ def test_update_weights_refuses_names_it_cannot_map(engine, models):
     assert "lm_head.weight" not in dict(models[1].named_parameters())
 
 
+def test_update_weights_refuses_an_engine_in_another_process(engine, models, monkeypatch):
+    monkeypatch.setattr(engine, "is_in_process", False)
+    with pytest.raises(RuntimeError, match="VLLM_ENABLE_V1_MULTIPROCESSING"):
+        engine.update_weights(models[0].named_parameters())
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_match_the_learner_after_a_sync(engine, models, tokenizer, temperature):
     """After loading model B, vLLM's logprobs are those the learner recomputes under logits / temperature."""

@@ -14,7 +14,8 @@ Same Engine protocol and the same conventions as `hf`, so the Actor cannot tell 
 - Weight sync: `collective_rpc("reload_weights", weights_iterator=...)` loads the learner's tensors through the
   model's own checkpoint-format loader (names as in `model.named_parameters()`), which works where the backend
   repacks its weights (the CPU build), unlike calling `model.load_weights` directly. The prefix cache is reset
-  after every sync: cached KV blocks were computed by the old weights.
+  after every sync: cached KV blocks were computed by the old weights. vLLM runs in this process
+  (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the tensors pass by reference; tensor parallelism cannot sync yet.
 - Memory: `sleep()` / `wake()` call `LLM.sleep(level=1)` / `LLM.wake_up()` (weights offloaded to host, KV cache
   dropped) when `enable_sleep_mode` is set and the platform supports it (CUDA); elsewhere they do nothing.
 
@@ -104,8 +105,8 @@ class VLLMEngine:
     """Batched sampling with per-token logprobs on vLLM, from a model saved at `model_path`.
 
     vLLM loads its own copy of the weights from `model_path` (a hub id or a folder `save_pretrained` wrote;
-    the tokenizer from `tokenizer_path`, default the same); `update_weights` then keeps that copy equal to the learner's. `tokenizer` is winnow's, used to
-    decode the returned text exactly as the `hf` engine does.
+    the tokenizer from `tokenizer_path`, default the same); `update_weights` then keeps that copy equal to the
+    learner's. `tokenizer` is winnow's, used to decode the returned text exactly as the `hf` engine does.
     """
 
     def __init__(
@@ -128,6 +129,11 @@ class VLLMEngine:
         self.llm = self._start()
 
     def _start(self):
+        # The engine core in this process (vLLM's default starts another): the engine sits beside the learner,
+        # and weight sync hands vLLM the learner's tensors by reference. Across processes vLLM's RPC
+        # serialisation turns them into lists, and `reload_weights` fails (measured on 0.32.0).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.is_in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         if self.config.kv_cache_space_gib is not None:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_space_gib))
         from vllm import LLM
@@ -176,6 +182,11 @@ class VLLMEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the learner's weights (names as in `model.named_parameters()`) and reset the prefix cache."""
+        if not self.is_in_process or self.config.tensor_parallel_size > 1:
+            raise RuntimeError(
+                "update_weights needs vLLM's engine in this process: unset VLLM_ENABLE_V1_MULTIPROCESSING or set "
+                "it to 0, and use tensor_parallel_size=1 (across processes vLLM 0.32 cannot receive the tensors)"
+            )
         start = time.perf_counter()
         tensors = [(name, tensor.detach()) for name, tensor in named_tensors]
         self._check_names([name for name, _ in tensors])
@@ -186,7 +197,7 @@ class VLLMEngine:
             head, embedding = self._tied_head
             if not any(name == head for name, _ in tensors):
                 tensors += [(head, tensor) for name, tensor in tensors if name == embedding]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors)})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
         self.llm.reset_prefix_cache()
         self.last_sync_seconds = time.perf_counter() - start
 
