@@ -16,12 +16,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import yaml
 
 from winnow.data import DataConfig
 from winnow.engines.hf import HFEngineConfig
+from winnow.engines.vllm import VLLMEngineConfig
 from winnow.learner.learner import LearnerConfig
 from winnow.learner.sync import SyncConfig
 from winnow.logging import LoggingConfig
@@ -102,6 +103,11 @@ class TrainConfig(Generic[AlgoT]):
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     engine: HFEngineConfig = field(default_factory=HFEngineConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    engine_backend: Literal["hf", "vllm"] = "hf"
+    """what the Actor samples with: "hf" (embedded, settings in `engine`) or "vllm" (`pip install
+    "winnow[vllm]"`, settings in `vllm_engine`)"""
+    vllm_engine: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
+    """settings of the vllm engine, used when engine_backend is \"vllm\""""
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     num_iterations: int = 100

@@ -113,11 +113,13 @@ class LocalRuntime:
         sync_metrics: dict[str, float] = {}
         if batch is not None:
             with timer("train"):
+                self.engine.sleep()  # frees the engine's GPU memory for the learner where the backend can
                 loss_fn = partial(self.objective.loss, max_tokens=self.config.rollout.max_tokens)
                 train_metrics = self.learner.train_policy(self.learner.shard(batch), loss_fn,
                                                           self.objective.needs_reference)
                 self.counters.optimizer_steps = self.learner.num_steps
             with timer("sync"):
+                self.engine.wake()
                 sync_metrics = self.sync(prompts)
         eval_metrics = {}
         every, last = self.config.eval.every, self.config.num_iterations

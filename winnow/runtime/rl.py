@@ -8,7 +8,7 @@ from pathlib import Path
 
 from winnow.config import TrainConfig, save_config
 from winnow.data import batches, load_prompts
-from winnow.engines.hf import HFEngine
+from winnow.engines import make_engine
 from winnow.learner.learner import Learner
 from winnow.logging import MetricsLogger, progress
 from winnow.logging.plot import plot_run
@@ -38,11 +38,16 @@ def train(config: TrainConfig) -> Path:
         )
     oracle = make_oracle(config.oracle)
     ref_model = copy.deepcopy(policy) if config.algo.needs_reference else None
-    engine_model = copy.deepcopy(policy)  # taken before a sharded learner splits `policy` across ranks
+    # The hf engine's own copy, taken before a sharded learner splits `policy` across ranks (vllm loads from disk).
+    engine_model = copy.deepcopy(policy) if config.engine_backend == "hf" else None
     steps_per_iteration = config.learner.num_mini_batches * config.learner.num_epochs
     learner = Learner(policy, config.learner, config.num_iterations * steps_per_iteration, ref_model,
                       temperature=config.rollout.temperature, device=device)
-    engine = HFEngine(engine_model, tokenizer, config.engine, device=learner.device, copy_model=False)
+    engine = make_engine(
+        config.engine_backend, engine_model, tokenizer, model_path=config.model.path,
+        tokenizer_path=config.model.tokenizer, hf=config.engine, vllm=config.vllm_engine, device=learner.device,
+        copy_model=False,
+    )
     # Under torchrun every rank runs this same loop (see LocalRuntime); rank 0 alone writes the run directory.
     run_dir = shared_run_dir(config.output_dir, config.run_name, config.algo.name, learner.is_main)
     if learner.is_main:
