@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from winnow.learner.learner import LearnerConfig
 from winnow.learner.sync import SyncConfig
 from winnow.logging import LoggingConfig
 from winnow.oracles import OracleConfig
+from winnow.types import SamplingParams
 
 AlgoT = TypeVar("AlgoT")
 
@@ -68,6 +68,11 @@ class RolloutConfig:
     @property
     def samples_per_iteration(self) -> int:
         return self.prompts_per_iteration * self.num_samples
+
+    def sampling_params(self) -> SamplingParams:
+        """The engine's SamplingParams for one policy iteration (the runtime sets a seed per iteration)."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_tokens=self.max_tokens, n=self.num_samples, stop=list(self.stop))
 
 
 @dataclass

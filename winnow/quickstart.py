@@ -10,7 +10,7 @@ Every step is the public API a user would call (`train_sft`, `train`), so the qu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from winnow.algorithms import OBJECTIVES

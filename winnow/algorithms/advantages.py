@@ -6,7 +6,6 @@ same order and shape.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 STD_EPS = 1e-6

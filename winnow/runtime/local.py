@@ -34,7 +34,7 @@ from winnow.learner.batch import make_train_batch
 from winnow.learner.learner import Learner
 from winnow.learner.sync import sync_weights, verify_sync
 from winnow.oracles.base import RewardOracle
-from winnow.types import Completion, Group, Prompt, SamplingParams
+from winnow.types import Completion, Group, Prompt
 
 
 @dataclass
@@ -76,11 +76,7 @@ class LocalRuntime:
         self.objective, self.train_stream, self.eval_prompts = objective, train_stream, eval_prompts
         self.logger, self.run_dir, self.pad_token_id, self.progress = logger, run_dir, pad_token_id, progress
         self.counters = Counters()
-        rollout = config.rollout
-        self.sampling = SamplingParams(
-            temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-            max_tokens=rollout.max_tokens, n=rollout.num_samples, stop=list(rollout.stop),
-        )
+        self.sampling = config.rollout.sampling_params()
         self.history: list[dict[str, float]] = []
         self.probe: list[list[int]] | None = None
 

@@ -24,7 +24,7 @@ from winnow.learner.pairs import make_pair_batch, train_pairs
 from winnow.oracles.base import PreferenceOracle, RewardOracle
 from winnow.oracles.preference import bradley_terry
 from winnow.runtime.local import Counters, PhaseTimer, _mean
-from winnow.types import Completion, PreferencePair, Prompt, SamplingParams
+from winnow.types import Completion, PreferencePair, Prompt
 
 PairSelection = Literal["random", "best_vs_worst"]
 
@@ -140,9 +140,7 @@ class PreferenceRuntime:
         self.eval_references = reference_responses(eval_prompts, config.eval.reference_column)
         self.counters = PreferenceCounters()
         self.rng = random.Random(config.seed)
-        rollout = config.rollout
-        self.sampling = SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-                                       max_tokens=rollout.max_tokens, n=rollout.num_samples, stop=list(rollout.stop))
+        self.sampling = config.rollout.sampling_params()
         self.history: list[dict[str, float]] = []
 
     def run(self) -> list[dict[str, float]]:
