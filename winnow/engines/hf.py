@@ -7,9 +7,15 @@ the learner recomputes) and so that sampling is reproducible from a seed:
     prompts ─► left-pad ─► prefill (one forward) ─► decode loop: sample, record logprob, stop checks
                                                      └─ one forward per new token on the KV cache
 
-On GPU it runs in bf16 with a static KV cache (preallocated, so no per-step allocation). The speed work
-(compiled decode with CUDA graphs, bucketing) lives in a later issue; this engine keeps the structure
-that work needs: one fixed-shape step function.
+Two decode paths, chosen by `HFEngineConfig.decode`:
+- `graph` (the GPU default for Llama-family models: Llama, Qwen2/2.5/3, Mistral): winnow's own
+  fixed-shape step over preallocated buffers (`static_decode.StaticDecoder`), captured as CUDA graphs and
+  replayed with no host work per token; grouped-query attention over length buckets of the cache;
+  sync-free sampling. `static` is the same step run eagerly (CPU, debugging).
+- `hf` (the default elsewhere, any causal LM): the transformers forward, one call per token, with a
+  static (GPU) or dynamic (CPU) `transformers` KV cache.
+Both sample from softmax(logits / T) and report logprobs under it; they draw different (equally valid)
+random numbers, so the same seed gives the same responses only within one path.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from typing import Iterable
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
+from winnow.engines.static_decode import StaticDecoder, unsupported_reason
 from winnow.types import Completion, SamplingParams
 
 
@@ -36,6 +43,14 @@ class HFEngineConfig:
     """engine weights: "auto" (bf16 on GPU, fp32 on CPU), "bfloat16", "float16" or "float32\""""
     seed: int = 0
     """seed of the engine's own generator, used when a call's SamplingParams has no seed"""
+    decode: str = "auto"
+    """decode loop: "graph" (CUDA graphs over winnow's fixed-shape step), "static" (the same step, eager),
+    "hf" (the transformers forward per token) or "auto" (graph on GPU for Llama-family models, else hf)"""
+    attention_bucket: int = 128
+    """graph/static decode attends over the cache in buckets of this many columns (one graph per bucket)"""
+    free_cache_on_sleep: bool = False
+    """graph/static decode: free the KV cache and graphs on sleep() (memory for the learner) at the cost of
+    rebuilding them, and recapturing the graphs, at the next generate"""
 
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -82,6 +97,7 @@ class HFEngine:
         if kv_cache not in ("static", "dynamic"):
             raise ValueError(f"kv_cache={self.config.kv_cache!r}: use 'auto', 'static' or 'dynamic'")
         self.kv_cache = kv_cache
+        self.decoder = self._make_decoder()
 
     # ------------------------------------------------------------------ public API
 
@@ -129,10 +145,27 @@ class HFEngine:
         self.last_sync_seconds = time.perf_counter() - start
 
     def sleep(self) -> None:
-        """Nothing to free: the embedded engine holds no KV cache between calls."""
+        """With `free_cache_on_sleep`, free the graph/static decoder's KV cache and graphs; else nothing."""
+        if self.decoder is not None and self.config.free_cache_on_sleep:
+            self.decoder.release()
 
     def wake(self) -> None:
-        """See `sleep`."""
+        """Nothing to do: the decoder rebuilds what `sleep` freed at the next generate."""
+
+    def _make_decoder(self) -> StaticDecoder | None:
+        mode = self.config.decode
+        if mode not in ("auto", "graph", "static", "hf"):
+            raise ValueError(f"decode={mode!r}: use 'auto', 'graph', 'static' or 'hf'")
+        reason = unsupported_reason(self.model)
+        if mode == "auto":
+            mode = "graph" if self.device.type == "cuda" and reason is None else "hf"
+        if mode == "hf":
+            return None
+        if reason is not None:
+            raise ValueError(f"decode={mode!r} cannot run this model: {reason}; use decode='hf'")
+        if mode == "graph" and self.device.type != "cuda":
+            raise ValueError("decode='graph' needs a CUDA device; use decode='static' (eager) on CPU")
+        return StaticDecoder(self.model, use_graphs=mode == "graph", bucket=self.config.attention_bucket)
 
     # ------------------------------------------------------------------ decoding
 
@@ -147,6 +180,8 @@ class HFEngine:
             input_ids[row, prompt_len - len(ids) :] = torch.tensor(ids)
             attention_mask[row, prompt_len - len(ids) :] = 1
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        if self.decoder is not None:
+            return self._decode_static(prompts, input_ids, attention_mask, params, generator)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache(batch_size, prompt_len + params.max_tokens)
 
@@ -174,6 +209,17 @@ class HFEngine:
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             position_ids = position_ids[:, -1:] + 1
             logits = self._forward(next_tokens[:, None], attention_mask, position_ids, cache)
+        return self._completions(prompts, tokens.cpu(), logprobs.cpu(), lengths.cpu(), is_done.cpu(), params)
+
+    def _decode_static(self, prompts, input_ids, attention_mask, params, generator) -> list[Completion]:
+        # One seed per chunk, drawn from the call's generator: a seeded call replays exactly.
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
+        stop_checker = _StopStrings(self.tokenizer, params.stop) if params.stop else None
+        tokens, logprobs, lengths, is_done = self.decoder.generate(
+            input_ids, attention_mask, params, stop_ids=stop_ids, pad_token_id=self.pad_token_id, seed=seed,
+            stop_checker=stop_checker,
+        )
         return self._completions(prompts, tokens.cpu(), logprobs.cpu(), lengths.cpu(), is_done.cpu(), params)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:

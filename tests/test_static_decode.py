@@ -1,0 +1,173 @@
+"""winnow's fixed-shape decode step (`decode="static"`, the eager form of the GPU's CUDA-graph path).
+
+It replaces the transformers forward during decode, so it must compute the same thing: greedy tokens and
+logprobs equal to the `hf` path's on Llama, Qwen2 and Qwen3 models, across left padding and attention
+buckets, with the same stop semantics; sampling must draw from softmax(logits/T) and report logprobs the
+learner recomputes.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+from winnow.engines.hf import HFEngine, HFEngineConfig
+from winnow.engines.static_decode import StaticDecoder, _Sampler, race_sample, unsupported_reason
+from winnow.learner.batch import make_train_batch
+from winnow.learner.logprobs import sequence_logprobs
+from winnow.types import SamplingParams
+
+
+def encode(tokenizer, *texts):
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def engines(model, tokenizer, bucket=128):
+    hf = HFEngine(model, tokenizer, HFEngineConfig(decode="hf"), device="cpu")
+    static = HFEngine(model, tokenizer, HFEngineConfig(decode="static", attention_bucket=bucket), device="cpu")
+    return hf, static
+
+
+def assert_same_greedy(hf, static, prompts, **params):
+    params = SamplingParams(temperature=0.0, **params)
+    want, got = hf.generate(prompts, params), static.generate(prompts, params)
+    assert [c.response_ids for c in got] == [c.response_ids for c in want]
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
+    assert [c.text for c in got] == [c.text for c in want]
+    for a, b in zip(got, want):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=2e-5)
+
+
+def _other_model(kind, tokenizer):
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if kind == "llama":  # Llama 3 RoPE scaling: the rotary tables come from the model's own module
+        config = LlamaConfig(**common, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    else:  # Qwen3: q/k RMSNorm per head and an explicit head_dim
+        config = Qwen3Config(**common, head_dim=32)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("bucket", [128, 4])
+def test_greedy_matches_the_transformers_forward(tiny_model, tiny_tokenizer, bucket):
+    # Prompts of different lengths (left padding) and, with bucket 4, attention widths that change every
+    # 4 tokens: each must give exactly the hf path's tokens and logprobs.
+    hf, static = engines(tiny_model, tiny_tokenizer, bucket)
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=", "1")
+    assert_same_greedy(hf, static, prompts, max_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_greedy_matches_on_llama_and_qwen3(tiny_tokenizer, kind):
+    model = _other_model(kind, tiny_tokenizer)
+    assert unsupported_reason(model) is None
+    hf, static = engines(model, tiny_tokenizer, bucket=8)
+    assert_same_greedy(hf, static, encode(tiny_tokenizer, "12+34=", "5+7="), max_tokens=10, ignore_eos=True)
+
+
+def test_stops_match_the_hf_path(tiny_model, tiny_tokenizer):
+    hf, static = engines(tiny_model, tiny_tokenizer, bucket=4)
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=")
+    free = hf.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    # Stop on a token and on a string that the greedy responses actually produce, at different steps.
+    token = free[0].response_ids[3]
+    text = tiny_tokenizer.decode(free[1].response_ids[2:4])
+    assert_same_greedy(hf, static, prompts, max_tokens=10, ignore_eos=True, stop_token_ids=[token])
+    assert_same_greedy(hf, static, prompts, max_tokens=10, ignore_eos=True, stop=[text])
+    got = static.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True,
+                                                  stop_token_ids=[token]))
+    assert got[0].finish_reason == "stop" and got[0].response_ids[-1] == token and len(got[0].response_ids) <= 4
+
+
+def test_seeded_sampling_replays_and_logprobs_match_the_learner(tiny_model, tiny_tokenizer):
+    _, static = engines(tiny_model, tiny_tokenizer, bucket=4)
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=")
+    params = SamplingParams(temperature=0.7, max_tokens=10, n=4, seed=5, ignore_eos=True)
+    a, b = static.generate(prompts, params), static.generate(prompts, params)
+    assert [c.response_ids for c in a] == [c.response_ids for c in b]
+    assert [c.logprobs for c in a] == [c.logprobs for c in b]
+    params.seed = 6
+    assert [c.response_ids for c in static.generate(prompts, params)] != [c.response_ids for c in a]
+    # The learner's recomputation at the same temperature gives the engine's logprobs.
+    batch = make_train_batch(a, torch.zeros(len(a)), pad_token_id=tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        learner = sequence_logprobs(tiny_model, batch, temperature=0.7)
+    engine = torch.zeros_like(learner)
+    for row, c in enumerate(a):
+        start = len(c.prompt_ids)
+        engine[row, start : start + len(c.logprobs)] = torch.tensor(c.logprobs)
+    assert torch.allclose(learner, engine, atol=2e-5)
+
+
+def test_race_sample_draws_from_the_softmax():
+    # logits [0, log 2, log 3, log 4]/T with T=1 -> probabilities 0.1, 0.2, 0.3, 0.4.
+    rows = 40_000
+    logits = torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0])).expand(rows, 4).contiguous()
+    sampler = _Sampler(is_greedy=False, temperature=1.0, top_k=-1, top_p=1.0, stop_ids=())
+    tokens, logprobs = race_sample(logits, sampler, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=4).double() / rows
+    # 4 standard errors of a frequency near 0.4 at 40k draws: sqrt(.24/40000) = 0.00245 -> 0.0098.
+    assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64), atol=0.01)
+    assert torch.allclose(logprobs, torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))[tokens], atol=1e-6)
+    # top_k=2 keeps tokens 2 and 3, drawn 3:4, while the logprob stays the untruncated one (log 0.3, log 0.4).
+    top2 = _Sampler(is_greedy=False, temperature=1.0, top_k=2, top_p=1.0, stop_ids=())
+    tokens, logprobs = race_sample(logits, top2, torch.Generator().manual_seed(1))
+    assert set(tokens.tolist()) == {2, 3}
+    assert abs((tokens == 3).double().mean().item() - 4 / 7) < 0.01
+    assert torch.allclose(logprobs, torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))[tokens], atol=1e-6)
+    # Temperature 0.5 squares the odds: 1:4:9:16 over 30.
+    half = _Sampler(is_greedy=False, temperature=0.5, top_k=-1, top_p=1.0, stop_ids=())
+    tokens, logprobs = race_sample(logits, half, torch.Generator().manual_seed(2))
+    want = torch.tensor([1, 4, 9, 16], dtype=torch.float64) / 30
+    assert torch.allclose(torch.bincount(tokens, minlength=4).double() / rows, want, atol=0.01)
+    assert torch.allclose(logprobs.double(), want.log()[tokens], atol=1e-5)
+
+
+def test_weight_sync_reaches_the_static_decoder(tiny_model, tiny_tokenizer):
+    hf, static = engines(tiny_model, tiny_tokenizer)
+    prompts = encode(tiny_tokenizer, "12+34=")
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    before = static.generate(prompts, params)[0]
+    new = {name: p.detach() + 0.05 * torch.randn_like(p) for name, p in tiny_model.named_parameters()}
+    static.update_weights(new.items())
+    hf.update_weights(new.items())
+    after = static.generate(prompts, params)[0]
+    assert after.logprobs != before.logprobs
+    assert after.response_ids == hf.generate(prompts, params)[0].response_ids
+    assert after.logprobs == pytest.approx(hf.generate(prompts, params)[0].logprobs, abs=2e-5)
+
+
+def test_unsupported_models_fall_back_or_fail_clearly(tiny_tokenizer):
+    from transformers import GPT2Config
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1,
+                                                       n_head=2, eos_token_id=tiny_tokenizer.eos_token_id))
+    assert "gpt2" in unsupported_reason(gpt2)
+    assert HFEngine(gpt2, tiny_tokenizer, HFEngineConfig(decode="auto"), device="cpu").decoder is None
+    with pytest.raises(ValueError, match="use decode='hf'"):
+        HFEngine(gpt2, tiny_tokenizer, HFEngineConfig(decode="static"), device="cpu")
+    with pytest.raises(ValueError, match="decode='nope'"):
+        HFEngine(gpt2, tiny_tokenizer, HFEngineConfig(decode="nope"), device="cpu")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        StaticDecoder  # noqa: B018  (the class is importable without CUDA)
+        HFEngine(_other_model("llama", tiny_tokenizer), tiny_tokenizer, HFEngineConfig(decode="graph"), device="cpu")
+
+
+def test_sampled_frequencies_match_the_hf_path(tiny_model, tiny_tokenizer):
+    # Both paths draw from the same distribution: the first token's frequencies over many samples agree.
+    hf, static = engines(tiny_model, tiny_tokenizer)
+    prompt = encode(tiny_tokenizer, "5+7=")
+    params = SamplingParams(temperature=1.0, max_tokens=1, n=3000, seed=0, ignore_eos=True)
+    counts = []
+    for engine in (hf, static):
+        ids = torch.tensor([c.response_ids[0] for c in engine.generate(prompt, params)])
+        counts.append(torch.bincount(ids, minlength=len(tiny_tokenizer)).double() / 3000)
+    with torch.no_grad():
+        probs = torch.softmax(tiny_model(torch.tensor(prompt)).logits[0, -1].double(), -1)
+    for freq in counts:  # 4.5 standard errors of the largest probability at 3000 draws
+        assert (freq - probs).abs().max() < 4.5 * math.sqrt(0.25 / 3000)

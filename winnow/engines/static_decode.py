@@ -1,0 +1,358 @@
+"""A fixed-shape decode loop for Llama-family models, replayed as CUDA graphs on GPU.
+
+Why not `model.generate` or the transformers forward with a `StaticCache`: at RL batch sizes (hundreds of
+rows) decode is bound by per-token host work and by attention that the generic path runs badly:
+- every forward walks ~30 Python modules per layer and launches ~700 small kernels per token;
+- with a padding mask, the SDPA path repeats grouped-query K/V to every head over the *whole* cache
+  length (for Qwen2.5-0.5B at 512 rows x 640 positions: ~60 GB of copies per token).
+
+This module keeps the model's own submodules (embeddings, norms, projections, MLP, rotary tables, so any
+Llama-family variant with its biases, q/k norms or RoPE scaling computes what transformers computes) and
+replaces only the glue around them:
+- one decode step reads every input from preallocated buffers and advances them itself (the token to feed,
+  its position, the cache column, the output column), so it can be captured once as a CUDA graph and
+  replayed with no host work or sync per token;
+- attention is grouped-query by reshaping queries to [B, H_kv, G, D] (no K/V expansion) and reads only the
+  cache columns up to a length bucket (a multiple of `bucket` tokens; one graph per bucket), so early
+  tokens do not pay for the whole cache;
+- sampling is an exponential race (argmax of logits/T - log E, E ~ Exp(1)), which draws exactly from
+  softmax(logits/T) like `torch.multinomial` but is a fixed-shape, sync-free kernel; the logprob is taken
+  under softmax(logits/T) before top-k/top-p truncation, the distribution the learner recomputes.
+Stop tokens are handled on the GPU. Stop strings and "is every row done?" are checked on the host every
+`check_every` tokens; a row that stops keeps its tokens only up to the stop (what runs after it is cut).
+
+On CPU the same step runs eagerly (no graphs): the tests check it against the transformers forward there.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from winnow.types import SamplingParams
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+"""architectures whose decoder layers this module drives (Llama-style: pre-norm, RoPE, GQA, gated MLP)"""
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why `StaticDecoder` cannot drive `model`, or None when it can."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    if getattr(config, "use_sliding_window", False) or (
+        model_type == "mistral" and getattr(config, "sliding_window", None)
+    ):
+        return "sliding-window attention is not implemented in the static decoder"
+    body = getattr(model, "model", None)
+    if body is None or not all(hasattr(body, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "the model does not have the Llama layout (model.embed_tokens, layers, norm, rotary_emb)"
+    return None
+
+
+@dataclass(frozen=True)
+class _Sampler:
+    """What a captured step bakes in; a new combination captures new graphs."""
+
+    is_greedy: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    stop_ids: tuple[int, ...]
+
+    @classmethod
+    def of(cls, params: SamplingParams, stop_ids: list[int]) -> "_Sampler":
+        return cls(params.is_greedy, float(params.temperature), int(params.top_k), float(params.top_p),
+                   tuple(sorted(set(stop_ids))))
+
+
+class StaticDecoder:
+    """Batched sampling with per-token logprobs over preallocated buffers, one fixed-shape step per token.
+
+    Buffers and graphs are kept between calls with the same (rows, cache length, max_tokens, sampler) and
+    rebuilt otherwise; weights are read from the model's parameters, so an in-place weight sync is seen
+    by the captured graphs with no recapture. `release()` frees them (the engine's `sleep`).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, use_graphs: bool, bucket: int = 128, check_every: int = 16):
+        if reason := unsupported_reason(model):
+            raise ValueError(f"static decode cannot run this model: {reason}; use decode='hf'")
+        self.model, self.body = model, model.model
+        config = model.config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.groups = self.num_heads // self.num_kv_heads
+        self.use_graphs, self.bucket, self.check_every = use_graphs, bucket, check_every
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._key: tuple | None = None
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self._generator: torch.Generator | None = None
+        self.last_capture_seconds = 0.0
+
+    # ------------------------------------------------------------------ public
+
+    @torch.inference_mode()
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams, *,
+        stop_ids: list[int], pad_token_id: int, seed: int, stop_checker=None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode `params.max_tokens` tokens after left-padded prompts `input_ids` [B, S].
+
+        Returns (tokens [B, N] long, logprobs [B, N] float32, lengths [B] long, is_done [B] bool) on the
+        device, N = max_tokens; row b's response is tokens[b, :lengths[b]], and is_done says it stopped.
+        """
+        batch_size, prompt_len = input_ids.shape
+        max_tokens = params.max_tokens
+        cache_len = _round_up(prompt_len + max_tokens, self.bucket)
+        sampler = _Sampler.of(params, stop_ids)
+        self._prepare(batch_size, cache_len, max_tokens, sampler, pad_token_id)
+        if self.use_graphs:
+            self._capture_all(prompt_len)
+        self._seed(seed)
+        self._reset()
+        self._prefill(input_ids, attention_mask)
+
+        for step in range(1, max_tokens):
+            # The token fed at this step sits in cache column prompt_len + step - 1; attend up to there.
+            width = min(_round_up(prompt_len + step, self.bucket), cache_len)
+            if self.use_graphs:
+                self._graphs[width].replay()
+            else:
+                self._step(width)
+            if step % self.check_every == 0 or step == max_tokens - 1:
+                if stop_checker is not None:
+                    self._check_stop_strings(stop_checker, step + 1)
+                if sampler.stop_ids or stop_checker is not None:
+                    if bool(self.is_done.all()):
+                        break
+        if stop_checker is not None:
+            self._check_stop_strings(stop_checker, max_tokens)
+        return self.out_tokens, self.out_logprobs, self.lengths, self.is_done
+
+    def release(self) -> None:
+        """Free the KV cache, the buffers and the graphs (they are rebuilt by the next call)."""
+        self._graphs.clear()
+        self._key, self._pool = None, None
+        for name in ("k_cache", "v_cache", "cos_table", "sin_table", "out_tokens", "out_logprobs"):
+            self.__dict__.pop(name, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ buffers
+
+    def _prepare(self, batch_size: int, cache_len: int, max_tokens: int, sampler: _Sampler, pad: int) -> None:
+        key = (batch_size, cache_len, max_tokens, sampler, pad)
+        if key == self._key:
+            return
+        self.release()
+        device, num_layers = self.device, len(self.body.layers)
+        shape = (num_layers, batch_size, self.num_kv_heads, cache_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        # The model's own rotary module gives the tables, so RoPE scaling variants come for free.
+        positions = torch.arange(cache_len, device=device)[None]
+        cos, sin = self.body.rotary_emb(self.k_cache[0, :1, 0], positions)  # [1, L, D] each, model dtype
+        self.cos_table, self.sin_table = cos[0], sin[0]
+        self.columns = torch.arange(cache_len, device=device)
+        self.key_valid = torch.ones(batch_size, cache_len, dtype=torch.bool, device=device)
+        self.feed = torch.zeros(batch_size, dtype=torch.long, device=device)  # the token to feed next
+        self.position = torch.zeros(batch_size, dtype=torch.long, device=device)  # its RoPE position
+        self.column = torch.zeros(1, dtype=torch.long, device=device)  # its cache column
+        self.out_column = torch.zeros(1, dtype=torch.long, device=device)  # where the sampled token goes
+        self.out_tokens = torch.zeros(batch_size, max_tokens, dtype=torch.long, device=device)
+        self.out_logprobs = torch.zeros(batch_size, max_tokens, dtype=torch.float32, device=device)
+        self.lengths = torch.full((batch_size,), max_tokens, dtype=torch.long, device=device)
+        self.is_done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.stop_ids = torch.tensor(sampler.stop_ids or [-1], dtype=torch.long, device=device)
+        self.pad_token = torch.tensor(pad, dtype=torch.long, device=device)
+        self.sampler = sampler
+        self._key = key
+
+    def _reset(self) -> None:
+        self._checked_steps = 0
+        self.lengths.fill_(self.out_tokens.shape[1])
+        self.is_done.zero_()
+        self.out_tokens.fill_(int(self.pad_token))
+        self.out_logprobs.zero_()
+
+    def _seed(self, seed: int) -> None:
+        if self._generator is None:
+            self._generator = torch.Generator(self.device)
+            if self.use_graphs:
+                graph_safe = getattr(torch.cuda.CUDAGraph, "register_generator_state", None)
+                if graph_safe is None:  # older torch: only the default CUDA generator is graph-safe
+                    self._generator = torch.cuda.default_generators[self.device.index or 0]
+        self._generator.manual_seed(seed)
+
+    # ------------------------------------------------------------------ forward
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Run the prompts, fill cache columns [0, S), sample the first token (eager: one call per batch)."""
+        batch_size, prompt_len = input_ids.shape
+        is_real = attention_mask.bool()
+        self.key_valid[:, :prompt_len] = is_real
+        self.key_valid[:, prompt_len:] = True
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=self.device).tril()
+        # Padding queries see only themselves (a fully masked row would be NaN); their outputs are unused.
+        mask = (causal & is_real[:, None, None, :]) | torch.eye(prompt_len, dtype=torch.bool, device=self.device)
+        cos, sin = self.cos_table[positions][:, None], self.sin_table[positions][:, None]  # [B, 1, S, D]
+        hidden = self.body.embed_tokens(input_ids)
+        for index, layer in enumerate(self.body.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(hidden), cos, sin)
+            self.k_cache[index, :, :, :prompt_len] = k
+            self.v_cache[index, :, :, :prompt_len] = v
+            k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=_scaling(layer, self.head_dim))
+            hidden = hidden + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(batch_size, prompt_len, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits = self.model.lm_head(self.body.norm(hidden[:, -1]))
+        self.position.copy_(positions[:, -1] + 1)
+        self.column.fill_(prompt_len)
+        self.out_column.zero_()
+        self._sample_and_advance(logits)
+
+    def _step(self, width: int) -> None:
+        """One token for every row: the capturable unit. Reads and advances only buffers."""
+        batch_size = self.feed.shape[0]
+        cos = self.cos_table[self.position][:, None, None]  # [B, 1, 1, D]
+        sin = self.sin_table[self.position][:, None, None]
+        visible = self.key_valid[:, :width] & (self.columns[:width] <= self.column)  # [B, W]
+        hidden = self.body.embed_tokens(self.feed[:, None])  # [B, 1, H]
+        for index, layer in enumerate(self.body.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(hidden), cos, sin)  # [B, h, 1, D]
+            self.k_cache[index].index_copy_(2, self.column, k)
+            self.v_cache[index].index_copy_(2, self.column, v)
+            keys = self.k_cache[index, :, :, :width]  # [B, H_kv, W, D]
+            values = self.v_cache[index, :, :, :width]
+            # Grouped-query attention without expanding K/V: query heads j*G .. j*G+G-1 share K/V head j.
+            q = q.view(batch_size, self.num_kv_heads, self.groups, self.head_dim)
+            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * _scaling(layer, self.head_dim)
+            scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+            attn = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)  # [B, H_kv, G, D]
+            hidden = hidden + layer.self_attn.o_proj(attn.reshape(batch_size, 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits = self.model.lm_head(self.body.norm(hidden[:, 0]))
+        self.position.add_(1)
+        self.column.add_(1)
+        self._sample_and_advance(logits)
+
+    def _qkv(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Projected, normed (Qwen3) and rotated q [B, H, S, D], k and v [B, H_kv, S, D]."""
+        attn, (batch_size, length, _) = layer.self_attn, x.shape
+        q = attn.q_proj(x).view(batch_size, length, -1, self.head_dim)
+        k = attn.k_proj(x).view(batch_size, length, -1, self.head_dim)
+        v = attn.v_proj(x).view(batch_size, length, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def _sample_and_advance(self, logits: torch.Tensor) -> None:
+        """Sample from logits [B, V], record token and logprob at `out_column`, apply stop tokens."""
+        tokens, logprobs = race_sample(logits, self.sampler, self._generator)
+        tokens = torch.where(self.is_done, self.pad_token, tokens)
+        logprobs = logprobs.masked_fill(self.is_done, 0.0)
+        self.out_tokens.index_copy_(1, self.out_column, tokens[:, None])
+        self.out_logprobs.index_copy_(1, self.out_column, logprobs[:, None])
+        is_stop = torch.isin(tokens, self.stop_ids) & ~self.is_done
+        self.lengths.copy_(torch.where(is_stop, self.out_column + 1, self.lengths))
+        self.is_done.logical_or_(is_stop)
+        self.feed.copy_(tokens)
+        self.out_column.add_(1)
+
+    # ------------------------------------------------------------------ graphs and stop strings
+
+    def _capture_all(self, prompt_len: int) -> None:
+        """Capture one step graph per attention width this call can need (kept for later calls)."""
+        cache_len = self.k_cache.shape[3]
+        widths = sorted({min(_round_up(prompt_len + step, self.bucket), cache_len)
+                         for step in range(1, self.out_tokens.shape[1])})
+        missing = [w for w in widths if w not in self._graphs]
+        if not missing:
+            return
+        start = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start[0].record()
+        self._seed(0)
+        self._reset()
+        self._pool = self._pool or torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up off the capture (cuBLAS workspaces, lazy inits)
+            for width in missing:
+                self.column.fill_(width - 1)
+                self.out_column.zero_()
+                self._step(width)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for width in missing:
+            self.column.fill_(width - 1)
+            self.out_column.zero_()
+            graph = torch.cuda.CUDAGraph()
+            if hasattr(graph, "register_generator_state") and self._generator is not torch.cuda.default_generators[
+                self.device.index or 0
+            ]:
+                graph.register_generator_state(self._generator)
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._step(width)
+            self._graphs[width] = graph
+        start[1].record()
+        torch.cuda.synchronize(self.device)
+        self.last_capture_seconds = start[0].elapsed_time(start[1]) / 1000
+
+    def _check_stop_strings(self, stop_checker, num_steps: int) -> None:
+        """Host check of stop strings over the steps since the last check (a row ends at its first hit,
+        also when a stop token on the GPU ended it later in the same stretch)."""
+        tokens = self.out_tokens[:, :num_steps].cpu()
+        gpu_done, gpu_lengths = self.is_done.cpu(), self.lengths.cpu()
+        hit_done, lengths = torch.zeros_like(gpu_done), gpu_lengths.clone()
+        for step in range(self._checked_steps, num_steps):
+            done_before = (gpu_done & (gpu_lengths <= step)) | hit_done
+            hit = stop_checker.update(tokens[:, : step + 1], done_before)
+            lengths = torch.where(hit, step + 1, lengths)
+            hit_done |= hit
+        self._checked_steps = num_steps
+        self.is_done.copy_(gpu_done | hit_done)
+        self.lengths.copy_(lengths)
+
+
+def race_sample(logits: torch.Tensor, sampler: _Sampler, generator: torch.Generator | None):
+    """Tokens [B] and their logprobs [B] (float32) from logits [B, V] of any float dtype, sync-free.
+
+    Sampling: argmax(logits/T - log E) with E ~ Exp(1) i.i.d. draws token i with probability
+    softmax(logits/T)_i (the exponential race, equivalent to Gumbel-max). Greedy reports the temperature-1
+    logprob, as the `hf` engine does.
+    """
+    if sampler.is_greedy:
+        logits = logits.float()
+        tokens = logits.argmax(dim=-1)
+        return tokens, logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    scaled = logits.float() / sampler.temperature
+    log_norm = torch.logsumexp(scaled, dim=-1)
+    drawable = scaled
+    if sampler.top_k > 0 or sampler.top_p < 1.0:
+        from winnow.engines.hf import _top_k_top_p
+
+        drawable = _top_k_top_p(scaled, sampler.top_k, sampler.top_p)
+    # clamp: an exact 0 would make -log E infinite and could pick a token of probability 0.
+    race = torch.empty_like(scaled).exponential_(generator=generator).clamp_(min=1e-30).log_()
+    tokens = (drawable - race).argmax(dim=-1)
+    return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
+
+
+def _scaling(layer, head_dim: int) -> float:
+    return getattr(layer.self_attn, "scaling", None) or head_dim**-0.5
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
