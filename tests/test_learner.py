@@ -10,7 +10,7 @@ import torch
 from winnow.algorithms import GRPO
 from winnow.learner.batch import make_sft_batch, make_train_batch
 from winnow.learner.learner import Learner, LearnerConfig, _schedule
-from winnow.learner.logprobs import selective_logprobs, sequence_logprobs
+from winnow.learner.logprobs import can_fuse_head, linear_logprobs, selective_logprobs, sequence_logprobs
 from winnow.learner.sft import sft_loss
 from winnow.types import Completion
 
@@ -124,3 +124,55 @@ def test_sft_learns_to_copy(tiny_model, tiny_tokenizer):
     learner = Learner(tiny_model, LearnerConfig(lr=3e-3, micro_batch_size=16), total_steps=30, device="cpu")
     losses = [learner.train_step(batch, sft_loss)["nll"] for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_linear_logprobs_equals_the_full_head_forward_and_backward():
+    # The chunked head must give the same logprobs and the same gradients as log_softmax over full logits.
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (7,), generator=g)
+    upstream = torch.randn(7, generator=g, dtype=torch.float64)
+    want = torch.log_softmax(hidden @ weight.T / 0.7, -1).gather(-1, labels[:, None]).squeeze(-1)
+    want_grads = torch.autograd.grad((want * upstream).sum(), (hidden, weight))
+    got = linear_logprobs(hidden, weight, labels, temperature=0.7, chunk_rows=3)
+    got_grads = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
+    torch.testing.assert_close(got, want.float())
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_head_sequence_logprobs_match_the_model_forward(tiny_model):
+    torch.manual_seed(0)
+    completions = [Completion([1, 2, 3], [4, 5], [-1.0, -1.0], "stop", ""),
+                   Completion([6, 7], [8, 9, 10, 11], [-1.0] * 4, "length", "")]
+    batch = make_train_batch(completions, torch.zeros(2), pad_token_id=0)
+    assert can_fuse_head(tiny_model)
+    plain = sequence_logprobs(tiny_model, batch, temperature=0.5)
+    plain_grads = torch.autograd.grad(plain.sum(), list(tiny_model.parameters()))
+    fused = sequence_logprobs(tiny_model, batch, temperature=0.5, fused_head=True)
+    fused_grads = torch.autograd.grad(fused.sum(), list(tiny_model.parameters()))
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_layers_and_fused_head_give_the_plain_update(tiny_model, tiny_tokenizer):
+    """learner.compile (torch.compile per decoder layer) and fused_logprobs are speed only: one step's loss
+    and gradients equal the plain learner's. (One micro-batch: every new input shape is a new compile,
+    tens of seconds on CPU.)"""
+    batch = _rl_batch(tiny_tokenizer)
+    loss_fn = partial(GRPO().loss, max_tokens=8)
+    results = []
+    for compile_, fused in ((False, False), (True, True)):
+        model = copy.deepcopy(tiny_model)
+        config = LearnerConfig(lr=1e-3, micro_batch_size=8, compile=compile_, fused_logprobs=fused)
+        metrics = Learner(model, config, total_steps=1, device="cpu").train_step(batch, loss_fn)
+        results.append((metrics, [p.grad.clone() for p in model.parameters()]))
+    (m1, p1), (m2, p2) = results
+    assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-6)
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="strategy 'single'"):
+        LearnerConfig(compile=True, strategy="fsdp2")

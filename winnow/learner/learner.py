@@ -67,6 +67,12 @@ class LearnerConfig:
     """passes over the iteration's samples (PPO epochs); >1 reuses samples with the clipped ratio"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    compile: bool = False
+    """torch.compile each decoder layer (fuses norms, RoPE and activations; single strategy): the first
+    steps pay the compile (about 10 s on a GPU for a 0.5B model), the learner then runs ~1.3x faster"""
+    fused_logprobs: bool = True
+    """project hidden states to token logprobs a chunk of rows at a time (forward and backward), never
+    holding [B, T, vocab] logits; Llama-family models on the single strategy (else the model's forward)"""
     strategy: str = "single"
     """how the learner is distributed: "single" (one device), "fsdp2" or "deepspeed" (under torchrun)"""
     sharding: StrategyConfig = field(default_factory=StrategyConfig)
@@ -80,6 +86,9 @@ class LearnerConfig:
                 raise ValueError(f"learner.{name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"learner.lr={self.lr} must be > 0")
+        if self.compile and self.strategy != "single":
+            raise ValueError(f"learner.compile works with strategy 'single', not {self.strategy!r}: "
+                             "drop --learner.compile or train on one device")
 
 
 def _schedule(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -115,6 +124,8 @@ class Learner:
         self.strategy = make_strategy(config.strategy, device, config.sharding)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if config.compile:
+            _compile_layers(model)
         factor = _schedule(config.lr_schedule, config.warmup_steps, total_steps, config.min_lr_ratio)
         self.model, self.optimizer, self.scheduler = self.strategy.setup(
             model, self._make_optimizer, lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
@@ -123,6 +134,8 @@ class Learner:
         self.ref_model = None if ref_model is None else self.strategy.wrap_frozen(ref_model)
         self.temperature = temperature
         self.num_steps = 0
+        # Sharded strategies gather parameters in the root module's forward, so they keep the full forward.
+        self.fused_head = config.fused_logprobs and config.strategy == "single"
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         c = self.config
@@ -165,7 +178,7 @@ class Learner:
         micro_batches = list(self._micro_batches(batch))
         for i, micro in enumerate(micro_batches):
             with self.autocast():
-                logprobs = sequence_logprobs(self.model, micro, self.temperature)
+                logprobs = sequence_logprobs(self.model, micro, self.temperature, self.fused_head)
                 loss, metrics = loss_fn(logprobs, micro, num_sequences=num_sequences, num_tokens=num_tokens)
             self.strategy.backward(loss, is_last_micro_batch=i == len(micro_batches) - 1)
             # Losses and metrics use the mini-batch's normalisers, so they add up across micro-batches.
@@ -209,7 +222,7 @@ class Learner:
             micro = batch.select(rows)
             width = _used_width(micro)
             with self.autocast():
-                logprobs = sequence_logprobs(model, _trim(micro, width), self.temperature)
+                logprobs = sequence_logprobs(model, _trim(micro, width), self.temperature, self.fused_head)
             if i * size < batch.batch_size:  # else a padding forward, thrown away
                 out[rows, :width] = logprobs
         return out
@@ -260,9 +273,24 @@ class Learner:
         return TrainBatch(**fields)
 
     def _micro_batches(self, batch: TrainBatch) -> Iterator[TrainBatch]:
+        # Length-aware: rows sorted by length, so each micro-batch holds rows of similar length and is
+        # trimmed to its own longest row (the loss uses the mini-batch's normalisers: order is free).
+        order = batch.attention_mask.sum(dim=1).argsort(descending=True, stable=True)
         for start in range(0, batch.batch_size, self.config.micro_batch_size):
-            micro = batch.select(slice(start, start + self.config.micro_batch_size))
+            micro = batch.select(order[start : start + self.config.micro_batch_size])
             yield _trim(micro, _used_width(micro))
+
+
+def _compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile every decoder layer in place. Layers share one compiled graph (torch inlines module
+    parameters as inputs), so 24 layers cost one compile per input shape, not 24."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"learner.compile: {type(model).__name__} has no decoder layer list "
+                         "(model.get_decoder().layers); drop --learner.compile")
+    for layer in layers:
+        layer.compile()
 
 
 def _used_width(batch: TrainBatch) -> int:

@@ -21,15 +21,90 @@ def selective_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: i
     return out
 
 
+class _LinearLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T / T)[label] a chunk of rows at a time, forward and backward.
+
+    Neither pass ever holds more than `chunk_rows x V` logits: forward keeps only the row's log-normaliser,
+    backward recomputes each chunk's logits (one extra head matmul, ~1/3 of the head's training FLOPs) and
+    turns them into gradients at once: d logp / d z_v = (1[v = label] - softmax(z)_v) / T.
+    Matmuls run in `compute_dtype` (bf16 under autocast) with float32 softmax statistics and a float32
+    weight-gradient accumulator.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, chunk_rows, compute_dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+            out = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
+            log_norm = torch.empty_like(out)
+            for start in range(0, h.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                logits = (h[rows] @ w.T).float() / temperature  # [c, V]
+                log_norm[rows] = torch.logsumexp(logits, dim=-1)
+                out[rows] = logits.gather(-1, labels[rows, None]).squeeze(-1) - log_norm[rows]
+        ctx.save_for_backward(hidden, weight, labels, log_norm)
+        ctx.temperature, ctx.chunk_rows, ctx.compute_dtype = temperature, chunk_rows, compute_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, log_norm = ctx.saved_tensors
+        temperature, chunk_rows, dtype = ctx.temperature, ctx.chunk_rows, ctx.compute_dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            grad_hidden = torch.empty_like(h)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for start in range(0, h.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                logits = (h[rows] @ w.T).float() / temperature
+                grad_logits = -torch.exp(logits - log_norm[rows, None])  # -softmax
+                grad_logits.scatter_add_(-1, labels[rows, None], torch.ones_like(log_norm[rows, None]))
+                grad_logits = (grad_logits * (grad_out[rows, None] / temperature)).to(dtype)
+                grad_hidden[rows] = grad_logits @ w
+                grad_weight += (grad_logits.T @ h[rows]).float()
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
+
+
+def linear_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+    chunk_rows: int = 2048,
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T / temperature)[labels] without materialising the [N, V] logits.
+
+    hidden: [N, H]; weight: [V, H] (the LM head); labels: [N] long. Returns [N] float32, differentiable in
+    hidden and weight. Under autocast the matmuls run in the autocast dtype.
+    """
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+        else hidden.dtype
+    return _LinearLogprobs.apply(hidden, weight, labels, float(temperature), chunk_rows, dtype)
+
+
+def can_fuse_head(model: torch.nn.Module) -> bool:
+    """True when `model` is a plain (unwrapped) Llama-family causal LM whose logits are just
+    `lm_head(model.model(...))`: no bias, no soft-capping or logit scaling, and no sharding wrapper whose
+    root forward must run to gather parameters."""
+    from winnow.engines.static_decode import SUPPORTED_MODEL_TYPES
+
+    head = getattr(model, "lm_head", None)
+    return (
+        getattr(getattr(model, "config", None), "model_type", None) in SUPPORTED_MODEL_TYPES
+        and type(head) is torch.nn.Linear and head.bias is None
+        and type(model).__module__.startswith("transformers.")
+        and hasattr(model, "model")
+    )
+
+
 def sequence_logprobs(
-    model: torch.nn.Module, batch: TrainBatch, temperature: float = 1.0
+    model: torch.nn.Module, batch: TrainBatch, temperature: float = 1.0, fused_head: bool = False
 ) -> torch.Tensor:
     """Log-probability of each token of `batch.input_ids` given the tokens before it, [B, T] float32.
 
     Position t holds log p(input_ids[t] | input_ids[:t]) (0 at t=0 and off the response mask), aligned
     with `TrainBatch.response_mask`. Logits are divided by `temperature`, the sampling temperature, so the
     result is comparable with the engine's logprobs (which are taken under logits / temperature).
-    Only the columns from the first response token on are projected to the vocabulary.
+    Only the columns from the first response token on are projected to the vocabulary. With `fused_head`
+    (and a model `can_fuse_head` accepts) the decoder runs alone and `linear_logprobs` projects its hidden
+    states chunk by chunk, so no [B, T, V] logits exist in forward or backward.
     """
     input_ids, mask = batch.input_ids, batch.response_mask
     # The first column any row needs a logit for: one before its first response token.
@@ -37,6 +112,15 @@ def sequence_logprobs(
     first = int(has_response[0]) if len(has_response) else input_ids.shape[1] - 1
     first = max(first - 1, 0)
     positions = batch.attention_mask.cumsum(-1).clamp(min=1) - 1
+    labels = input_ids[:, first + 1 :]
+    if fused_head and can_fuse_head(model):
+        hidden = model.model(input_ids=input_ids, attention_mask=batch.attention_mask, position_ids=positions,
+                             use_cache=False).last_hidden_state[:, first:-1]  # [B, T - 1 - first, H]
+        picked = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, labels.reshape(-1),
+                                 temperature).view(labels.shape)
+        out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+        out[:, first + 1 :] = picked
+        return out * mask
     # Project only the needed columns (`logits_to_keep` keeps the last T - first): the prompt columns never
     # reach the vocabulary. One call of the whole model, not decoder then head, because sharded strategies
     # (FSDP2, DeepSpeed ZeRO-3) gather the root's parameters (embeddings, head) in the root's forward.
@@ -45,7 +129,6 @@ def sequence_logprobs(
     logits = out.logits[:, :-1]  # [B, T - 1 - first, V]
     if temperature != 1.0:
         logits = logits / temperature
-    labels = input_ids[:, first + 1 :]
     picked = selective_logprobs(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).view(labels.shape)
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     out[:, first + 1 :] = picked
