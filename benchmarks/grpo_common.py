@@ -4,8 +4,9 @@ import it, so both sides do exactly the same work.
 
 The workload (issue 5): one GRPO policy iteration on a randomly initialised model of the Qwen2.5-0.5B shape
 (`qwen25_05b_config.json`), 64 prompts x 8 samples, 128-token prompts, 512 new tokens at a fixed length
-(EOS never ends a response), one optimizer step over all 512 samples, micro-batches of 16 sequences,
-activation checkpointing on. `--cpu` shrinks it to a tiny Qwen2 that runs in seconds (a smoke test, not
+(EOS never ends a response), one optimizer step over all 512 samples, micro-batches of 32 sequences,
+activation checkpointing off (both sides; the first measurement, 2026-11-24, used 16 and on). `--cpu`
+shrinks it to a tiny Qwen2 that runs in seconds (a smoke test, not
 a timed test).
 """
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Workload:
     gradient_checkpointing: bool
     warmup_iterations: int
     measured_iterations: int
+    learner_compile: bool = False
+    """winnow only: learner.compile (torch.compile per decoder layer); TRL runs with its default, no compile"""
     lr: float = 1e-6
     max_grad_norm: float = 1.0
     temperature: float = 1.0
@@ -54,8 +57,9 @@ class Workload:
         return self.num_sequences * (self.prompt_len + self.new_tokens)
 
 
-GPU_WORKLOAD = Workload(num_prompts=64, num_samples=8, prompt_len=128, new_tokens=512, micro_batch_size=16,
-                        gradient_checkpointing=True, warmup_iterations=1, measured_iterations=3)
+GPU_WORKLOAD = Workload(num_prompts=64, num_samples=8, prompt_len=128, new_tokens=512, micro_batch_size=32,
+                        gradient_checkpointing=False, warmup_iterations=1, measured_iterations=3,
+                        learner_compile=True)
 CPU_WORKLOAD = Workload(num_prompts=4, num_samples=4, prompt_len=16, new_tokens=32, micro_batch_size=4,
                         gradient_checkpointing=True, warmup_iterations=1, measured_iterations=2)
 

@@ -5,10 +5,11 @@
 
 It drives `winnow.runtime.local.LocalRuntime.step` (generate -> score -> advantages -> train -> sync, each
 phase timed by the runtime's own PhaseTimer, which synchronises CUDA at the end of each phase) with:
-HFEngine (bf16 copy of the policy, static KV cache, all 512 sequences in one decode batch), a
-FunctionOracle over a synthetic verifiable reward (`grpo_common.parity_reward_texts`), GRPO group
-advantages, Learner.train_policy (fp32 master weights, bf16 autocast, AdamW, micro-batch 16, activation
-checkpointing, one optimizer step over all 512 samples) and engine.update_weights.
+HFEngine (bf16 copy of the policy, decode="auto": CUDA-graph static decode on GPU, all 512 sequences in one
+decode batch), a FunctionOracle over a synthetic verifiable reward (`grpo_common.parity_reward_texts`), GRPO
+group advantages, Learner.train_policy (fp32 master weights, bf16 autocast, AdamW, micro-batch 32, no
+activation checkpointing, fused head logprobs, compiled decoder layers on GPU, one optimizer step over all
+512 samples) and engine.update_weights.
 
 The workload, the floors and the ceilings are in `grpo_common.py`; `run_gpu_benchmark.sh` runs this and
 the TRL side in one go and `grpo_report.py` writes the comparison.
@@ -20,12 +21,12 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 import grpo_common as common
 from winnow.algorithms import GRPO
+from winnow.config import EvalConfig, RolloutConfig, TrainConfig
 from winnow.engines.hf import HFEngine, HFEngineConfig
 from winnow.learner.batch import make_train_batch
 from winnow.learner.learner import Learner, LearnerConfig
@@ -105,18 +106,18 @@ def main() -> None:
         prompts.append(Prompt(text=text, token_ids=ids, index=i))
 
     engine = HFEngine(model, tokenizer, HFEngineConfig(max_batch_size=workload.num_sequences), device=device)
-    learner = Learner(model, LearnerConfig(lr=workload.lr, max_grad_norm=workload.max_grad_norm,
-                                           micro_batch_size=workload.micro_batch_size,
-                                           gradient_checkpointing=workload.gradient_checkpointing),
-                      total_steps=1000, device=device)
     oracle = FunctionOracle([("parity", parity_reward, 1.0)])
-    config = SimpleNamespace(
-        seed=0, num_iterations=10**6,
-        rollout=SimpleNamespace(temperature=workload.temperature, top_p=1.0, top_k=-1,
-                                max_tokens=workload.new_tokens, num_samples=workload.num_samples, stop=[],
-                                drop_uniform_groups=False),
-        eval=SimpleNamespace(every=0),
+    learner_config = LearnerConfig(lr=workload.lr, max_grad_norm=workload.max_grad_norm,
+                                   micro_batch_size=workload.micro_batch_size,
+                                   gradient_checkpointing=workload.gradient_checkpointing,
+                                   compile=workload.learner_compile)
+    config = TrainConfig(
+        algo=GRPO(), seed=0, num_iterations=10**6, learner=learner_config,
+        rollout=RolloutConfig(prompts_per_iteration=workload.num_prompts, num_samples=workload.num_samples,
+                              temperature=workload.temperature, max_tokens=workload.new_tokens),
+        eval=EvalConfig(every=0),
     )
+    learner = Learner(model, learner_config, total_steps=1000, device=device)
     runtime = LocalRuntime(config, engine=engine, learner=learner, oracle=oracle, objective=GRPO(),
                            train_stream=_prompt_stream(prompts, workload.num_prompts), eval_prompts=[],
                            logger=_ListLogger(), run_dir=Path(tempfile.mkdtemp()),
@@ -152,16 +153,19 @@ def main() -> None:
     result["semantics"] = {
         "driver": "winnow.runtime.local.LocalRuntime.step; phases timed by its PhaseTimer "
                   "(torch.cuda.synchronize at each phase's end); end_to_end = wall time of step() with a sync",
-        "generate": "HFEngine.generate: bf16 engine copy, static KV cache (no torch.compile), all "
+        "generate": f"HFEngine.generate, decode={engine.config.decode!r} -> "
+                    f"{'graph (CUDA graphs over winnow static decode step)' if engine.decoder is not None and engine.decoder.use_graphs else 'static/hf'}"
+                    ": bf16 engine copy, preallocated KV cache, attention in 128-column buckets, all "
                     f"{workload.num_sequences} sequences in one decode batch, ignore_eos, temperature 1, no top-k/p; "
-                    "includes detokenising every response",
+                    "includes graph capture when shapes are new (warm-up only) and detokenising every response",
         "score": "FunctionOracle over the parity reward (decoded text), grouping",
         "advantages": "GRPO group advantages (std-scaled) + building the right-padded TrainBatch on the host",
         "logprobs": "0: with one optimizer step per iteration pi_old = pi, winnow skips the old-logprobs pass "
                     "(as TRL does); logprobs_pass_s times what Learner.logprobs over the batch would cost",
         "train": f"Learner.train_policy: one AdamW step over all {workload.num_sequences} samples, micro-batch "
                  f"{workload.micro_batch_size}, activation checkpointing {workload.gradient_checkpointing}, "
-                 "fp32 master "
+                 f"learner.compile {workload.learner_compile} (TRL: no compile), fused head logprobs, "
+                 "micro-batches sorted by length, fp32 master "
                  "weights under bf16 autocast, loss = GRPO clipped surrogate (seq-mean-token-mean) with TIS against "
                  "the engine logprobs, grad-norm clip 1.0",
         "sync": "engine.update_weights(learner.named_weights()): in-process fp32 -> bf16 copy into the engine",

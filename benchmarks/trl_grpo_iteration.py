@@ -7,11 +7,12 @@ Needs trl (1.16.0 was measured; it is no dependency of winnow) and datasets. Sam
 init (seed 0, float32 master weights), same tokenizer, prompts and reward as `grpo_iteration.py`
 (`grpo_common.py`). Batch semantics, as a TRL user would set them for one optimizer step over 512 samples:
 
-    per_device_train_batch_size = 16 (the micro-batch, as winnow's), gradient_accumulation_steps = 32,
-    steps_per_generation = 32 (so generation_batch_size = 512 = 64 prompts x num_generations 8, generated
+    per_device_train_batch_size = 32 (the micro-batch, as winnow's), gradient_accumulation_steps = 16,
+    steps_per_generation = 16 (so generation_batch_size = 512 = 64 prompts x num_generations 8, generated
     in one `model.generate` call), num_iterations = 1, beta = 0, loss_type = "grpo", scale_rewards = "group",
     max_completion_length = 512 with generation_kwargs {"min_new_tokens": 512} (EOS can never end a
-    response), use_vllm = False, bf16 = True (autocast over the float32 weights), gradient_checkpointing = True,
+    response), use_vllm = False, bf16 = True (autocast over the float32 weights), gradient_checkpointing = False
+    (as winnow's: the H200 has the memory),
     lr 1e-6 constant, max_grad_norm 1.0; TRL's defaults otherwise (dynamic KV cache for generation, fused
     lm-head log-probs, adamw_torch_fused).
 
@@ -21,7 +22,7 @@ score = `_calculate_rewards`; logprobs = `_get_per_token_logps_and_entropies` wh
 inside `_generate_and_score_completions` (the old-logprobs pass; TRL skips it here, as winnow does);
 advantages = the rest of `_generate_and_score_completions` (padding, advantages, metrics); end_to_end =
 from one `on_step_end` callback to the next (the whole optimizer step, logging included); train =
-end_to_end - `_generate_and_score_completions` (the 32 forward/backward micro-steps, the optimizer step
+end_to_end - `_generate_and_score_completions` (the 16 forward/backward micro-steps, the optimizer step
 and the trainer's bookkeeping). sync = 0: without vLLM the policy generates with its training weights.
 """
 from __future__ import annotations

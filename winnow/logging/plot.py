@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import tyro
 
 from winnow.logging.metrics import read_metrics
 
@@ -90,8 +89,13 @@ def plot_runs(run_dirs: Sequence[Path | str], metric: str, out: Path | str, x: s
     return _save(fig, Path(out))
 
 
-# RUN_DIR is positional under tyro so the command reads `winnow plot RUN_DIR`.
-RunDirArg = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+try:  # the CLI's parser; the library (plots, configs, the runtime) imports without it
+    import tyro
+
+    # RUN_DIR is positional under tyro so the command reads `winnow plot RUN_DIR`.
+    RunDirArg = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+except ImportError:
+    RunDirArg = str
 
 
 def plot_main(run_dir: RunDirArg, x: str = "step", out: str | None = None) -> list[Path]:
