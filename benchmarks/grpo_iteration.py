@@ -17,22 +17,24 @@ the TRL side in one go and `grpo_report.py` writes the comparison.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 import grpo_common as common
 from winnow.algorithms import GRPO
-from winnow.config import EvalConfig, RolloutConfig, TrainConfig
 from winnow.engines.hf import HFEngine, HFEngineConfig
 from winnow.learner.batch import make_train_batch
 from winnow.learner.learner import Learner, LearnerConfig
 from winnow.oracles.functions import FunctionOracle
 from winnow.runtime.local import LocalRuntime
-from winnow.types import Completion, Prompt
+from winnow.learner.sync import SyncConfig
+from winnow.types import Completion, Prompt, SamplingParams
 
 
 def parity_reward(prompts, completions, reference=None, **columns):
@@ -111,18 +113,20 @@ def main() -> None:
                                    micro_batch_size=workload.micro_batch_size,
                                    gradient_checkpointing=workload.gradient_checkpointing,
                                    compile=workload.learner_compile)
-    config = TrainConfig(
-        algo=GRPO(), seed=0, num_iterations=10**6, learner=learner_config,
-        rollout=RolloutConfig(prompts_per_iteration=workload.num_prompts, num_samples=workload.num_samples,
-                              temperature=workload.temperature, max_tokens=workload.new_tokens),
-        eval=EvalConfig(every=0),
+    # The runtime reads only these fields of a TrainConfig; winnow.config itself would import the oracles'
+    # dependencies (math-verify, ...), which the GPU machine lacks.
+    sampling = SamplingParams(temperature=workload.temperature, max_tokens=workload.new_tokens,
+                              n=workload.num_samples, ignore_eos=True)  # fixed length: the same work everywhere
+    config = SimpleNamespace(
+        seed=0, num_iterations=10**6, sync=SyncConfig(), eval=SimpleNamespace(every=0),
+        rollout=SimpleNamespace(max_tokens=workload.new_tokens, stop=[], drop_uniform_groups=False,
+                                sampling_params=lambda: copy.copy(sampling)),
     )
     learner = Learner(model, learner_config, total_steps=1000, device=device)
     runtime = LocalRuntime(config, engine=engine, learner=learner, oracle=oracle, objective=GRPO(),
                            train_stream=_prompt_stream(prompts, workload.num_prompts), eval_prompts=[],
                            logger=_ListLogger(), run_dir=Path(tempfile.mkdtemp()),
                            pad_token_id=tokenizer.pad_token_id)
-    runtime.sampling.ignore_eos = True  # fixed length: every framework does the same work
 
     rows = []
     for iteration in range(1, total_iterations + 1):

@@ -13,7 +13,6 @@ import re
 import threading
 from typing import Any, Sequence
 
-import math_verify
 
 from winnow.oracles.rules import BOX_OPEN, last_boxed, require_references
 from winnow.oracles.workers import WorkerPool
@@ -47,6 +46,8 @@ def _is_equivalent(response: str, reference: str) -> bool:
         return False
     # Boxing both sides makes math-verify read them as LaTeX; a bare "0.5" gold is otherwise read as plain
     # text, where "\frac{\sqrt{2}}{2}" does not parse at all.
+    import math_verify  # here, in the grading worker: importing winnow.oracles does not need it
+
     gold_answer = last_boxed(reference) or reference.strip()
     gold = math_verify.parse(f"\\boxed{{{gold_answer}}}", parsing_timeout=None)
     pred = math_verify.parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
