@@ -37,6 +37,8 @@ class Workload:
     gradient_checkpointing: bool
     warmup_iterations: int
     measured_iterations: int
+    engine_compile: bool = False
+    """winnow only: HFEngineConfig.compile_decode (the decode step's per-layer glue compiled)"""
     learner_compile: bool = False
     """winnow only: learner.compile (torch.compile per decoder layer); TRL runs with its default, no compile"""
     lr: float = 1e-6
@@ -59,7 +61,7 @@ class Workload:
 
 GPU_WORKLOAD = Workload(num_prompts=64, num_samples=8, prompt_len=128, new_tokens=512, micro_batch_size=32,
                         gradient_checkpointing=False, warmup_iterations=1, measured_iterations=3,
-                        learner_compile=True)
+                        learner_compile=True, engine_compile=True)
 CPU_WORKLOAD = Workload(num_prompts=4, num_samples=4, prompt_len=16, new_tokens=32, micro_batch_size=4,
                         gradient_checkpointing=True, warmup_iterations=1, measured_iterations=2)
 

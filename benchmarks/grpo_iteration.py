@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (seconds; a smoke test)")
     parser.add_argument("--out", default="winnow_grpo.json")
     parser.add_argument("--iterations", type=int, default=None, help="measured iterations (default: 3 GPU, 2 CPU)")
+    parser.add_argument("--no-compile", action="store_true", help="neither compiled decode nor compiled learner")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
@@ -88,6 +89,8 @@ def main() -> None:
     workload = common.CPU_WORKLOAD if cpu else common.GPU_WORKLOAD
     if args.iterations:
         workload.measured_iterations = args.iterations
+    if args.no_compile:
+        workload.engine_compile = workload.learner_compile = False
     if cpu:
         torch.set_num_threads(1)
     result = {"framework": "winnow", **common.environment(device), "workload": common.workload_dict(workload)}
@@ -107,7 +110,8 @@ def main() -> None:
         assert len(ids) == workload.prompt_len, (len(ids), workload.prompt_len)
         prompts.append(Prompt(text=text, token_ids=ids, index=i))
 
-    engine = HFEngine(model, tokenizer, HFEngineConfig(max_batch_size=workload.num_sequences), device=device)
+    engine = HFEngine(model, tokenizer, HFEngineConfig(max_batch_size=workload.num_sequences,
+                                                       compile_decode=workload.engine_compile), device=device)
     oracle = FunctionOracle([("parity", parity_reward, 1.0)])
     learner_config = LearnerConfig(lr=workload.lr, max_grad_norm=workload.max_grad_norm,
                                    micro_batch_size=workload.micro_batch_size,
@@ -159,7 +163,7 @@ def main() -> None:
                   "(torch.cuda.synchronize at each phase's end); end_to_end = wall time of step() with a sync",
         "generate": f"HFEngine.generate, decode={engine.config.decode!r} -> "
                     f"{'graph (CUDA graphs over winnow static decode step)' if engine.decoder is not None and engine.decoder.use_graphs else 'static/hf'}"
-                    ": bf16 engine copy, preallocated KV cache, attention in 128-column buckets, all "
+                    f", compile_decode {workload.engine_compile}: bf16 engine copy, preallocated KV cache, attention in 128-column buckets, all "
                     f"{workload.num_sequences} sequences in one decode batch, ignore_eos, temperature 1, no top-k/p; "
                     "includes graph capture when shapes are new (warm-up only) and detokenising every response",
         "score": "FunctionOracle over the parity reward (decoded text), grouping",

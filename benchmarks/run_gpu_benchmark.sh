@@ -24,7 +24,9 @@ TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-540}   # whole script, so that a 600 s device c
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
   --format=csv > "$OUT_DIR/nvidia_smi.csv"
 
-python3 benchmarks/grpo_iteration.py "${MODE[@]}" --out "$OUT_DIR/winnow_grpo.json" || exit 1
+python3 benchmarks/grpo_iteration.py "${MODE[@]}" --out "$OUT_DIR/winnow_grpo.json" \
+  || { echo "winnow failed with compilation on; again without"; \
+       python3 benchmarks/grpo_iteration.py "${MODE[@]}" --no-compile --out "$OUT_DIR/winnow_grpo.json"; } || exit 1
 # TRL stops after the step that would leave too little budget for another (at least one measured step).
 TRL_BUDGET=$((TOTAL_BUDGET_S - SECONDS - 45))
 echo "TRL budget: ${TRL_BUDGET}s (${SECONDS}s used)"

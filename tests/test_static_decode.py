@@ -171,3 +171,11 @@ def test_sampled_frequencies_match_the_hf_path(tiny_model, tiny_tokenizer):
         probs = torch.softmax(tiny_model(torch.tensor(prompt)).logits[0, -1].double(), -1)
     for freq in counts:  # 4.5 standard errors of the largest probability at 3000 draws
         assert (freq - probs).abs().max() < 4.5 * math.sqrt(0.25 / 3000)
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_same_tokens(tiny_model, tiny_tokenizer):
+    hf = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="hf"), device="cpu")
+    compiled = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="static", compile_decode=True),
+                        device="cpu")
+    assert_same_greedy(hf, compiled, encode(tiny_tokenizer, "12+34=", "5+7="), max_tokens=6, ignore_eos=True)

@@ -48,6 +48,9 @@ class HFEngineConfig:
     "hf" (the transformers forward per token) or "auto" (graph on GPU for Llama-family models, else hf)"""
     attention_bucket: int = 128
     """graph/static decode attends over the cache in buckets of this many columns (one graph per bucket)"""
+    compile_decode: bool = False
+    """graph/static decode: torch.compile the per-layer work around attention (fewer, fused kernels per
+    token; a one-off compile of tens of seconds at the first generate)"""
     free_cache_on_sleep: bool = False
     """graph/static decode: free the KV cache and graphs on sleep() (memory for the learner) at the cost of
     rebuilding them, and recapturing the graphs, at the next generate"""
@@ -165,7 +168,8 @@ class HFEngine:
             raise ValueError(f"decode={mode!r} cannot run this model: {reason}; use decode='hf'")
         if mode == "graph" and self.device.type != "cuda":
             raise ValueError("decode='graph' needs a CUDA device; use decode='static' (eager) on CPU")
-        return StaticDecoder(self.model, use_graphs=mode == "graph", bucket=self.config.attention_bucket)
+        return StaticDecoder(self.model, use_graphs=mode == "graph", bucket=self.config.attention_bucket,
+                             compile=self.config.compile_decode)
 
     # ------------------------------------------------------------------ decoding
 

@@ -77,7 +77,8 @@ class StaticDecoder:
     by the captured graphs with no recapture. `release()` frees them (the engine's `sleep`).
     """
 
-    def __init__(self, model: torch.nn.Module, *, use_graphs: bool, bucket: int = 128, check_every: int = 16):
+    def __init__(self, model: torch.nn.Module, *, use_graphs: bool, bucket: int = 128, check_every: int = 16,
+                 compile: bool = False):
         if reason := unsupported_reason(model):
             raise ValueError(f"static decode cannot run this model: {reason}; use decode='hf'")
         self.model, self.body = model, model.model
@@ -94,6 +95,11 @@ class StaticDecoder:
         self._pool = None
         self._generator: torch.Generator | None = None
         self.last_capture_seconds = 0.0
+        # The decode step's per-layer glue around attention (norms, projections, RoPE, MLP, residuals) is
+        # ~35 small kernels per layer eagerly; compiled, it fuses to a few. Prefill stays eager (its shapes
+        # change with every prompt length).
+        self._layer_in = torch.compile(_layer_in, dynamic=False) if compile else _layer_in
+        self._layer_out = torch.compile(_layer_out, dynamic=False) if compile else _layer_out
 
     # ------------------------------------------------------------------ public
 
@@ -205,13 +211,12 @@ class StaticDecoder:
         cos, sin = self.cos_table[positions][:, None], self.sin_table[positions][:, None]  # [B, 1, S, D]
         hidden = self.body.embed_tokens(input_ids)
         for index, layer in enumerate(self.body.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(hidden), cos, sin)
+            q, k, v = _layer_in(layer, hidden, cos, sin, self.head_dim)
             self.k_cache[index, :, :, :prompt_len] = k
             self.v_cache[index, :, :, :prompt_len] = v
             k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=_scaling(layer, self.head_dim))
-            hidden = hidden + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(batch_size, prompt_len, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = _layer_out(layer, hidden, attn.transpose(1, 2).reshape(batch_size, prompt_len, -1))
         logits = self.model.lm_head(self.body.norm(hidden[:, -1]))
         self.position.copy_(positions[:, -1] + 1)
         self.column.fill_(prompt_len)
@@ -226,7 +231,7 @@ class StaticDecoder:
         visible = self.key_valid[:, :width] & (self.columns[:width] <= self.column)  # [B, W]
         hidden = self.body.embed_tokens(self.feed[:, None])  # [B, 1, H]
         for index, layer in enumerate(self.body.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(hidden), cos, sin)  # [B, h, 1, D]
+            q, k, v = self._layer_in(layer, hidden, cos, sin, self.head_dim)  # [B, h, 1, D]
             self.k_cache[index].index_copy_(2, self.column, k)
             self.v_cache[index].index_copy_(2, self.column, v)
             keys = self.k_cache[index, :, :, :width]  # [B, H_kv, W, D]
@@ -236,23 +241,11 @@ class StaticDecoder:
             scores = torch.matmul(q, keys.transpose(-1, -2)).float() * _scaling(layer, self.head_dim)
             scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
             attn = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)  # [B, H_kv, G, D]
-            hidden = hidden + layer.self_attn.o_proj(attn.reshape(batch_size, 1, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = self._layer_out(layer, hidden, attn.reshape(batch_size, 1, -1))
         logits = self.model.lm_head(self.body.norm(hidden[:, 0]))
         self.position.add_(1)
         self.column.add_(1)
         self._sample_and_advance(logits)
-
-    def _qkv(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Projected, normed (Qwen3) and rotated q [B, H, S, D], k and v [B, H_kv, S, D]."""
-        attn, (batch_size, length, _) = layer.self_attn, x.shape
-        q = attn.q_proj(x).view(batch_size, length, -1, self.head_dim)
-        k = attn.k_proj(x).view(batch_size, length, -1, self.head_dim)
-        v = attn.v_proj(x).view(batch_size, length, -1, self.head_dim)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
     def _sample_and_advance(self, logits: torch.Tensor) -> None:
         """Sample from logits [B, V], record token and logprob at `out_column`, apply stop tokens."""
@@ -343,6 +336,29 @@ def race_sample(logits: torch.Tensor, sampler: _Sampler, generator: torch.Genera
     race = torch.empty_like(scaled).exponential_(generator=generator).clamp_(min=1e-30).log_()
     tokens = (drawable - race).argmax(dim=-1)
     return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
+
+
+def _qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+    """Projected, normed (Qwen3) and rotated q [B, H, S, D], k and v [B, H_kv, S, D]."""
+    attn, (batch_size, length, _) = layer.self_attn, x.shape
+    q = attn.q_proj(x).view(batch_size, length, -1, head_dim)
+    k = attn.k_proj(x).view(batch_size, length, -1, head_dim)
+    v = attn.v_proj(x).view(batch_size, length, -1, head_dim)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+
+def _layer_in(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+    """A layer's work before attention: input norm, q/k/v, RoPE."""
+    return _qkv(layer, layer.input_layernorm(hidden), cos, sin, head_dim)
+
+
+def _layer_out(layer, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """A layer's work after attention: output projection, residual, MLP, residual."""
+    hidden = hidden + layer.self_attn.o_proj(attn)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def _scaling(layer, head_dim: int) -> float:
