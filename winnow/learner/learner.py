@@ -232,7 +232,8 @@ class Learner:
         if self.is_lora:
             with adapters_off(self.model):
                 return self.logprobs(self.model, batch)
-        raise ValueError("the loss needs a reference policy but the learner was built without one")
+        raise ValueError("the loss needs a reference policy but the learner was built without a reference model "
+                         "(pass ref_model, or a LoRA policy whose reference is its adapters off)")
 
     # ------------------------------------------------------------------ weights
 
