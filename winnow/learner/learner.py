@@ -119,8 +119,9 @@ class Learner:
         self.config = config
         self.is_lora = is_lora(model)
         if self.is_lora and config.strategy != "single":
-            raise ValueError(f"LoRA with learner.strategy={config.strategy!r} is not supported yet: use --learner.strategy "
-                             "single (one GPU holds a frozen base model and small adapters), or --lora-rank 0")
+            raise ValueError(f"LoRA with learner.strategy={config.strategy!r} is not supported yet: use "
+                             "--learner.strategy single (one GPU holds a frozen base model and small adapters), "
+                             "or --lora-rank 0")
         self.strategy = make_strategy(config.strategy, device, config.sharding)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
