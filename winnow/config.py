@@ -23,6 +23,7 @@ from winnow.data import DataConfig
 from winnow.engines.hf import HFEngineConfig
 from winnow.engines.vllm import VLLMEngineConfig
 from winnow.learner.learner import LearnerConfig
+from winnow.learner.lora import LoraConfig
 from winnow.learner.sync import SyncConfig
 from winnow.logging import LoggingConfig
 from winnow.oracles import OracleConfig
@@ -106,6 +107,8 @@ class TrainConfig(Generic[AlgoT]):
     oracle: OracleConfig = field(default_factory=OracleConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters instead of full fine-tuning (`--lora-rank 8`); the reference is the adapters turned off"""
     engine: HFEngineConfig = field(default_factory=HFEngineConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     engine_backend: Literal["hf", "vllm"] = "hf"

@@ -62,33 +62,17 @@ class QuickstartConfig:
 
 def quickstart(config: QuickstartConfig) -> dict[str, float]:
     """Run the quickstart; returns held-out greedy accuracy before and after RL."""
-    setup_process(config.seed, config.num_threads)
-    out = Path(config.output_dir)
-    task = make_task(config.task, seed=config.seed)
-    texts = [q + a for split in ("train", "eval") for q, a in task.examples(split)]
-    tokenizer = train_char_tokenizer(texts)
-    model = build_tiny_model(tokenizer, seed=config.seed)
-    init_dir = save_tiny(model, tokenizer, out / "init")
-    common = dict(seed=config.seed, device=config.device, num_threads=config.num_threads, output_dir=str(out))
-    logging = LoggingConfig(progress=config.progress)
-    data = DataConfig(train=config.task)
-    oracle = OracleConfig(rewards=["exact"])
-    print(f"[1/3] SFT warm start: {config.sft_steps} steps on {config.task}")
-    sft_dir = train_sft(SFTConfig(
-        model=ModelConfig(path=str(init_dir)), data=data, oracle=oracle, logging=logging,
-        learner=LearnerConfig(lr=config.sft_lr, warmup_steps=10, lr_schedule="constant", micro_batch_size=128),
-        eval=EvalConfig(every=50, k=0, max_prompts=200), batch_size=128, num_steps=config.sft_steps,
-        max_tokens=8, run_name="sft", **common,
-    ))
+    sft_final = warm_start(config)
     print(f"[2/3] {config.algo}: {config.rl_iterations} policy iterations x "
           f"{config.prompts_per_iteration} prompts x {config.num_samples} samples")
     rl_dir = train(TrainConfig(
-        algo=OBJECTIVES[config.algo](), model=ModelConfig(path=str(sft_dir / "final")), data=data,
-        oracle=oracle, logging=logging, num_iterations=config.rl_iterations, run_name=config.algo,
+        algo=OBJECTIVES[config.algo](), model=ModelConfig(path=str(sft_final)), data=DataConfig(train=config.task),
+        oracle=OracleConfig(rewards=["exact"]), logging=LoggingConfig(progress=config.progress),
+        num_iterations=config.rl_iterations, run_name=config.algo,
         rollout=RolloutConfig(prompts_per_iteration=config.prompts_per_iteration,
                               num_samples=config.num_samples, max_tokens=8),
         learner=LearnerConfig(lr=config.rl_lr, micro_batch_size=256),
-        eval=EvalConfig(every=config.eval_every, k=4, max_prompts=200), **common,
+        eval=EvalConfig(every=config.eval_every, k=4, max_prompts=200), **_common(config),
     ))
     evals = [r for r in read_metrics(rl_dir) if "eval/greedy_accuracy" in r]
     before, after = evals[0]["eval/greedy_accuracy"], evals[-1]["eval/greedy_accuracy"]
@@ -98,3 +82,28 @@ def quickstart(config: QuickstartConfig) -> dict[str, float]:
           f"{100 * evals[-1]['eval/mean@4_accuracy']:.1f}%")
     print(f"      learning curves: {rl_dir / 'plots'}; metrics: {rl_dir / 'metrics.jsonl'}")
     return {"before": before, "after": after}
+
+
+def warm_start(config: QuickstartConfig) -> Path:
+    """Steps 1 and 2: the tiny model and tokenizer (OUTPUT_DIR/init), then the SFT warm start; returns the
+    SFT model's directory (OUTPUT_DIR/sft/final), the starting point of the RL runs."""
+    setup_process(config.seed, config.num_threads)
+    out = Path(config.output_dir)
+    task = make_task(config.task, seed=config.seed)
+    texts = [q + a for split in ("train", "eval") for q, a in task.examples(split)]
+    tokenizer = train_char_tokenizer(texts)
+    model = build_tiny_model(tokenizer, seed=config.seed)
+    init_dir = save_tiny(model, tokenizer, out / "init")
+    print(f"[1/3] SFT warm start: {config.sft_steps} steps on {config.task}")
+    sft_dir = train_sft(SFTConfig(
+        model=ModelConfig(path=str(init_dir)), data=DataConfig(train=config.task),
+        oracle=OracleConfig(rewards=["exact"]), logging=LoggingConfig(progress=config.progress),
+        learner=LearnerConfig(lr=config.sft_lr, warmup_steps=10, lr_schedule="constant", micro_batch_size=128),
+        eval=EvalConfig(every=50, k=0, max_prompts=200), batch_size=128, num_steps=config.sft_steps,
+        max_tokens=8, run_name="sft", **_common(config),
+    ))
+    return sft_dir / "final"
+
+
+def _common(config: QuickstartConfig) -> dict:
+    return dict(seed=config.seed, device=config.device, num_threads=config.num_threads, output_dir=config.output_dir)

@@ -145,7 +145,7 @@ class _PairedLoss:
         if self.needs_reference:
             if batch.ref_logprobs is None:
                 raise ValueError(f"{type(self).__name__} needs batch.ref_logprobs: compute them with "
-                                 f"Learner.logprobs(learner.ref_model, batch) before training")
+                                 f"Learner.reference_logprobs(batch) before training")
             ref = _sequence_logps(batch.ref_logprobs, batch.response_mask, self.uses_length_average)
             ref_chosen, ref_rejected = ref[0::2], ref[1::2]
         losses = self.pair_losses(chosen, rejected, ref_chosen, ref_rejected)  # [P]

@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from winnow.learner.lora import adapters_off, is_lora, merged_weights, save_merged
 from winnow.learner.logprobs import sequence_logprobs
 from winnow.learner.strategy import StrategyConfig, make_strategy
 from winnow.types import TrainBatch
@@ -109,7 +110,11 @@ _SCHEDULES = {"constant", "linear", "cosine"}
 
 
 class Learner:
-    """Owns the trainable policy (and the frozen reference, when a KL term needs one)."""
+    """Owns the trainable policy (and the frozen reference, when a KL term needs one).
+
+    A LoRA policy (a peft model, see `winnow.learner.lora`) trains its adapters only; its reference is the
+    same model with the adapters off (pass no `ref_model`), and the engine gets merged weights.
+    """
 
     def __init__(
         self,
@@ -121,9 +126,16 @@ class Learner:
         device: torch.device | str | None = None,
     ):
         self.config = config
+        self.is_lora = is_lora(model)
+        if self.is_lora and config.strategy != "single":
+            raise ValueError(f"LoRA with learner.strategy={config.strategy!r} is not supported yet: use "
+                             "--learner.strategy single (one GPU holds a frozen base model and small adapters), "
+                             "or --lora-rank 0")
         self.strategy = make_strategy(config.strategy, device, config.sharding)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+            if self.is_lora:  # the frozen embeddings' output needs grad, or checkpointed blocks get none
+                model.enable_input_require_grads()
         if config.compile:
             _compile_layers(model)
         factor = _schedule(config.lr_schedule, config.warmup_steps, total_steps, config.min_lr_ratio)
@@ -202,9 +214,7 @@ class Learner:
             # Later steps see an updated policy: the clipped ratio needs the pre-update logprobs.
             batch.old_logprobs = self.logprobs(self.model, batch)
         if needs_reference:
-            if self.ref_model is None:
-                raise ValueError("the loss has a KL term but the learner was built without a reference model")
-            batch.ref_logprobs = self.logprobs(self.ref_model, batch)
+            batch.ref_logprobs = self.reference_logprobs(batch)
         steps: list[dict[str, float]] = []
         for _ in range(self.config.num_epochs):
             order = torch.randperm(batch.batch_size, device=self.device)
@@ -231,18 +241,35 @@ class Learner:
                 out[rows, :width] = logprobs
         return out
 
+    def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Per-token logprobs of `batch` under the reference policy, [B, T]: the frozen copy, or for a LoRA
+        policy the same model with its adapters off (the base weights never change, so that is the initial
+        policy, with no second copy in memory)."""
+        if self.ref_model is not None:
+            return self.logprobs(self.ref_model, batch)
+        if self.is_lora:
+            with adapters_off(self.model):
+                return self.logprobs(self.model, batch)
+        raise ValueError("the loss needs a reference policy but the learner was built without a reference model "
+                         "(pass ref_model, or a LoRA policy whose reference is its adapters off)")
+
     # ------------------------------------------------------------------ weights
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full (unsharded) weights for the engine, named as in `named_parameters()`; a collective under a
-        sharded strategy: every rank must iterate it to the end."""
-        return self.strategy.full_weights()
+        sharded strategy: every rank must iterate it to the end. A LoRA policy gives its adapters merged
+        into the base weights, under the base model's names (the engine runs a plain model)."""
+        return merged_weights(self.model) if self.is_lora else self.strategy.full_weights()
 
     def save(self, path: str | Path, tokenizer=None) -> Path:
         """Save the policy as a `transformers` checkpoint (loadable with `from_pretrained`); sharded
-        strategies gather on every rank and write on rank 0."""
+        strategies gather on every rank and write on rank 0. A LoRA policy is saved merged, its adapter
+        alone in `path/adapter`."""
         path = Path(path)
-        self.strategy.save_pretrained(path)
+        if self.is_lora:
+            save_merged(self.model, path)
+        else:
+            self.strategy.save_pretrained(path)
         if tokenizer is not None and self.is_main:
             tokenizer.save_pretrained(path)
         return path

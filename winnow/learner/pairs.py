@@ -33,9 +33,7 @@ def train_pairs(learner: Learner, batch: TrainBatch, objective) -> dict[str, flo
                          f"(chosen, rejected) pair; use an even size")
     batch = batch.to(learner.device)
     if objective.needs_reference:
-        if learner.ref_model is None:
-            raise ValueError(f"{type(objective).__name__} needs a reference model, but the learner has none")
-        batch.ref_logprobs = learner.logprobs(learner.ref_model, batch)
+        batch.ref_logprobs = learner.reference_logprobs(batch)
     num_pairs = batch.batch_size // 2
     steps: list[dict[str, float]] = []
     for _ in range(config.num_epochs):

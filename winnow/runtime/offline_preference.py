@@ -70,7 +70,7 @@ def evaluate_pairs(learner: Learner, batch, objective) -> dict[str, float]:
     """The objective's loss and implicit-reward metrics on held-out pairs, without gradients."""
     batch = batch.to(learner.device)
     if objective.needs_reference:
-        batch.ref_logprobs = learner.logprobs(learner.ref_model, batch)
+        batch.ref_logprobs = learner.reference_logprobs(batch)
     logprobs = learner.logprobs(learner.model, batch)
     loss, metrics = objective.loss(logprobs, batch, num_sequences=batch.batch_size,
                                    num_tokens=max(batch.num_response_tokens, 1))

@@ -10,6 +10,7 @@ from winnow.config import TrainConfig, save_config
 from winnow.data import batches, load_prompts
 from winnow.engines import make_engine
 from winnow.learner.learner import Learner
+from winnow.learner.lora import apply_lora
 from winnow.logging import MetricsLogger, progress
 from winnow.logging.plot import plot_run
 from winnow.oracles import make_oracle
@@ -37,9 +38,12 @@ def train(config: TrainConfig) -> Path:
             f"{config.rollout.prompts_per_iteration}; lower it or add data"
         )
     oracle = make_oracle(config.oracle)
-    ref_model = copy.deepcopy(policy) if config.algo.needs_reference else None
-    # The hf engine's own copy, taken before a sharded learner splits `policy` across ranks (vllm loads from disk).
+    # The hf engine's own copy, taken before a sharded learner splits `policy` across ranks and before LoRA
+    # wraps it: the engine runs a plain model and receives merged weights (vllm loads from disk).
     engine_model = copy.deepcopy(policy) if config.engine_backend == "hf" else None
+    policy = apply_lora(policy, config.lora)
+    # A LoRA policy's reference is itself with the adapters off (Learner.reference_logprobs): no copy.
+    ref_model = copy.deepcopy(policy) if config.algo.needs_reference and not config.lora.enabled else None
     steps_per_iteration = config.learner.num_mini_batches * config.learner.num_epochs
     learner = Learner(policy, config.learner, config.num_iterations * steps_per_iteration, ref_model,
                       temperature=config.rollout.temperature, device=device)

@@ -18,6 +18,7 @@ from winnow.config import ModelConfig, RolloutConfig, save_config
 from winnow.data import DataConfig, batches, load_prompts
 from winnow.engines.hf import HFEngine, HFEngineConfig
 from winnow.learner.learner import Learner, LearnerConfig
+from winnow.learner.lora import LoraConfig, apply_lora
 from winnow.logging import LoggingConfig, MetricsLogger, progress
 from winnow.logging.plot import plot_run
 from winnow.oracles import OracleConfig, make_preference_oracle
@@ -66,6 +67,8 @@ class PreferenceTrainConfig(Generic[AlgoT]):
     """sampling of the online loop: num_samples >= 2 responses per prompt"""
     pairs: PairConfig = field(default_factory=PairConfig)
     learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(lr=5e-6))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters instead of full fine-tuning (`--lora-rank 8`); the reference is the adapters turned off"""
     engine: HFEngineConfig = field(default_factory=HFEngineConfig)
     eval: WinRateConfig = field(default_factory=WinRateConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -107,7 +110,11 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
     run_dir = make_run_dir(config.output_dir, config.run_name, config.algo.name)
     save_config(config, run_dir / "config.yaml")
     policy, tokenizer = load_policy(config.model)
-    ref_model = copy.deepcopy(policy) if config.algo.needs_reference else None
+    # The engine's own plain copy, taken before LoRA wraps `policy`: it receives merged weights at each sync.
+    engine_model = None if config.offline else copy.deepcopy(policy)
+    policy = apply_lora(policy, config.lora)
+    # A LoRA policy's reference is itself with the adapters off (Learner.reference_logprobs): no copy.
+    ref_model = copy.deepcopy(policy) if config.algo.needs_reference and not config.lora.enabled else None
     steps_per_iteration = config.learner.num_mini_batches * config.learner.num_epochs
     learner = Learner(policy, config.learner, config.num_iterations * steps_per_iteration, ref_model,
                       temperature=1.0 if config.offline else config.rollout.temperature, device=device)
@@ -127,7 +134,7 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
         oracle.close()
         raise ValueError(f"--pairs.selection best_vs_worst needs scalar rewards, but oracle.kind={config.oracle.kind!r}"
                          f" only compares; use --pairs.selection random")
-    engine = HFEngine(learner.model, tokenizer, config.engine, device=device)
+    engine = HFEngine(engine_model, tokenizer, config.engine, device=device, copy_model=False)
     log.info("run %s: %d train / %d eval prompts, %d prompts x %d samples per iteration, pairs by %s",
              run_dir, len(train_prompts), len(eval_prompts), config.rollout.prompts_per_iteration,
              config.rollout.num_samples, config.pairs.selection)
