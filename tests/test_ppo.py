@@ -240,3 +240,58 @@ def test_critic_starts_at_zero_and_fits_its_returns(tiny_model):
 def test_critic_refuses_sharded_strategies_with_the_fix(tiny_model):
     with pytest.raises(ValueError, match="--learner.strategy single"):
         make_critic(tiny_model, LearnerConfig(strategy="fsdp2"), lr=1e-5, total_steps=1)
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_winnow_train_ppo_raises_held_out_accuracy(tmp_path):
+    """SFT warm start as in the quickstart (seed 0, 250 steps), then `winnow train ppo` through the CLI with
+    ONE sample per prompt (the critic is the only baseline). Measured on this 2-core CPU (one thread): held-out
+    greedy accuracy 0.425 -> 0.715 after 60 iterations (seed 0; with PPO seed 2 on the same warm start 0.70;
+    from a seed-1 warm start 0.59 -> 0.76), about 80 s for the whole test."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from winnow.config import EvalConfig, ModelConfig
+    from winnow.data import DataConfig, make_task
+    from winnow.data.tiny import build_tiny_model, save_tiny, train_char_tokenizer
+    from winnow.learner.sft import SFTConfig, train_sft
+    from winnow.logging import LoggingConfig, read_metrics
+    from winnow.oracles import OracleConfig
+
+    task = make_task("arithmetic", seed=0)
+    tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
+    init = save_tiny(build_tiny_model(tokenizer, seed=0), tokenizer, tmp_path / "init")
+    sft = train_sft(SFTConfig(
+        model=ModelConfig(path=str(init)), data=DataConfig(train="arithmetic"), oracle=OracleConfig(rewards=["exact"]),
+        learner=LearnerConfig(lr=1e-3, warmup_steps=10, micro_batch_size=128),
+        eval=EvalConfig(every=0, k=0, max_prompts=10),
+        logging=LoggingConfig(progress=False), batch_size=128, num_steps=250, max_tokens=8, seed=0, device="cpu",
+        num_threads=1, output_dir=str(tmp_path), run_name="sft",
+    ))
+    config = {
+        "model": {"path": str(sft / "final")},
+        "oracle": {"rewards": ["exact"]},
+        "rollout": {"prompts_per_iteration": 64, "num_samples": 1, "max_tokens": 8},
+        "learner": {"lr": 3e-5, "micro_batch_size": 256},
+        "algo": {"critic_lr": 3e-4},
+        "eval": {"every": 0, "k": 0, "max_prompts": 200},
+        "logging": {"progress": False},
+        "num_iterations": 60, "device": "cpu", "num_threads": 1,
+    }
+    (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(config))
+    subprocess.run([sys.executable, "-m", "winnow.cli", "train", "ppo", "--config", str(tmp_path / "ppo.yaml"),
+                    "--output-dir", str(tmp_path), "--run-name", "ppo"], check=True, timeout=600)
+    rows = read_metrics(tmp_path / "ppo")
+    evals = [r["eval/greedy_accuracy"] for r in rows if "eval/greedy_accuracy" in r]
+    assert evals[-1] >= evals[0] + 0.15, evals
+    last = rows[-1]
+    assert last["counts/samples"] == 60 * 64 and last["rollout/trained_samples"] == 64  # groups of one are kept
+    for key in ("critic/explained_variance", "critic/old_value_mean", "train/critic/value_loss",
+                "train/critic/value_clip_fraction", "train/critic/value_mean", "train/clip_fraction"):
+        assert math.isfinite(last[key]), key
+    assert last["critic/old_value_mean"] > 0.05  # the critic has learned the success rate, starting from V = 0
+    assert (tmp_path / "ppo" / "critic" / "value_head.pt").exists()
