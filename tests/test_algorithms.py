@@ -383,7 +383,7 @@ def test_clipped_loss_shape_validation():
 # ---------------------------------------------------------------------------------------- objectives
 
 def test_registry_and_protocol():
-    assert set(OBJECTIVES) == {"grpo", "dr-grpo", "rloo"}
+    assert set(OBJECTIVES) == {"grpo", "dr-grpo", "rloo", "ppo"}
     for name, cls in OBJECTIVES.items():
         objective = cls()
         assert objective.name == name

@@ -1,6 +1,6 @@
 """The `winnow` command line.
 
-    winnow train ALGO [--config FILE] [--flags ...]   policy iteration: RL (grpo, dr-grpo, rloo) or preference
+    winnow train ALGO [--config FILE] [--flags ...]   policy iteration: RL (grpo, dr-grpo, rloo, ppo) or preference
                                                       optimisation (dpo, ipo, slic, simpo; --offline for a dataset)
     winnow sft [--config FILE] [--flags ...]          supervised fine-tuning
     winnow eval [--config FILE] [--flags ...]         held-out accuracy of a model

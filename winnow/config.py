@@ -51,7 +51,7 @@ class RolloutConfig:
     prompts_per_iteration: int = 32
     """prompts drawn per policy iteration"""
     num_samples: int = 8
-    """responses sampled per prompt (the group size G of GRPO/RLOO)"""
+    """responses sampled per prompt (the group size G of GRPO/RLOO; PPO works with any, 1 included)"""
     temperature: float = 1.0
     """sampling temperature; the learner divides its logits by the same value"""
     top_p: float = 1.0
@@ -64,7 +64,7 @@ class RolloutConfig:
     """stop strings, besides EOS"""
     drop_uniform_groups: bool = False
     """drop groups whose rewards are all equal (they carry no signal with group baselines; DAPO's
-    dynamic sampling without the refill)"""
+    dynamic sampling without the refill); ignored by ppo, whose baseline is its critic"""
 
     @property
     def samples_per_iteration(self) -> int:

@@ -175,7 +175,7 @@ class TrainBatch:
     response_mask: torch.Tensor
     """1 for response tokens that are trained on, [B, T] float"""
     advantages: torch.Tensor
-    """per-sequence advantage, [B] float"""
+    """per-sequence advantage, [B] float; or per-token, [B, T] float (PPO's GAE advantages, 0 off the mask)"""
     engine_logprobs: torch.Tensor
     """the engine's logprob of each response token when it was sampled, [B, T] float (0 off the mask)"""
     rewards: torch.Tensor | None = None
@@ -184,6 +184,10 @@ class TrainBatch:
     """logprobs under the policy before this iteration's updates, [B, T] float; filled by the learner"""
     ref_logprobs: torch.Tensor | None = None
     """logprobs under the reference model, [B, T] float; filled by the learner when a KL term is on"""
+    old_values: torch.Tensor | None = None
+    """the critic's values when the samples were drawn, [B, T] float (PPO only; 0 off the mask)"""
+    returns: torch.Tensor | None = None
+    """the critic's regression targets, GAE advantages + old values, [B, T] float (PPO only; 0 off the mask)"""
 
     @property
     def batch_size(self) -> int:

@@ -4,7 +4,9 @@
 - kl: `kl_estimate` (Schulman's k1, k2, k3)
 - aggregation: `aggregate_loss` (token-mean, seq-mean-token-mean, seq-mean-token-sum-norm)
 - policy_loss: `clipped_policy_loss` (clipped surrogate, clip-higher, truncated importance sampling)
-- objectives: `PolicyObjective` and its configured implementations `GRPO`, `DrGRPO`, `RLOO`, by name in `OBJECTIVES`
+- gae: `token_rewards`, `gae_advantages`, `whiten`, `clipped_value_loss`, `explained_variance` (PPO's critic side)
+- objectives: `PolicyObjective` and its configured implementations `GRPO`, `DrGRPO`, `RLOO`, `PPO` (ppo.py), by
+  name in `OBJECTIVES`
 - preference: `dpo_loss`, `ipo_loss`, `slic_loss`, `simpo_loss` per pair, and `DPO`, `IPO`, `SLiC`, `SimPO` by
   name in `PREFERENCE_OBJECTIVES`
 """
@@ -13,6 +15,8 @@ from winnow.algorithms.aggregation import LOSS_AGG_MODES, LossAggregation, aggre
 from winnow.algorithms.kl import KL_ESTIMATORS, KLEstimator, kl_estimate
 from winnow.algorithms.objectives import GRPO, OBJECTIVES, RLOO, DrGRPO, PolicyObjective
 from winnow.algorithms.policy_loss import clipped_policy_loss
+from winnow.algorithms.gae import clipped_value_loss, explained_variance, gae_advantages, token_rewards, whiten
+from winnow.algorithms.ppo import PPO
 
 __all__ = [
     "GRPO",
@@ -21,15 +25,21 @@ __all__ = [
     "LOSS_AGG_MODES",
     "LossAggregation",
     "OBJECTIVES",
+    "PPO",
     "RLOO",
     "DrGRPO",
     "PolicyObjective",
     "aggregate_loss",
     "clipped_policy_loss",
+    "clipped_value_loss",
+    "explained_variance",
+    "gae_advantages",
     "group_advantages",
     "kl_estimate",
     "masked_mean",
     "rloo_advantages",
+    "token_rewards",
+    "whiten",
 ]
 from winnow.algorithms.preference import (  # noqa: E402  (preference losses: DPO, IPO, SLiC, SimPO)
     DPO,

@@ -7,6 +7,10 @@ whatever the algorithm; variants are fields or small subclasses here, never bran
     advantages = objective.advantages(rewards, group_size)            # [B*G] -> [B*G]
     if objective.needs_reference: ...fill batch.ref_logprobs...
     loss, metrics = objective.loss(logprobs, micro_batch, num_sequences=..., num_tokens=..., max_tokens=...)
+
+An objective with `needs_critic = True` (PPO, winnow/algorithms/ppo.py) also has `token_advantages` and
+`value_loss`: the runtime then trains a critic beside the policy and replaces the sequence-level
+advantages with per-token ones.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from winnow.algorithms.advantages import group_advantages, rloo_advantages
 from winnow.algorithms.aggregation import LOSS_AGG_MODES, LossAggregation, aggregate_loss
 from winnow.algorithms.kl import KL_ESTIMATORS, KLEstimator, kl_estimate
 from winnow.algorithms.policy_loss import clipped_policy_loss
+from winnow.algorithms.ppo import PPO
 from winnow.types import TrainBatch
 
 
@@ -147,7 +152,7 @@ class RLOO:
         )
 
 
-OBJECTIVES: dict[str, type[PolicyObjective]] = {"grpo": GRPO, "dr-grpo": DrGRPO, "rloo": RLOO}
+OBJECTIVES: dict[str, type[PolicyObjective]] = {"grpo": GRPO, "dr-grpo": DrGRPO, "rloo": RLOO, "ppo": PPO}
 """policy objectives by name, as the CLI spells them (`winnow train grpo`)"""
 
 

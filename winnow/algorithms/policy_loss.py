@@ -49,7 +49,8 @@ def clipped_policy_loss(
     Args:
         logprobs: `[B, T]` log pi_theta of the sampled tokens, with grad.
         old_logprobs: `[B, T]` log pi_old, the learner's policy when the samples were drawn (no grad).
-        advantages: `[B]` one advantage per sequence, broadcast over its tokens.
+        advantages: `[B]` one advantage per sequence, broadcast over its tokens; or `[B, T]` one per token
+            (PPO with a critic).
         mask: `[B, T]` 1 on response tokens.
         clip_low: epsilon_low, the ratio is clipped below at 1 - clip_low.
         clip_high: epsilon_high, the ratio is clipped above at 1 + clip_high.
@@ -74,8 +75,9 @@ def clipped_policy_loss(
             f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
             f"{tuple(mask.shape)} must all be [B, T]"
         )
-    if advantages.shape != logprobs.shape[:1]:
-        raise ValueError(f"advantages {tuple(advantages.shape)} must be [B] with B={logprobs.shape[0]}")
+    if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be [B] or [B, T] with [B, T]="
+                         f"{tuple(logprobs.shape)}")
     is_tis = engine_logprobs is not None and tis_cap is not None
     if is_tis and engine_logprobs.shape != logprobs.shape:
         raise ValueError(f"engine_logprobs {tuple(engine_logprobs.shape)} must be [B, T] like logprobs")
@@ -86,7 +88,7 @@ def clipped_policy_loss(
     # (and gives no NaN gradient through torch.where).
     log_ratio = torch.where(is_token, logprobs.float() - old_logprobs.float(), 0.0)  # [B, T]
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [B, T]
-    adv = advantages.float().unsqueeze(1)  # [B, 1]
+    adv = advantages.float() if advantages.dim() == 2 else advantages.float().unsqueeze(1)  # [B, T] or [B, 1]
     unclipped = ratio * adv  # [B, T]
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv  # [B, T]
     per_token = -torch.minimum(unclipped, clipped)  # [B, T]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -36,6 +37,10 @@ from winnow.types import TrainBatch
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 """`loss_fn(logprobs [b, T], micro_batch, *, num_sequences, num_tokens) -> (scalar loss, metrics)`; the
 normalisers are the whole mini-batch's, so micro-batch losses and metrics add up to the mini-batch's."""
+
+ForwardFn = Callable[[torch.nn.Module, TrainBatch], torch.Tensor]
+"""`forward(model, batch) -> [B, T]` per-token outputs of the trained model, aligned with `response_mask`:
+`sequence_logprobs` for a policy, `critic.token_values` for PPO's critic."""
 
 
 @dataclass
@@ -114,6 +119,9 @@ class Learner:
 
     A LoRA policy (a peft model, see `winnow.learner.lora`) trains its adapters only; its reference is the
     same model with the adapters off (pass no `ref_model`), and the engine gets merged weights.
+
+    The same class trains PPO's critic (`winnow.learner.critic`): `forward` then computes values instead
+    of logprobs, and the loss function is a value loss.
     """
 
     def __init__(
@@ -124,6 +132,7 @@ class Learner:
         ref_model: torch.nn.Module | None = None,
         temperature: float = 1.0,
         device: torch.device | str | None = None,
+        forward: ForwardFn | None = None,
     ):
         self.config = config
         self.is_lora = is_lora(model)
@@ -148,6 +157,9 @@ class Learner:
         self.num_steps = 0
         # Sharded strategies gather parameters in the root module's forward, so they keep the full forward.
         self.fused_head = config.fused_logprobs and config.strategy == "single"
+        # What the trained model computes per token: the policy's logprobs, or a critic's values.
+        self.forward: ForwardFn = forward or partial(sequence_logprobs, temperature=temperature,
+                                                     fused_head=self.fused_head)
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         c = self.config
@@ -194,8 +206,8 @@ class Learner:
         micro_batches = list(self._micro_batches(batch))
         for i, micro in enumerate(micro_batches):
             with self.autocast():
-                logprobs = sequence_logprobs(self.model, micro, self.temperature, self.fused_head)
-                loss, metrics = loss_fn(logprobs, micro, num_sequences=num_sequences, num_tokens=num_tokens)
+                outputs = self.forward(self.model, micro)  # [b, T] logprobs (a critic: values)
+                loss, metrics = loss_fn(outputs, micro, num_sequences=num_sequences, num_tokens=num_tokens)
             self.strategy.backward(loss, is_last_micro_batch=i == len(micro_batches) - 1)
             # Losses and metrics use the mini-batch's normalisers, so they add up across micro-batches.
             for key, value in {"loss": float(loss.detach()), **metrics}.items():
@@ -207,25 +219,46 @@ class Learner:
         self.num_steps += 1
         return {**totals, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
 
-    def train_policy(self, batch: TrainBatch, loss_fn: LossFn, needs_reference: bool = False) -> dict[str, float]:
-        """All optimizer steps of one policy iteration: num_epochs x num_mini_batches."""
+    def train_policy(
+        self, batch: TrainBatch, loss_fn: LossFn, needs_reference: bool = False,
+        on_mini_batch: Callable[[TrainBatch], dict[str, float]] | None = None,
+    ) -> dict[str, float]:
+        """All optimizer steps of one policy iteration: num_epochs x num_mini_batches.
+
+        `on_mini_batch(mini_batch) -> metrics`, when given, runs after each policy step on the same rows
+        (PPO's critic step); its metrics are averaged with the policy's. `batch.old_logprobs` and
+        `batch.ref_logprobs` that are already filled (PPO fills them to shape its rewards) are kept.
+        """
         batch = batch.to(self.device)
-        if self.config.num_epochs > 1 or self.config.num_mini_batches > 1:
+        if batch.old_logprobs is None and (self.config.num_epochs > 1 or self.config.num_mini_batches > 1):
             # Later steps see an updated policy: the clipped ratio needs the pre-update logprobs.
             batch.old_logprobs = self.logprobs(self.model, batch)
-        if needs_reference:
+        if needs_reference and batch.ref_logprobs is None:
             batch.ref_logprobs = self.reference_logprobs(batch)
         steps: list[dict[str, float]] = []
         for _ in range(self.config.num_epochs):
             order = torch.randperm(batch.batch_size, device=self.device)
             # tensor_split: exactly num_mini_batches steps on every rank, however few rows it holds
             for index in order.tensor_split(self.config.num_mini_batches):
-                steps.append(self.train_step(batch.select(index), loss_fn))
+                mini_batch = batch.select(index)
+                steps.append(self.train_step(mini_batch, loss_fn))
+                if on_mini_batch is not None:
+                    steps[-1].update(on_mini_batch(mini_batch))
         return {key: sum(s[key] for s in steps) / len(steps) for key in steps[0]}
 
-    @torch.no_grad()
+    def predict(self, batch: TrainBatch) -> torch.Tensor:
+        """The trained model's own per-token outputs (`forward`: logprobs, or a critic's values) without
+        gradients, [B, T]."""
+        return self._no_grad_forward(self.model, batch, self.forward)
+
     def logprobs(self, model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
         """Per-token logprobs of `batch` under `model` without gradients, [B, T]."""
+        return self._no_grad_forward(model, batch, partial(sequence_logprobs, temperature=self.temperature,
+                                                           fused_head=self.fused_head))
+
+    @torch.no_grad()
+    def _no_grad_forward(self, model: torch.nn.Module, batch: TrainBatch, forward: ForwardFn) -> torch.Tensor:
+        """`forward(model, micro_batch)` over `batch` a micro-batch at a time, [B, T] float32."""
         model.eval()
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=self.device)
         size = self.config.micro_batch_size
@@ -236,9 +269,9 @@ class Learner:
             micro = batch.select(rows)
             width = _used_width(micro)
             with self.autocast():
-                logprobs = sequence_logprobs(model, _trim(micro, width), self.temperature, self.fused_head)
+                outputs = forward(model, _trim(micro, width))
             if i * size < batch.batch_size:  # else a padding forward, thrown away
-                out[rows, :width] = logprobs
+                out[rows, :width] = outputs
         return out
 
     def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:

@@ -34,7 +34,7 @@ from winnow.learner.batch import make_train_batch
 from winnow.learner.learner import Learner
 from winnow.learner.sync import sync_weights, verify_sync
 from winnow.oracles.base import RewardOracle
-from winnow.types import Completion, Group, Prompt
+from winnow.types import Completion, Group, Prompt, TrainBatch
 
 
 @dataclass
@@ -67,12 +67,17 @@ class PhaseTimer:
 
 
 class LocalRuntime:
-    """Runs policy iteration for an RL objective (GRPO, Dr. GRPO, RLOO) in one process."""
+    """Runs policy iteration for an RL objective (GRPO, Dr. GRPO, RLOO, PPO) in one process.
+
+    With a `critic` (PPO: the objective's `needs_critic`), the advantages phase values the batch with the
+    critic and turns rewards into per-token GAE advantages, and the train phase steps the critic after each
+    policy step, on the same mini-batch."""
 
     def __init__(self, config, *, engine: Engine, learner: Learner, oracle: RewardOracle, objective,
                  train_stream: Iterator[list[Prompt]], eval_prompts: list[Prompt], logger, run_dir: Path,
-                 pad_token_id: int, progress=None):
+                 pad_token_id: int, progress=None, critic: Learner | None = None):
         self.config, self.engine, self.learner, self.oracle = config, engine, learner, oracle
+        self.critic = critic
         self.objective, self.train_stream, self.eval_prompts = objective, train_stream, eval_prompts
         self.logger, self.run_dir, self.pad_token_id, self.progress = logger, run_dir, pad_token_id, progress
         self.counters = Counters()
@@ -111,8 +116,9 @@ class LocalRuntime:
             with timer("train"):
                 self.engine.sleep()  # frees the engine's GPU memory for the learner where the backend can
                 loss_fn = partial(self.objective.loss, max_tokens=self.config.rollout.max_tokens)
-                train_metrics = self.learner.train_policy(self.learner.shard(batch), loss_fn,
-                                                          self.objective.needs_reference)
+                train_metrics = self.learner.train_policy(
+                    self.learner.shard(batch), loss_fn, self.objective.needs_reference,
+                    on_mini_batch=self.train_critic if self.critic is not None else None)
                 self.counters.optimizer_steps = self.learner.num_steps
             with timer("sync"):
                 self.engine.wake()
@@ -162,19 +168,21 @@ class LocalRuntime:
         return groups, metrics
 
     def advantages(self, groups: list[Group]):
-        """Per-group advantages. Unscored samples leave their group (never trained on as a zero reward);
-        a group with fewer than two scored samples has no baseline and is dropped."""
+        """Per-group advantages. Unscored samples leave their group (never trained on as a zero reward).
+        Without a critic, the group is the baseline: a group with fewer than two scored samples has none
+        and is dropped. With a critic (PPO) every scored sample is kept, and the advantages are per token."""
+        has_group_baseline = self.critic is None
         kept_completions, advantages, rewards = [], [], []
         num_uniform = num_small = 0
         for group in groups:
             scored = [(c, r) for c, r in zip(group.completions, group.rewards) if r is not None]
-            if len(scored) < 2:
+            if len(scored) < (2 if has_group_baseline else 1):
                 num_small += 1
                 continue
             r = torch.tensor([r for _, r in scored], dtype=torch.float32)
             if bool((r == r[0]).all()):
                 num_uniform += 1
-                if self.config.rollout.drop_uniform_groups:
+                if self.config.rollout.drop_uniform_groups and has_group_baseline:
                     continue
             advantages.append(self.objective.advantages(r, len(scored)))
             rewards.append(r)
@@ -184,11 +192,29 @@ class LocalRuntime:
             return None, {**metrics, "rollout/trained_samples": 0.0}
         adv = torch.cat(advantages)
         batch = make_train_batch(kept_completions, adv, torch.cat(rewards), self.pad_token_id)
-        metrics.update({
-            "rollout/trained_samples": float(len(kept_completions)),
-            "advantage/mean": float(adv.mean()), "advantage/abs_mean": float(adv.abs().mean()),
-        })
+        metrics["rollout/trained_samples"] = float(len(kept_completions))
+        if self.critic is not None:
+            batch, token_metrics = self.token_advantages(batch)
+            return batch, {**metrics, **token_metrics}
+        metrics.update({"advantage/mean": float(adv.mean()), "advantage/abs_mean": float(adv.abs().mean())})
         return batch, metrics
+
+    def token_advantages(self, batch: TrainBatch) -> tuple[TrainBatch, dict[str, float]]:
+        """PPO: value the batch with the critic and let the objective turn rewards into per-token GAE
+        advantages and returns. The policy's (and reference's) logprobs are taken here, before any update:
+        they shape the KL penalty in the reward and are the clipped ratio's pi_old."""
+        batch = batch.to(self.learner.device)
+        batch.old_logprobs = self.learner.logprobs(self.learner.model, batch)  # [B, T]
+        if self.objective.needs_reference:
+            batch.ref_logprobs = self.learner.reference_logprobs(batch)  # [B, T]
+        batch.old_values = self.critic.predict(batch)  # [B, T]
+        batch.advantages, batch.returns, metrics = self.objective.token_advantages(batch)
+        return batch, metrics
+
+    def train_critic(self, mini_batch: TrainBatch) -> dict[str, float]:
+        """One critic optimizer step on the policy step's mini-batch; its metrics as `critic/...`."""
+        metrics = self.critic.train_step(mini_batch, self.objective.value_loss)
+        return {f"critic/{key}": value for key, value in metrics.items()}
 
     def sync(self, prompts: list[Prompt]) -> dict[str, float]:
         """Send the learner's weights to the engine in buckets; with `sync.check_sync`, check a fixed probe."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from winnow.config import TrainConfig, save_config
 from winnow.data import batches, load_prompts
 from winnow.engines import make_engine
+from winnow.learner.critic import make_critic
 from winnow.learner.learner import Learner
 from winnow.learner.lora import apply_lora
 from winnow.logging import MetricsLogger, progress
@@ -41,10 +42,15 @@ def train(config: TrainConfig) -> Path:
     # The hf engine's own copy, taken before a sharded learner splits `policy` across ranks and before LoRA
     # wraps it: the engine runs a plain model and receives merged weights (vllm loads from disk).
     engine_model = copy.deepcopy(policy) if config.engine_backend == "hf" else None
+    steps_per_iteration = config.learner.num_mini_batches * config.learner.num_epochs
+    # PPO's value model: a copy of the policy's backbone, made before a sharded learner splits `policy` (and
+    # before LoRA wraps it: the critic trains in full).
+    critic = (make_critic(policy, config.learner, lr=config.algo.critic_lr,
+                          total_steps=config.num_iterations * steps_per_iteration, device=device)
+              if getattr(config.algo, "needs_critic", False) else None)
     policy = apply_lora(policy, config.lora)
     # A LoRA policy's reference is itself with the adapters off (Learner.reference_logprobs): no copy.
     ref_model = copy.deepcopy(policy) if config.algo.needs_reference and not config.lora.enabled else None
-    steps_per_iteration = config.learner.num_mini_batches * config.learner.num_epochs
     learner = Learner(policy, config.learner, config.num_iterations * steps_per_iteration, ref_model,
                       temperature=config.rollout.temperature, device=device)
     engine = make_engine(
@@ -69,13 +75,15 @@ def train(config: TrainConfig) -> Path:
                 config, engine=engine, learner=learner, oracle=oracle, objective=config.algo,
                 train_stream=batches(train_prompts, config.rollout.prompts_per_iteration, seed=config.seed),
                 eval_prompts=eval_prompts if is_main else [], logger=logger, run_dir=run_dir,
-                pad_token_id=tokenizer.pad_token_id, progress=bar,
+                pad_token_id=tokenizer.pad_token_id, progress=bar, critic=critic,
             )
             runtime.run()
     finally:
         oracle.close()
     if config.save_final:
         learner.save(run_dir / "final", tokenizer)  # a gather on every rank; rank 0 writes
+        if critic is not None:
+            critic.save(run_dir / "critic")
     if is_main:
         plot_run(run_dir)
     return run_dir
