@@ -6,6 +6,7 @@ the starting point of the other runs, which go through the real CLI with a confi
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +180,34 @@ def test_lora_grpo_learns_through_the_cli(quickstart_run, tmp_path):
     # ... and the final model is a plain merged checkpoint, with the adapter beside it.
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert (tmp_path / "run" / "final" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_winnow_train_ppo_raises_held_out_accuracy(quickstart_run, tmp_path):
+    """From the quickstart's SFT warm start (seed 0, 250 steps), `winnow train ppo` through the CLI with
+    ONE sample per prompt (the critic is the only baseline). Measured on this 2-core CPU (one thread): held-out
+    greedy accuracy 0.305 -> 0.64 after 60 iterations (seed 0; with PPO seed 2 on the same warm start 0.69;
+    from a seed-1 warm start 0.395 -> 0.71), about 40 s of PPO."""
+    sft = quickstart_run[0] / "sft"
+    config = {
+        "model": {"path": str(sft / "final")},
+        "oracle": {"rewards": ["exact"]},
+        "rollout": {"prompts_per_iteration": 64, "num_samples": 1, "max_tokens": 8},
+        "learner": {"lr": 3e-5, "micro_batch_size": 256},
+        "algo": {"critic_lr": 3e-4},
+        "eval": {"every": 0, "k": 0, "max_prompts": 200},
+        "logging": {"progress": False},
+        "num_iterations": 60, "device": "cpu", "num_threads": 1,
+    }
+    (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(config))
+    subprocess.run([sys.executable, "-m", "winnow.cli", "train", "ppo", "--config", str(tmp_path / "ppo.yaml"),
+                    "--output-dir", str(tmp_path), "--run-name", "ppo"], check=True, timeout=600)
+    rows = read_metrics(tmp_path / "ppo")
+    evals = [r["eval/greedy_accuracy"] for r in rows if "eval/greedy_accuracy" in r]
+    assert evals[-1] >= evals[0] + 0.15, evals
+    last = rows[-1]
+    assert last["counts/samples"] == 60 * 64 and last["rollout/trained_samples"] == 64  # groups of one are kept
+    for key in ("critic/explained_variance", "critic/old_value_mean", "train/critic/value_loss",
+                "train/critic/value_clip_fraction", "train/critic/value_mean", "train/clip_fraction"):
+        assert math.isfinite(last[key]), key
+    assert last["critic/old_value_mean"] > 0.05  # the critic has learned the success rate, starting from V = 0
+    assert (tmp_path / "ppo" / "critic" / "value_head.pt").exists()
