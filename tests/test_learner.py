@@ -176,3 +176,32 @@ def test_compiled_layers_and_fused_head_give_the_plain_update(tiny_model, tiny_t
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="strategy 'single'"):
         LearnerConfig(compile=True, strategy="fsdp2")
+
+
+def test_length_sorted_micro_batches_keep_preference_pairs_together(tiny_model, tiny_tokenizer):
+    # Pairs whose two rows differ in length, in an order that sorting rows alone would scramble: every
+    # micro-batch must hold whole pairs, chosen (advantage +1, here a marker) before rejected (-1), same pair id.
+    g = torch.Generator().manual_seed(0)
+    completions, markers, pair_ids = [], [], []
+    for pair, (chosen_len, rejected_len) in enumerate([(1, 6), (5, 2), (3, 3), (7, 1)]):
+        for marker, length in ((1.0, chosen_len), (-1.0, rejected_len)):
+            response = torch.randint(3, 15, (length,), generator=g).tolist()
+            completions.append(Completion([4, 5], response, [-1.0] * length, "stop", ""))
+            markers.append(marker)
+            pair_ids.append(float(pair))
+    batch = make_train_batch(completions, torch.tensor(markers), torch.tensor(pair_ids), pad_token_id=0)
+    seen = []
+
+    def loss_fn(logprobs, micro, **_):
+        assert micro.advantages[0::2].eq(1).all() and micro.advantages[1::2].eq(-1).all(), micro.advantages
+        assert torch.equal(micro.rewards[0::2], micro.rewards[1::2]), micro.rewards
+        seen.extend(micro.rewards[0::2].tolist())
+        return (logprobs * micro.response_mask).sum() * 0, {}
+
+    learner = Learner(copy.deepcopy(tiny_model), LearnerConfig(micro_batch_size=2), total_steps=1, device="cpu")
+    learner.train_step(batch, loss_fn, rows_per_unit=2)
+    # Pairs by their longer row, longest first: pair 3 (2 + 7 tokens), 0 (2 + 6), 1 (2 + 5), 2 (2 + 3).
+    assert seen == [3.0, 0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="multiples of 2"):
+        Learner(copy.deepcopy(tiny_model), LearnerConfig(micro_batch_size=3), total_steps=1,
+                device="cpu").train_step(batch, loss_fn, rows_per_unit=2)

@@ -53,6 +53,11 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
+_BUFFERS = ("k_cache", "v_cache", "cos_table", "sin_table", "columns", "key_valid", "feed", "position", "column",
+            "out_column", "out_tokens", "out_logprobs", "lengths", "is_done", "stop_ids", "pad_token")
+"""what `_prepare` allocates and `release` frees"""
+
+
 @dataclass(frozen=True)
 class _Sampler:
     """What a captured step bakes in; a new combination captures new graphs."""
@@ -145,7 +150,7 @@ class StaticDecoder:
         """Free the KV cache, the buffers and the graphs (they are rebuilt by the next call)."""
         self._graphs.clear()
         self._key, self._pool = None, None
-        for name in ("k_cache", "v_cache", "cos_table", "sin_table", "out_tokens", "out_logprobs"):
+        for name in _BUFFERS:
             self.__dict__.pop(name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -270,8 +275,8 @@ class StaticDecoder:
         missing = [w for w in widths if w not in self._graphs]
         if not missing:
             return
-        start = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start[0].record()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         self._seed(0)
         self._reset()
         self._pool = self._pool or torch.cuda.graph_pool_handle()
@@ -294,9 +299,9 @@ class StaticDecoder:
             with torch.cuda.graph(graph, pool=self._pool):
                 self._step(width)
             self._graphs[width] = graph
-        start[1].record()
+        end.record()
         torch.cuda.synchronize(self.device)
-        self.last_capture_seconds = start[0].elapsed_time(start[1]) / 1000
+        self.last_capture_seconds = begin.elapsed_time(end) / 1000
 
     def _check_stop_strings(self, stop_checker, num_steps: int) -> None:
         """Host check of stop strings over the steps since the last check (a row ends at its first hit,

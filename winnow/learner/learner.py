@@ -192,8 +192,12 @@ class Learner:
 
     # ------------------------------------------------------------------ steps
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step over `batch` (a mini-batch), accumulating over micro-batches."""
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, rows_per_unit: int = 1) -> dict[str, float]:
+        """One optimizer step over `batch` (a mini-batch), accumulating over micro-batches.
+
+        rows_per_unit: consecutive rows that must stay together and in order in one micro-batch (2 for
+        preference pairs, [chosen, rejected]); micro-batches are formed from whole units.
+        """
         self.model.train()
         self.strategy.zero_grad()
         # Global normalisers: every rank's loss is its share of the whole mini-batch's (see the module doc).
@@ -203,7 +207,7 @@ class Learner:
         num_sequences, num_tokens = int(num_sequences), max(num_tokens, 1.0)
         batch = self._pad_to_global_max(batch)
         totals: dict[str, float] = {}
-        micro_batches = list(self._micro_batches(batch))
+        micro_batches = list(self._micro_batches(batch, rows_per_unit))
         for i, micro in enumerate(micro_batches):
             with self.autocast():
                 outputs = self.forward(self.model, micro)  # [b, T] logprobs (a critic: values)
@@ -336,10 +340,17 @@ class Learner:
             fields[name] = None if a is None else torch.cat([a, b])
         return TrainBatch(**fields)
 
-    def _micro_batches(self, batch: TrainBatch) -> Iterator[TrainBatch]:
-        # Length-aware: rows sorted by length, so each micro-batch holds rows of similar length and is
-        # trimmed to its own longest row (the loss uses the mini-batch's normalisers: order is free).
-        order = batch.attention_mask.sum(dim=1).argsort(descending=True, stable=True)
+    def _micro_batches(self, batch: TrainBatch, rows_per_unit: int = 1) -> Iterator[TrainBatch]:
+        # Length-aware: units (rows, or pairs of rows) sorted by length, so each micro-batch holds rows of
+        # similar length and is trimmed to its own longest row. The loss uses the mini-batch's normalisers,
+        # so the order of units is free; the order of rows inside a unit is kept.
+        unit = rows_per_unit
+        if batch.batch_size % unit or self.config.micro_batch_size % unit:
+            raise ValueError(f"{batch.batch_size} rows and micro_batch_size={self.config.micro_batch_size} must "
+                             f"both be multiples of {unit} (rows that belong together)")
+        lengths = batch.attention_mask.sum(dim=1).view(-1, unit).amax(dim=1)
+        units = lengths.argsort(descending=True, stable=True)
+        order = (units[:, None] * unit + torch.arange(unit, device=units.device)).reshape(-1)
         for start in range(0, batch.batch_size, self.config.micro_batch_size):
             micro = batch.select(order[start : start + self.config.micro_batch_size])
             yield _trim(micro, _used_width(micro))

@@ -1,8 +1,9 @@
 """Preference pairs for the learner: an interleaved `TrainBatch` and the optimizer steps over it.
 
-Rows are [chosen_0, rejected_0, chosen_1, rejected_1, ...]. The learner's micro-batching takes rows in order,
-`micro_batch_size` at a time, so an even micro-batch size keeps every pair in one micro-batch (a preference
-loss needs both sides of a pair at once); shuffling and mini-batches here move whole pairs.
+Rows are [chosen_0, rejected_0, chosen_1, rejected_1, ...]. The learner's micro-batching moves whole pairs
+(`rows_per_unit=2`: it sorts pairs, not rows, by length), so an even micro-batch size keeps every pair in one
+micro-batch, chosen first (a preference loss needs both sides of a pair at once); shuffling and mini-batches
+here move whole pairs too.
 """
 from __future__ import annotations
 
@@ -40,5 +41,5 @@ def train_pairs(learner: Learner, batch: TrainBatch, objective) -> dict[str, flo
         order = torch.randperm(num_pairs, device=learner.device)
         for pairs in order.chunk(config.num_mini_batches):
             rows = torch.stack([2 * pairs, 2 * pairs + 1], dim=1).reshape(-1)  # [2p]: each pair's rows together
-            steps.append(learner.train_step(batch.select(rows), objective.loss))
+            steps.append(learner.train_step(batch.select(rows), objective.loss, rows_per_unit=2))
     return {key: sum(s[key] for s in steps) / len(steps) for key in steps[0]}
