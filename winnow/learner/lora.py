@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Annotated, Iterator
 
 import torch
-import tyro
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,12 @@ DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 
 
 def _alias(flag: str):
-    # A short flag beside tyro's nested one (`--lora-rank` and `--lora.rank` both work).
+    # A short flag beside tyro's nested one (`--lora-rank` and `--lora.rank` both work). tyro is the CLI's
+    # parser; without it (a bare GPU image running a benchmark) the learner still imports.
+    try:
+        import tyro
+    except ImportError:
+        return None
     return tyro.conf.arg(aliases=(flag,))
 
 
