@@ -179,3 +179,59 @@ def test_compiled_decode_gives_the_same_tokens(tiny_model, tiny_tokenizer):
     compiled = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="static", compile_decode=True),
                         device="cpu")
     assert_same_greedy(hf, compiled, encode(tiny_tokenizer, "12+34=", "5+7="), max_tokens=6, ignore_eos=True)
+
+
+# ------------------------------------------------------------------ the CUDA-graph path (runs where a GPU is)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def gpu_engines(model, tokenizer):
+    # float32 on both paths, so the graph path must give the hf path's tokens exactly.
+    hf = HFEngine(model, tokenizer, HFEngineConfig(decode="hf", dtype="float32"), device="cuda")
+    graph = HFEngine(model, tokenizer, HFEngineConfig(decode="graph", dtype="float32", attention_bucket=4),
+                     device="cuda")
+    return hf, graph
+
+
+@needs_cuda
+def test_graph_decode_matches_the_hf_path_on_gpu(tiny_model, tiny_tokenizer):
+    hf, graph = gpu_engines(tiny_model, tiny_tokenizer)
+    assert graph.decoder is not None and graph.decoder.use_graphs
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=", "1")
+    free = hf.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    token, text = free[0].response_ids[3], tiny_tokenizer.decode(free[1].response_ids[2:4])
+    for extra in ({}, {"stop_token_ids": [token]}, {"stop": [text]}):
+        params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, **extra)
+        want, got = hf.generate(prompts, params), graph.generate(prompts, params)
+        assert [c.response_ids for c in got] == [c.response_ids for c in want], extra
+        assert [c.finish_reason for c in got] == [c.finish_reason for c in want], extra
+        for a, b in zip(got, want):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    assert graph.decoder.last_capture_seconds > 0
+
+
+@needs_cuda
+def test_graph_sampling_replays_truncates_and_sees_synced_weights(tiny_model, tiny_tokenizer):
+    hf, graph = gpu_engines(tiny_model, tiny_tokenizer)
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=")
+    params = SamplingParams(temperature=1.0, max_tokens=10, n=8, seed=3, ignore_eos=True)
+    a, b = graph.generate(prompts, params), graph.generate(prompts, params)
+    assert [c.response_ids for c in a] == [c.response_ids for c in b]
+    assert len({tuple(c.response_ids) for c in a}) > 1
+    # top_k=1 and a tiny top_p keep only the most likely token: sampling must then give the greedy tokens,
+    # while the logprobs stay those of the untruncated softmax (the greedy ones at T=1).
+    greedy = graph.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    for truncation in ({"top_k": 1}, {"top_p": 1e-6}):
+        got = graph.generate(prompts, SamplingParams(temperature=1.0, max_tokens=10, seed=4, ignore_eos=True,
+                                                     **truncation))
+        assert [c.response_ids for c in got] == [c.response_ids for c in greedy], truncation
+        for x, y in zip(got, greedy):
+            assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+    # An in-place sync is read by the captured graphs, without recapture.
+    new = {name: p.detach().cuda() + 0.05 * torch.randn_like(p.cuda()) for name, p in tiny_model.named_parameters()}
+    graph.update_weights(new.items())
+    hf.update_weights(new.items())
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    assert [c.response_ids for c in graph.generate(prompts, params)] == \
+        [c.response_ids for c in hf.generate(prompts, params)]
