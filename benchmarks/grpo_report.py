@@ -57,16 +57,21 @@ def main() -> None:
                                  "/ bf16 engine), same tokenizer, prompts and reward; 64 prompts x 8 samples, "
                                  "128-token prompts, exactly 512 new tokens (winnow ignore_eos, TRL min_new_tokens), "
                                  "temperature 1, no top-k/top-p; one optimizer step over all 512 samples with "
-                                 "micro-batch 16 and activation checkpointing on both sides; no old-logprobs pass "
+                                 f"micro-batch {w['workload']['micro_batch_size']} and activation checkpointing "
+                                 f"{'on' if w['workload']['gradient_checkpointing'] else 'off'} on both sides; "
+                                 "no old-logprobs pass "
                                  "and no reference model (beta 0) on either side",
-                      "differs": "generation: winnow's own decode loop with a static KV cache on a bf16 copy vs TRL's "
+                      "differs": "generation: winnow's CUDA-graph static decode step (its own grouped-query "
+                                 "attention over length buckets, exponential-race sampling; compile_decode "
+                                 f"{w['workload'].get('engine_compile', False)}) on a bf16 copy vs TRL's "
                                  "model.generate with the default dynamic cache on the fp32 training weights under "
-                                 "bf16 autocast; training: winnow computes log-probs by projecting only response "
-                                 "columns and a chunked float32 logsumexp, TRL uses its fused lm-head kernel and also "
-                                 "computes entropies; winnow's loss adds TIS against the engine logprobs "
-                                 "(elementwise); "
-                                 "optimizer: torch AdamW (winnow) vs adamw_torch_fused (TRL default); sync: winnow "
-                                 "copies weights into its engine, TRL without vLLM has nothing to sync"},
+                                 "bf16 autocast; training: winnow computes log-probs with a chunked head (no full "
+                                 "logits, forward or backward) and compiles its decoder layers (learner.compile "
+                                 f"{w['workload'].get('learner_compile', False)}); TRL uses its fused lm-head "
+                                 "kernel, also computes entropies, and runs without torch_compile (its default); "
+                                 "winnow's loss adds TIS against the engine logprobs (elementwise); optimizer: "
+                                 "fused AdamW on both sides; sync: winnow copies weights into its engine, TRL "
+                                 "without vLLM has nothing to sync"},
         "measured_iterations": {"winnow": len(w["phases_per_iteration_s"]),
                                 "trl": len(t["phases_per_iteration_s"]) if t else 0},
     }
@@ -89,7 +94,9 @@ def main() -> None:
         f"{versions}. {model}, {wl['num_prompts']} prompts x {wl['num_samples']} samples, "
         f"{wl['prompt_len']}-token prompts, {wl['new_tokens']} new tokens (fixed length), one optimizer step over "
         f"{wl['num_sequences']} samples, micro-batch {wl['micro_batch_size']}, activation checkpointing "
-        f"{'on' if wl['gradient_checkpointing'] else 'off'}. "
+        f"{'on' if wl['gradient_checkpointing'] else 'off'}; winnow compiles its decode glue "
+        f"({wl.get('engine_compile', False)}) and learner layers ({wl.get('learner_compile', False)}), TRL runs its "
+        "defaults (no torch_compile). "
         f"Median of {summary['measured_iterations']['winnow']} (winnow) and "
         f"{summary['measured_iterations']['trl']} (TRL) iterations after one warm-up. "
         f"Measured ceilings: {w['ceilings']['matmul']} matmul {w['ceilings']['matmul_tflops']:.1f} TFLOP/s, copy "
