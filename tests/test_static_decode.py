@@ -235,3 +235,50 @@ def test_graph_sampling_replays_truncates_and_sees_synced_weights(tiny_model, ti
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     assert [c.response_ids for c in graph.generate(prompts, params)] == \
         [c.response_ids for c in hf.generate(prompts, params)]
+
+
+def test_compacting_finished_rows_changes_nothing_but_the_work(tiny_model, tiny_tokenizer):
+    # Rows that stop at different steps: with compaction after every token down to one row, the responses,
+    # finish reasons and logprobs must still be the hf path's, in the original row order.
+    hf, static = engines(tiny_model, tiny_tokenizer, bucket=4)
+    static.decoder.min_rows, static.decoder.check_every = 1, 1
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=", "1", "3*4=", "7-2=", "10+10=", "8")
+    free = hf.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    stops = sorted({free[0].response_ids[1], free[3].response_ids[4], free[6].response_ids[7]})
+    lengths = []
+    for extra in ({"stop_token_ids": stops}, {"stop": [tiny_tokenizer.decode(free[2].response_ids[3:5])]}):
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, **extra)
+        want, got = hf.generate(prompts, params), static.generate(prompts, params)
+        assert [c.response_ids for c in got] == [c.response_ids for c in want], extra
+        assert [c.finish_reason for c in got] == [c.finish_reason for c in want], extra
+        for a, b in zip(got, want):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=2e-5)
+        lengths.append(sorted(len(c.response_ids) for c in got))
+    assert lengths[0][0] < lengths[0][-1]  # rows did stop at different steps ...
+    assert static.decoder.active < len(prompts)  # ... and the decoder ran on fewer rows after they did
+    # Seeded sampling with compaction replays exactly.
+    params = SamplingParams(temperature=1.0, max_tokens=12, n=2, seed=9, stop_token_ids=stops)
+    a, b = static.generate(prompts, params), static.generate(prompts, params)
+    assert [c.response_ids for c in a] == [c.response_ids for c in b]
+    assert [c.logprobs for c in a] == [c.logprobs for c in b]
+
+
+@needs_cuda
+def test_graph_decode_compaction_on_gpu(tiny_model, tiny_tokenizer):
+    # As the CPU test above, through captured graphs: new graphs for each smaller row count, mid-generation.
+    hf, graph = gpu_engines(tiny_model, tiny_tokenizer)
+    graph.decoder.min_rows, graph.decoder.check_every = 1, 2
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=", "1", "3*4=", "7-2=", "10+10=", "8")
+    free = hf.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    stops = sorted({free[0].response_ids[1], free[3].response_ids[4], free[6].response_ids[7]})
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=stops)
+    want, got = hf.generate(prompts, params), graph.generate(prompts, params)
+    assert [c.response_ids for c in got] == [c.response_ids for c in want]
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
+    for a, b in zip(got, want):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    assert graph.decoder.active < len(prompts)
+    assert {rows for rows, _ in graph.decoder._graphs} > {len(prompts)}
+    # A second call starts again from all rows, reusing every graph captured so far.
+    again = graph.generate(prompts, params)
+    assert [c.response_ids for c in again] == [c.response_ids for c in got]

@@ -51,6 +51,9 @@ class HFEngineConfig:
     compile_decode: bool = False
     """graph/static decode: torch.compile the per-layer work around attention (fewer, fused kernels per
     token; a one-off compile of tens of seconds at the first generate)"""
+    min_active_rows: int = 32
+    """graph/static decode: once at most half the rows still run (checked every 16 tokens), they move to the
+    front and decode continues on half as many rows, never fewer than this; 0 turns compaction off"""
     free_cache_on_sleep: bool = False
     """graph/static decode: free the KV cache and graphs on sleep() (memory for the learner) at the cost of
     rebuilding them, and recapturing the graphs, at the next generate"""
@@ -169,7 +172,7 @@ class HFEngine:
         if mode == "graph" and self.device.type != "cuda":
             raise ValueError("decode='graph' needs a CUDA device; use decode='static' (eager) on CPU")
         return StaticDecoder(self.model, use_graphs=mode == "graph", bucket=self.config.attention_bucket,
-                             compile=self.config.compile_decode)
+                             compile=self.config.compile_decode, min_rows=self.config.min_active_rows or None)
 
     # ------------------------------------------------------------------ decoding
 

@@ -20,6 +20,9 @@ replaces only the glue around them:
   under softmax(logits/T) before top-k/top-p truncation, the distribution the learner recomputes.
 Stop tokens are handled on the GPU. Stop strings and "is every row done?" are checked on the host every
 `check_every` tokens; a row that stops keeps its tokens only up to the stop (what runs after it is cut).
+At those checks, once at most half the rows still run, the running rows are moved to the front of every
+buffer and the step continues on half as many rows (graphs for that row count are captured then), so
+finished rows stop costing decode work; the outputs are put back in row order at the end.
 
 On CPU the same step runs eagerly (no graphs): the tests check it against the transformers forward there.
 """
@@ -54,8 +57,10 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 
 _BUFFERS = ("k_cache", "v_cache", "cos_table", "sin_table", "columns", "key_valid", "feed", "position", "column",
-            "out_column", "out_tokens", "out_logprobs", "lengths", "is_done", "stop_ids", "pad_token")
+            "out_column", "out_tokens", "out_logprobs", "lengths", "is_done", "stop_ids", "pad_token", "row_map")
 """what `_prepare` allocates and `release` frees"""
+_STEP_STATE = ("feed", "position", "column", "out_column", "out_tokens", "out_logprobs", "lengths", "is_done")
+"""the buffers a step writes besides the KV cache (saved and restored around a graph capture)"""
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, *, use_graphs: bool, bucket: int = 128, check_every: int = 16,
-                 compile: bool = False):
+                 compile: bool = False, min_rows: int | None = 32):
         if reason := unsupported_reason(model):
             raise ValueError(f"static decode cannot run this model: {reason}; use decode='hf'")
         self.model, self.body = model, model.model
@@ -93,10 +98,11 @@ class StaticDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.groups = self.num_heads // self.num_kv_heads
         self.use_graphs, self.bucket, self.check_every = use_graphs, bucket, check_every
+        self.min_rows = min_rows  # compaction never shrinks the active rows below this; None turns it off
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._key: tuple | None = None
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (active rows, width) -> graph
         self._pool = None
         self._generator: torch.Generator | None = None
         self.last_capture_seconds = 0.0
@@ -123,28 +129,35 @@ class StaticDecoder:
         cache_len = _round_up(prompt_len + max_tokens, self.bucket)
         sampler = _Sampler.of(params, stop_ids)
         self._prepare(batch_size, cache_len, max_tokens, sampler, pad_token_id)
-        if self.use_graphs:
-            self._capture_all(prompt_len)
         self._seed(seed)
         self._reset()
+        if self.use_graphs:
+            self._capture(prompt_len, first_step=1)
+            self._seed(seed)  # the warm-up steps drew random numbers
         self._prefill(input_ids, attention_mask)
 
         for step in range(1, max_tokens):
             # The token fed at this step sits in cache column prompt_len + step - 1; attend up to there.
             width = min(_round_up(prompt_len + step, self.bucket), cache_len)
             if self.use_graphs:
-                self._graphs[width].replay()
+                self._graphs[self.active, width].replay()
             else:
                 self._step(width)
             if step % self.check_every == 0 or step == max_tokens - 1:
                 if stop_checker is not None:
                     self._check_stop_strings(stop_checker, step + 1)
                 if sampler.stop_ids or stop_checker is not None:
-                    if bool(self.is_done.all()):
+                    num_running = int((~self.is_done[: self.active]).sum())
+                    if num_running == 0:
                         break
+                    if step + 1 < max_tokens and self._compact(num_running) and self.use_graphs:
+                        self._capture(prompt_len, first_step=step + 1)
         if stop_checker is not None:
             self._check_stop_strings(stop_checker, max_tokens)
-        return self.out_tokens, self.out_logprobs, self.lengths, self.is_done
+        # Slot s holds original row row_map[s]: put every row back in its place.
+        order = torch.empty_like(self.row_map)
+        order[self.row_map] = torch.arange(batch_size, device=self.device)
+        return self.out_tokens[order], self.out_logprobs[order], self.lengths[order], self.is_done[order]
 
     def release(self) -> None:
         """Free the KV cache, the buffers and the graphs (they are rebuilt by the next call)."""
@@ -180,6 +193,7 @@ class StaticDecoder:
         self.out_logprobs = torch.zeros(batch_size, max_tokens, dtype=torch.float32, device=device)
         self.lengths = torch.full((batch_size,), max_tokens, dtype=torch.long, device=device)
         self.is_done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.row_map = torch.arange(batch_size, device=device)  # slot -> original row (compaction permutes)
         self.stop_ids = torch.tensor(sampler.stop_ids or [-1], dtype=torch.long, device=device)
         self.pad_token = torch.tensor(pad, dtype=torch.long, device=device)
         self.sampler = sampler
@@ -187,6 +201,8 @@ class StaticDecoder:
 
     def _reset(self) -> None:
         self._checked_steps = 0
+        self.active = self.feed.shape[0]  # rows the step runs on: slots [0, active)
+        self.row_map.copy_(torch.arange(self.active, device=self.device))
         self.lengths.fill_(self.out_tokens.shape[1])
         self.is_done.zero_()
         self.out_tokens.fill_(int(self.pad_token))
@@ -229,68 +245,97 @@ class StaticDecoder:
         self._sample_and_advance(logits)
 
     def _step(self, width: int) -> None:
-        """One token for every row: the capturable unit. Reads and advances only buffers."""
-        batch_size = self.feed.shape[0]
-        cos = self.cos_table[self.position][:, None, None]  # [B, 1, 1, D]
-        sin = self.sin_table[self.position][:, None, None]
-        visible = self.key_valid[:, :width] & (self.columns[:width] <= self.column)  # [B, W]
-        hidden = self.body.embed_tokens(self.feed[:, None])  # [B, 1, H]
+        """One token for the active rows: the capturable unit. Reads and advances only buffers (the first
+        `active` slots of each: after compaction the running rows sit there)."""
+        rows = self.active
+        position = self.position[:rows]
+        cos = self.cos_table[position][:, None, None]  # [b, 1, 1, D]
+        sin = self.sin_table[position][:, None, None]
+        visible = self.key_valid[:rows, :width] & (self.columns[:width] <= self.column)  # [b, W]
+        hidden = self.body.embed_tokens(self.feed[:rows, None])  # [b, 1, H]
         for index, layer in enumerate(self.body.layers):
-            q, k, v = self._layer_in(layer, hidden, cos, sin, self.head_dim)  # [B, h, 1, D]
-            self.k_cache[index].index_copy_(2, self.column, k)
-            self.v_cache[index].index_copy_(2, self.column, v)
-            keys = self.k_cache[index, :, :, :width]  # [B, H_kv, W, D]
-            values = self.v_cache[index, :, :, :width]
+            q, k, v = self._layer_in(layer, hidden, cos, sin, self.head_dim)  # [b, h, 1, D]
+            k_cache, v_cache = self.k_cache[index, :rows], self.v_cache[index, :rows]
+            k_cache.index_copy_(2, self.column, k)
+            v_cache.index_copy_(2, self.column, v)
+            keys, values = k_cache[:, :, :width], v_cache[:, :, :width]  # [b, H_kv, W, D]
             # Grouped-query attention without expanding K/V: query heads j*G .. j*G+G-1 share K/V head j.
-            q = q.view(batch_size, self.num_kv_heads, self.groups, self.head_dim)
+            q = q.view(rows, self.num_kv_heads, self.groups, self.head_dim)
             scores = torch.matmul(q, keys.transpose(-1, -2)).float() * _scaling(layer, self.head_dim)
             scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-            attn = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)  # [B, H_kv, G, D]
-            hidden = self._layer_out(layer, hidden, attn.reshape(batch_size, 1, -1))
+            attn = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)  # [b, H_kv, G, D]
+            hidden = self._layer_out(layer, hidden, attn.reshape(rows, 1, -1))
         logits = self.model.lm_head(self.body.norm(hidden[:, 0]))
-        self.position.add_(1)
+        position.add_(1)
         self.column.add_(1)
         self._sample_and_advance(logits)
 
     def _sample_and_advance(self, logits: torch.Tensor) -> None:
-        """Sample from logits [B, V], record token and logprob at `out_column`, apply stop tokens."""
+        """Sample from logits [b, V] (the active rows), record token and logprob at `out_column`, apply
+        stop tokens."""
+        rows = self.active
+        is_done, lengths = self.is_done[:rows], self.lengths[:rows]
         tokens, logprobs = race_sample(logits, self.sampler, self._generator)
-        tokens = torch.where(self.is_done, self.pad_token, tokens)
-        logprobs = logprobs.masked_fill(self.is_done, 0.0)
-        self.out_tokens.index_copy_(1, self.out_column, tokens[:, None])
-        self.out_logprobs.index_copy_(1, self.out_column, logprobs[:, None])
-        is_stop = torch.isin(tokens, self.stop_ids) & ~self.is_done
-        self.lengths.copy_(torch.where(is_stop, self.out_column + 1, self.lengths))
-        self.is_done.logical_or_(is_stop)
-        self.feed.copy_(tokens)
+        tokens = torch.where(is_done, self.pad_token, tokens)
+        logprobs = logprobs.masked_fill(is_done, 0.0)
+        self.out_tokens[:rows].index_copy_(1, self.out_column, tokens[:, None])
+        self.out_logprobs[:rows].index_copy_(1, self.out_column, logprobs[:, None])
+        # A broadcast compare, not torch.isin: isin switches to a sort-based path for many ids, which a CUDA
+        # graph cannot capture.
+        is_stop = (tokens[:, None] == self.stop_ids).any(dim=-1) & ~is_done
+        lengths.copy_(torch.where(is_stop, self.out_column + 1, lengths))
+        is_done.logical_or_(is_stop)
+        self.feed[:rows].copy_(tokens)
         self.out_column.add_(1)
+
+    def _compact(self, num_running: int) -> bool:
+        """Move the running rows to the front and halve the active rows while they still hold them all (never
+        below `min_rows`): finished rows stop costing decode work. Returns whether anything moved."""
+        rows = self.active
+        if self.min_rows is None:
+            return False
+        target = rows
+        while target // 2 >= max(num_running, self.min_rows, 1):
+            target //= 2
+        if target == rows:
+            return False
+        done = self.is_done[:rows]
+        order = torch.cat([(~done).nonzero().flatten(), done.nonzero().flatten()])  # running first
+        for buffer in (self.feed, self.position, self.key_valid, self.out_tokens, self.out_logprobs, self.lengths,
+                       self.is_done, self.row_map):
+            buffer[:rows] = buffer[:rows][order]
+        for index in range(self.k_cache.shape[0]):  # one layer at a time: a small temporary
+            self.k_cache[index, :rows] = self.k_cache[index, :rows][order]
+            self.v_cache[index, :rows] = self.v_cache[index, :rows][order]
+        self.active = target
+        return True
 
     # ------------------------------------------------------------------ graphs and stop strings
 
-    def _capture_all(self, prompt_len: int) -> None:
-        """Capture one step graph per attention width this call can need (kept for later calls)."""
-        cache_len = self.k_cache.shape[3]
+    def _capture(self, prompt_len: int, first_step: int) -> None:
+        """Capture a step graph for the active rows and every attention width from `first_step` on (kept for
+        later calls). The buffers the warm-up runs touch are restored, so this can run mid-generation."""
+        cache_len, max_tokens = self.k_cache.shape[3], self.out_tokens.shape[1]
         widths = sorted({min(_round_up(prompt_len + step, self.bucket), cache_len)
-                         for step in range(1, self.out_tokens.shape[1])})
-        missing = [w for w in widths if w not in self._graphs]
+                         for step in range(first_step, max_tokens)})
+        missing = [w for w in widths if (self.active, w) not in self._graphs]
         if not missing:
             return
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
-        self._seed(0)
-        self._reset()
+        saved = {name: getattr(self, name).clone() for name in _STEP_STATE}
         self._pool = self._pool or torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
+        # The warm-up writes cache column width - 1 of the active rows: a column no row has reached yet (the
+        # widths are those of steps still to come), which the real step overwrites before any row reads it.
         with torch.cuda.stream(stream):  # warm-up off the capture (cuBLAS workspaces, lazy inits)
             for width in missing:
-                self.column.fill_(width - 1)
-                self.out_column.zero_()
+                self._point_at(width)
                 self._step(width)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         for width in missing:
-            self.column.fill_(width - 1)
-            self.out_column.zero_()
+            self._point_at(width)
             graph = torch.cuda.CUDAGraph()
             if hasattr(graph, "register_generator_state") and self._generator is not torch.cuda.default_generators[
                 self.device.index or 0
@@ -298,10 +343,18 @@ class StaticDecoder:
                 graph.register_generator_state(self._generator)
             with torch.cuda.graph(graph, pool=self._pool):
                 self._step(width)
-            self._graphs[width] = graph
+            self._graphs[self.active, width] = graph
+        for name, value in saved.items():
+            getattr(self, name).copy_(value)
         end.record()
         torch.cuda.synchronize(self.device)
         self.last_capture_seconds = begin.elapsed_time(end) / 1000
+
+    def _point_at(self, width: int) -> None:
+        """Safe inputs for a warm-up step at `width`: positions in range, the last column of the width."""
+        self.position.zero_()
+        self.column.fill_(width - 1)
+        self.out_column.zero_()
 
     def _check_stop_strings(self, stop_checker, num_steps: int) -> None:
         """Host check of stop strings over the steps since the last check (a row ends at its first hit,
