@@ -30,14 +30,16 @@ def engines(model, tokenizer, bucket=128):
     return hf, static
 
 
-def assert_same_greedy(hf, static, prompts, **params):
+def assert_same_greedy(hf, static, prompts, tolerance=2e-5, **params):
+    """Greedy responses of both engines: same ids, finish reasons and text, logprobs within `tolerance`."""
     params = SamplingParams(temperature=0.0, **params)
     want, got = hf.generate(prompts, params), static.generate(prompts, params)
-    assert [c.response_ids for c in got] == [c.response_ids for c in want]
-    assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
-    assert [c.text for c in got] == [c.text for c in want]
+    assert [c.response_ids for c in got] == [c.response_ids for c in want], params
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in want], params
+    assert [c.text for c in got] == [c.text for c in want], params
     for a, b in zip(got, want):
-        assert a.logprobs == pytest.approx(b.logprobs, abs=2e-5)
+        assert a.logprobs == pytest.approx(b.logprobs, abs=tolerance)
+    return got
 
 
 def _other_model(kind, tokenizer):
@@ -202,12 +204,7 @@ def test_graph_decode_matches_the_hf_path_on_gpu(tiny_model, tiny_tokenizer):
     free = hf.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
     token, text = free[0].response_ids[3], tiny_tokenizer.decode(free[1].response_ids[2:4])
     for extra in ({}, {"stop_token_ids": [token]}, {"stop": [text]}):
-        params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, **extra)
-        want, got = hf.generate(prompts, params), graph.generate(prompts, params)
-        assert [c.response_ids for c in got] == [c.response_ids for c in want], extra
-        assert [c.finish_reason for c in got] == [c.finish_reason for c in want], extra
-        for a, b in zip(got, want):
-            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert_same_greedy(hf, graph, prompts, tolerance=1e-4, max_tokens=10, ignore_eos=True, **extra)
     assert graph.decoder.last_capture_seconds > 0
 
 
@@ -247,12 +244,7 @@ def test_compacting_finished_rows_changes_nothing_but_the_work(tiny_model, tiny_
     stops = sorted({free[0].response_ids[1], free[3].response_ids[4], free[6].response_ids[7]})
     lengths = []
     for extra in ({"stop_token_ids": stops}, {"stop": [tiny_tokenizer.decode(free[2].response_ids[3:5])]}):
-        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, **extra)
-        want, got = hf.generate(prompts, params), static.generate(prompts, params)
-        assert [c.response_ids for c in got] == [c.response_ids for c in want], extra
-        assert [c.finish_reason for c in got] == [c.finish_reason for c in want], extra
-        for a, b in zip(got, want):
-            assert a.logprobs == pytest.approx(b.logprobs, abs=2e-5)
+        got = assert_same_greedy(hf, static, prompts, max_tokens=12, ignore_eos=True, **extra)
         lengths.append(sorted(len(c.response_ids) for c in got))
     assert lengths[0][0] < lengths[0][-1]  # rows did stop at different steps ...
     assert static.decoder.active < len(prompts)  # ... and the decoder ran on fewer rows after they did
@@ -272,11 +264,8 @@ def test_graph_decode_compaction_on_gpu(tiny_model, tiny_tokenizer):
     free = hf.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     stops = sorted({free[0].response_ids[1], free[3].response_ids[4], free[6].response_ids[7]})
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=stops)
-    want, got = hf.generate(prompts, params), graph.generate(prompts, params)
-    assert [c.response_ids for c in got] == [c.response_ids for c in want]
-    assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
-    for a, b in zip(got, want):
-        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    got = assert_same_greedy(hf, graph, prompts, tolerance=1e-4, max_tokens=12, ignore_eos=True,
+                             stop_token_ids=stops)
     assert graph.decoder.active < len(prompts)
     assert {rows for rows, _ in graph.decoder._graphs} > {len(prompts)}
     # A second call starts again from all rows, reusing every graph captured so far.

@@ -163,10 +163,8 @@ class Learner:
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         c = self.config
-        params = list(params)
         # One fused kernel for the whole update on a single GPU (sharded strategies keep the default).
-        fused = c.strategy == "single" and all(
-            (p["params"] if isinstance(p, dict) else [p])[0].is_cuda for p in params[:1])
+        fused = c.strategy == "single" and self.device.type == "cuda"
         return torch.optim.AdamW(params, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps,
                                  weight_decay=c.weight_decay, fused=fused or None)
 
