@@ -56,7 +56,7 @@ def train(strategy: str = "single", *, zero_stage: int = 2, offload: bool = Fals
     learner = Learner(build_tiny_model(tokenizer, seed=0), config, total_steps=8, device=device)
     if load:
         learner.load_checkpoint(load)
-    batch, loss_fn = learner.shard(fixed_batch()), make_loss_fn()
+    batch, loss_fn = learner.shard(fixed_batch().to(learner.device)), make_loss_fn()
     rows = []
     for _ in range(steps):
         metrics = learner.train_step(batch, loss_fn)
