@@ -3,7 +3,7 @@
     python benchmarks/grpo_iteration.py --out winnow.json          # GPU: the Qwen2.5-0.5B-shape workload
     python benchmarks/grpo_iteration.py --cpu --out winnow.json    # CPU: a tiny Qwen2, seconds (smoke test)
 
-It drives `winnow.runtime.local.LocalRuntime.step` (generate -> score -> advantages -> train -> sync, each
+It drives `winnow.loops.Loop.step` with the RL family (generate -> score -> advantages -> train -> sync, each
 phase timed by the runtime's own PhaseTimer, which synchronises CUDA at the end of each phase) with:
 HFEngine (bf16 copy of the policy, decode="auto": CUDA-graph static decode on GPU, all 512 sequences in one
 decode batch), a FunctionOracle over a synthetic verifiable reward (`grpo_common.parity_reward_texts`), GRPO
@@ -17,7 +17,7 @@ the TRL side in one go and `grpo_report.py` writes the comparison.
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import tempfile
 import time
@@ -32,7 +32,7 @@ from winnow.engines.hf import HFEngine, HFEngineConfig
 from winnow.learner.batch import make_train_batch
 from winnow.learner.learner import Learner, LearnerConfig
 from winnow.oracles.functions import FunctionOracle
-from winnow.runtime.local import LocalRuntime
+from winnow.loops import LocalActor, Loop, RLFamily
 from winnow.learner.sync import SyncConfig
 from winnow.types import Completion, Prompt, SamplingParams
 
@@ -117,20 +117,18 @@ def main() -> None:
                                    micro_batch_size=workload.micro_batch_size,
                                    gradient_checkpointing=workload.gradient_checkpointing,
                                    compile=workload.learner_compile)
-    # The runtime reads only these fields of a TrainConfig; winnow.config itself would import the oracles'
-    # dependencies (math-verify, ...), which the GPU machine lacks.
+    # The family reads only these rollout fields; the sampling ignores EOS (fixed length: the same work everywhere).
     sampling = SamplingParams(temperature=workload.temperature, max_tokens=workload.new_tokens,
-                              n=workload.num_samples, ignore_eos=True)  # fixed length: the same work everywhere
-    config = SimpleNamespace(
-        seed=0, num_iterations=10**6, sync=SyncConfig(), eval=SimpleNamespace(every=0),
-        rollout=SimpleNamespace(max_tokens=workload.new_tokens, stop=[], drop_uniform_groups=False,
-                                sampling_params=lambda: copy.copy(sampling)),
-    )
+                              n=workload.num_samples, ignore_eos=True)
+    rollout = SimpleNamespace(max_tokens=workload.new_tokens, stop=[], drop_uniform_groups=False,
+                              sampling_params=lambda seed=None: dataclasses.replace(sampling, seed=seed))
     learner = Learner(model, learner_config, total_steps=1000, device=device)
-    runtime = LocalRuntime(config, engine=engine, learner=learner, oracle=oracle, objective=GRPO(),
-                           train_stream=_prompt_stream(prompts, workload.num_prompts), eval_prompts=[],
-                           logger=_ListLogger(), run_dir=Path(tempfile.mkdtemp()),
-                           pad_token_id=tokenizer.pad_token_id)
+    actor = LocalActor(engine)
+    family = RLFamily(actor=actor, learner=learner, oracle=oracle, objective=GRPO(), rollout=rollout,
+                      eval_config=None, prompts=_prompt_stream(prompts, workload.num_prompts), eval_prompts=[],
+                      seed=0, pad_token_id=tokenizer.pad_token_id)
+    runtime = Loop(family, learner=learner, actor=actor, num_iterations=10**6, eval_every=0, sync=SyncConfig(),
+                   logger=_ListLogger(), run_dir=Path(tempfile.mkdtemp()))
 
     rows = []
     for iteration in range(1, total_iterations + 1):
@@ -159,7 +157,7 @@ def main() -> None:
     result["logprobs_pass_s"] = time_logprobs_pass(learner, workload, cfg.vocab_size, device)
     result["floors"] = common.floors(cfg, num_params, workload, result["ceilings"])
     result["semantics"] = {
-        "driver": "winnow.runtime.local.LocalRuntime.step; phases timed by its PhaseTimer "
+        "driver": "winnow.loops.Loop.step over RLFamily; phases timed by its PhaseTimer "
                   "(torch.cuda.synchronize at each phase's end); end_to_end = wall time of step() with a sync",
         "generate": f"HFEngine.generate, decode={engine.config.decode!r} -> "
                     f"{'graph (CUDA graphs over winnow static decode step)' if engine.decoder is not None and engine.decoder.use_graphs else 'static/hf'}"

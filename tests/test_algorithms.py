@@ -7,6 +7,7 @@ import torch
 from winnow.algorithms import (
     GRPO,
     OBJECTIVES,
+    PPO,
     RLOO,
     DrGRPO,
     PolicyObjective,
@@ -399,11 +400,42 @@ def test_defaults():
     assert GRPO().tis_cap == 2.0 and GRPO().kl_estimator == "k3"
 
 
+def _scored(rewards, group_index):
+    """A batch as the loop hands it to an objective's `advantages`: rewards [B] and each row's group [B]."""
+    rewards = torch.tensor(rewards)
+    return TrainBatch(input_ids=torch.zeros(len(rewards), 2, dtype=torch.long),
+                      attention_mask=torch.ones(len(rewards), 2, dtype=torch.long),
+                      response_mask=torch.ones(len(rewards), 2), advantages=torch.zeros(len(rewards)),
+                      engine_logprobs=torch.zeros(len(rewards), 2), rewards=rewards,
+                      group_index=torch.tensor(group_index))
+
+
 def test_objective_advantages():
-    rewards = torch.tensor([1.0, 2.0, 6.0])
-    close(GRPO().advantages(rewards, 3), [-0.9258196, -0.4629098, 1.3887294])  # centred / sqrt(14/3)
-    close(DrGRPO().advantages(rewards, 3), [-2.0, -1.0, 3.0])  # centred only
-    close(RLOO().advantages(rewards, 3), [-3.0, -1.5, 4.5])  # leave-one-out
+    batch = _scored([1.0, 2.0, 6.0], [0, 0, 0])
+    close(GRPO().advantages(batch).values, [-0.9258196, -0.4629098, 1.3887294])  # centred / sqrt(14/3)
+    close(DrGRPO().advantages(batch).values, [-2.0, -1.0, 3.0])  # centred only
+    close(RLOO().advantages(batch).values, [-3.0, -1.5, 4.5])  # leave-one-out
+    assert GRPO().advantages(batch).metrics["advantage/abs_mean"] == pytest.approx(2.7774588 / 3)
+
+
+def test_objectives_see_the_whole_batch_with_ragged_interleaved_groups():
+    # Group 7: rewards [1, 2, 6] (rows 0, 2, 4); group 3: [0, 1] (rows 1, 3); group 9: [5] alone (row 5).
+    batch = _scored([1.0, 0.0, 2.0, 1.0, 6.0, 5.0], [7, 3, 7, 3, 7, 9])
+    # group 3: centred [-0.5, 0.5], population std 0.5 -> [-1, 1] (up to the 1e-6 epsilon); a lone sample: 0
+    close(GRPO().advantages(batch).values, [-0.9258196, -0.999998, -0.4629098, 0.999998, 1.3887294, 0.0])
+    close(DrGRPO().advantages(batch).values, [-2.0, -0.5, -1.0, 0.5, 3.0, 0.0])
+    # the same groups laid out consecutively give the same numbers as group_size
+    close(group_advantages(torch.tensor([1.0, 2.0, 6.0]), group_size=3, scale_by_std=False), [-2.0, -1.0, 3.0])
+    with pytest.raises(ValueError, match="RLOO needs >= 2 samples"):
+        RLOO().advantages(batch)  # group 9 has one sample
+    close(RLOO().advantages(_scored([1.0, 0.0, 2.0, 1.0], [7, 3, 7, 3])).values, [-1.0, -1.0, 1.0, 1.0])
+
+
+def test_objectives_declare_what_they_need():
+    assert RLOO.__mro__[1] is GRPO  # RLOO is GRPO with a leave-one-out baseline, not a copy
+    for cls, group, critic in [(GRPO, True, False), (DrGRPO, True, False), (RLOO, True, False), (PPO, False, True)]:
+        assert (cls.uses_group_baseline, cls.needs_critic) == (group, critic)
+        assert isinstance(cls(), PolicyObjective)
 
 
 def test_grpo_vs_dr_grpo_on_unequal_lengths():

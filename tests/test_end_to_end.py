@@ -133,9 +133,11 @@ def test_sft_cli_on_a_jsonl_file_and_plot(quickstart_run, tmp_path):
 def test_a_seeded_run_replays_exactly(quickstart_run, tmp_path):
     """Same seed, same config: the same samples, rewards and losses, iteration by iteration."""
     from winnow.algorithms import GRPO
-    from winnow.config import EvalConfig, ModelConfig, RolloutConfig, TrainConfig
+    from winnow.loops.config import EvalConfig, RolloutConfig
+    from winnow.recipes.rl import TrainConfig
+    from winnow.setup import ModelConfig
     from winnow.logging import LoggingConfig
-    from winnow.runtime.rl import train
+    from winnow.recipes.rl import train
 
     out, _ = quickstart_run
     keys = ("reward/mean", "train/loss", "train/grad_norm", "rollout/generated_tokens")

@@ -11,7 +11,7 @@ from winnow.algorithms import GRPO
 from winnow.learner.batch import make_sft_batch, make_train_batch
 from winnow.learner.learner import Learner, LearnerConfig, _schedule
 from winnow.learner.logprobs import can_fuse_head, linear_logprobs, selective_logprobs, sequence_logprobs
-from winnow.learner.sft import sft_loss
+from winnow.algorithms.sft import sft_loss
 from winnow.types import Completion
 
 

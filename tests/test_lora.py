@@ -15,7 +15,8 @@ from winnow.algorithms import DPO, GRPO  # noqa: E402
 from winnow.engines.hf import HFEngine  # noqa: E402
 from winnow.learner.learner import Learner, LearnerConfig  # noqa: E402
 from winnow.learner.lora import LoraConfig, apply_lora, merged_weights  # noqa: E402
-from winnow.learner.pairs import make_pair_batch, train_pairs  # noqa: E402
+from winnow.learner.batch import make_pair_batch  # noqa: E402
+from winnow.loops.preference import train_pairs  # noqa: E402
 from winnow.learner.sync import SyncError, sync_weights, verify_sync  # noqa: E402
 from winnow.types import Completion, PreferencePair, Prompt  # noqa: E402
 
@@ -145,7 +146,8 @@ def test_lora_with_a_sharded_strategy_says_what_works(tiny_model):
 
 def test_lora_flags_on_the_cli_and_in_a_file(tmp_path):
     from winnow.algorithms import GRPO as GRPOConfig
-    from winnow.config import TrainConfig, parse
+    from winnow.config import parse
+    from winnow.recipes.rl import TrainConfig
 
     config = parse(TrainConfig[GRPOConfig], TrainConfig(algo=GRPOConfig()),
                    ["--lora-rank", "8", "--lora-alpha", "32", "--lora-dropout", "0.05",

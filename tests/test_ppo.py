@@ -188,7 +188,10 @@ def test_ppo_kl_penalty_goes_into_the_reward_and_needs_the_reference():
 
 def test_ppo_is_registered_and_validates():
     assert OBJECTIVES["ppo"] is PPO and PPO.needs_critic
-    assert PPO().advantages(T([1.0, 0.0]), 1).tolist() == [0.0, 0.0]  # per-token advantages come later
+    # the objective's advantages of a valued batch are its per-token GAE advantages and returns
+    batch = ppo_batch(rewards=T([1.0, 0.0]), old_values=T([[0.0, 0.5, 0.6, 0.7], [0.0, 0.2, 0.4, 0.0]]))
+    result, (adv, ret, _) = PPO().advantages(batch), PPO().token_advantages(batch)
+    assert torch.equal(result.values, adv) and torch.equal(result.returns, ret) and result.values.shape == (2, 4)
     with pytest.raises(ValueError, match="lam=1.5"):
         PPO(lam=1.5)
     with pytest.raises(ValueError, match="value_clip"):
@@ -196,7 +199,8 @@ def test_ppo_is_registered_and_validates():
 
 
 def test_ppo_flags_parse():
-    from winnow.config import TrainConfig, parse
+    from winnow.config import parse
+    from winnow.recipes.rl import TrainConfig
 
     config = parse(TrainConfig[PPO], TrainConfig(algo=PPO()),
                    ["--algo.lam", "0.9", "--algo.critic-lr", "1e-4", "--algo.value-clip", "None",

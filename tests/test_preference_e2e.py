@@ -23,11 +23,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory) -> Path:
-    from winnow.config import EvalConfig, ModelConfig
+    from winnow.loops.config import EvalConfig
+    from winnow.setup import ModelConfig
     from winnow.data import DataConfig, make_task
     from winnow.data.tiny import build_tiny_model, save_tiny, train_char_tokenizer
     from winnow.learner.learner import LearnerConfig
-    from winnow.learner.sft import SFTConfig, train_sft
+    from winnow.recipes.sft import SFTConfig, train_sft
     from winnow.logging import LoggingConfig
     from winnow.oracles import OracleConfig
 

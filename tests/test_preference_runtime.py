@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
 
 from winnow.algorithms import DPO
-from winnow.config import RolloutConfig
 from winnow.eval.win_rate import evaluate_win_rate, reference_responses
+from winnow.exploration import BestVsWorst, Candidate, Judge, RandomPairs, to_pairs
+from winnow.learner.batch import make_pair_batch
 from winnow.learner.learner import Learner, LearnerConfig
-from winnow.learner.pairs import make_pair_batch, train_pairs
+from winnow.loops.config import RolloutConfig
+from winnow.loops.offline import dataset_pairs
+from winnow.loops.preference import train_pairs
 from winnow.oracles import OracleConfig, make_preference_oracle
-from winnow.runtime.offline_preference import dataset_pairs
-from winnow.runtime.preference import Candidate, best_vs_worst_pairs, random_pairs, to_pairs
-from winnow.runtime.train_preference import PreferenceTrainConfig
+from winnow.recipes.preference import PreferenceTrainConfig
 from winnow.types import Completion, PreferencePair, Prompt, PreferenceResult
 
 
@@ -40,14 +40,16 @@ def test_best_vs_worst_pairs_the_extremes_and_random_pairs_compare_once():
     oracle = make_preference_oracle(OracleConfig(rewards=["closeness"]))
     prompts = [Prompt("12+34=", [3], reference="46"), Prompt("1+1=", [3], reference="2")]
     groups = [[_completion(t) for t in ("47", "46", "x", "40")], [_completion(t) for t in ("3", "3")]]
-    candidates, _, queries = best_vs_worst_pairs(prompts, groups, oracle, random.Random(0))
-    assert queries == 6
+    judge = Judge(oracle)
+    candidates = BestVsWorst().select(prompts, groups, judge)
+    assert judge.num_queries == 6
     # best "46" (0) vs worst "x" (-10): sigma(10); the second group's scores are equal: a tie, exactly 0.5
     assert (candidates[0].a.text, candidates[0].b.text) == ("46", "x")
     assert candidates[0].probability == pytest.approx(1 / (1 + torch.exp(torch.tensor(-10.0)).item()))
     assert candidates[1].probability == 0.5
-    candidates, _, queries = random_pairs(prompts, groups, oracle, random.Random(0))
-    assert queries == 2 and all(c.a.text != c.b.text for c in candidates[:1])
+    judge = Judge(oracle)
+    candidates = RandomPairs(seed=0).select(prompts, groups, judge)
+    assert judge.num_queries == 2 and all(c.a.text != c.b.text for c in candidates[:1])
 
 
 def test_best_vs_worst_needs_an_oracle_with_scores():
@@ -59,8 +61,7 @@ def test_best_vs_worst_needs_an_oracle_with_scores():
             pass
 
     with pytest.raises(ValueError, match="--pairs.selection random"):
-        best_vs_worst_pairs([Prompt("q", [3])], [[_completion("a"), _completion("b")]], CompareOnly(),
-                            random.Random(0))
+        BestVsWorst().select([Prompt("q", [3])], [[_completion("a"), _completion("b")]], Judge(CompareOnly()))
 
 
 def test_training_on_pairs_does_not_depend_on_the_micro_batch_size(tiny_tokenizer, tiny_model):

@@ -35,14 +35,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _rl_trainer():
-    from winnow.config import TrainConfig
-    from winnow.runtime.rl import train
+    from winnow.recipes.rl import TrainConfig, train
 
     return TrainConfig, train
 
 
 def _preference_trainer():
-    from winnow.runtime.train_preference import PreferenceTrainConfig, train_preference
+    from winnow.recipes.preference import PreferenceTrainConfig, train_preference
 
     return PreferenceTrainConfig, train_preference
 
@@ -79,7 +78,7 @@ def _train(argv: list[str]) -> None:
 
 def _sft(argv: list[str]) -> None:
     from winnow.config import parse
-    from winnow.learner.sft import SFTConfig, train_sft
+    from winnow.recipes.sft import SFTConfig, train_sft
 
     config = parse(SFTConfig, SFTConfig(), argv, prog="winnow sft", description="Supervised fine-tuning.")
     print(f"run written to {train_sft(config)}")
@@ -87,7 +86,7 @@ def _sft(argv: list[str]) -> None:
 
 def _eval(argv: list[str]) -> None:
     from winnow.config import parse
-    from winnow.eval.run import EvalRunConfig, run_eval
+    from winnow.recipes.eval import EvalRunConfig, run_eval
 
     config = parse(EvalRunConfig, EvalRunConfig(), argv, prog="winnow eval",
                    description="Held-out accuracy of a model, scored by an oracle.")

@@ -1,7 +1,8 @@
-"""Run configuration: typed dataclasses, loadable from a YAML/TOML/Python file, overridable on the CLI.
+"""Run configuration files and flags: parse, merge, load, save. Nothing else.
 
 Each component's config lives next to it (`LearnerConfig` in winnow.learner, `OracleConfig` in
-winnow.oracles, ...); this module composes them into what one run needs, and loads and saves them.
+winnow.oracles, ...) and each command's run config in its recipe (`winnow.recipes.rl.TrainConfig`, ...);
+this module only reads them from files and flags and writes them back.
 
 Precedence: dataclass defaults < `--config FILE` < command-line flags. The resolved config is written to
 `RUN_DIR/config.yaml`, and that file can be passed back with `--config` to rerun.
@@ -13,125 +14,10 @@ import importlib.util
 import json
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any
 
 import yaml
-
-from winnow.data import DataConfig
-from winnow.engines.hf import HFEngineConfig
-from winnow.engines.vllm import VLLMEngineConfig
-from winnow.learner.learner import LearnerConfig
-from winnow.learner.lora import LoraConfig
-from winnow.learner.sync import SyncConfig
-from winnow.logging import LoggingConfig
-from winnow.oracles import OracleConfig
-from winnow.types import SamplingParams
-
-AlgoT = TypeVar("AlgoT")
-
-
-@dataclass
-class ModelConfig:
-    """Which policy to train."""
-
-    path: str | None = None
-    """a hub id or a local directory with a `transformers` causal LM (`winnow quickstart` writes one)"""
-    tokenizer: str | None = None
-    """tokenizer hub id or directory; defaults to `path`"""
-    trust_remote_code: bool = False
-    """allow model code from the hub (only for models you trust)"""
-
-
-@dataclass
-class RolloutConfig:
-    """What the Actor samples each policy iteration."""
-
-    prompts_per_iteration: int = 32
-    """prompts drawn per policy iteration"""
-    num_samples: int = 8
-    """responses sampled per prompt (the group size G of GRPO/RLOO; PPO works with any, 1 included)"""
-    temperature: float = 1.0
-    """sampling temperature; the learner divides its logits by the same value"""
-    top_p: float = 1.0
-    """nucleus sampling mass (0, 1]"""
-    top_k: int = -1
-    """top-k sampling; -1 is off"""
-    max_tokens: int = 256
-    """generation budget per response (also Dr. GRPO's loss normaliser)"""
-    stop: list[str] = field(default_factory=list)
-    """stop strings, besides EOS"""
-    drop_uniform_groups: bool = False
-    """drop groups whose rewards are all equal (they carry no signal with group baselines; DAPO's
-    dynamic sampling without the refill); ignored by ppo, whose baseline is its critic"""
-
-    @property
-    def samples_per_iteration(self) -> int:
-        return self.prompts_per_iteration * self.num_samples
-
-    def sampling_params(self) -> SamplingParams:
-        """The engine's SamplingParams for one policy iteration (the runtime sets a seed per iteration)."""
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_tokens=self.max_tokens, n=self.num_samples, stop=list(self.stop))
-
-
-@dataclass
-class EvalConfig:
-    """Held-out evaluation, run at iteration 0, every `every` iterations and at the end."""
-
-    every: int = 10
-    """policy iterations between evaluations; 0 evaluates only at the start and the end"""
-    max_prompts: int | None = 256
-    """held-out prompts used (None: all)"""
-    greedy: bool = True
-    """report greedy accuracy"""
-    k: int = 4
-    """samples per prompt for mean@k accuracy (0 turns it off)"""
-    temperature: float = 1.0
-    """sampling temperature for mean@k"""
-    max_tokens: int | None = None
-    """generation budget for eval; None uses rollout.max_tokens"""
-    correct_threshold: float = 1.0
-    """a response counts as correct when the eval reward is at least this"""
-
-
-@dataclass
-class TrainConfig(Generic[AlgoT]):
-    """A policy-iteration run: `winnow train ALGO`."""
-
-    algo: AlgoT
-    """the objective: advantages and loss"""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    oracle: OracleConfig = field(default_factory=OracleConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    """LoRA adapters instead of full fine-tuning (`--lora-rank 8`); the reference is the adapters turned off"""
-    engine: HFEngineConfig = field(default_factory=HFEngineConfig)
-    sync: SyncConfig = field(default_factory=SyncConfig)
-    engine_backend: Literal["hf", "vllm"] = "hf"
-    """what the Actor samples with: "hf" (embedded, settings in `engine`) or "vllm" (`pip install
-    "winnow[vllm]"`, settings in `vllm_engine`)"""
-    vllm_engine: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
-    """settings of the vllm engine, used when engine_backend is \"vllm\""""
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    num_iterations: int = 100
-    """policy iterations to run"""
-    output_dir: str = "runs"
-    """runs are written to OUTPUT_DIR/RUN_NAME"""
-    run_name: str | None = None
-    """name of the run directory; default ALGO-YYYYmmdd-HHMMSS"""
-    seed: int = 0
-    """seeds prompt order, sampling and any randomly initialised weights"""
-    device: str = "auto"
-    """"auto" (cuda if available), "cpu" or "cuda[:N]\""""
-    num_threads: int | None = None
-    """torch CPU threads; None uses min(4, cores) (more threads than cores thrash)"""
-    save_final: bool = True
-    """save the trained policy to RUN_DIR/final"""
 
 
 # ---------------------------------------------------------------------- files
@@ -242,3 +128,18 @@ def parse(cls: type, default: Any, argv: list[str], prog: str, description: str 
         "\n\nSettings: defaults < --config FILE (YAML, TOML, JSON or Python) < the flags below."
     )
     return tyro.cli(cls, default=default, args=rest, prog=prog, description=description)
+
+
+# Where the run configs that used to live here are now (kept importable from here for one release).
+_MOVED = {"TrainConfig": "winnow.recipes.rl", "ModelConfig": "winnow.setup", "RolloutConfig": "winnow.loops.config",
+          "EvalConfig": "winnow.loops.config"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(f"winnow.config.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from winnow.algorithms import OBJECTIVES
-from winnow.config import EvalConfig, ModelConfig, RolloutConfig, TrainConfig
 from winnow.data import DataConfig, make_task
 from winnow.data.tiny import build_tiny_model, save_tiny, train_char_tokenizer
 from winnow.learner.learner import LearnerConfig
-from winnow.learner.sft import SFTConfig, train_sft
 from winnow.logging import LoggingConfig, read_metrics
+from winnow.loops.config import EvalConfig, RolloutConfig
 from winnow.oracles import OracleConfig
-from winnow.runtime.rl import train
-from winnow.runtime.setup import setup_process
+from winnow.recipes.rl import TrainConfig, train
+from winnow.recipes.sft import SFTConfig, train_sft
+from winnow.setup import ModelConfig, setup_process
 
 
 @dataclass

@@ -188,6 +188,8 @@ class TrainBatch:
     """the critic's values when the samples were drawn, [B, T] float (PPO only; 0 off the mask)"""
     returns: torch.Tensor | None = None
     """the critic's regression targets, GAE advantages + old values, [B, T] float (PPO only; 0 off the mask)"""
+    group_index: torch.Tensor | None = None
+    """which prompt each row answers, [B] long: rows with the same index form a group (group baselines)"""
 
     @property
     def batch_size(self) -> int:

@@ -1,16 +1,22 @@
-"""Policy objectives: configured objects that turn rewards into advantages and logprobs into a loss.
+"""Policy objectives: configured objects that turn a batch's rewards into advantages and logprobs into a loss.
 
-The learner holds one `PolicyObjective` chosen from `OBJECTIVES` by name and calls the same three members
-whatever the algorithm; variants are fields or small subclasses here, never branches in the learner.
+The loop holds one `PolicyObjective` chosen from `OBJECTIVES` by name and calls the same members whatever
+the algorithm; variants are fields or small subclasses here, never branches in the loop or the learner.
 
     objective = OBJECTIVES["grpo"](clip_high=0.28)
-    advantages = objective.advantages(rewards, group_size)            # [B*G] -> [B*G]
-    if objective.needs_reference: ...fill batch.ref_logprobs...
+    # the loop fills batch.rewards [B] and batch.group_index [B] (rows of one prompt share an index), and,
+    # for an objective with needs_critic, batch.old_logprobs, batch.old_values (and batch.ref_logprobs)
+    result = objective.advantages(batch)          # Advantages: [B] (or [B, T]) advantages, returns, metrics
+    if objective.needs_reference: ...the learner fills batch.ref_logprobs...
     loss, metrics = objective.loss(logprobs, micro_batch, num_sequences=..., num_tokens=..., max_tokens=...)
 
-An objective with `needs_critic = True` (PPO, winnow/algorithms/ppo.py) also has `token_advantages` and
-`value_loss`: the runtime then trains a critic beside the policy and replaces the sequence-level
-advantages with per-token ones.
+`advantages` sees the WHOLE batch of the iteration, so a baseline may be per group (GRPO, RLOO), per batch
+(REINFORCE++-style whitening) or learned (PPO's critic). An objective declares what it needs instead of
+being probed: `uses_group_baseline` (groups with fewer than 2 scored samples carry no signal and are dropped;
+`--rollout.drop-uniform-groups` applies), `needs_critic` (the loop trains a value model beside the policy and
+calls `value_loss`), `needs_reference` (a frozen reference policy's logprobs).
+
+A new objective is one file with a dataclass like the ones below and one line in `OBJECTIVES`.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from winnow.algorithms.advantages import group_advantages, rloo_advantages
+from winnow.algorithms.advantages import Advantages, advantage_metrics, group_advantages
 from winnow.algorithms.aggregation import LOSS_AGG_MODES, LossAggregation, aggregate_loss
 from winnow.algorithms.kl import KL_ESTIMATORS, KLEstimator, kl_estimate
 from winnow.algorithms.policy_loss import clipped_policy_loss
@@ -30,18 +36,24 @@ from winnow.types import TrainBatch
 
 @runtime_checkable
 class PolicyObjective(Protocol):
-    """What the learner needs from a policy-gradient algorithm."""
+    """What the loop and the learner need from a policy-gradient algorithm."""
 
     name: ClassVar[str]
     """the registry name, e.g. "grpo" (for logs and the CLI); a class attribute, not a config field"""
-
-    def advantages(self, rewards: Tensor, group_size: int) -> Tensor:
-        """Per-sequence advantages `[B*G]` from rewards `[B*G]` (each prompt's G samples consecutive)."""
-        ...
+    uses_group_baseline: ClassVar[bool]
+    """True when advantages compare a prompt's samples with each other: groups of fewer than 2 scored samples
+    are dropped before `advantages`, and `--rollout.drop-uniform-groups` may drop flat ones"""
+    needs_critic: ClassVar[bool]
+    """True when the loop must train a value model beside the policy: it fills `batch.old_values` (and
+    `old_logprobs`) before `advantages`, and steps the critic on `value_loss` after each policy step"""
 
     @property
     def needs_reference(self) -> bool:
-        """True when `loss` reads `batch.ref_logprobs`, so the learner must run the reference model."""
+        """True when `advantages` or `loss` reads `batch.ref_logprobs`, so the learner runs the reference."""
+        ...
+
+    def advantages(self, batch: TrainBatch) -> Advantages:
+        """Advantages of the whole batch from `batch.rewards` `[B]` and `batch.group_index` `[B]`."""
         ...
 
     def loss(
@@ -63,6 +75,8 @@ class GRPO:
     optional KL penalty to a reference model in the loss."""
 
     name: ClassVar[str] = "grpo"
+    uses_group_baseline: ClassVar[bool] = True
+    needs_critic: ClassVar[bool] = False
 
     clip_low: float = 0.2
     """epsilon_low: the ratio pi/pi_old is clipped below at 1 - clip_low"""
@@ -86,8 +100,9 @@ class GRPO:
     def needs_reference(self) -> bool:
         return self.kl_coef > 0
 
-    def advantages(self, rewards: Tensor, group_size: int) -> Tensor:
-        return group_advantages(rewards, group_size, scale_by_std=self.scale_by_std)
+    def advantages(self, batch: TrainBatch) -> Advantages:
+        values = group_advantages(batch.rewards, scale_by_std=self.scale_by_std, group_index=batch.group_index)
+        return Advantages(values, metrics=advantage_metrics(values))
 
     def loss(
         self, logprobs: Tensor, batch: TrainBatch, *, num_sequences: int, num_tokens: float, max_tokens: int
@@ -113,50 +128,34 @@ class DrGRPO(GRPO):
 
 
 @dataclass
-class RLOO:
+class RLOO(GRPO):
     """REINFORCE leave-one-out (Ahmadian et al. 2024, "Back to Basics"): each sample's baseline is the mean
-    reward of the other samples of its prompt. Optimised with the same clipped surrogate and TIS as GRPO,
-    so that several optimizer steps per policy iteration stay safe (with one step, rho = 1 and the
-    surrogate's gradient is exactly REINFORCE's)."""
+    reward of the other samples of its prompt, A_i = G/(G-1) (r_i - mean(r)). Optimised with GRPO's clipped
+    surrogate and TIS, so that several optimizer steps per policy iteration stay safe (with one step,
+    rho = 1 and the surrogate's gradient is exactly REINFORCE's)."""
 
     name: ClassVar[str] = "rloo"
 
-    clip_low: float = 0.2
-    """epsilon_low: the ratio pi/pi_old is clipped below at 1 - clip_low"""
-    clip_high: float = 0.2
-    """epsilon_high: the ratio is clipped above at 1 + clip_high"""
-    tis_cap: float | None = 2.0
-    """cap on the truncated importance weight pi_old/pi_engine per token; None turns the correction off"""
-    kl_coef: float = 0.0
-    """weight of the KL(pi || pi_ref) penalty in the loss; 0 turns it off and needs no reference model"""
-    kl_estimator: KLEstimator = "k3"
-    """per-token KL estimator: k1, k2 or k3 (Schulman 2020)"""
     loss_agg: LossAggregation = "token-mean"
     """how token losses become one number: token-mean, seq-mean-token-mean or seq-mean-token-sum-norm"""
+    scale_by_std: bool = False
+    """also divide by the group's std (off in the paper)"""
 
-    def __post_init__(self) -> None:
-        _validate(self)
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.kl_coef > 0
-
-    def advantages(self, rewards: Tensor, group_size: int) -> Tensor:
-        return rloo_advantages(rewards, group_size)
-
-    def loss(
-        self, logprobs: Tensor, batch: TrainBatch, *, num_sequences: int, num_tokens: float, max_tokens: int
-    ) -> tuple[Tensor, dict[str, float]]:
-        return _surrogate_loss(
-            self, logprobs, batch, num_sequences=num_sequences, num_tokens=num_tokens, max_tokens=max_tokens
-        )
+    def advantages(self, batch: TrainBatch) -> Advantages:
+        # G/(G-1) times GRPO's (or Dr. GRPO's) group-centred advantage is the leave-one-out one.
+        _, inverse, counts = torch.unique(batch.group_index, return_inverse=True, return_counts=True)
+        if bool((counts < 2).any()):
+            raise ValueError("a group has 1 sample: RLOO needs >= 2 samples per prompt (--rollout.num-samples)")
+        counts = counts.to(batch.rewards.dtype)
+        values = super().advantages(batch).values * (counts / (counts - 1))[inverse]
+        return Advantages(values, metrics=advantage_metrics(values))
 
 
 OBJECTIVES: dict[str, type[PolicyObjective]] = {"grpo": GRPO, "dr-grpo": DrGRPO, "rloo": RLOO, "ppo": PPO}
 """policy objectives by name, as the CLI spells them (`winnow train grpo`)"""
 
 
-def _validate(objective: GRPO | RLOO) -> None:
+def _validate(objective: GRPO) -> None:
     problems = []
     if objective.clip_low < 0:
         problems.append(f"clip_low={objective.clip_low} must be >= 0")
@@ -175,7 +174,7 @@ def _validate(objective: GRPO | RLOO) -> None:
 
 
 def _surrogate_loss(
-    objective: GRPO | RLOO,
+    objective: GRPO,
     logprobs: Tensor,
     batch: TrainBatch,
     *,

@@ -2,11 +2,11 @@
 2022, InstructGPT): per-token rewards, a learned value model, GAE, whitened advantages, the clipped
 surrogate for the policy and a clipped value loss for the critic.
 
-Beyond `PolicyObjective`, a critic objective has `needs_critic = True` and two more members; the runtime
+A critic objective declares `needs_critic = True` and has one more member, `value_loss`; the RL loop
 calls them in this order every policy iteration:
 
-    batch.old_logprobs, batch.ref_logprobs (if needs_reference), batch.old_values = ...   # filled by the runtime
-    batch.advantages, batch.returns, metrics = objective.token_advantages(batch)     # [B, T] each
+    batch.old_logprobs, batch.ref_logprobs (if needs_reference), batch.old_values = ...   # filled by the loop
+    result = objective.advantages(batch)     # per-token advantages and returns, [B, T] each
     for each epoch and mini-batch:
         policy step on objective.loss(logprobs, mini_batch, ...)
         critic step on objective.value_loss(values, mini_batch, ...)
@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from winnow.algorithms.advantages import Advantages
 from winnow.algorithms.aggregation import LOSS_AGG_MODES, LossAggregation, masked_mean
 from winnow.algorithms.gae import clipped_value_loss, explained_variance, gae_advantages, token_rewards, whiten
 from winnow.algorithms.kl import kl_estimate
@@ -33,8 +34,10 @@ class PPO:
     value loss. Works with one sample per prompt (the critic is the baseline) or several."""
 
     name: ClassVar[str] = "ppo"
+    uses_group_baseline: ClassVar[bool] = False
+    """the critic is the baseline: every scored sample is kept, groups of one included"""
     needs_critic: ClassVar[bool] = True
-    """the runtime builds a critic and calls `token_advantages` and `value_loss`"""
+    """the loop builds a critic, values the batch before `advantages` and steps it on `value_loss`"""
 
     gamma: float = 1.0
     """discount per token in GAE (1: the reward at the end counts fully at every token)"""
@@ -86,10 +89,10 @@ class PPO:
     def needs_reference(self) -> bool:
         return self.kl_coef > 0
 
-    def advantages(self, rewards: Tensor, group_size: int) -> Tensor:
-        """PPO has no sequence-level advantages: zeros, which `token_advantages` replaces once the critic
-        has valued the batch."""
-        return torch.zeros(rewards.shape, dtype=torch.float32)
+    def advantages(self, batch: TrainBatch) -> Advantages:
+        """Per-token GAE advantages and returns of the batch the critic has valued (`token_advantages`)."""
+        advantages, returns, metrics = self.token_advantages(batch)
+        return Advantages(advantages, returns, metrics)
 
     @torch.no_grad()
     def token_advantages(self, batch: TrainBatch) -> tuple[Tensor, Tensor, dict[str, float]]:

@@ -10,7 +10,7 @@ log-probability is the sum over its tokens or their mean (`uses_length_average`)
 model is needed (`needs_reference`). Their `loss` reads a batch whose rows are interleaved pairs,
 [chosen_0, rejected_0, chosen_1, rejected_1, ...], and is normalised by the number of pairs in the whole
 mini-batch, so the learner's micro-batch losses add up (micro-batches must hold whole pairs: an even
-`micro_batch_size`; `winnow.learner.pairs` checks it).
+`micro_batch_size`; `Learner.train_policy(..., rows_per_unit=2)` checks it).
 
 Online use (sample two responses from the current policy, label them with an oracle, take a step) is
 Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback" (OAIF).

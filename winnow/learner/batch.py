@@ -3,20 +3,25 @@ from __future__ import annotations
 
 import torch
 
-from winnow.types import Completion, TrainBatch
+from winnow.types import Completion, PreferencePair, TrainBatch
 
 
 def make_train_batch(
     completions: list[Completion],
-    advantages: torch.Tensor,
+    advantages: torch.Tensor | None = None,
     rewards: torch.Tensor | None = None,
     pad_token_id: int = 0,
+    *,
+    group_index: torch.Tensor | None = None,
 ) -> TrainBatch:
     """Concatenate prompt + response for every completion and right-pad to the longest.
 
-    advantages, rewards: [B] aligned with `completions`. Responses that are empty (max_tokens hit on
-    the first step can't happen, but a stop string can end a response at once) get an all-zero mask.
+    advantages, rewards, group_index: [B] aligned with `completions` (advantages default to zeros, to be
+    filled by the objective). Responses that are empty (a stop string can end a response at once) get an
+    all-zero mask.
     """
+    if advantages is None:
+        advantages = torch.zeros(len(completions))
     if len(completions) != len(advantages):
         raise ValueError(f"{len(completions)} completions but {len(advantages)} advantages")
     length = max(len(c.prompt_ids) + len(c.response_ids) for c in completions)
@@ -38,6 +43,7 @@ def make_train_batch(
         advantages=advantages.float(),
         engine_logprobs=engine_logprobs,
         rewards=None if rewards is None else rewards.float(),
+        group_index=group_index,
     )
 
 
@@ -50,3 +56,14 @@ def make_sft_batch(
         for p, c in pairs
     ]
     return make_train_batch(completions, torch.zeros(len(pairs)), pad_token_id=pad_token_id)
+
+
+def make_pair_batch(pairs: list[PreferencePair], pad_token_id: int = 0) -> TrainBatch:
+    """A TrainBatch of 2 x len(pairs) rows, [chosen_0, rejected_0, chosen_1, rejected_1, ...]; `rewards` [2P]
+    holds each pair's preference probability on both of its rows (for logging). The learner moves the rows of
+    a pair together (`rows_per_unit=2`), so a preference loss always sees both sides of a pair at once."""
+    if not pairs:
+        raise ValueError("make_pair_batch got no pairs")
+    completions = [c for pair in pairs for c in (pair.chosen, pair.rejected)]
+    probability = torch.tensor([pair.probability for pair in pairs for _ in range(2)])
+    return make_train_batch(completions, torch.zeros(len(completions)), probability, pad_token_id)

@@ -177,11 +177,13 @@ class Learner:
         """True on the rank that logs, evaluates and writes files (rank 0)."""
         return self.strategy.rank == 0
 
-    def shard(self, batch: TrainBatch) -> TrainBatch:
-        """This rank's rows of a batch every rank holds: rows rank, rank + world_size, ..."""
+    def shard(self, batch: TrainBatch, rows_per_unit: int = 1) -> TrainBatch:
+        """This rank's rows of a batch every rank holds: units rank, rank + world_size, ... (a unit is
+        `rows_per_unit` consecutive rows that stay together: 2 for a preference pair)."""
         if self.strategy.world_size == 1:
             return batch
-        return batch.select(slice(self.strategy.rank, None, self.strategy.world_size))
+        units = torch.arange(batch.batch_size // rows_per_unit)[self.strategy.rank::self.strategy.world_size]
+        return batch.select(_unit_rows(units, rows_per_unit))
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -223,14 +225,21 @@ class Learner:
 
     def train_policy(
         self, batch: TrainBatch, loss_fn: LossFn, needs_reference: bool = False,
-        on_mini_batch: Callable[[TrainBatch], dict[str, float]] | None = None,
+        on_mini_batch: Callable[[TrainBatch], dict[str, float]] | None = None, rows_per_unit: int = 1,
     ) -> dict[str, float]:
-        """All optimizer steps of one policy iteration: num_epochs x num_mini_batches.
+        """All optimizer steps of one policy iteration: num_epochs x num_mini_batches, each over a shuffled
+        mini-batch of whole units (`rows_per_unit` consecutive rows that stay together and in order: 1 for RL
+        samples, 2 for preference pairs [chosen, rejected]). Returns the mean of the steps' metrics.
 
         `on_mini_batch(mini_batch) -> metrics`, when given, runs after each policy step on the same rows
         (PPO's critic step); its metrics are averaged with the policy's. `batch.old_logprobs` and
-        `batch.ref_logprobs` that are already filled (PPO fills them to shape its rewards) are kept.
+        `batch.ref_logprobs` that are already filled (PPO fills them to shape its rewards) are kept;
+        reference logprobs are computed once, before any step.
         """
+        if batch.batch_size % rows_per_unit or self.config.micro_batch_size % rows_per_unit:
+            raise ValueError(f"learner.micro_batch_size={self.config.micro_batch_size} and the batch's "
+                             f"{batch.batch_size} rows must be multiples of {rows_per_unit}: an odd size would split "
+                             f"a unit of rows that belong together (a preference pair's chosen and rejected)")
         batch = batch.to(self.device)
         if batch.old_logprobs is None and (self.config.num_epochs > 1 or self.config.num_mini_batches > 1):
             # Later steps see an updated policy: the clipped ratio needs the pre-update logprobs.
@@ -239,11 +248,11 @@ class Learner:
             batch.ref_logprobs = self.reference_logprobs(batch)
         steps: list[dict[str, float]] = []
         for _ in range(self.config.num_epochs):
-            order = torch.randperm(batch.batch_size, device=self.device)
-            # tensor_split: exactly num_mini_batches steps on every rank, however few rows it holds
-            for index in order.tensor_split(self.config.num_mini_batches):
-                mini_batch = batch.select(index)
-                steps.append(self.train_step(mini_batch, loss_fn))
+            order = torch.randperm(batch.batch_size // rows_per_unit, device=self.device)
+            # tensor_split: exactly num_mini_batches steps on every rank, however few units it holds
+            for units in order.tensor_split(self.config.num_mini_batches):
+                mini_batch = batch.select(_unit_rows(units, rows_per_unit))
+                steps.append(self.train_step(mini_batch, loss_fn, rows_per_unit))
                 if on_mini_batch is not None:
                     steps[-1].update(on_mini_batch(mini_batch))
         return {key: sum(s[key] for s in steps) / len(steps) for key in steps[0]}
@@ -348,10 +357,17 @@ class Learner:
                              f"both be multiples of {unit} (rows that belong together)")
         lengths = batch.attention_mask.sum(dim=1).view(-1, unit).amax(dim=1)
         units = lengths.argsort(descending=True, stable=True)
-        order = (units[:, None] * unit + torch.arange(unit, device=units.device)).reshape(-1)
+        order = _unit_rows(units, unit)
         for start in range(0, batch.batch_size, self.config.micro_batch_size):
             micro = batch.select(order[start : start + self.config.micro_batch_size])
             yield _trim(micro, _used_width(micro))
+
+
+def _unit_rows(units: torch.Tensor, rows_per_unit: int) -> torch.Tensor:
+    """The row indices of `units` [U], each unit's rows consecutive and in order: [U * rows_per_unit]."""
+    if rows_per_unit == 1:
+        return units
+    return (units[:, None] * rows_per_unit + torch.arange(rows_per_unit, device=units.device)).reshape(-1)
 
 
 def _compile_layers(model: torch.nn.Module) -> None:

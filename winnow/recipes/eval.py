@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from winnow.config import EvalConfig, ModelConfig
 from winnow.data import DataConfig, load_prompts
-from winnow.engines.hf import HFEngine, HFEngineConfig
+from winnow.engines import make_engine
+from winnow.engines.hf import HFEngineConfig
+from winnow.engines.vllm import VLLMEngineConfig
 from winnow.eval.accuracy import evaluate_accuracy
+from winnow.loops.config import EvalConfig
 from winnow.oracles import OracleConfig, make_oracle
+from winnow.setup import ModelConfig, load_policy, resolve_device, setup_process
 
 
 @dataclass
@@ -19,6 +23,10 @@ class EvalRunConfig:
     oracle: OracleConfig = field(default_factory=OracleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: HFEngineConfig = field(default_factory=HFEngineConfig)
+    engine_backend: Literal["hf", "vllm"] = "hf"
+    """what samples the responses: "hf" (embedded, settings in `engine`) or "vllm" (settings in `vllm_engine`)"""
+    vllm_engine: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
+    """settings of the vllm engine, used when engine_backend is \"vllm\""""
     max_tokens: int = 256
     """generation budget per response"""
     split: str = "eval"
@@ -32,12 +40,12 @@ class EvalRunConfig:
 
 
 def run_eval(config: EvalRunConfig) -> dict[str, float]:
-    from winnow.runtime.setup import load_policy, resolve_device, setup_process
-
     setup_process(config.seed, config.num_threads)
     model, tokenizer = load_policy(config.model)
     prompts = load_prompts(config.data, tokenizer, config.split)[: config.eval.max_prompts]
-    engine = HFEngine(model, tokenizer, config.engine, device=resolve_device(config.device), copy_model=False)
+    engine = make_engine(config.engine_backend, model if config.engine_backend == "hf" else None, tokenizer,
+                         model_path=config.model.path, tokenizer_path=config.model.tokenizer, hf=config.engine,
+                         vllm=config.vllm_engine, device=resolve_device(config.device), copy_model=False)
     oracle = make_oracle(config.oracle)
     try:
         return evaluate_accuracy(

@@ -1,0 +1,13 @@
+"""The supervised fine-tuning loss: negative log-likelihood of the completion tokens."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from winnow.types import TrainBatch
+
+
+def sft_loss(logprobs: Tensor, batch: TrainBatch, *, num_sequences: int, num_tokens: float):
+    """Token-mean NLL over the mini-batch's completion tokens (prompt tokens are context, never targets).
+    logprobs, batch.response_mask: [B, T]; `num_tokens` is the whole mini-batch's, so micro-batch losses add up."""
+    nll = -(logprobs * batch.response_mask).sum() / num_tokens
+    return nll, {"nll": float(nll.detach())}

@@ -1,0 +1,182 @@
+"""The RL family (GRPO, Dr. GRPO, RLOO, PPO, and any `PolicyObjective`): generate → score → advantages, then
+the objective's loss over the iteration's samples.
+
+Under torchrun with a sharded learner every rank runs this same family with its own engine: the same seeded
+prompts and sampling, so every rank draws the same samples (on GPU they may differ in the last bits; each
+rank's batch is still on-policy, since all engines hold the same synced weights). The learner trains each
+rank on its shard of the batch with the global normalisers. Generation is repeated on every rank rather than
+split: that costs generation time, not correctness; splitting it belongs to a distributed runtime.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import torch
+
+from winnow.algorithms.objectives import PolicyObjective
+from winnow.eval.accuracy import EvalResult, evaluate_accuracy
+from winnow.learner.batch import make_train_batch
+from winnow.learner.learner import Learner
+from winnow.loops.base import Counters, PhaseTimer
+from winnow.loops.config import EvalConfig, RolloutConfig
+from winnow.loops.seam import Actor
+from winnow.oracles.base import RewardOracle
+from winnow.types import Completion, Group, Prompt, TrainBatch
+
+
+@dataclass
+class RolloutCounters(Counters):
+    """Counters of families that sample: prompts, samples, tokens and oracle queries so far."""
+
+    prompts: int = 0
+    samples: int = 0
+    generated_tokens: int = 0
+    oracle_queries: int = 0
+    unscored_samples: int = 0
+
+
+def iteration_seed(run_seed: int, iteration: int) -> int:
+    """The sampling seed of one policy iteration: runs replay exactly, iterations differ."""
+    return run_seed * 1_000_003 + iteration
+
+
+class RLFamily:
+    """Policy-gradient RL with a reward oracle.
+
+    With an objective that `needs_critic` (PPO), `critic` is its value model: the advantages phase values the
+    batch with it, and each policy step is followed by a critic step on the same mini-batch."""
+
+    def __init__(self, *, actor: Actor, learner: Learner, oracle: RewardOracle, objective: PolicyObjective,
+                 rollout: RolloutConfig, eval_config: EvalConfig, prompts: Iterator[list[Prompt]],
+                 eval_prompts: list[Prompt], seed: int, pad_token_id: int, critic: Learner | None = None):
+        if objective.needs_critic and critic is None:
+            raise ValueError(f"{objective.name} trains a critic: build one (winnow.learner.critic.make_critic)")
+        self.actor, self.learner, self.oracle, self.objective = actor, learner, oracle, objective
+        self.rollout, self.eval_config, self.prompts, self.eval_prompts = rollout, eval_config, prompts, eval_prompts
+        self.seed, self.pad_token_id, self.critic = seed, pad_token_id, critic
+        self.counters = RolloutCounters()
+
+    # ------------------------------------------------------------------ the family's phases
+
+    def collect(self, iteration: int, timer: PhaseTimer) -> tuple[TrainBatch | None, dict[str, float]]:
+        prompts = next(self.prompts)
+        with timer("generate"):
+            params = self.rollout.sampling_params(seed=iteration_seed(self.seed, iteration))
+            completions = self.actor.generate([p.token_ids for p in prompts], params)
+        with timer("score"):
+            groups, metrics = self.score(prompts, completions)
+        with timer("advantages"):
+            batch, advantage_metrics = self.advantages(groups)
+        return batch, {**metrics, **advantage_metrics}
+
+    def train(self, batch: TrainBatch) -> dict[str, float]:
+        loss_fn = partial(self.objective.loss, max_tokens=self.rollout.max_tokens)
+        on_mini_batch = self.train_critic if self.objective.needs_critic else None
+        return self.learner.train_policy(self.learner.shard(batch), loss_fn, self.objective.needs_reference,
+                                         on_mini_batch=on_mini_batch)
+
+    def evaluate(self) -> EvalResult:
+        if not self.eval_prompts:
+            return EvalResult({}, [])
+        cfg = self.eval_config
+        return evaluate_accuracy(
+            self.actor, self.oracle, self.eval_prompts, max_tokens=cfg.max_tokens or self.rollout.max_tokens,
+            greedy=cfg.greedy, k=cfg.k, temperature=cfg.temperature, correct_threshold=cfg.correct_threshold,
+            seed=self.seed, stop=list(self.rollout.stop),
+        )
+
+    # ------------------------------------------------------------------ steps of collect
+
+    def score(self, prompts: list[Prompt], completions: list[Completion]) -> tuple[list[Group], dict[str, float]]:
+        """Ask the oracle for every completion's reward; group them by prompt."""
+        n = len(completions) // len(prompts)
+        repeated = [p for p in prompts for _ in range(n)]
+        columns = {key: [p.columns.get(key) for p in repeated] for key in prompts[0].columns}
+        result = self.oracle.reward(
+            [p.text for p in repeated], [c.text for c in completions], [p.reference for p in repeated], columns
+        )
+        groups = [Group(prompt, completions[i * n:(i + 1) * n], result.scores[i * n:(i + 1) * n],
+                        {name: s[i * n:(i + 1) * n] for name, s in result.components.items()})
+                  for i, prompt in enumerate(prompts)]
+        c = self.counters
+        c.prompts += len(prompts)
+        c.samples += len(completions)
+        c.oracle_queries += len(completions)
+        c.generated_tokens += sum(x.num_tokens for x in completions)
+        c.unscored_samples += result.num_failed
+        scored = [s for s in result.scores if s is not None]
+        lengths = [x.num_tokens for x in completions]
+        metrics = {
+            "reward/mean": _mean(scored),
+            "reward/std": _std(scored),
+            **{f"reward/{name}": _mean([s for s in v if s is not None]) for name, v in result.components.items()},
+            "rollout/generated_tokens": float(sum(lengths)),
+            "rollout/response_tokens_mean": _mean(lengths),
+            "rollout/response_tokens_max": float(max(lengths)),
+            "rollout/truncated_fraction": _mean([x.finish_reason == "length" for x in completions]),
+            "oracle/unscored": float(result.num_failed),
+            **result.metrics,
+        }
+        return groups, metrics
+
+    def advantages(self, groups: list[Group]) -> tuple[TrainBatch | None, dict[str, float]]:
+        """The batch of scored samples with the objective's advantages. Unscored samples leave their group
+        (never trained on as a zero reward). With a group baseline a group needs two scored samples, else it
+        is dropped (and with `drop_uniform_groups` a flat group too); without one every scored sample is kept."""
+        group_baseline = self.objective.uses_group_baseline
+        completions, rewards, group_index = [], [], []
+        num_uniform = num_small = 0
+        for i, group in enumerate(groups):
+            scored = [(c, r) for c, r in zip(group.completions, group.rewards) if r is not None]
+            if len(scored) < (2 if group_baseline else 1):
+                num_small += 1
+                continue
+            if all(r == scored[0][1] for _, r in scored):
+                num_uniform += 1
+                if self.rollout.drop_uniform_groups and group_baseline:
+                    continue
+            completions.extend(c for c, _ in scored)
+            rewards.extend(r for _, r in scored)
+            group_index.extend([i] * len(scored))
+        metrics = {"rollout/uniform_groups": float(num_uniform), "rollout/dropped_groups": float(num_small),
+                   "rollout/trained_samples": float(len(completions))}
+        if not completions:
+            return None, metrics
+        batch = make_train_batch(completions, None, torch.tensor(rewards, dtype=torch.float32), self.pad_token_id,
+                                 group_index=torch.tensor(group_index))
+        if self.objective.needs_critic:
+            batch = self.value(batch)
+        result = self.objective.advantages(batch)
+        batch.advantages, batch.returns = result.values, result.returns
+        return batch, {**metrics, **result.metrics}
+
+    def value(self, batch: TrainBatch) -> TrainBatch:
+        """A critic objective's inputs: the critic's values, and the policy's (and reference's) logprobs taken
+        before any update (they shape PPO's KL penalty in the reward and are the clipped ratio's pi_old)."""
+        batch = batch.to(self.learner.device)
+        batch.old_logprobs = self.learner.logprobs(self.learner.model, batch)  # [B, T]
+        if self.objective.needs_reference:
+            batch.ref_logprobs = self.learner.reference_logprobs(batch)  # [B, T]
+        batch.old_values = self.critic.predict(batch)  # [B, T]
+        return batch
+
+    def train_critic(self, mini_batch: TrainBatch) -> dict[str, float]:
+        """One critic optimizer step on the policy step's mini-batch; its metrics as `critic/...`."""
+        metrics = self.critic.train_step(mini_batch, self.objective.value_loss)
+        return {f"critic/{key}": value for key, value in metrics.items()}
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _std(values) -> float:
+    values = [float(v) for v in values]
+    if len(values) < 2:
+        return 0.0
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / len(values))

@@ -1,0 +1,151 @@
+"""What every command shares: the run fields (`RunConfig`), the online commands' parts (`OnlineRunConfig`),
+and the steps of building and finishing a run. A recipe module (rl.py, preference.py, sft.py, eval.py) holds
+only its own config and how it wires the parts into a loop."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from winnow.config import save_config
+from winnow.data import DataConfig, load_prompts
+from winnow.engines import make_engine
+from winnow.engines.hf import HFEngineConfig
+from winnow.engines.vllm import VLLMEngineConfig
+from winnow.learner.learner import Learner, LearnerConfig
+from winnow.learner.lora import LoraConfig, apply_lora
+from winnow.learner.sync import SyncConfig
+from winnow.logging import LoggingConfig, MetricsLogger, progress
+from winnow.logging.plot import plot_run
+from winnow.loops.base import Loop
+from winnow.loops.config import RolloutConfig
+from winnow.loops.seam import LocalActor
+from winnow.oracles import OracleConfig
+from winnow.setup import ModelConfig, shared_run_dir
+from winnow.types import Prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """The fields every run has: where it writes, its seed, its device."""
+
+    output_dir: str = "runs"
+    """runs are written to OUTPUT_DIR/RUN_NAME"""
+    run_name: str | None = None
+    """name of the run directory; default COMMAND-YYYYmmdd-HHMMSS"""
+    seed: int = 0
+    """seeds prompt order, sampling and any randomly initialised weights"""
+    device: str = "auto"
+    """"auto" (cuda if available), "cpu" or "cuda[:N]\""""
+    num_threads: int | None = None
+    """torch CPU threads; None uses min(4, cores) (more threads than cores thrash)"""
+    save_final: bool = True
+    """save the trained policy to RUN_DIR/final"""
+
+
+@dataclass(kw_only=True)
+class OnlineRunConfig(RunConfig):
+    """A run whose actor samples from the policy each iteration and whose learner syncs weights back."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    oracle: OracleConfig = field(default_factory=OracleConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters instead of full fine-tuning (`--lora-rank 8`); the reference is the adapters turned off"""
+    engine: HFEngineConfig = field(default_factory=HFEngineConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    engine_backend: Literal["hf", "vllm"] = "hf"
+    """what the Actor samples with: "hf" (embedded, settings in `engine`) or "vllm" (`pip install
+    "winnow[vllm]"`, settings in `vllm_engine`)"""
+    vllm_engine: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
+    """settings of the vllm engine, used when engine_backend is \"vllm\""""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    num_iterations: int = 100
+    """policy iterations to run"""
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (the learning-rate schedule's length)."""
+        return self.num_iterations * self.learner.num_mini_batches * self.learner.num_epochs
+
+
+def load_splits(config: OnlineRunConfig, tokenizer, max_eval: int | None) -> tuple[list[Prompt], list[Prompt]]:
+    """The train prompts and (up to `max_eval`) held-out prompts; enough train prompts for one iteration."""
+    train_prompts = load_prompts(config.data, tokenizer, "train")
+    eval_prompts = load_prompts(config.data, tokenizer, "eval")[:max_eval]
+    if len(train_prompts) < config.rollout.prompts_per_iteration:
+        raise ValueError(f"{len(train_prompts)} training prompts but rollout.prompts_per_iteration="
+                         f"{config.rollout.prompts_per_iteration}; lower it (--rollout.prompts-per-iteration) or add data")
+    return train_prompts, eval_prompts
+
+
+def build_learner(policy: torch.nn.Module, config, *, total_steps: int, needs_reference: bool, temperature: float,
+                  device: torch.device) -> Learner:
+    """The policy's learner: LoRA adapters when asked (their reference is the adapters off, no copy), else a
+    frozen copy of the policy as the reference when the objective needs one."""
+    policy = apply_lora(policy, config.lora)
+    ref_model = copy.deepcopy(policy) if needs_reference and not config.lora.enabled else None
+    return Learner(policy, config.learner, total_steps, ref_model, temperature=temperature, device=device)
+
+
+def build_actor(config: OnlineRunConfig, engine_model: torch.nn.Module | None, tokenizer, device) -> LocalActor:
+    """The local actor: the embedded engine on `engine_model` (a plain copy of the policy, taken before LoRA or a
+    sharded strategy wraps it), or vLLM loading the policy from `--model.path`."""
+    engine = make_engine(config.engine_backend, engine_model, tokenizer, model_path=config.model.path,
+                         tokenizer_path=config.model.tokenizer, hf=config.engine, vllm=config.vllm_engine,
+                         device=device, copy_model=False)
+    return LocalActor(engine)
+
+
+def engine_copy(config: OnlineRunConfig, policy: torch.nn.Module) -> torch.nn.Module | None:
+    """The embedded engine's own copy of the policy (vLLM loads its own from disk)."""
+    return copy.deepcopy(policy) if config.engine_backend == "hf" else None
+
+
+def open_run(config: RunConfig, prefix: str, is_main: bool) -> Path:
+    """The run directory (rank 0 makes it and writes the resolved config; under torchrun its path is shared)."""
+    run_dir = shared_run_dir(config.output_dir, config.run_name, prefix, is_main)
+    if is_main:
+        save_config(config, run_dir / "config.yaml")
+    return run_dir
+
+
+def run_loop(config, run_dir: Path, learner: Learner, make_loop: Callable[[Any, Any], Loop], *, total: int,
+             desc: str) -> list[dict[str, float]]:
+    """Build the loop under the run's logger and progress bar (rank 0 logs; other ranks train) and run it."""
+    is_main = learner.is_main
+    with (MetricsLogger(run_dir, config.logging, run_dir.name, dataclasses.asdict(config)) if is_main
+          else _NullLogger()) as logger, \
+            progress(total, desc=desc, enabled=config.logging.progress and is_main) as bar:
+        return make_loop(logger, bar).run()
+
+
+def finish(config: RunConfig, run_dir: Path, learner: Learner, tokenizer) -> Path:
+    """Save the trained policy (a gather on every rank; rank 0 writes) and draw the learning curves."""
+    if config.save_final:
+        learner.save(run_dir / "final", tokenizer)
+    if learner.is_main:
+        plot_run(run_dir)
+    return run_dir
+
+
+class _NullLogger:
+    """The metrics logger of ranks other than 0: they train, rank 0 logs."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def log(self, row: dict, step: int) -> None:
+        return None

@@ -1,0 +1,82 @@
+"""`winnow train grpo|dr-grpo|rloo|ppo` (and any objective in `OBJECTIVES`): the RL run's config and its wiring."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from winnow.data import batches
+from winnow.learner.critic import make_critic
+from winnow.loops.base import Loop
+from winnow.loops.config import EvalConfig
+from winnow.loops.rl import RLFamily
+from winnow.oracles import make_oracle
+from winnow.recipes.base import (
+    OnlineRunConfig,
+    build_actor,
+    build_learner,
+    engine_copy,
+    finish,
+    load_splits,
+    open_run,
+    run_loop,
+)
+from winnow.setup import load_policy, resolve_device, setup_process
+
+log = logging.getLogger(__name__)
+AlgoT = TypeVar("AlgoT")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(OnlineRunConfig, Generic[AlgoT]):
+    """A policy-iteration run: `winnow train ALGO`."""
+
+    algo: AlgoT
+    """the objective: advantages and loss"""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def train(config: TrainConfig) -> Path:
+    """Run policy iteration as `config` says; returns the run directory (metrics, plots, final model)."""
+    if config.rollout.temperature <= 0:
+        raise ValueError("rollout.temperature must be > 0: RL needs sampled responses (greedy is for eval)")
+    setup_process(config.seed, config.num_threads)
+    device = resolve_device(config.device)
+    objective = config.algo
+    policy, tokenizer = load_policy(config.model)
+    train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
+    oracle = make_oracle(config.oracle)
+    engine_model = engine_copy(config, policy)
+    # PPO's value model: a copy of the policy's backbone, made before a sharded learner splits `policy` (and
+    # before LoRA wraps it: the critic trains in full).
+    critic = (make_critic(policy, config.learner, lr=objective.critic_lr, total_steps=config.total_steps,
+                          device=device) if objective.needs_critic else None)
+    learner = build_learner(policy, config, total_steps=config.total_steps, needs_reference=objective.needs_reference,
+                            temperature=config.rollout.temperature, device=device)
+    actor = build_actor(config, engine_model, tokenizer, learner.device)
+    run_dir = open_run(config, objective.name, learner.is_main)
+    log.info("run %s: %d train / %d eval prompts, %d samples per iteration, %d optimizer steps per iteration",
+             run_dir, len(train_prompts), len(eval_prompts), config.rollout.samples_per_iteration,
+             config.learner.num_mini_batches * config.learner.num_epochs)
+    # Rank 0 alone evaluates; the sync check's probe is the held-out prompts, else the first training prompts.
+    probe = [p.token_ids for p in (eval_prompts or train_prompts)]
+
+    def make_loop(logger, bar) -> Loop:
+        family = RLFamily(
+            actor=actor, learner=learner, oracle=oracle, objective=objective, rollout=config.rollout,
+            eval_config=config.eval, prompts=batches(train_prompts, config.rollout.prompts_per_iteration,
+                                                     seed=config.seed),
+            eval_prompts=eval_prompts if learner.is_main else [], seed=config.seed,
+            pad_token_id=tokenizer.pad_token_id, critic=critic)
+        return Loop(family, learner=learner, actor=actor, num_iterations=config.num_iterations,
+                    eval_every=config.eval.every, sync=config.sync, probe=probe, seed=config.seed, logger=logger,
+                    run_dir=run_dir, progress=bar)
+
+    try:
+        run_loop(config, run_dir, learner, make_loop, total=config.num_iterations, desc=objective.name)
+    finally:
+        oracle.close()
+    if config.save_final and critic is not None:
+        critic.save(run_dir / "critic")
+    return finish(config, run_dir, learner, tokenizer)

@@ -1,0 +1,86 @@
+"""What every run does before its loop: threads, seeds, device, run directory, model and tokenizer."""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+
+@dataclass
+class ModelConfig:
+    """Which policy to train."""
+
+    path: str | None = None
+    """a hub id or a local directory with a `transformers` causal LM (`winnow quickstart` writes one)"""
+    tokenizer: str | None = None
+    """tokenizer hub id or directory; defaults to `path`"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (only for models you trust)"""
+
+
+def setup_process(seed: int, num_threads: int | None) -> None:
+    """Seed every generator and set torch's CPU threads.
+
+    More threads than free cores makes small-model CPU runs many times slower (measured: 40 s alone vs
+    ~600 s beside two busy processes with 2 threads), so the default is min(4, cores).
+    """
+    torch.set_num_threads(num_threads or max(1, min(4, os.cpu_count() or 1)))
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is available; use --device cpu")
+    return device
+
+
+def make_run_dir(output_dir: str, run_name: str | None, prefix: str) -> Path:
+    name = run_name or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(output_dir) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def shared_run_dir(output_dir: str, run_name: str | None, prefix: str, is_main: bool) -> Path:
+    """`make_run_dir` on rank 0, its path broadcast to the other ranks (a timestamped name could differ)."""
+    import torch.distributed as dist
+
+    path = make_run_dir(output_dir, run_name, prefix) if is_main else None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        holder = [path]
+        dist.broadcast_object_list(holder, src=0)
+        path = holder[0]
+    return path
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Padding is masked everywhere; EOS is a safe stand-in and keeps the vocabulary unchanged.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(model_config) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The policy model (fp32, on CPU; the learner moves it) and its tokenizer."""
+    if model_config.path is None:
+        raise ValueError(
+            "no model given: pass --model.path (a hub id or a local directory); "
+            "`winnow quickstart` builds a tiny one to start from"
+        )
+    tokenizer = load_tokenizer(model_config.tokenizer or model_config.path, model_config.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_config.path, dtype=torch.float32, trust_remote_code=model_config.trust_remote_code
+    )
+    return model, tokenizer
