@@ -5,6 +5,9 @@ are in test_static_decode.py.
 """
 from __future__ import annotations
 
+import ast
+import inspect
+
 import pytest
 import torch
 
@@ -124,3 +127,13 @@ def test_greedy_is_the_argmax_with_the_temperature_one_logprob():
     assert torch.allclose(logprobs, torch.log_softmax(logits, -1)[[0, 1], [1, 2]], atol=1e-6)
     assert Sampler.of(SamplingParams(temperature=0.0, top_k=3)) == Sampler(temperature=0.0)
 
+
+def test_the_sampler_sits_below_both_decode_paths():
+    # hf imports static_decode and sampling; neither of them imports hf: no import circle.
+    from winnow.engines import sampling, static_decode
+
+    for module in (sampling, static_decode):
+        tree = ast.parse(inspect.getsource(module))
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert "winnow.engines.hf" not in imported, module.__name__
