@@ -137,3 +137,19 @@ def test_the_sampler_sits_below_both_decode_paths():
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         assert "winnow.engines.hf" not in imported, module.__name__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_draws_what_the_cpu_draws():
+    # The same int64 bits on both devices (wrap-around multiplies, masked shifts), hence the same uniforms;
+    # and the same tokens from the same logits.
+    keys = row_keys(list(range(1000)), n=4)
+    for step in (0, 5, 1000):
+        want = uniforms(keys, step)
+        assert torch.equal(uniforms(keys.cuda(), torch.tensor([step], device="cuda")).cpu(), want)
+    logits = torch.randn(4000, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    for sampler in (Sampler(1.0), Sampler(0.7, top_k=50), Sampler(1.0, top_p=0.9)):
+        tokens, logprobs = sampler(logits, keys, 3)
+        cuda_tokens, cuda_logprobs = sampler(logits.cuda(), keys.cuda(), torch.tensor([3], device="cuda"))
+        assert torch.equal(cuda_tokens.cpu(), tokens), sampler
+        torch.testing.assert_close(cuda_logprobs.cpu(), logprobs, atol=1e-5, rtol=0)

@@ -160,7 +160,8 @@ def assert_same_samples(want, got, tolerance=2e-5):
         assert a.logprobs == pytest.approx(b.logprobs, abs=tolerance)
 
 
-@pytest.mark.parametrize("truncation", [{}, {"top_k": 5}, {"top_p": 0.8}, {"temperature": 0.7, "top_k": 8, "top_p": 0.9}])
+@pytest.mark.parametrize("truncation", [{}, {"top_k": 5}, {"top_p": 0.8},
+                                        {"temperature": 0.7, "top_k": 8, "top_p": 0.9}])
 def test_both_paths_sample_the_same_tokens(tiny_model, tiny_tokenizer, truncation):
     # One sampler, keyed by (prompt seed, sample index, step): the same seed gives the same responses on the
     # transformers path and on the fixed-shape step, with and without top-k/top-p.
@@ -241,6 +242,19 @@ def test_graph_decode_matches_the_hf_path_on_gpu(tiny_model, tiny_tokenizer):
     for extra in ({}, {"stop_token_ids": [token]}, {"stop": [text]}):
         assert_same_greedy(hf, graph, prompts, tolerance=1e-4, max_tokens=10, ignore_eos=True, **extra)
     assert graph.decoder.last_capture_seconds > 0
+
+
+@needs_cuda
+def test_graph_decode_samples_the_hf_paths_tokens_on_gpu(tiny_model, tiny_tokenizer):
+    # The captured step reads the step counter and the row keys from device buffers: the same seed must give
+    # the hf path's tokens, also with top-k/top-p and with compaction mid-generation.
+    hf, graph = gpu_engines(tiny_model, tiny_tokenizer)
+    graph.decoder.min_rows, graph.decoder.check_every = 1, 2
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=", "1")
+    stops = tiny_tokenizer.convert_tokens_to_ids(["+", "="])
+    for extra in ({}, {"top_k": 5, "top_p": 0.9}, {"stop_token_ids": stops}):
+        params = SamplingParams(temperature=1.0, max_tokens=12, n=3, seed=13, ignore_eos=True, **extra)
+        assert_same_samples(hf.generate(prompts, params), graph.generate(prompts, params), tolerance=1e-4)
 
 
 @needs_cuda
