@@ -42,6 +42,22 @@ def test_seeded_sampling_is_reproducible(engine, tiny_tokenizer):
     assert [c.response_ids for c in other] != [c.response_ids for c in a]
 
 
+def test_prompt_seeds_key_each_prompt_and_unseeded_calls_differ(engine, tiny_tokenizer):
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=")
+    sampling = dict(temperature=1.0, max_tokens=8, n=3, ignore_eos=True)
+    a = engine.generate(prompts, SamplingParams(**sampling, prompt_seeds=[1, 2], seed=5))
+    # prompt_seeds override seed, and a prompt's responses follow its own seed wherever it sits in the call.
+    b = engine.generate(prompts, SamplingParams(**sampling, prompt_seeds=[1, 2], seed=6))
+    swapped = engine.generate(prompts[::-1], SamplingParams(**sampling, prompt_seeds=[2, 1]))
+    assert [c.response_ids for c in b] == [c.response_ids for c in a]
+    assert [c.response_ids for c in swapped[3:] + swapped[:3]] == [c.response_ids for c in a]
+    # Without any seed, each call draws a fresh one from the engine's generator.
+    unseeded = [engine.generate(prompts, SamplingParams(**sampling)) for _ in range(2)]
+    assert [c.response_ids for c in unseeded[0]] != [c.response_ids for c in unseeded[1]]
+    with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
+        engine.generate(prompts, SamplingParams(max_tokens=2, prompt_seeds=[1]))
+
+
 def test_greedy_is_deterministic_and_is_the_argmax(engine, tiny_model, tiny_tokenizer):
     prompts = encode(tiny_tokenizer, "12+34=", "5+7=")
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

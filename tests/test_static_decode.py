@@ -3,7 +3,9 @@
 It replaces the transformers forward during decode, so it must compute the same thing: greedy tokens and
 logprobs equal to the `hf` path's on Llama, Qwen2 and Qwen3 models, across left padding and attention
 buckets, with the same stop semantics; sampling must draw from softmax(logits/T) and report logprobs the
-learner recomputes.
+learner recomputes. Both paths call one sampler with keyed randomness, so a seed must give the same sampled
+tokens on both, however the prompts are split across calls and whether or not finished rows are compacted.
+(The sampler's own tests: test_sampling.py.)
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from winnow.engines.hf import HFEngine, HFEngineConfig
-from winnow.engines.static_decode import StaticDecoder, _Sampler, race_sample, unsupported_reason
+from winnow.engines.static_decode import StaticDecoder, unsupported_reason
 from winnow.learner.batch import make_train_batch
 from winnow.learner.logprobs import sequence_logprobs
 from winnow.types import SamplingParams
@@ -106,30 +108,6 @@ def test_seeded_sampling_replays_and_logprobs_match_the_learner(tiny_model, tiny
     assert torch.allclose(learner, engine, atol=2e-5)
 
 
-def test_race_sample_draws_from_the_softmax():
-    # logits [0, log 2, log 3, log 4]/T with T=1 -> probabilities 0.1, 0.2, 0.3, 0.4.
-    rows = 40_000
-    logits = torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0])).expand(rows, 4).contiguous()
-    sampler = _Sampler(is_greedy=False, temperature=1.0, top_k=-1, top_p=1.0, stop_ids=())
-    tokens, logprobs = race_sample(logits, sampler, torch.Generator().manual_seed(0))
-    freq = torch.bincount(tokens, minlength=4).double() / rows
-    # 4 standard errors of a frequency near 0.4 at 40k draws: sqrt(.24/40000) = 0.00245 -> 0.0098.
-    assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64), atol=0.01)
-    assert torch.allclose(logprobs, torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))[tokens], atol=1e-6)
-    # top_k=2 keeps tokens 2 and 3, drawn 3:4, while the logprob stays the untruncated one (log 0.3, log 0.4).
-    top2 = _Sampler(is_greedy=False, temperature=1.0, top_k=2, top_p=1.0, stop_ids=())
-    tokens, logprobs = race_sample(logits, top2, torch.Generator().manual_seed(1))
-    assert set(tokens.tolist()) == {2, 3}
-    assert abs((tokens == 3).double().mean().item() - 4 / 7) < 0.01
-    assert torch.allclose(logprobs, torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))[tokens], atol=1e-6)
-    # Temperature 0.5 squares the odds: 1:4:9:16 over 30.
-    half = _Sampler(is_greedy=False, temperature=0.5, top_k=-1, top_p=1.0, stop_ids=())
-    tokens, logprobs = race_sample(logits, half, torch.Generator().manual_seed(2))
-    want = torch.tensor([1, 4, 9, 16], dtype=torch.float64) / 30
-    assert torch.allclose(torch.bincount(tokens, minlength=4).double() / rows, want, atol=0.01)
-    assert torch.allclose(logprobs.double(), want.log()[tokens], atol=1e-5)
-
-
 def test_weight_sync_reaches_the_static_decoder(tiny_model, tiny_tokenizer):
     hf, static = engines(tiny_model, tiny_tokenizer)
     prompts = encode(tiny_tokenizer, "12+34=")
@@ -175,6 +153,64 @@ def test_sampled_frequencies_match_the_hf_path(tiny_model, tiny_tokenizer):
         assert (freq - probs).abs().max() < 4.5 * math.sqrt(0.25 / 3000)
 
 
+def assert_same_samples(want, got, tolerance=2e-5):
+    assert [c.response_ids for c in got] == [c.response_ids for c in want]
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
+    for a, b in zip(got, want):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=tolerance)
+
+
+@pytest.mark.parametrize("truncation", [{}, {"top_k": 5}, {"top_p": 0.8},
+                                        {"temperature": 0.7, "top_k": 8, "top_p": 0.9}])
+def test_both_paths_sample_the_same_tokens(tiny_model, tiny_tokenizer, truncation):
+    # One sampler, keyed by (prompt seed, sample index, step): the same seed gives the same responses on the
+    # transformers path and on the fixed-shape step, with and without top-k/top-p.
+    hf, static = engines(tiny_model, tiny_tokenizer, bucket=4)
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=")
+    params = SamplingParams(**{"temperature": 1.0, **truncation}, max_tokens=10, n=4, seed=11)
+    want = hf.generate(prompts, params)
+    assert_same_samples(want, static.generate(prompts, params))
+    assert len({tuple(c.response_ids) for c in want}) > 4  # they did sample
+
+
+@pytest.mark.parametrize("decode", ["hf", "static"])
+def test_splitting_the_prompts_changes_no_response(tiny_model, tiny_tokenizer, decode):
+    # What a runtime that shards prompts across engine replicas relies on: with one seed per prompt, prompts
+    # [p0, p1, p2] in one call give, per prompt, the responses of [p0] and [p2, p1] in two calls (other batch
+    # neighbours, other padding, other rows) and of the same call split into chunks of 2 rows.
+    config = dict(decode=decode, attention_bucket=4)
+    engine = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(**config), device="cpu")
+    chunked = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(**config, max_batch_size=2), device="cpu")
+    p0, p1, p2 = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=")
+    sampling = dict(temperature=1.0, top_k=8, max_tokens=10, n=3, ignore_eos=True)
+    whole = engine.generate([p0, p1, p2], SamplingParams(**sampling, prompt_seeds=[101, 202, 303]))
+    first = engine.generate([p0], SamplingParams(**sampling, prompt_seeds=[101]))
+    rest = engine.generate([p2, p1], SamplingParams(**sampling, prompt_seeds=[303, 202]))
+    assert_same_samples(whole, first + rest[3:] + rest[:3])
+    assert_same_samples(whole, chunked.generate([p0, p1, p2], SamplingParams(**sampling,
+                                                                          prompt_seeds=[101, 202, 303])))
+    assert len({tuple(c.response_ids) for c in whole}) > 3
+
+
+def test_compaction_does_not_change_sampled_responses(tiny_model, tiny_tokenizer):
+    # Rows that stop at different steps, compacted after every token down to one row: each row's key moves
+    # with it, so the responses are those of the hf path and of the static path without compaction.
+    hf, static = engines(tiny_model, tiny_tokenizer, bucket=4)
+    _, uncompacted = engines(tiny_model, tiny_tokenizer, bucket=4)
+    static.decoder.min_rows, static.decoder.check_every = 1, 1
+    uncompacted.decoder.min_rows = None
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=", "1", "3*4=", "7-2=", "10+10=", "8")
+    stops = tiny_tokenizer.convert_tokens_to_ids(["+", "=", "7"])
+    params = SamplingParams(temperature=1.0, max_tokens=12, n=2, seed=21, stop_token_ids=stops, ignore_eos=True)
+    want = hf.generate(prompts, params)
+    lengths = sorted(c.num_tokens for c in want)
+    assert lengths[0] < lengths[len(lengths) // 2] < lengths[-1]  # rows stopped at different steps
+    assert_same_samples(want, static.generate(prompts, params))
+    assert static.decoder.active < len(prompts) * 2  # ... and the decoder did compact them
+    assert_same_samples(want, uncompacted.generate(prompts, params))
+    assert uncompacted.decoder.active == len(prompts) * 2
+
+
 @pytest.mark.slow
 def test_compiled_decode_gives_the_same_tokens(tiny_model, tiny_tokenizer):
     hf = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="hf"), device="cpu")
@@ -206,6 +242,19 @@ def test_graph_decode_matches_the_hf_path_on_gpu(tiny_model, tiny_tokenizer):
     for extra in ({}, {"stop_token_ids": [token]}, {"stop": [text]}):
         assert_same_greedy(hf, graph, prompts, tolerance=1e-4, max_tokens=10, ignore_eos=True, **extra)
     assert graph.decoder.last_capture_seconds > 0
+
+
+@needs_cuda
+def test_graph_decode_samples_the_hf_paths_tokens_on_gpu(tiny_model, tiny_tokenizer):
+    # The captured step reads the step counter and the row keys from device buffers: the same seed must give
+    # the hf path's tokens, also with top-k/top-p and with compaction mid-generation.
+    hf, graph = gpu_engines(tiny_model, tiny_tokenizer)
+    graph.decoder.min_rows, graph.decoder.check_every = 1, 2
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=", "1")
+    stops = tiny_tokenizer.convert_tokens_to_ids(["+", "="])
+    for extra in ({}, {"top_k": 5, "top_p": 0.9}, {"stop_token_ids": stops}):
+        params = SamplingParams(temperature=1.0, max_tokens=12, n=3, seed=13, ignore_eos=True, **extra)
+        assert_same_samples(hf.generate(prompts, params), graph.generate(prompts, params), tolerance=1e-4)
 
 
 @needs_cuda

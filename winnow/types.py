@@ -40,7 +40,12 @@ class SamplingParams:
     ignore_eos: bool = False
     """keep generating past EOS until max_tokens (benchmarks use this to fix the length)"""
     seed: int | None = None
-    """seed for this call; the same seed, prompts and weights give the same responses"""
+    """seed for this call; the same seed, prompts and weights give the same responses (prompt i's own seed is
+    derived from it and i, unless prompt_seeds is given)"""
+    prompt_seeds: list[int] | None = None
+    """one seed per prompt of the call, overriding `seed`: sample j of a prompt draws its tokens from (its
+    prompt's seed, j, step) alone, so the responses do not depend on how prompts are batched or split
+    across calls and engine replicas"""
 
     def __post_init__(self) -> None:
         self.validate()

@@ -14,8 +14,9 @@ Two decode paths, chosen by `HFEngineConfig.decode`:
   sync-free sampling. `static` is the same step run eagerly (CPU, debugging).
 - `hf` (the default elsewhere, any causal LM): the transformers forward, one call per token, with a
   static (GPU) or dynamic (CPU) `transformers` KV cache.
-Both sample from softmax(logits / T) and report logprobs under it; they draw different (equally valid)
-random numbers, so the same seed gives the same responses only within one path.
+Both call the same sampler (`sampling.Sampler`): an inverse-CDF draw from softmax(logits / T) whose random
+number depends only on (the prompt's seed, the sample's index among the prompt's n, the decode step), so one
+seed gives the same responses on both paths, however the prompts are batched or split across calls.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Iterable
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
+from winnow.engines.sampling import Sampler, prompt_seeds, row_keys
 from winnow.engines.static_decode import StaticDecoder, unsupported_reason
 from winnow.types import Completion, SamplingParams
 
@@ -42,7 +44,8 @@ class HFEngineConfig:
     dtype: str = "auto"
     """engine weights: "auto" (bf16 on GPU, fp32 on CPU), "bfloat16", "float16" or "float32\""""
     seed: int = 0
-    """seed of the engine's own generator, used when a call's SamplingParams has no seed"""
+    """seeds the engine's own generator, which draws a seed for every call whose SamplingParams has neither
+    seed nor prompt_seeds"""
     decode: str = "auto"
     """decode loop: "graph" (CUDA graphs over winnow's fixed-shape step), "static" (the same step, eager),
     "hf" (the transformers forward per token) or "auto" (graph on GPU for Llama-family models, else hf)"""
@@ -93,7 +96,7 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
-        self.generator = torch.Generator(self.device).manual_seed(self.config.seed)
+        self.generator = torch.Generator().manual_seed(self.config.seed)  # host: one draw per unseeded call
         self.last_sync_seconds = 0.0
         self._sync_start: float | None = None  # set while a bucketed sync is under way
         self._synced: set[str] = set()
@@ -109,19 +112,21 @@ class HFEngine:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """Sample `params.n` responses per prompt; completions[i*n:(i+1)*n] answer prompts[i]."""
+        """Sample `params.n` responses per prompt; completions[i*n:(i+1)*n] answer prompts[i].
+
+        Sample j of prompt i draws from (prompt_seeds[i], j) alone (`sampling`), so a prompt's responses are
+        the same whether it is generated alone, with others, or in another chunk.
+        """
         params.validate()
         for i, ids in enumerate(prompts):
             if len(ids) == 0:
                 raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        generator = self.generator
-        if params.seed is not None:
-            generator = torch.Generator(self.device).manual_seed(params.seed)
+        keys = row_keys(prompt_seeds(params, len(prompts), self.generator), params.n, self.device)  # [P*n]
         expanded = [ids for ids in prompts for _ in range(params.n)]
         out: list[Completion] = []
         for start in range(0, len(expanded), self.config.max_batch_size):
-            chunk = expanded[start : start + self.config.max_batch_size]
-            out.extend(self._generate_chunk(chunk, params, generator))
+            end = start + self.config.max_batch_size
+            out.extend(self._generate_chunk(expanded[start:end], params, keys[start:end]))
         return out
 
     @torch.no_grad()
@@ -176,9 +181,8 @@ class HFEngine:
 
     # ------------------------------------------------------------------ decoding
 
-    def _generate_chunk(
-        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
-    ) -> list[Completion]:
+    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, keys: torch.Tensor) -> list[Completion]:
+        """Responses to `prompts` (one row each, keys [B] int64 their sampling keys)."""
         batch_size, prompt_len = len(prompts), max(len(p) for p in prompts)
         # Left padding puts every prompt's last token in the last column, so one decode step serves all rows.
         input_ids = torch.full((batch_size, prompt_len), self.pad_token_id, dtype=torch.long)
@@ -188,7 +192,7 @@ class HFEngine:
             attention_mask[row, prompt_len - len(ids) :] = 1
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         if self.decoder is not None:
-            return self._decode_static(prompts, input_ids, attention_mask, params, generator)
+            return self._decode_static(prompts, input_ids, attention_mask, params, keys)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache(batch_size, prompt_len + params.max_tokens)
 
@@ -200,10 +204,11 @@ class HFEngine:
         lengths = torch.full((batch_size,), params.max_tokens, dtype=torch.long, device=self.device)
         is_done = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
         stop_checker = _StopStrings(self.tokenizer, params.stop) if params.stop else None
+        sampler = Sampler.of(params)
 
         logits = self._forward(input_ids, attention_mask, position_ids, cache)
         for step in range(params.max_tokens):
-            next_tokens, next_logprobs = sample(logits, params, generator)
+            next_tokens, next_logprobs = sampler(logits, keys, step)
             next_tokens = torch.where(is_done, self.pad_token_id, next_tokens)
             tokens[:, step], logprobs[:, step] = next_tokens, next_logprobs.masked_fill(is_done, 0.0)
             is_stop = torch.isin(next_tokens, stop_ids) & ~is_done
@@ -218,13 +223,11 @@ class HFEngine:
             logits = self._forward(next_tokens[:, None], attention_mask, position_ids, cache)
         return self._completions(prompts, tokens.cpu(), logprobs.cpu(), lengths.cpu(), is_done.cpu(), params)
 
-    def _decode_static(self, prompts, input_ids, attention_mask, params, generator) -> list[Completion]:
-        # One seed per chunk, drawn from the call's generator: a seeded call replays exactly.
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    def _decode_static(self, prompts, input_ids, attention_mask, params, keys) -> list[Completion]:
         stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
         stop_checker = _StopStrings(self.tokenizer, params.stop) if params.stop else None
         tokens, logprobs, lengths, is_done = self.decoder.generate(
-            input_ids, attention_mask, params, stop_ids=stop_ids, pad_token_id=self.pad_token_id, seed=seed,
+            input_ids, attention_mask, params, stop_ids=stop_ids, pad_token_id=self.pad_token_id, row_keys=keys,
             stop_checker=stop_checker,
         )
         return self._completions(prompts, tokens.cpu(), logprobs.cpu(), lengths.cpu(), is_done.cpu(), params)
@@ -265,40 +268,6 @@ class HFEngine:
                 )
             )
         return out
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator):
-    """Pick the next token of every row and its log-probability.
-
-    logits: [B, V] float32. Returns (tokens [B] long, logprobs [B] float32). The logprob is taken under
-    softmax(logits / temperature) *before* top-k/top-p truncation: that is the distribution the learner
-    recomputes, so engine and learner logprobs agree (truncation only decides which tokens may be drawn).
-    Greedy decoding reports the temperature-1 logprob.
-    """
-    if params.is_greedy:
-        tokens = logits.argmax(dim=-1)
-        return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    scaled = logits / params.temperature
-    logprobs_all = torch.log_softmax(scaled, dim=-1)
-    filtered = _top_k_top_p(scaled, params.top_k, params.top_p)
-    probs = torch.softmax(filtered, dim=-1)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
-
-
-def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask logits outside the top-k and outside the top-p nucleus with -inf."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # Drop a token when the mass before it already reaches top_p; the most likely token always stays.
-        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
 
 
 class _StopStrings:

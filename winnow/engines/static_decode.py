@@ -15,9 +15,10 @@ replaces only the glue around them:
 - attention is grouped-query by reshaping queries to [B, H_kv, G, D] (no K/V expansion) and reads only the
   cache columns up to a length bucket (a multiple of `bucket` tokens; one graph per bucket), so early
   tokens do not pay for the whole cache;
-- sampling is an exponential race (argmax of logits/T - log E, E ~ Exp(1)), which draws exactly from
-  softmax(logits/T) like `torch.multinomial` but is a fixed-shape, sync-free kernel; the logprob is taken
-  under softmax(logits/T) before top-k/top-p truncation, the distribution the learner recomputes.
+- sampling is the engine's one sampler (`sampling.Sampler`, also used by the `hf` path, so one seed gives
+  the same tokens on both): an inverse-CDF draw from softmax(logits/T) with one keyed uniform per row, a
+  fixed-shape, sync-free computation; the row keys are a buffer (they move with their rows when rows are
+  compacted) and the decode step is the output-column counter, a device tensor the step advances itself.
 Stop tokens are handled on the GPU. Stop strings and "is every row done?" are checked on the host every
 `check_every` tokens; a row that stops keeps its tokens only up to the stop (what runs after it is cut).
 At those checks, once at most half the rows still run, the running rows are moved to the front of every
@@ -29,11 +30,11 @@ On CPU the same step runs eagerly (no graphs): the tests check it against the tr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from winnow.engines.sampling import Sampler
 from winnow.types import SamplingParams
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -57,26 +58,11 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 
 _BUFFERS = ("k_cache", "v_cache", "cos_table", "sin_table", "columns", "key_valid", "feed", "position", "column",
-            "out_column", "out_tokens", "out_logprobs", "lengths", "is_done", "stop_ids", "pad_token", "row_map")
+            "out_column", "out_tokens", "out_logprobs", "lengths", "is_done", "stop_ids", "pad_token", "row_map",
+            "row_keys")
 """what `_prepare` allocates and `release` frees"""
 _STEP_STATE = ("feed", "position", "column", "out_column", "out_tokens", "out_logprobs", "lengths", "is_done")
 """the buffers a step writes besides the KV cache (saved and restored around a graph capture)"""
-
-
-@dataclass(frozen=True)
-class _Sampler:
-    """What a captured step bakes in; a new combination captures new graphs."""
-
-    is_greedy: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    stop_ids: tuple[int, ...]
-
-    @classmethod
-    def of(cls, params: SamplingParams, stop_ids: list[int]) -> "_Sampler":
-        return cls(params.is_greedy, float(params.temperature), int(params.top_k), float(params.top_p),
-                   tuple(sorted(set(stop_ids))))
 
 
 class StaticDecoder:
@@ -104,7 +90,6 @@ class StaticDecoder:
         self._key: tuple | None = None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (active rows, width) -> graph
         self._pool = None
-        self._generator: torch.Generator | None = None
         self.last_capture_seconds = 0.0
         # The decode step's per-layer glue around attention (norms, projections, RoPE, MLP, residuals) is
         # ~35 small kernels per layer eagerly; compiled, it fuses to a few. Prefill stays eager (its shapes
@@ -117,9 +102,10 @@ class StaticDecoder:
     @torch.inference_mode()
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams, *,
-        stop_ids: list[int], pad_token_id: int, seed: int, stop_checker=None,
+        stop_ids: list[int], pad_token_id: int, row_keys: torch.Tensor, stop_checker=None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decode `params.max_tokens` tokens after left-padded prompts `input_ids` [B, S].
+        """Decode `params.max_tokens` tokens after left-padded prompts `input_ids` [B, S]; row b samples with
+        key row_keys[b] ([B] int64, `sampling.row_keys`).
 
         Returns (tokens [B, N] long, logprobs [B, N] float32, lengths [B] long, is_done [B] bool) on the
         device, N = max_tokens; row b's response is tokens[b, :lengths[b]], and is_done says it stopped.
@@ -127,13 +113,12 @@ class StaticDecoder:
         batch_size, prompt_len = input_ids.shape
         max_tokens = params.max_tokens
         cache_len = _round_up(prompt_len + max_tokens, self.bucket)
-        sampler = _Sampler.of(params, stop_ids)
-        self._prepare(batch_size, cache_len, max_tokens, sampler, pad_token_id)
-        self._seed(seed)
+        stops = tuple(sorted(set(stop_ids)))
+        self._prepare(batch_size, cache_len, max_tokens, Sampler.of(params), stops, pad_token_id)
         self._reset()
+        self.row_keys.copy_(row_keys)
         if self.use_graphs:
             self._capture(prompt_len, first_step=1)
-            self._seed(seed)  # the warm-up steps drew random numbers
         self._prefill(input_ids, attention_mask)
 
         for step in range(1, max_tokens):
@@ -146,7 +131,7 @@ class StaticDecoder:
             if step % self.check_every == 0 or step == max_tokens - 1:
                 if stop_checker is not None:
                     self._check_stop_strings(stop_checker, step + 1)
-                if sampler.stop_ids or stop_checker is not None:
+                if stops or stop_checker is not None:
                     num_running = int((~self.is_done[: self.active]).sum())
                     if num_running == 0:
                         break
@@ -170,8 +155,10 @@ class StaticDecoder:
 
     # ------------------------------------------------------------------ buffers
 
-    def _prepare(self, batch_size: int, cache_len: int, max_tokens: int, sampler: _Sampler, pad: int) -> None:
-        key = (batch_size, cache_len, max_tokens, sampler, pad)
+    def _prepare(self, batch_size: int, cache_len: int, max_tokens: int, sampler: Sampler,
+                 stop_ids: tuple[int, ...], pad: int) -> None:
+        # What a captured step bakes in: a new combination captures new graphs.
+        key = (batch_size, cache_len, max_tokens, sampler, stop_ids, pad)
         if key == self._key:
             return
         self.release()
@@ -194,7 +181,8 @@ class StaticDecoder:
         self.lengths = torch.full((batch_size,), max_tokens, dtype=torch.long, device=device)
         self.is_done = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.row_map = torch.arange(batch_size, device=device)  # slot -> original row (compaction permutes)
-        self.stop_ids = torch.tensor(sampler.stop_ids or [-1], dtype=torch.long, device=device)
+        self.row_keys = torch.zeros(batch_size, dtype=torch.long, device=device)  # sampling key of each slot
+        self.stop_ids = torch.tensor(stop_ids or [-1], dtype=torch.long, device=device)
         self.pad_token = torch.tensor(pad, dtype=torch.long, device=device)
         self.sampler = sampler
         self._key = key
@@ -207,15 +195,6 @@ class StaticDecoder:
         self.is_done.zero_()
         self.out_tokens.fill_(int(self.pad_token))
         self.out_logprobs.zero_()
-
-    def _seed(self, seed: int) -> None:
-        if self._generator is None:
-            self._generator = torch.Generator(self.device)
-            if self.use_graphs:
-                graph_safe = getattr(torch.cuda.CUDAGraph, "register_generator_state", None)
-                if graph_safe is None:  # older torch: only the default CUDA generator is graph-safe
-                    self._generator = torch.cuda.default_generators[self.device.index or 0]
-        self._generator.manual_seed(seed)
 
     # ------------------------------------------------------------------ forward
 
@@ -275,7 +254,8 @@ class StaticDecoder:
         stop tokens."""
         rows = self.active
         is_done, lengths = self.is_done[:rows], self.lengths[:rows]
-        tokens, logprobs = race_sample(logits, self.sampler, self._generator)
+        # The draw's step is the output column: a device counter, so a captured graph reads its current value.
+        tokens, logprobs = self.sampler(logits, self.row_keys[:rows], self.out_column)
         tokens = torch.where(is_done, self.pad_token, tokens)
         logprobs = logprobs.masked_fill(is_done, 0.0)
         self.out_tokens[:rows].index_copy_(1, self.out_column, tokens[:, None])
@@ -301,8 +281,9 @@ class StaticDecoder:
             return False
         done = self.is_done[:rows]
         order = torch.cat([(~done).nonzero().flatten(), done.nonzero().flatten()])  # running first
+        # The row keys move too: a row keeps drawing its own random numbers wherever it sits.
         for buffer in (self.feed, self.position, self.key_valid, self.out_tokens, self.out_logprobs, self.lengths,
-                       self.is_done, self.row_map):
+                       self.is_done, self.row_map, self.row_keys):
             buffer[:rows] = buffer[:rows][order]
         for index in range(self.k_cache.shape[0]):  # one layer at a time: a small temporary
             self.k_cache[index, :rows] = self.k_cache[index, :rows][order]
@@ -337,10 +318,6 @@ class StaticDecoder:
         for width in missing:
             self._point_at(width)
             graph = torch.cuda.CUDAGraph()
-            if hasattr(graph, "register_generator_state") and self._generator is not torch.cuda.default_generators[
-                self.device.index or 0
-            ]:
-                graph.register_generator_state(self._generator)
             with torch.cuda.graph(graph, pool=self._pool):
                 self._step(width)
             self._graphs[self.active, width] = graph
@@ -370,30 +347,6 @@ class StaticDecoder:
         self._checked_steps = num_steps
         self.is_done.copy_(gpu_done | hit_done)
         self.lengths.copy_(lengths)
-
-
-def race_sample(logits: torch.Tensor, sampler: _Sampler, generator: torch.Generator | None):
-    """Tokens [B] and their logprobs [B] (float32) from logits [B, V] of any float dtype, sync-free.
-
-    Sampling: argmax(logits/T - log E) with E ~ Exp(1) i.i.d. draws token i with probability
-    softmax(logits/T)_i (the exponential race, equivalent to Gumbel-max). Greedy reports the temperature-1
-    logprob, as the `hf` engine does.
-    """
-    if sampler.is_greedy:
-        logits = logits.float()
-        tokens = logits.argmax(dim=-1)
-        return tokens, logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    scaled = logits.float() / sampler.temperature
-    log_norm = torch.logsumexp(scaled, dim=-1)
-    drawable = scaled
-    if sampler.top_k > 0 or sampler.top_p < 1.0:
-        from winnow.engines.hf import _top_k_top_p
-
-        drawable = _top_k_top_p(scaled, sampler.top_k, sampler.top_p)
-    # clamp: an exact 0 would make -log E infinite and could pick a token of probability 0.
-    race = torch.empty_like(scaled).exponential_(generator=generator).clamp_(min=1e-30).log_()
-    tokens = (drawable - race).argmax(dim=-1)
-    return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
 
 
 def _qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
