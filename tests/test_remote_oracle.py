@@ -25,7 +25,8 @@ import msgpack
 import pytest
 
 import winnow
-from winnow.oracles import FunctionOracle, OracleConfig, make_oracle
+from winnow.oracles import (FunctionOracle, OracleConfig, RemoteOracleConfig, RewardModelOracleConfig, RuleOracleConfig,
+                            make_oracle)
 from winnow.oracles import wire
 from winnow.oracles.remote import OracleRequestError, OracleUnavailableError, RemoteOracle
 from winnow.oracles.rules import exact_match_reward
@@ -73,8 +74,8 @@ class Service:
                "MOSEC_PATH": str(self.tmp / f"ipc{self.num_starts}"), "PYTHONPATH": str(REPO)}
         self.log = open(self.tmp / f"server{self.num_starts}.log", "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "winnow.cli", "serve-oracle", "--oracle.rewards", *self.rewards,
-             "--oracle.reward-weights", "1.0", "0.01", "--port", str(self.port), "--max-batch-size", "16",
+            [sys.executable, "-m", "winnow.cli", "serve-oracle", "--oracle.rule.rewards", *self.rewards,
+             "--oracle.rule.reward-weights", "1.0", "0.01", "--port", str(self.port), "--max-batch-size", "16",
              "--max-wait-ms", "20", "--num-workers", "1", "--max-items-per-request", "256",
              "--max-request-bytes", "1000000", "--log-level", "warning"],
             env=env, cwd=self.tmp, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -132,7 +133,7 @@ def service(tmp_path_factory):
 def local_oracle(service, tmp_path, monkeypatch):
     """The served oracle, in-process (its tally goes to a file of its own)."""
     monkeypatch.setenv("TALLY_FILE", str(tmp_path / "local_tally.txt"))
-    oracle = make_oracle(OracleConfig(rewards=service.rewards, reward_weights=[1.0, 0.01]))
+    oracle = make_oracle(OracleConfig(rule=RuleOracleConfig(rewards=service.rewards, reward_weights=[1.0, 0.01])))
     yield oracle
     oracle.close()
 
@@ -213,8 +214,10 @@ def test_score_requests_batches_and_isolates_a_failing_request():
 
 
 def test_serve_config_refuses_serving_a_remote_oracle():
-    with pytest.raises(ValueError, match="leave --oracle.url unset"):
-        ServeConfig(oracle=OracleConfig(url="http://127.0.0.1:1"))
+    with pytest.raises(ValueError, match="a service serves the rule kind.*leave --oracle.kind and --oracle.url"):
+        ServeConfig(oracle=OracleConfig(kind="remote", remote=RemoteOracleConfig(url="http://127.0.0.1:1")))
+    with pytest.raises(ValueError, match="serves the rule kind and does not use --oracle.reward-model.path"):
+        ServeConfig(oracle=OracleConfig(reward_model=RewardModelOracleConfig(path="rm")))
 
 
 def test_oracle_url_flag_makes_a_remote_oracle(monkeypatch):
@@ -231,7 +234,7 @@ def test_oracle_url_flag_makes_a_remote_oracle(monkeypatch):
     assert oracle.outage.give_up_after_s == 30
     oracle.close()
     with pytest.raises(ValueError, match="must start with http:// or https://"):
-        OracleConfig(url="127.0.0.1:8000")
+        OracleConfig(kind="remote", remote=RemoteOracleConfig(url="127.0.0.1:8000"))
 
 
 def test_client_gives_up_after_the_deadline_with_an_error_that_says_why(caplog):
@@ -349,7 +352,7 @@ def test_training_run_scores_through_the_service(service, tiny_tokenizer, tmp_pa
     config = TrainConfig(
         algo=GRPO(), model=ModelConfig(path=str(tmp_path / "model")),
         data=DataConfig(num_train_prompts=64, max_eval_prompts=8),
-        oracle=OracleConfig(url=service.url, request_batch_size=8),
+        oracle=OracleConfig(kind="remote", remote=RemoteOracleConfig(url=service.url, request_batch_size=8)),
         rollout=RolloutConfig(prompts_per_iteration=8, num_samples=4, max_tokens=4),
         eval=EvalConfig(every=0, k=0, max_prompts=8), logging=LoggingConfig(progress=False),
         num_iterations=3, device="cpu", num_threads=1, output_dir=str(tmp_path), run_name="run",

@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from winnow.oracles import OracleConfig
+from winnow.oracles import OracleConfig, unused_oracle_settings
 
 if TYPE_CHECKING:  # winnow.oracles.base imports torch, which the ingress workers need not load
     from winnow.oracles.base import RewardOracle
@@ -47,7 +47,7 @@ class ServeConfig:
     """An oracle service: which oracle it serves, where, and how it batches."""
 
     oracle: OracleConfig = field(default_factory=OracleConfig)
-    """the oracle each worker runs in-process (rewards, weights, math grader); its `url` must stay unset"""
+    """the oracle each worker runs in-process: the rule kind (--oracle.rule.rewards, weights, math grader)"""
     host: str = "127.0.0.1"
     """address to bind; 127.0.0.1 serves this machine only, 0.0.0.0 every interface (set a token then)"""
     port: int = 8000
@@ -77,9 +77,14 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.oracle.url is not None:
-            problems.append(f"oracle.url={self.oracle.url!r}: a service serves an in-process oracle; name its "
-                            f"rewards with --oracle.rewards and leave --oracle.url unset")
+        if self.oracle.kind != "rule":
+            problems.append(f"--oracle.kind {self.oracle.kind}: a service serves the rule kind (reward functions in "
+                            f"its workers); name its rewards with --oracle.rule.rewards and leave --oracle.kind and "
+                            f"--oracle.url (--oracle.remote.url) unset")
+        else:
+            unused = unused_oracle_settings(self.oracle, OracleConfig())
+            if unused:
+                problems.append(f"a service serves the rule kind and does not use {', '.join(unused)}")
         for name in ("max_batch_size", "max_wait_ms", "max_items_per_request", "max_request_bytes",
                      "queue_capacity", "port"):
             if getattr(self, name) < 1:
@@ -97,7 +102,7 @@ class ServeConfig:
 def load_config_from_env() -> ServeConfig:
     """The ServeConfig `serve` left in the environment (Mosec starts workers with no arguments)."""
     data = json.loads(os.environ[CONFIG_ENV])
-    return ServeConfig(**{**data, "oracle": OracleConfig(**data["oracle"])})
+    return ServeConfig(**{**data, "oracle": OracleConfig.from_dict(data["oracle"])})
 
 
 def score_requests(oracle: RewardOracle, requests: list[dict[str, Any]], temperature: float = 1.0,
@@ -208,6 +213,6 @@ def serve(config: ServeConfig) -> None:
         "/health": [Runtime(service.HealthIngress), oracle_stage],
     })
     log.info("serving %s on http://%s:%d with %d oracle worker(s) (%d GPU(s)), batches of up to %d requests "
-             "waiting %d ms", config.oracle.rewards, config.host, config.port, num_workers, num_gpus,
+             "waiting %d ms", config.oracle.rule.rewards, config.host, config.port, num_workers, num_gpus,
              config.max_batch_size, config.max_wait_ms)
     server.run()

@@ -85,8 +85,8 @@ class OracleWorker(MsgpackMixin, Worker):
         multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
         self.config = load_config_from_env()
         self.oracle = make_oracle(self.config.oracle)
-        self.info = {"rewards": list(self.config.oracle.rewards),
-                     "reward_weights": self.config.oracle.reward_weights}
+        self.info = {"rewards": list(self.config.oracle.rule.rewards),
+                     "reward_weights": self.config.oracle.rule.reward_weights}
 
     def forward(self, data: list[dict[str, Any]] | dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
         info = {**self.info, "worker": self.worker_id}

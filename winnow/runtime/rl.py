@@ -14,7 +14,7 @@ from winnow.learner.learner import Learner
 from winnow.learner.lora import apply_lora
 from winnow.logging import MetricsLogger, progress
 from winnow.logging.plot import plot_run
-from winnow.oracles import make_oracle
+from winnow.oracles import check_oracle_config, make_oracle
 from winnow.runtime.local import LocalRuntime
 from winnow.runtime.setup import load_policy, resolve_device, setup_process, shared_run_dir
 
@@ -25,6 +25,7 @@ def train(config: TrainConfig) -> Path:
     """Run policy iteration as `config` says; returns the run directory (metrics, plots, final model)."""
     if config.rollout.temperature <= 0:
         raise ValueError("rollout.temperature must be > 0: RL needs sampled responses (greedy is for eval)")
+    check_oracle_config(config.oracle, default=type(config)(algo=config.algo).oracle, needs="reward")
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
 
@@ -38,7 +39,7 @@ def train(config: TrainConfig) -> Path:
             f"{len(train_prompts)} training prompts but rollout.prompts_per_iteration="
             f"{config.rollout.prompts_per_iteration}; lower it or add data"
         )
-    oracle = make_oracle(config.oracle)
+    oracle = make_oracle(config.oracle, needs="reward")
     # The hf engine's own copy, taken before a sharded learner splits `policy` across ranks and before LoRA
     # wraps it: the engine runs a plain model and receives merged weights (vllm loads from disk).
     engine_model = copy.deepcopy(policy) if config.engine_backend == "hf" else None

@@ -21,8 +21,7 @@ from winnow.learner.learner import Learner, LearnerConfig
 from winnow.learner.lora import LoraConfig, apply_lora
 from winnow.logging import LoggingConfig, MetricsLogger, progress
 from winnow.logging.plot import plot_run
-from winnow.oracles import OracleConfig, make_preference_oracle
-from winnow.oracles.base import RewardOracle
+from winnow.oracles import OracleConfig, RuleOracleConfig, check_oracle_config, make_oracle
 from winnow.runtime.preference import PAIR_SELECTORS, PairSelection, PreferenceRuntime
 from winnow.runtime.setup import load_policy, make_run_dir, resolve_device, setup_process
 
@@ -61,8 +60,8 @@ class PreferenceTrainConfig(Generic[AlgoT]):
     """the preference objective: DPO, IPO, SLiC or SimPO"""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(train="arithmetic-pref"))
-    oracle: OracleConfig = field(default_factory=lambda: OracleConfig(rewards=["closeness"]))
-    """judges preferences (`--oracle.kind rule|reward_model|judge`) and the win rate"""
+    oracle: OracleConfig = field(default_factory=lambda: OracleConfig(rule=RuleOracleConfig(rewards=["closeness"])))
+    """judges preferences (`--oracle.kind rule|remote|reward_model|judge`) and the win rate"""
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_samples=8))
     """sampling of the online loop: num_samples >= 2 responses per prompt"""
     pairs: PairConfig = field(default_factory=PairConfig)
@@ -105,6 +104,9 @@ class PreferenceTrainConfig(Generic[AlgoT]):
 
 def train_preference(config: PreferenceTrainConfig) -> Path:
     """Run online (or, with `config.offline`, offline) preference optimisation; returns the run directory."""
+    needs = ("reward", "compare") if config.pairs.selection == "best_vs_worst" else "compare"
+    if not config.offline:
+        check_oracle_config(config.oracle, default=type(config)(algo=config.algo).oracle, needs=needs)
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
     run_dir = make_run_dir(config.output_dir, config.run_name, config.algo.name)
@@ -129,11 +131,7 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
     if len(train_prompts) < config.rollout.prompts_per_iteration:
         raise ValueError(f"{len(train_prompts)} training prompts but rollout.prompts_per_iteration="
                          f"{config.rollout.prompts_per_iteration}; lower it or add data")
-    oracle = make_preference_oracle(config.oracle)
-    if config.pairs.selection == "best_vs_worst" and not isinstance(oracle, RewardOracle):
-        oracle.close()
-        raise ValueError(f"--pairs.selection best_vs_worst needs scalar rewards, but oracle.kind={config.oracle.kind!r}"
-                         f" only compares; use --pairs.selection random")
+    oracle = make_oracle(config.oracle, needs=needs)
     engine = HFEngine(engine_model, tokenizer, config.engine, device=device, copy_model=False)
     log.info("run %s: %d train / %d eval prompts, %d prompts x %d samples per iteration, pairs by %s",
              run_dir, len(train_prompts), len(eval_prompts), config.rollout.prompts_per_iteration,
