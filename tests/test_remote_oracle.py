@@ -30,7 +30,9 @@ from winnow.oracles import (FunctionOracle, OracleConfig, RemoteOracleConfig, Re
 from winnow.oracles import wire
 from winnow.oracles.remote import OracleRequestError, OracleUnavailableError, RemoteOracle
 from winnow.oracles.rules import exact_match_reward
-from winnow.oracles.serve import ServeConfig, bradley_terry, score_requests
+from winnow.oracles.preference import bradley_terry
+from winnow.oracles.serve import ServeConfig
+from winnow.oracles.service import score_requests
 
 TOKEN = "s3cret-token"
 REPO = Path(winnow.__file__).resolve().parent.parent
@@ -211,6 +213,20 @@ def test_score_requests_batches_and_isolates_a_failing_request():
     assert replies[1] == {"status": "ok", "worker": 1}
     assert replies[2]["probabilities"] == [pytest.approx(1 / (1 + math.e))]  # sigmoid(0 - 1)
     assert replies[3]["id"] == "c" and "MissingReferenceError" in replies[3]["error"]
+
+
+def test_serve_and_service_do_not_import_each_other():
+    """The launcher imports the workers; both share service_config; the workers never import the launcher."""
+    import ast
+
+    def imports(module: str) -> set[str]:
+        tree = ast.parse((REPO / "winnow" / "oracles" / f"{module}.py").read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | \
+            {f"winnow.oracles.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             and node.module == "winnow.oracles" for a in node.names}
+
+    assert "winnow.oracles.serve" not in imports("service") | imports("service_config")
+    assert "winnow.oracles.service" in imports("serve") and "winnow.oracles.service_config" in imports("service")
 
 
 def test_serve_config_refuses_serving_a_remote_oracle():
