@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from winnow.oracles import OracleConfig, make_oracle  # noqa: E402
+from winnow.oracles import OracleConfig, RuleOracleConfig, make_oracle  # noqa: E402
 from winnow.oracles.remote import OracleUnavailableError, RemoteOracle  # noqa: E402
 
 BATCH_SIZES = (1, 8, 64)
@@ -104,7 +104,7 @@ class Server:
         env = {**os.environ, "PYTHONPATH": str(REPO), "WINNOW_ORACLE_TOKEN": ""}
         self.log = open(log, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "winnow.cli", "serve-oracle", "--oracle.rewards", reward, "--port",
+            [sys.executable, "-m", "winnow.cli", "serve-oracle", "--oracle.rule.rewards", reward, "--port",
              str(self.port), "--num-workers", "1", "--max-batch-size", str(max_batch_size), "--max-wait-ms",
              str(max_wait_ms), "--log-level", "warning"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -140,7 +140,7 @@ class Server:
 def bench_reward(reward: str, seconds: float) -> list[dict]:
     data = workload(reward)
     rows = []
-    local = make_oracle(OracleConfig(rewards=[reward]))
+    local = make_oracle(OracleConfig(rule=RuleOracleConfig(rewards=[reward])))
     local.reward(*[x[:8] for x in data])  # start the grader pool outside the timings
     for batch_size in BATCH_SIZES:
         row = run_cell(local, data, batch_size, 1, seconds)

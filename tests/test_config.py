@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from winnow.algorithms import GRPO, DrGRPO
-from winnow.config import TrainConfig, load_config_file, merge, parse, save_config
+from winnow.config import load_config_file, merge, parse, save_config
+from winnow.recipes.rl import TrainConfig
 
 
 def test_yaml_file_then_flags_override(tmp_path):
@@ -31,9 +32,9 @@ def test_yaml_file_then_flags_override(tmp_path):
 
 def test_toml_and_python_files(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('num_iterations = 3\n[oracle]\nrewards = ["math", "boxed_format"]\nreward_weights = [1.0, 0.1]\n')
+    toml.write_text('num_iterations = 3\n[oracle.rule]\nrewards = ["math", "boxed_format"]\nreward_weights = [1.0, 0.1]\n')
     config = merge(TrainConfig(algo=DrGRPO()), load_config_file(toml))
-    assert config.oracle.rewards == ["math", "boxed_format"] and config.oracle.reward_weights == [1.0, 0.1]
+    assert config.oracle.rule.rewards == ["math", "boxed_format"] and config.oracle.rule.reward_weights == [1.0, 0.1]
     assert config.algo.loss_agg == "seq-mean-token-sum-norm"  # Dr. GRPO's default survives the merge
     py = tmp_path / "run.py"
     py.write_text("config = {'seed': 5, 'data': {'train': 'arithmetic-3digit'}}\n")
@@ -83,7 +84,7 @@ def test_cli_help_lists_commands_and_flags():
     assert train.returncode == 0 and "grpo, dr-grpo, rloo" in train.stdout
     grpo = _winnow("train", "grpo", "--help")
     assert grpo.returncode == 0
-    for flag in ("--learner.lr", "--rollout.num-samples", "--algo.clip-high", "--oracle.rewards", "--config FILE"):
+    for flag in ("--learner.lr", "--rollout.num-samples", "--algo.clip-high", "--oracle.rule.rewards", "--config FILE"):
         assert flag in grpo.stdout
     # Field docstrings are the help text.
     assert "responses sampled per prompt" in grpo.stdout

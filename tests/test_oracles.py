@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from winnow.oracles import FunctionOracle, OracleConfig, extract_answer, grade, load_reward_function, make_oracle
+from winnow.oracles import (FunctionOracle, OracleConfig, RuleOracleConfig, extract_answer, grade, load_reward_function,
+                            make_oracle)
 from winnow.oracles.functions import RewardFunctionError
 from winnow.oracles.math import MathGrader, MathReward, math_reward
 from winnow.oracles.rules import MissingReferenceError, boxed_format_reward, exact_match_reward
@@ -343,12 +344,12 @@ def test_bad_specs_say_what_to_fix(spec, message):
 
 def test_oracle_config_checks_weights():
     with pytest.raises(ValueError, match="1 reward_weights for 2 rewards"):
-        OracleConfig(rewards=["exact", "boxed_format"], reward_weights=[1.0])
+        OracleConfig(rule=RuleOracleConfig(rewards=["exact", "boxed_format"], reward_weights=[1.0]))
 
 
 def test_make_oracle_end_to_end():
-    config = OracleConfig(rewards=["math", "boxed_format"], reward_weights=[1.0, 0.1], math_num_workers=1,
-                          math_timeout_s=SAFE_TIMEOUT)
+    config = OracleConfig(rule=RuleOracleConfig(rewards=["math", "boxed_format"], reward_weights=[1.0, 0.1],
+                                                math_num_workers=1, math_timeout_s=SAFE_TIMEOUT))
     oracle = make_oracle(config)
     try:
         result = oracle.reward(["p"] * 3, [r"\boxed{\frac{1}{2}}", "0.5", r"\boxed{1}"], ["0.5"] * 3)

@@ -30,14 +30,14 @@ def sft_model(tmp_path_factory) -> Path:
     from winnow.learner.learner import LearnerConfig
     from winnow.recipes.sft import SFTConfig, train_sft
     from winnow.logging import LoggingConfig
-    from winnow.oracles import OracleConfig
+    from winnow.oracles import OracleConfig, RuleOracleConfig
 
     out = tmp_path_factory.mktemp("pref")
     task = make_task("arithmetic", seed=0)
     tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
     init = save_tiny(build_tiny_model(tokenizer, seed=0), tokenizer, out / "init")
     run = train_sft(SFTConfig(
-        model=ModelConfig(path=str(init)), data=DataConfig(train="arithmetic"), oracle=OracleConfig(rewards=["exact"]),
+        model=ModelConfig(path=str(init)), data=DataConfig(train="arithmetic"), oracle=OracleConfig(rule=RuleOracleConfig(rewards=["exact"])),
         logging=LoggingConfig(progress=False), learner=LearnerConfig(lr=1e-3, warmup_steps=10, micro_batch_size=128),
         eval=EvalConfig(every=0, k=0, max_prompts=200), batch_size=128, num_steps=250, max_tokens=8,
         run_name="sft", seed=0, device="cpu", output_dir=str(out)))

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from winnow.oracles import OracleConfig, make_preference_oracle
+from winnow.oracles import (JudgeOracleConfig, OracleConfig, RewardModelOracleConfig, RuleOracleConfig,
+                            make_oracle)
 from winnow.oracles.base import PreferenceOracle, RewardOracle
 from winnow.oracles.functions import FunctionOracle
 from winnow.oracles.judge import LLMJudgeOracle, parse_verdict
@@ -22,7 +23,7 @@ from winnow.oracles.reward_model import RewardModelOracle
 
 
 def test_bradley_terry_from_a_rule_oracle_by_hand():
-    oracle = make_preference_oracle(OracleConfig(rewards=["closeness"]))
+    oracle = make_oracle(OracleConfig(rule=RuleOracleConfig(rewards=["closeness"])), needs="compare")
     assert isinstance(oracle, PreferenceOracle) and isinstance(oracle, RewardOracle)
     # "12+34=" -> 46. Scores: "46" 0, "47" -1, "40" -6, "x" -10 (not a number).
     result = oracle.compare(["12+34="] * 4, ["46", "47", "47", "x"], ["47", "46", "47", "40"], ["46"] * 4)
@@ -45,7 +46,7 @@ def test_bradley_terry_temperature_and_unscored_sides():
 
 
 def test_the_math_oracle_compares_too():
-    oracle = make_preference_oracle(OracleConfig(rewards=["math"], math_num_workers=1))
+    oracle = make_oracle(OracleConfig(rule=RuleOracleConfig(rewards=["math"], math_num_workers=1)), needs="compare")
     try:
         result = oracle.compare(["q", "q"], ["\\boxed{1/2}", "\\boxed{3}"], ["\\boxed{2}", "\\boxed{0.5}"],
                                 ["0.5", "0.5"])
@@ -111,17 +112,18 @@ def test_the_real_minilm_encoder_loads_offline_as_a_reward_model(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(_minilm_dir(), num_labels=1)
     model.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(_minilm_dir()).save_pretrained(tmp_path)
-    oracle = make_preference_oracle(OracleConfig(kind="reward_model", reward_model_path=str(tmp_path)))
+    config = OracleConfig(kind="reward_model", reward_model=RewardModelOracleConfig(path=str(tmp_path)))
+    oracle = make_oracle(config, needs="compare")
     assert isinstance(oracle, RewardModelOracle)
     assert sum(p.numel() for p in oracle.model.parameters()) > 20_000_000  # the real 22.7M encoder
     _check_scores_and_preferences(oracle)
 
 
 def test_a_missing_reward_model_path_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="reward-model-path"):
+    with pytest.raises(ValueError, match="needs --oracle.reward-model.path"):
         OracleConfig(kind="reward_model")
     with pytest.raises(ValueError, match="cannot load a reward model"):
-        make_preference_oracle(OracleConfig(kind="reward_model", reward_model_path=str(tmp_path / "nope")))
+        make_oracle(OracleConfig(kind="reward_model", reward_model=RewardModelOracleConfig(path=str(tmp_path / "no"))))
 
 
 # ---------------------------------------------------------------------- the LLM judge
@@ -184,12 +186,12 @@ def serve(monkeypatch):
     monkeypatch.setenv("WINNOW_TEST_JUDGE_KEY", "local")
     servers = []
 
-    def start(answer, **kwargs):
+    def start(answer, max_retries=2, **judge):
         server = FakeChatServer(answer)
         servers.append(server)
-        config = OracleConfig(kind="judge", judge_model="fake-judge", judge_base_url=server.url,
-                              judge_api_key_env="WINNOW_TEST_JUDGE_KEY", **kwargs)
-        oracle = make_preference_oracle(config)
+        config = OracleConfig(kind="judge", max_retries=max_retries, judge=JudgeOracleConfig(
+            model="fake-judge", base_url=server.url, api_key_env="WINNOW_TEST_JUDGE_KEY", **judge))
+        oracle = make_oracle(config, needs="compare")
         oracle.retry_backoff_s = 0.01
         return server, oracle
 
@@ -249,7 +251,7 @@ def test_malformed_answers_are_retried_then_counted_as_failed(serve):
 
 
 def test_a_slow_answer_times_out_and_is_retried(serve):
-    server, oracle = serve(lambda content, attempt: ("A", 3.0 if attempt == 0 else 0.0), judge_timeout_s=0.5)
+    server, oracle = serve(lambda content, attempt: ("A", 3.0 if attempt == 0 else 0.0), timeout_s=0.5)
     start = time.perf_counter()
     result = oracle.compare(PROMPTS[:1], GOOD[:1], BAD[:1])
     assert time.perf_counter() - start < 2.5  # the 3 s answers were abandoned, not waited for
@@ -258,7 +260,7 @@ def test_a_slow_answer_times_out_and_is_retried(serve):
 
 
 def test_the_concurrency_limit_is_respected(serve):
-    server, oracle = serve(lambda content, attempt: ("A", 0.15), judge_max_concurrency=3)
+    server, oracle = serve(lambda content, attempt: ("A", 0.15), max_concurrency=3)
     prompts = [f"{i}+{i}=" for i in range(8)]
     result = oracle.compare(prompts, ["1"] * 8, ["2"] * 8)
     assert result.num_failed == 0 and len(server.requests) == 16

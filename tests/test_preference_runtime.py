@@ -14,7 +14,7 @@ from winnow.learner.learner import Learner, LearnerConfig
 from winnow.loops.config import RolloutConfig
 from winnow.loops.offline import dataset_pairs
 from winnow.loops.preference import train_pairs
-from winnow.oracles import OracleConfig, make_preference_oracle
+from winnow.oracles import OracleConfig, RuleOracleConfig, make_preference_oracle
 from winnow.recipes.preference import PreferenceTrainConfig
 from winnow.types import Completion, PreferencePair, Prompt, PreferenceResult
 
@@ -37,7 +37,7 @@ def test_to_pairs_labels_by_probability_and_skips_ties_and_failures():
 
 
 def test_best_vs_worst_pairs_the_extremes_and_random_pairs_compare_once():
-    oracle = make_preference_oracle(OracleConfig(rewards=["closeness"]))
+    oracle = make_preference_oracle(OracleConfig(rule=RuleOracleConfig(rewards=["closeness"])))
     prompts = [Prompt("12+34=", [3], reference="46"), Prompt("1+1=", [3], reference="2")]
     groups = [[_completion(t) for t in ("47", "46", "x", "40")], [_completion(t) for t in ("3", "3")]]
     judge = Judge(oracle)
@@ -92,7 +92,7 @@ def test_win_rate_counts_ties_as_half(tiny_tokenizer, tiny_model):
     prompts = [Prompt(q, tiny_tokenizer(q, add_special_tokens=False)["input_ids"], reference=a,
                       columns={"reference_response": r}) for q, a, r in [("1+1=", "2", "3"), ("2+2=", "4", "5")]]
     greedy = [c.text for c in engine.generate([p.token_ids for p in prompts], _greedy())]
-    oracle = make_preference_oracle(OracleConfig(rewards=["closeness"]))
+    oracle = make_preference_oracle(OracleConfig(rule=RuleOracleConfig(rewards=["closeness"])))
     # Against its own greedy answers every comparison is a tie (equal rule scores): each counts 0.5.
     result = evaluate_win_rate(engine, oracle, prompts, greedy, max_tokens=4)
     assert result.metrics["eval/win_rate"] == 0.5 and result.metrics["eval/tie_rate"] == 1.0
@@ -126,7 +126,7 @@ def test_preference_config_checks():
         PreferenceTrainConfig(algo=DPO(), rollout=RolloutConfig(num_samples=1))
     with pytest.raises(ValueError, match="must be even"):
         PreferenceTrainConfig(algo=DPO(), learner=LearnerConfig(micro_batch_size=5))
-    with pytest.raises(ValueError, match="kind='banana' must be one of rule, reward_model, judge"):
+    with pytest.raises(ValueError, match="kind='banana' must be one of rule, remote, reward_model, judge"):
         OracleConfig(kind="banana")
 
 

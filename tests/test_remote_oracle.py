@@ -25,11 +25,14 @@ import msgpack
 import pytest
 
 import winnow
-from winnow.oracles import FunctionOracle, OracleConfig, make_oracle
+from winnow.oracles import (FunctionOracle, OracleConfig, RemoteOracleConfig, RewardModelOracleConfig, RuleOracleConfig,
+                            make_oracle)
 from winnow.oracles import wire
 from winnow.oracles.remote import OracleRequestError, OracleUnavailableError, RemoteOracle
 from winnow.oracles.rules import exact_match_reward
-from winnow.oracles.serve import ServeConfig, bradley_terry, score_requests
+from winnow.oracles.preference import bradley_terry
+from winnow.oracles.serve import ServeConfig
+from winnow.oracles.service import score_requests
 
 TOKEN = "s3cret-token"
 REPO = Path(winnow.__file__).resolve().parent.parent
@@ -73,8 +76,8 @@ class Service:
                "MOSEC_PATH": str(self.tmp / f"ipc{self.num_starts}"), "PYTHONPATH": str(REPO)}
         self.log = open(self.tmp / f"server{self.num_starts}.log", "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "winnow.cli", "serve-oracle", "--oracle.rewards", *self.rewards,
-             "--oracle.reward-weights", "1.0", "0.01", "--port", str(self.port), "--max-batch-size", "16",
+            [sys.executable, "-m", "winnow.cli", "serve-oracle", "--oracle.rule.rewards", *self.rewards,
+             "--oracle.rule.reward-weights", "1.0", "0.01", "--port", str(self.port), "--max-batch-size", "16",
              "--max-wait-ms", "20", "--num-workers", "1", "--max-items-per-request", "256",
              "--max-request-bytes", "1000000", "--log-level", "warning"],
             env=env, cwd=self.tmp, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -132,7 +135,7 @@ def service(tmp_path_factory):
 def local_oracle(service, tmp_path, monkeypatch):
     """The served oracle, in-process (its tally goes to a file of its own)."""
     monkeypatch.setenv("TALLY_FILE", str(tmp_path / "local_tally.txt"))
-    oracle = make_oracle(OracleConfig(rewards=service.rewards, reward_weights=[1.0, 0.01]))
+    oracle = make_oracle(OracleConfig(rule=RuleOracleConfig(rewards=service.rewards, reward_weights=[1.0, 0.01])))
     yield oracle
     oracle.close()
 
@@ -212,14 +215,31 @@ def test_score_requests_batches_and_isolates_a_failing_request():
     assert replies[3]["id"] == "c" and "MissingReferenceError" in replies[3]["error"]
 
 
+def test_serve_and_service_do_not_import_each_other():
+    """The launcher imports the workers; both share service_config; the workers never import the launcher."""
+    import ast
+
+    def imports(module: str) -> set[str]:
+        tree = ast.parse((REPO / "winnow" / "oracles" / f"{module}.py").read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | \
+            {f"winnow.oracles.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             and node.module == "winnow.oracles" for a in node.names}
+
+    assert "winnow.oracles.serve" not in imports("service") | imports("service_config")
+    assert "winnow.oracles.service" in imports("serve") and "winnow.oracles.service_config" in imports("service")
+
+
 def test_serve_config_refuses_serving_a_remote_oracle():
-    with pytest.raises(ValueError, match="leave --oracle.url unset"):
-        ServeConfig(oracle=OracleConfig(url="http://127.0.0.1:1"))
+    with pytest.raises(ValueError, match="a service serves the rule kind.*leave --oracle.kind and --oracle.url"):
+        ServeConfig(oracle=OracleConfig(kind="remote", remote=RemoteOracleConfig(url="http://127.0.0.1:1")))
+    with pytest.raises(ValueError, match="serves the rule kind and does not use --oracle.reward-model.path"):
+        ServeConfig(oracle=OracleConfig(reward_model=RewardModelOracleConfig(path="rm")))
 
 
 def test_oracle_url_flag_makes_a_remote_oracle(monkeypatch):
     from winnow.algorithms import GRPO
-    from winnow.config import TrainConfig, parse
+    from winnow.config import parse
+    from winnow.recipes.rl import TrainConfig
 
     monkeypatch.setenv("MY_TOKEN", TOKEN)
     config = parse(TrainConfig[GRPO], TrainConfig(algo=GRPO()), [
@@ -231,7 +251,7 @@ def test_oracle_url_flag_makes_a_remote_oracle(monkeypatch):
     assert oracle.outage.give_up_after_s == 30
     oracle.close()
     with pytest.raises(ValueError, match="must start with http:// or https://"):
-        OracleConfig(url="127.0.0.1:8000")
+        OracleConfig(kind="remote", remote=RemoteOracleConfig(url="127.0.0.1:8000"))
 
 
 def test_client_gives_up_after_the_deadline_with_an_error_that_says_why(caplog):
@@ -338,18 +358,20 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(service, local_
 @pytest.mark.slow
 def test_training_run_scores_through_the_service(service, tiny_tokenizer, tmp_path, monkeypatch):
     from winnow.algorithms import GRPO
-    from winnow.config import EvalConfig, ModelConfig, RolloutConfig, TrainConfig
+    from winnow.loops.config import EvalConfig, RolloutConfig
+    from winnow.recipes.rl import TrainConfig
+    from winnow.setup import ModelConfig
     from winnow.data import DataConfig
     from winnow.data.tiny import build_tiny_model, save_tiny
     from winnow.logging import LoggingConfig, read_metrics
-    from winnow.runtime.rl import train
+    from winnow.recipes.rl import train
 
     save_tiny(build_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer, tmp_path / "model")
     monkeypatch.setenv("WINNOW_ORACLE_TOKEN", TOKEN)
     config = TrainConfig(
         algo=GRPO(), model=ModelConfig(path=str(tmp_path / "model")),
         data=DataConfig(num_train_prompts=64, max_eval_prompts=8),
-        oracle=OracleConfig(url=service.url, request_batch_size=8),
+        oracle=OracleConfig(kind="remote", remote=RemoteOracleConfig(url=service.url, request_batch_size=8)),
         rollout=RolloutConfig(prompts_per_iteration=8, num_samples=4, max_tokens=4),
         eval=EvalConfig(every=0, k=0, max_prompts=8), logging=LoggingConfig(progress=False),
         num_iterations=3, device="cpu", num_threads=1, output_dir=str(tmp_path), run_name="run",

@@ -6,6 +6,12 @@ this module only reads them from files and flags and writes them back.
 
 Precedence: dataclass defaults < `--config FILE` < command-line flags. The resolved config is written to
 `RUN_DIR/config.yaml`, and that file can be passed back with `--config` to rerun.
+
+Renamed settings keep their old names for one release: a config dataclass may declare
+`config_aliases: ClassVar[dict[str, str]]` (old key -> new dotted key below it) and
+`config_alias_implies: ClassVar[dict[str, dict[str, Any]]]` (old key -> what else it meant when given a
+value); `parse` applies them to flags and `merge` to config-file keys, with a FutureWarning, before either
+is used. See `OracleConfig` for the one in use.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import importlib.util
 import json
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +65,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def merge(instance: Any, data: dict[str, Any], where: str = "") -> Any:
     """A copy of dataclass `instance` with the values in `data` applied, recursively and type-checked."""
+    data = resolve_key_aliases(type(instance), data, where)
     fields = {f.name: f for f in dataclasses.fields(instance)}
     hints = typing.get_type_hints(type(instance))
     changes = {}
@@ -122,12 +130,127 @@ def parse(cls: type, default: Any, argv: list[str], prog: str, description: str 
     import tyro
 
     path, rest = split_config_flag(argv)
+    rest = resolve_flag_aliases(default, rest)
     if path is not None:
         default = merge(default, load_config_file(path))
     description = (description or "") + (
         "\n\nSettings: defaults < --config FILE (YAML, TOML, JSON or Python) < the flags below."
-    )
+    ) + _aliases_help(default)
     return tyro.cli(cls, default=default, args=rest, prog=prog, description=description)
+
+
+# ---------------------------------------------------------------------- old names
+
+
+def resolve_key_aliases(cls: type, data: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """`data` (one level of a config file, for dataclass `cls`) with `cls.config_aliases`' old keys moved to
+    their new nested places, and what they imply (`cls.config_alias_implies`) added.
+
+    An implied value yields to one the same mapping gives explicitly, unless that is the field's default (an
+    old file that says `url: ...` and `kind: rule` meant the remote oracle). Giving a key under both its old
+    and its new name is an error."""
+    aliases = getattr(cls, "config_aliases", None)
+    if not aliases or not any(key.replace("-", "_") in aliases for key in data):
+        return data
+    out = {key.replace("-", "_"): value for key, value in data.items() if key.replace("-", "_") not in aliases}
+    implied: dict[str, Any] = {}
+    renamed = []
+    for key, value in data.items():
+        old = key.replace("-", "_")
+        if old not in aliases:
+            continue
+        new = aliases[old]
+        renamed.append((f"{where}{key}", f"{where}{new}"))
+        *parents, leaf = new.split(".")
+        node = out
+        for parent in parents:  # copied on the way down: `data` itself stays as it was
+            child = node.get(parent, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"config key {where}{parent} must be a mapping, got {child!r}")
+            node[parent] = {k.replace("-", "_"): v for k, v in child.items()}
+            node = node[parent]
+        if leaf in node:
+            raise ValueError(f"config key {where}{key} is the old name of {where}{new}, which is set already; keep "
+                             f"only {where}{new}")
+        node[leaf] = value
+        if value is not None:
+            implied.update(getattr(cls, "config_alias_implies", {}).get(old, {}))
+    for key, value in implied.items():
+        if key not in out or out[key] == _field_default(cls, key):
+            out[key] = value
+    _warn_renamed(renamed)
+    return out
+
+
+def resolve_flag_aliases(default: Any, argv: list[str]) -> list[str]:
+    """`argv` with the old flags of every config dataclass in `default`'s tree renamed (`--oracle.url X` ->
+    `--oracle.remote.url X`; `--x=v`, dashes or underscores alike) and what they imply appended
+    (`--oracle.kind remote`), unless the flags set that themselves to a value other than its default."""
+    owners = _alias_owners(default)
+    if not owners:
+        return argv
+    out, implied, renamed = [], {}, []
+    for i, arg in enumerate(argv):
+        name, eq, value = _split_flag(arg)
+        hit = next(((prefix, cls) for prefix, cls in owners
+                    if name.startswith(prefix) and name[len(prefix):] in cls.config_aliases), None)
+        if hit is None:
+            out.append(arg)
+            continue
+        prefix, cls = hit
+        old = name[len(prefix):]
+        new = "--" + (prefix + cls.config_aliases[old]).replace("_", "-")
+        renamed.append((arg.partition("=")[0], new))
+        out.append(new + eq + value)
+        given = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+        if given not in (None, "None"):
+            implied.update({prefix + key: (str(_field_default(cls, key)), str(v))
+                            for key, v in getattr(cls, "config_alias_implies", {}).get(old, {}).items()})
+    for key, (default_value, value) in implied.items():
+        explicit = None  # the last value the flags give `key` (the one tyro keeps)
+        for i, arg in enumerate(out):
+            name, eq, given = _split_flag(arg)
+            if name == key:
+                explicit = given if eq else (out[i + 1] if i + 1 < len(out) else None)
+        if explicit in (None, default_value):
+            out += ["--" + key.replace("_", "-"), value]
+    _warn_renamed(renamed)
+    return out
+
+
+def _split_flag(arg: str) -> tuple[str, str, str]:
+    """("oracle.reward_model.path", "=", "DIR") for "--oracle.reward-model.path=DIR"; names with underscores."""
+    if not arg.startswith("--"):
+        return "", "", ""
+    name, eq, value = arg[2:].partition("=")
+    return name.replace("-", "_"), eq, value
+
+
+def _alias_owners(instance: Any, prefix: str = "") -> list[tuple[str, type]]:
+    """(dotted prefix, class) of each dataclass in `instance`'s tree that declares `config_aliases`."""
+    owners = [(prefix, type(instance))] if getattr(instance, "config_aliases", None) else []
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            owners += _alias_owners(value, f"{prefix}{f.name}.")
+    return owners
+
+
+def _aliases_help(default: Any) -> str:
+    names = [f"--{prefix}{old} (now --{prefix}{new})".replace("_", "-")
+             for prefix, cls in _alias_owners(default) for old, new in cls.config_aliases.items()]
+    return "\n\nOld names, accepted for one release: " + ", ".join(names) + "." if names else ""
+
+
+def _field_default(cls: type, name: str) -> Any:
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _warn_renamed(renamed: list[tuple[str, str]]) -> None:
+    if renamed:
+        warnings.warn("old setting names, accepted for this release only: "
+                      + ", ".join(f"{old} (now {new})" for old, new in renamed), FutureWarning, stacklevel=3)
 
 
 # Where the run configs that used to live here are now (kept importable from here for one release).

@@ -19,7 +19,7 @@ from winnow.data.tiny import build_tiny_model, save_tiny, train_char_tokenizer
 from winnow.learner.learner import LearnerConfig
 from winnow.logging import LoggingConfig, read_metrics
 from winnow.loops.config import EvalConfig, RolloutConfig
-from winnow.oracles import OracleConfig
+from winnow.oracles import OracleConfig, RuleOracleConfig
 from winnow.recipes.rl import TrainConfig, train
 from winnow.recipes.sft import SFTConfig, train_sft
 from winnow.setup import ModelConfig, setup_process
@@ -67,7 +67,7 @@ def quickstart(config: QuickstartConfig) -> dict[str, float]:
           f"{config.prompts_per_iteration} prompts x {config.num_samples} samples")
     rl_dir = train(TrainConfig(
         algo=OBJECTIVES[config.algo](), model=ModelConfig(path=str(sft_final)), data=DataConfig(train=config.task),
-        oracle=OracleConfig(rewards=["exact"]), logging=LoggingConfig(progress=config.progress),
+        oracle=OracleConfig(rule=RuleOracleConfig(rewards=["exact"])), logging=LoggingConfig(progress=config.progress),
         num_iterations=config.rl_iterations, run_name=config.algo,
         rollout=RolloutConfig(prompts_per_iteration=config.prompts_per_iteration,
                               num_samples=config.num_samples, max_tokens=8),
@@ -97,7 +97,7 @@ def warm_start(config: QuickstartConfig) -> Path:
     print(f"[1/3] SFT warm start: {config.sft_steps} steps on {config.task}")
     sft_dir = train_sft(SFTConfig(
         model=ModelConfig(path=str(init_dir)), data=DataConfig(train=config.task),
-        oracle=OracleConfig(rewards=["exact"]), logging=LoggingConfig(progress=config.progress),
+        oracle=OracleConfig(rule=RuleOracleConfig(rewards=["exact"])), logging=LoggingConfig(progress=config.progress),
         learner=LearnerConfig(lr=config.sft_lr, warmup_steps=10, lr_schedule="constant", micro_batch_size=128),
         eval=EvalConfig(every=50, k=0, max_prompts=200), batch_size=128, num_steps=config.sft_steps,
         max_tokens=8, run_name="sft", **_common(config),

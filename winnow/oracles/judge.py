@@ -101,7 +101,7 @@ class LLMJudgeOracle:
         if not api_key:
             raise ValueError(f"the LLM judge reads its API key from ${api_key_env}, which is not set; export it "
                              f"(any non-empty value for a local server) or name another variable with "
-                             f"--oracle.judge-api-key-env")
+                             f"--oracle.judge.api-key-env")
         return cls(model, base_url=base_url, api_key=api_key, **kwargs)
 
     def compare(self, prompts: list[str], completions_a: list[str], completions_b: list[str],

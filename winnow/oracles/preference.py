@@ -13,8 +13,11 @@ from winnow.oracles.base import RewardOracle
 from winnow.types import PreferenceResult, RewardResult
 
 
-def bradley_terry(score_a: float, score_b: float, temperature: float = 1.0) -> float:
-    """sigma((score_a - score_b) / temperature), computed without overflow for any score gap."""
+def bradley_terry(score_a: float | None, score_b: float | None, temperature: float = 1.0) -> float | None:
+    """sigma((score_a - score_b) / temperature), computed without overflow for any score gap; None when either
+    side is unscored (the pair is then unjudged, never a guess)."""
+    if score_a is None or score_b is None:
+        return None
     z = (score_a - score_b) / temperature
     if z >= 0:
         return 1.0 / (1.0 + math.exp(-z))
@@ -47,8 +50,7 @@ class RewardPreferenceOracle:
         doubled = None if columns is None else {k: list(v) + list(v) for k, v in columns.items()}
         result = self.oracle.reward(prompts + prompts, completions_a + completions_b, references + references, doubled)
         scores_a, scores_b = result.scores[:n], result.scores[n:]
-        probabilities = [None if a is None or b is None else bradley_terry(a, b, self.temperature)
-                         for a, b in zip(scores_a, scores_b)]
+        probabilities = [bradley_terry(a, b, self.temperature) for a, b in zip(scores_a, scores_b)]
         return PreferenceResult(probabilities, dict(result.metrics))
 
     def close(self) -> None:

@@ -79,8 +79,8 @@ class _Outage:
             if down_for > self.give_up_after_s:
                 raise OracleUnavailableError(
                     f"oracle service at {self.url} unreachable since {since} ({down_for:.0f} s), past "
-                    f"give_up_after_s={self.give_up_after_s:g} (--oracle.give-up-after-s); last error: {error}. "
-                    f"Start it (winnow serve-oracle ...) or fix --oracle.url, then resume the run")
+                    f"give_up_after_s={self.give_up_after_s:g} (--oracle.remote.give-up-after-s); last error: {error}. "
+                    f"Start it (winnow serve-oracle ...) or fix --oracle.remote.url, then resume the run")
             if now - self.last_log >= self.log_every_s:
                 self.last_log = now
                 log.warning("oracle at %s unreachable since %s (%.0f s), actor paused; retrying (gives up after "
@@ -135,7 +135,7 @@ class RemoteOracle:
 
     @classmethod
     def from_config(cls, config: Any) -> RemoteOracle:
-        """From an `OracleConfig` with `url` set; the token comes from the variable `token_env` names."""
+        """From a `RemoteOracleConfig` (`OracleConfig.remote`); the token comes from the variable `token_env` names."""
         return cls(config.url, token=os.environ.get(config.token_env) or None, timeout_s=config.timeout_s,
                    give_up_after_s=config.give_up_after_s, max_in_flight=config.max_in_flight,
                    request_batch_size=config.request_batch_size)
@@ -236,7 +236,7 @@ class RemoteOracle:
         if not isinstance(reply, dict) or reply.get("id") != request_id:
             got = reply.get("id") if isinstance(reply, dict) else type(reply).__name__
             raise OracleRequestError(f"oracle service at {self.url} answered request {request_id} with a reply "
-                                     f"for {got!r}; is --oracle.url a winnow oracle service?")
+                                     f"for {got!r}; is --oracle.remote.url a winnow oracle service?")
         if "error" in reply:
             raise OracleRequestError(f"oracle service at {self.url} could not score a /{op} request: "
                                      f"{reply['error']}")
@@ -272,7 +272,7 @@ class RemoteOracle:
         message = data.decode(errors="replace").strip()[:1000]
         if response.status in RETRYABLE_STATUS:
             raise _Retry(f"HTTP {response.status}: {message}")
-        hint = " (the body is over the service's max_request_bytes; lower --oracle.request-batch-size)" \
+        hint = " (the body is over the service's max_request_bytes; lower --oracle.remote.request-batch-size)" \
             if response.status == 413 else ""
         raise OracleRequestError(f"oracle service at {self.url} refused a /{op} request with HTTP "
                                  f"{response.status}: {message}{hint}")

@@ -43,7 +43,7 @@ class RewardModelOracle:
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(path)
         except OSError as e:
-            raise ValueError(f"cannot load a reward model from {path!r} (--oracle.reward-model-path): {e}") from e
+            raise ValueError(f"cannot load a reward model from {path!r} (--oracle.reward-model.path): {e}") from e
         return cls(model, tokenizer, **kwargs)
 
     @torch.no_grad()

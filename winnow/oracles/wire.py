@@ -42,7 +42,7 @@ def check_token(request: Any, expected: str | None) -> None:
     sent = request.get("token") if isinstance(request, dict) else None
     if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), expected.encode()):
         raise AuthError("unauthorized: this oracle service needs a token; set the client's token environment "
-                        "variable (--oracle.token-env, default WINNOW_ORACLE_TOKEN) to the server's token")
+                        "variable (--oracle.remote.token-env, default WINNOW_ORACLE_TOKEN) to the server's token")
 
 
 def validate(request: Any, op: str, max_items: int) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def validate(request: Any, op: str, max_items: int) -> dict[str, Any]:
         raise RequestError("the request has no items; send at least one completion")
     if n > max_items:
         raise RequestError(f"{n} items in one request, over this service's limit of {max_items}; split the call "
-                           f"(client: --oracle.request-batch-size {max_items} or less)")
+                           f"(client: --oracle.remote.request-batch-size {max_items} or less)")
     references = request.get("references")
     clean["references"] = [None] * n if references is None else _strings(request, "references", allow_none=True)
     columns = request.get("columns") or {}

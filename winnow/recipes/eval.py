@@ -10,7 +10,7 @@ from winnow.engines.hf import HFEngineConfig
 from winnow.engines.vllm import VLLMEngineConfig
 from winnow.eval.accuracy import evaluate_accuracy
 from winnow.loops.config import EvalConfig
-from winnow.oracles import OracleConfig, make_oracle
+from winnow.oracles import OracleConfig, check_oracle_config, make_oracle
 from winnow.setup import ModelConfig, load_policy, resolve_device, setup_process
 
 
@@ -40,13 +40,14 @@ class EvalRunConfig:
 
 
 def run_eval(config: EvalRunConfig) -> dict[str, float]:
+    check_oracle_config(config.oracle, default=EvalRunConfig().oracle, needs="reward")
     setup_process(config.seed, config.num_threads)
     model, tokenizer = load_policy(config.model)
     prompts = load_prompts(config.data, tokenizer, config.split)[: config.eval.max_prompts]
     engine = make_engine(config.engine_backend, model if config.engine_backend == "hf" else None, tokenizer,
                          model_path=config.model.path, tokenizer_path=config.model.tokenizer, hf=config.engine,
                          vllm=config.vllm_engine, device=resolve_device(config.device), copy_model=False)
-    oracle = make_oracle(config.oracle)
+    oracle = make_oracle(config.oracle, needs="reward")
     try:
         return evaluate_accuracy(
             engine, oracle, prompts, max_tokens=config.eval.max_tokens or config.max_tokens,

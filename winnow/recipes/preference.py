@@ -20,8 +20,7 @@ from winnow.loops.base import Loop
 from winnow.loops.config import PairConfig, RolloutConfig, WinRateConfig
 from winnow.loops.offline import OfflinePreferenceFamily, dataset_pairs
 from winnow.loops.preference import PreferenceFamily
-from winnow.oracles import OracleConfig, make_preference_oracle
-from winnow.oracles.base import RewardOracle
+from winnow.oracles import OracleConfig, RuleOracleConfig, check_oracle_config, make_oracle
 from winnow.recipes.base import (
     OnlineRunConfig,
     build_actor,
@@ -48,8 +47,8 @@ class PreferenceTrainConfig(OnlineRunConfig, Generic[AlgoT]):
     algo: AlgoT
     """the preference objective: DPO, IPO, SLiC or SimPO"""
     data: DataConfig = field(default_factory=lambda: DataConfig(train="arithmetic-pref"))
-    oracle: OracleConfig = field(default_factory=lambda: OracleConfig(rewards=["closeness"]))
-    """judges preferences (`--oracle.kind rule|reward_model|judge`) and the win rate"""
+    oracle: OracleConfig = field(default_factory=lambda: OracleConfig(rule=RuleOracleConfig(rewards=["closeness"])))
+    """judges preferences (`--oracle.kind rule|remote|reward_model|judge`) and the win rate"""
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_samples=8))
     """sampling of the online loop: num_samples >= 2 responses per prompt"""
     pairs: PairConfig = field(default_factory=PairConfig)
@@ -76,18 +75,16 @@ class PreferenceTrainConfig(OnlineRunConfig, Generic[AlgoT]):
 
 def train_preference(config: PreferenceTrainConfig) -> Path:
     """Run online (or, with `config.offline`, offline) preference optimisation; returns the run directory."""
+    if not config.offline:
+        check_oracle_config(config.oracle, default=type(config)(algo=config.algo).oracle, needs=_oracle_needs(config))
+    selector = make_selector(config.pairs.selection, seed=config.seed)
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
     policy, tokenizer = load_policy(config.model)
     if config.offline:
         return _train_offline(config, policy, tokenizer, device)
     train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
-    selector = make_selector(config.pairs.selection, seed=config.seed)
-    oracle = make_preference_oracle(config.oracle)
-    if selector.needs_rewards and not isinstance(oracle, RewardOracle):
-        oracle.close()
-        raise ValueError(f"--pairs.selection {config.pairs.selection} needs scalar rewards, but oracle.kind="
-                         f"{config.oracle.kind!r} only compares; use --pairs.selection random")
+    oracle = make_oracle(config.oracle, needs=_oracle_needs(config))
     engine_model = engine_copy(config, policy)
     learner = build_learner(policy, config, total_steps=config.total_steps, needs_reference=config.algo.needs_reference,
                             temperature=config.rollout.temperature, device=device)
@@ -114,6 +111,11 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
     finally:
         oracle.close()
     return finish(config, run_dir, learner, tokenizer)
+
+
+def _oracle_needs(config: PreferenceTrainConfig):
+    """What the oracle must do: compare pairs, and score responses too for a selector that reads scores."""
+    return ("reward", "compare") if SELECTORS[config.pairs.selection].needs_rewards else "compare"
 
 
 def _train_offline(config: PreferenceTrainConfig, policy, tokenizer, device) -> Path:

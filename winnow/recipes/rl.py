@@ -11,7 +11,7 @@ from winnow.learner.critic import make_critic
 from winnow.loops.base import Loop
 from winnow.loops.config import EvalConfig
 from winnow.loops.rl import RLFamily
-from winnow.oracles import make_oracle
+from winnow.oracles import check_oracle_config, make_oracle
 from winnow.recipes.base import (
     OnlineRunConfig,
     build_actor,
@@ -41,12 +41,13 @@ def train(config: TrainConfig) -> Path:
     """Run policy iteration as `config` says; returns the run directory (metrics, plots, final model)."""
     if config.rollout.temperature <= 0:
         raise ValueError("rollout.temperature must be > 0: RL needs sampled responses (greedy is for eval)")
+    check_oracle_config(config.oracle, default=type(config)(algo=config.algo).oracle, needs="reward")
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
     objective = config.algo
     policy, tokenizer = load_policy(config.model)
     train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
-    oracle = make_oracle(config.oracle)
+    oracle = make_oracle(config.oracle, needs="reward")
     engine_model = engine_copy(config, policy)
     # PPO's value model: a copy of the policy's backbone, made before a sharded learner splits `policy` (and
     # before LoRA wraps it: the critic trains in full).

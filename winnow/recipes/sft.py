@@ -17,7 +17,7 @@ from winnow.logging import LoggingConfig
 from winnow.loops.base import Loop
 from winnow.loops.config import EvalConfig
 from winnow.loops.sft import SFTFamily
-from winnow.oracles import OracleConfig, make_oracle
+from winnow.oracles import OracleConfig, check_oracle_config, make_oracle
 from winnow.recipes.base import RunConfig, finish, open_run, run_loop
 from winnow.setup import ModelConfig, load_policy, resolve_device, setup_process
 from winnow.types import Prompt
@@ -57,6 +57,7 @@ def sft_pairs(prompts: list[Prompt], tokenizer) -> list[tuple[list[int], list[in
 
 def train_sft(config: SFTConfig, model=None, tokenizer=None) -> Path:
     """Fine-tune `model` (or the one at config.model.path) on the completions; returns the run dir."""
+    check_oracle_config(config.oracle, default=SFTConfig().oracle, needs="reward")
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
     if model is None:
@@ -64,7 +65,7 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None) -> Path:
     train = sft_pairs(load_prompts(config.data, tokenizer, "train"), tokenizer)
     eval_prompts = load_prompts(config.data, tokenizer, "eval")[: config.eval.max_prompts]
     learner = Learner(model, config.learner, config.num_steps, device=device)
-    oracle = make_oracle(config.oracle)
+    oracle = make_oracle(config.oracle, needs="reward")
     run_dir = open_run(config, "sft", learner.is_main)
 
     def make_loop(logger, bar) -> Loop:
