@@ -12,13 +12,14 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
-
-import datasets
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from winnow.data.tasks import TASKS, make_task
 from winnow.data.templates import TEMPLATES, apply_template
 from winnow.types import Prompt
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ def _load_rows(config: DataConfig, split: Split) -> _Rows:
 
 def _has_split(source: str, split: str) -> bool:
     """Whether `source` is a save_to_disk DatasetDict directory with a split called `split`."""
+    import datasets  # imported on use: winnow.data loads without `datasets` (the GPU benchmark machine has none)
     path = Path(source)
     if not path.is_dir():
         return False
@@ -141,6 +143,7 @@ def _hold_out(source: _Rows, config: DataConfig, keep_held_out: bool) -> _Rows:
 
 def _read(source: str, dict_split: str, config: DataConfig) -> _Rows:
     """Rows of a file or save_to_disk directory, after checking that the configured columns exist."""
+    import datasets
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(
@@ -178,6 +181,7 @@ def _check_columns(columns: list[str], origin: str, config: DataConfig) -> None:
 
 
 def _load_file(path: Path) -> datasets.Dataset:
+    import datasets
     builder = _FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise ValueError(
@@ -194,6 +198,7 @@ def _load_file(path: Path) -> datasets.Dataset:
 
 
 def _load_from_disk(path: Path) -> datasets.Dataset | datasets.DatasetDict:
+    import datasets
     try:
         with _quiet_datasets():
             return datasets.load_from_disk(str(path))
@@ -233,6 +238,7 @@ def _describe(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
+    import datasets
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
