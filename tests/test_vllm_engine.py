@@ -307,3 +307,41 @@ def test_grpo_runs_end_to_end_on_the_vllm_engine(tmp_path):
     last = rows[-1]
     assert last["step"] == 2 and last["counts/samples"] == 2 * 8 * 4
     assert last["time/sync"] > 0 and "eval/greedy_accuracy" in last
+
+
+def test_online_dpo_and_eval_run_on_the_vllm_engine(tmp_path):
+    """The preference loop samples with vLLM and checks every sync (`--sync.check-sync`); `winnow eval` scores a
+    saved model through vLLM. Subprocesses, each with its own vLLM."""
+    import json
+    import subprocess
+    import sys
+
+    from winnow.data.tasks import make_task
+
+    task = make_task("arithmetic", seed=0)
+    tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
+    model_dir = save_tiny(build_tiny_model(tokenizer, seed=0), tokenizer, tmp_path / "init")
+    vllm_flags = ["--model.path", str(model_dir), "--engine-backend", "vllm", "--vllm-engine.dtype", "float32",
+                  "--vllm-engine.enforce-eager", "--device", "cpu"]
+    # An untrained model's answers are all equally far from the sums; a length reward labels every pair that differs.
+    (tmp_path / "rewards.py").write_text("def length(prompts, completions, **_):\n"
+                                         "    return [float(len(c)) for c in completions]\n")
+    subprocess.run(
+        [sys.executable, "-m", "winnow.cli", "train", "dpo", *vllm_flags, "--sync.check-sync",
+         "--oracle.rule.rewards", f"{tmp_path / 'rewards.py'}:length",
+         "--rollout.prompts-per-iteration", "8", "--rollout.num-samples", "4", "--rollout.max-tokens", "8",
+         "--learner.micro-batch-size", "8", "--eval.every", "0", "--eval.max-prompts", "8", "--logging.no-progress",
+         "--num-iterations", "2", "--output-dir", str(tmp_path), "--run-name", "dpo", "--no-save-final"],
+        check=True, timeout=300,
+    )
+    rows = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    assert last["step"] == 2 and last["counts/samples"] == 2 * 8 * 4 and last["counts/oracle_queries"] == 2 * 8 * 4
+    assert last["counts/optimizer_steps"] == 2 and "eval/win_rate" in last
+    for row in rows[1:]:  # every iteration trained, synced in buckets and passed the check
+        assert row["sync/num_buckets"] >= 1 and row["sync/logprob_diff_mean"] < 0.05
+    out = subprocess.run([sys.executable, "-m", "winnow.cli", "eval", *vllm_flags, "--eval.max-prompts", "8",
+                          "--eval.k", "0", "--max-tokens", "4"], check=True, timeout=300, capture_output=True,
+                         text=True).stdout
+    accuracy = [line for line in out.splitlines() if line.startswith("eval/greedy_accuracy:")]
+    assert len(accuracy) == 1 and 0.0 <= float(accuracy[0].split(":")[1]) <= 1.0
