@@ -7,6 +7,8 @@
     WINNOW_TEST_PAUSE="ITERATION:PHASE:SECONDS:MARKER"
                                          on entering PHASE of ITERATION, create the file MARKER and sleep
                                          SECONDS (a window in which the test sends signals)
+
+The learning-curve plots are skipped (they take most of a tiny run's time, and the tests are about resume).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from winnow.loops import base, checkpoint
+from winnow.recipes import base as recipes_base
 
 _now = {"iteration": 0}
 
@@ -69,6 +72,7 @@ def fsync_tree(path: Path) -> None:
 base.Loop.step = step
 base.PhaseTimer.__call__ = timed
 checkpoint.fsync_tree = fsync_tree
+recipes_base.plot_run = lambda run_dir: None
 
 if __name__ == "__main__":
     from winnow.cli import main

@@ -46,6 +46,14 @@ PHASES = {"grpo": ["generate", "score", "advantages", "train", "sync", "eval"],
 VOLATILE = ("time/", "throughput/", "sync/seconds", "sync/mib_per_s")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_plots():
+    """The learning-curve plots take most of a tiny run's time; these tests are about resume."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("winnow.recipes.base.plot_run", lambda run_dir: None)
+        yield
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     from winnow.data import make_task
