@@ -235,6 +235,12 @@ def test_a_second_run_into_a_run_directory_is_refused(model_dir, references, tmp
     main(flags("grpo", model_dir, tmp_path, "grpo", "--overwrite", "--num-iterations", "1",
                "--checkpoint.every", "0"))
     assert [r["step"] for r in read_metrics(tmp_path / "grpo")] == [0, 1]  # one run, not two mixed
+    # --resume auto: a fresh run when OUTPUT_DIR/RUN_NAME has no checkpoint, a resumed one when it has
+    main(flags("grpo", model_dir, tmp_path, "auto", "--resume", "auto", "--num-iterations", "1",
+               "--checkpoint.every", "1"))
+    main(flags("grpo", model_dir, tmp_path, "auto", "--resume", "auto", "--num-iterations", "1",
+               "--checkpoint.every", "1"))
+    assert [r["step"] for r in read_metrics(tmp_path / "auto")] == [0, 1]
 
 
 def test_quickstart_refuses_a_used_output_dir(tmp_path):
@@ -302,3 +308,27 @@ def test_a_full_disk_is_reported_before_the_checkpoint_is_lost(tiny_model, tmp_p
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_00001"]
     assert (first / COMPLETE).is_file() and latest_checkpoint(tmp_path) == first
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_killed_and_resumed_is_bitwise(model_dir, tmp_path):
+    """The sharded strategy's own checkpoint format (torch.distributed.checkpoint shards, one RNG file per
+    rank), under torchrun with 2 gloo processes: killed in iteration N+1's train phase, resumed, bitwise."""
+    sharded = ["--learner.strategy", "fsdp2", "--learner.micro-batch-size", "4"]
+    reference = run_killed(flags("grpo", model_dir, tmp_path, "full", *sharded), "0:none", torchrun=2)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    args = flags("grpo", model_dir, tmp_path, "killed", *sharded)
+    killed = run_killed(args, f"{N + 1}:train", torchrun=2)
+    assert killed.returncode != 0
+    run = tmp_path / "killed"
+    assert latest_checkpoint(run).name == f"iter_{N:05d}"
+    assert sorted(p.name for p in latest_checkpoint(run).glob("state_rank*.pt")) == ["state_rank0.pt",
+                                                                                    "state_rank1.pt"]
+    resumed = run_killed([*args, "--resume", str(run)], "0:none", torchrun=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got, want = read_metrics(run), read_metrics(tmp_path / "full")
+    assert [r["step"] for r in got] == list(range(2 * N + 1))
+    assert [stable(r) for r in got] == [stable(r) for r in want]
+    assert all(w["train/grad_norm"] > 0 for w in want[1:])
+    for sample in sorted((tmp_path / "full" / "samples").glob("eval_*.jsonl")):
+        assert (run / "samples" / sample.name).read_text() == sample.read_text()

@@ -147,7 +147,7 @@ def run_loop(config, run_dir: Path, learner: Learner, make_loop: Callable[[Any, 
             progress(total, desc=desc, enabled=config.logging.progress and is_main) as bar:
         loop = make_loop(logger, bar)
         loop.checkpointer = Checkpointer(run_dir, config.checkpoint, learners,
-                                         config_yaml=(run_dir / "config.yaml").read_text(),
+                                         config_yaml=(run_dir / "config.yaml").read_text() if is_main else "",
                                          resume_from=resume_from, resume_command=resume_command(run_dir))
         return loop.run()
 
