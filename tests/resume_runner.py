@@ -3,7 +3,10 @@
     WINNOW_TEST_KILL="ITERATION:PHASE"   SIGKILL this process on entering PHASE of ITERATION: a loop phase
                                          (generate, score, judge, advantages, train, sync, eval), or
                                          "checkpoint" / "final": during that write, its files written, not
-                                         yet renamed into place (ITERATION is the checkpoint's; any for final)
+                                         yet renamed into place (ITERATION is the checkpoint's; any for final);
+                                         "mid-sync": after the engine took the first bucket of that iteration's
+                                         weight sync (run with a small --sync.bucket-mb: the engine then holds
+                                         half-updated weights)
     WINNOW_TEST_PAUSE="ITERATION:PHASE:SECONDS:MARKER"
                                          on entering PHASE of ITERATION, create the file MARKER and sleep
                                          SECONDS (a window in which the test sends signals)
@@ -69,6 +72,20 @@ def fsync_tree(path: Path) -> None:
     _fsync_tree(path)
 
 
+from winnow.engines.hf import HFEngine  # noqa: E402
+
+_update_weights = HFEngine.update_weights
+
+
+def update_weights(self, *args, **kwargs):
+    result = _update_weights(self, *args, **kwargs)
+    kill = _spec("WINNOW_TEST_KILL")
+    if kill and kill[1] == "mid-sync" and int(kill[0]) == _now["iteration"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+
+HFEngine.update_weights = update_weights
 base.Loop.step = step
 base.PhaseTimer.__call__ = timed
 checkpoint.fsync_tree = fsync_tree

@@ -140,6 +140,19 @@ def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(model_dir, ref
     assert_same_run(run, references["grpo"])
 
 
+def test_killed_in_the_middle_of_a_weight_sync_resumes_bitwise(model_dir, tmp_path):
+    """The engine had taken one bucket of iteration N+1's weights when the process died; the resumed run
+    syncs the checkpoint's weights before its first generate and replays the uninterrupted run."""
+    buckets = ["--sync.bucket-mb", "0.25"]  # the tiny model's 1.9 MiB in 8 buckets
+    main(flags("grpo", model_dir, tmp_path, "full", *buckets))
+    args = flags("grpo", model_dir, tmp_path, "run", *buckets)
+    proc = run_killed(args, f"{N + 1}:mid-sync")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert read_metrics(tmp_path / "full")[N + 1]["sync/num_buckets"] > 1
+    main([*args, "--resume", str(tmp_path / "run")])
+    assert_same_run(tmp_path / "run", tmp_path / "full")
+
+
 def test_killed_while_writing_final_leaves_no_half_model(model_dir, references, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -269,6 +282,28 @@ def test_sft_resumes_exactly(model_dir, tmp_path):
     got, want = read_metrics(tmp_path / "cut"), read_metrics(tmp_path / "full")
     assert [r["step"] for r in got] == [0, 1, 2, 3, 4]
     assert [stable(r) for r in got] == [stable(r) for r in want]
+
+
+def test_offline_dpo_resumes_exactly(model_dir, tmp_path):
+    import shutil
+
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}
+            for a in range(10, 20) for b in range(10, 13)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["train", "dpo", "--offline", "--model.path", str(model_dir), "--data.train", str(data), "--device", "cpu",
+            "--num-threads", "1", "--rollout.prompts-per-iteration", "8", "--num-iterations", "4",
+            "--checkpoint.every", "2", "--learner.lr", "1e-3", "--learner.micro-batch-size", "16",
+            "--eval.every", "2", "--logging.no-progress", "--output-dir", str(tmp_path)]
+    main([*args, "--run-name", "full"])
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "iter_00004")
+    shutil.rmtree(tmp_path / "cut" / "final")
+    main([*args, "--run-name", "cut", "--resume", str(tmp_path / "cut")])
+    got, want = read_metrics(tmp_path / "cut"), read_metrics(tmp_path / "full")
+    assert [r["step"] for r in got] == [0, 1, 2, 3, 4]
+    assert [stable(r) for r in got] == [stable(r) for r in want]
+    assert want[4]["counts/pairs"] == 32 and want[3]["train/loss"] != want[4]["train/loss"]
 
 
 def test_a_full_disk_is_reported_before_the_checkpoint_is_lost(tiny_model, tmp_path, monkeypatch):
