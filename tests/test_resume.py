@@ -284,6 +284,21 @@ def test_sft_resumes_exactly(model_dir, tmp_path):
     assert [stable(r) for r in got] == [stable(r) for r in want]
 
 
+def test_lora_grpo_with_a_kl_to_its_reference_resumes_exactly(model_dir, tmp_path):
+    """LoRA: the checkpoint holds the adapters (and the frozen base), the reference is the adapters off."""
+    import shutil
+
+    args = flags("grpo", model_dir, tmp_path, "full", "--lora-rank", "4", "--algo.kl-coef", "0.1")
+    main(args)
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / f"iter_{2 * N:05d}")
+    shutil.rmtree(tmp_path / "cut" / "final")
+    main([*flags("grpo", model_dir, tmp_path, "cut", "--lora-rank", "4", "--algo.kl-coef", "0.1"),
+          "--resume", str(tmp_path / "cut")])
+    assert_same_run(tmp_path / "cut", tmp_path / "full")
+    assert read_metrics(tmp_path / "full")[2 * N]["train/kl"] != 0
+
+
 def test_offline_dpo_resumes_exactly(model_dir, tmp_path):
     import shutil
 
