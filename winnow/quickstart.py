@@ -58,10 +58,22 @@ class QuickstartConfig:
     """the quickstart's model is tiny: the CPU is the right place for it"""
     progress: bool = True
     """show progress bars"""
+    overwrite: bool = False
+    """replace the runs of an earlier quickstart in OUTPUT_DIR (without it, a used OUTPUT_DIR is refused)"""
+
+
+def check_output_dir(config: QuickstartConfig) -> None:
+    """Refuse an OUTPUT_DIR that already holds a quickstart's runs (two runs in one directory would mix their
+    metrics and print a wrong before/after figure), unless `overwrite`."""
+    used = [name for name in ("init", "sft", config.algo) if (Path(config.output_dir) / name).exists()]
+    if used and not config.overwrite:
+        raise ValueError(f"{config.output_dir} already holds a quickstart ({', '.join(used)}): pass --overwrite "
+                         f"to replace it, or --output-dir for a fresh directory")
 
 
 def quickstart(config: QuickstartConfig) -> dict[str, float]:
     """Run the quickstart; returns held-out greedy accuracy before and after RL."""
+    check_output_dir(config)
     sft_final = warm_start(config)
     print(f"[2/3] {config.algo}: {config.rl_iterations} policy iterations x "
           f"{config.prompts_per_iteration} prompts x {config.num_samples} samples")
@@ -106,4 +118,5 @@ def warm_start(config: QuickstartConfig) -> Path:
 
 
 def _common(config: QuickstartConfig) -> dict:
-    return dict(seed=config.seed, device=config.device, num_threads=config.num_threads, output_dir=config.output_dir)
+    return dict(seed=config.seed, device=config.device, num_threads=config.num_threads, output_dir=config.output_dir,
+                overwrite=config.overwrite)

@@ -85,6 +85,9 @@ class PairSelector(Protocol):
         """The candidates with the oracle's answers; returns metrics for the log (a stateless selector: {})."""
         ...
 
+    # Optional, for a selector with state (an rng, a learned model): `state_dict() -> dict` and
+    # `load_state_dict(state)`. Checkpoints save it, so a resumed run selects as the uninterrupted one would.
+
 
 def to_pairs(candidates: list[Candidate]) -> tuple[list[PreferencePair], dict[str, float]]:
     """Labelled pairs from candidates: chosen = a when p > 0.5, b when p < 0.5. A tie (p exactly 0.5, e.g.

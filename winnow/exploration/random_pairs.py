@@ -30,3 +30,10 @@ class RandomPairs:
 
     def observe(self, labelled: list[Candidate]) -> dict[str, float]:
         return {}
+
+    def state_dict(self) -> dict:
+        """The rng's position (saved in checkpoints, so a resumed run picks the same pairs)."""
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])

@@ -12,6 +12,12 @@ One iteration, each phase timed as `time/<phase>`:
     actor.sync(learner)                                 # bucketed weights, optionally checked     (sync)
     family.evaluate()                                   # at 0, every `eval_every`, at the end     (eval)
     log(metrics, counters, times)
+    checkpoint                                          # every `--checkpoint.every`, and on a signal
+
+With a `Checkpointer` the loop saves the whole run state every `checkpoint.every` iterations, and on SIGINT or
+SIGTERM finishes the current iteration, saves, and exits with the command that resumes. A resumed loop
+restores the checkpoint, hands its weights to the actor before the first generate, and continues at the next
+iteration (no second evaluation at the start).
 
 Consumes one batch of the family's stream per iteration and waits on nothing but itself: every phase runs
 to completion before the next starts (on-policy by construction).
@@ -19,6 +25,7 @@ to completion before the next starts (on-policy by construction).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +36,7 @@ import torch
 
 from winnow.eval.accuracy import EvalResult
 from winnow.learner.sync import SyncConfig
+from winnow.loops.checkpoint import Checkpointer, StopRequest, agreed_signal
 from winnow.loops.seam import Actor, PolicyLearner
 from winnow.types import TrainBatch
 
@@ -78,6 +86,15 @@ class Family(Protocol):
         """Held-out numbers (`eval/...`) and a few samples to keep; empty on ranks that do not evaluate."""
         ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the next iteration depends on besides the learners: counters, the data stream's position,
+        the pair selector's state (saved in checkpoints)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict`'s state."""
+        ...
+
 
 class Loop:
     """Runs a family for `num_iterations` iterations: evaluate, iterate, evaluate.
@@ -88,11 +105,12 @@ class Loop:
 
     def __init__(self, family: Family, *, learner: PolicyLearner, actor: Actor | None, num_iterations: int,
                  eval_every: int, sync: SyncConfig | None = None, probe: list[list[int]] | None = None,
-                 seed: int = 0, logger: Any, run_dir: Path, progress=None):
+                 seed: int = 0, logger: Any, run_dir: Path, progress=None, checkpointer: Checkpointer | None = None):
         self.family, self.learner, self.actor = family, learner, actor
         self.num_iterations, self.eval_every = num_iterations, eval_every
         self.sync_config, self.probe, self.seed = sync or SyncConfig(), probe or [], seed
         self.logger, self.run_dir, self.progress = logger, run_dir, progress
+        self.checkpointer = checkpointer
         self.history: list[dict[str, float]] = []
 
     @property
@@ -100,14 +118,44 @@ class Loop:
         return self.family.counters
 
     def run(self) -> list[dict[str, float]]:
-        """Evaluate, then `num_iterations` iterations (evaluating every `eval_every`), then evaluate."""
-        timer = PhaseTimer()
-        with timer("eval"):
-            metrics = self.evaluate()
-        self.log(metrics, timer)
-        for iteration in range(1, self.num_iterations + 1):
-            self.step(iteration)
+        """Evaluate, then `num_iterations` iterations (evaluating every `eval_every`), then evaluate. A resumed
+        loop starts after its checkpoint's iteration instead."""
+        start = self.resume() if self.checkpointer and self.checkpointer.resume_from else 0
+        if start == 0:
+            timer = PhaseTimer()
+            with timer("eval"):
+                metrics = self.evaluate()
+            self.log(metrics, timer)
+        with StopRequest() as stop:
+            for iteration in range(start + 1, self.num_iterations + 1):
+                self.step(iteration)
+                signum = agreed_signal(stop.signum)
+                if self.checkpointer is not None and (self.checkpointer.should_save(iteration) or signum):
+                    self.checkpointer.save(iteration, self.family)
+                if signum is not None:
+                    self.interrupted(iteration, signum)
         return self.history
+
+    def resume(self) -> int:
+        """Restore the checkpoint; the actor gets its weights before the first generate. Returns its iteration."""
+        start = self.checkpointer.restore(self.family)
+        self.counters.iteration, self.counters.optimizer_steps = start, self.learner.num_steps
+        if self.actor is not None:
+            self.actor.sync(self.learner, self.sync_config, self.probe, self.seed)
+        if self.progress is not None:
+            self.progress.update(start)
+        return start
+
+    def interrupted(self, iteration: int, signum: int) -> None:
+        """Exit after a signal: the checkpoint is written, say how to resume (exit status 128 + signal)."""
+        if self.checkpointer is None:
+            message = f"winnow: stopped after iteration {iteration} (no checkpoint: this run has no run directory)"
+        else:
+            message = (f"winnow: stopped after iteration {iteration}; checkpoint {self.checkpointer.last_saved}\n"
+                       f"resume with: {self.checkpointer.resume_command}")
+        if self.learner.is_main:
+            print(message, file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
 
     def step(self, iteration: int) -> dict[str, float]:
         """One iteration: collect, train, sync, maybe evaluate, log."""

@@ -16,6 +16,7 @@ from winnow.eval.accuracy import EvalResult
 from winnow.learner.batch import make_pair_batch
 from winnow.learner.learner import Learner
 from winnow.loops.base import Counters, PhaseTimer
+from winnow.loops.checkpoint import counters_state, load_counters
 from winnow.loops.preference import train_pairs
 from winnow.types import Completion, PreferencePair, Prompt, TrainBatch
 
@@ -44,6 +45,13 @@ class OfflinePreferenceFamily:
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
         return train_pairs(self.learner, batch, self.objective)
+
+    def state_dict(self) -> dict:
+        return {"counters": counters_state(self.counters), "pairs": self.pairs.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_counters(self.counters, state["counters"])
+        self.pairs.load_state_dict(state["pairs"])
 
     def evaluate(self) -> EvalResult:
         if self.eval_batch is None:

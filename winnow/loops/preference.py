@@ -17,6 +17,7 @@ from winnow.exploration.base import Judge, PairSelector, to_pairs
 from winnow.learner.batch import make_pair_batch
 from winnow.learner.learner import Learner
 from winnow.loops.base import PhaseTimer
+from winnow.loops.checkpoint import counters_state, load_counters
 from winnow.loops.config import RolloutConfig, WinRateConfig
 from winnow.loops.rl import RolloutCounters, _mean, iteration_seed
 from winnow.loops.seam import Actor
@@ -79,6 +80,19 @@ class PreferenceFamily:
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
         return train_pairs(self.learner, batch, self.objective)
+
+    def state_dict(self) -> dict:
+        """Counters, the prompt stream's position and the selector's state (a selector without
+        `state_dict` holds none)."""
+        selector = self.selector.state_dict() if hasattr(self.selector, "state_dict") else None
+        return {"counters": counters_state(self.counters), "prompts": self.prompts.state_dict(),
+                "selector": selector}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_counters(self.counters, state["counters"])
+        self.prompts.load_state_dict(state["prompts"])
+        if state["selector"] is not None:
+            self.selector.load_state_dict(state["selector"])
 
     def evaluate(self) -> EvalResult:
         if not self.eval_prompts:

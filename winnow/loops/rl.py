@@ -21,6 +21,7 @@ from winnow.eval.accuracy import EvalResult, evaluate_accuracy
 from winnow.learner.batch import make_train_batch
 from winnow.learner.learner import Learner
 from winnow.loops.base import Counters, PhaseTimer
+from winnow.loops.checkpoint import counters_state, load_counters
 from winnow.loops.config import EvalConfig, RolloutConfig
 from winnow.loops.seam import Actor
 from winnow.oracles.base import RewardOracle
@@ -87,6 +88,13 @@ class RLFamily:
             greedy=cfg.greedy, k=cfg.k, temperature=cfg.temperature, correct_threshold=cfg.correct_threshold,
             seed=self.seed, stop=list(self.rollout.stop),
         )
+
+    def state_dict(self) -> dict:
+        return {"counters": counters_state(self.counters), "prompts": self.prompts.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_counters(self.counters, state["counters"])
+        self.prompts.load_state_dict(state["prompts"])
 
     # ------------------------------------------------------------------ steps of collect
 

@@ -12,6 +12,7 @@ from winnow.eval.accuracy import EvalResult, evaluate_accuracy
 from winnow.learner.batch import make_sft_batch
 from winnow.learner.learner import Learner
 from winnow.loops.base import Counters, PhaseTimer
+from winnow.loops.checkpoint import counters_state, load_counters
 from winnow.loops.config import EvalConfig
 from winnow.oracles.base import RewardOracle
 from winnow.types import Prompt, TrainBatch
@@ -46,6 +47,15 @@ class SFTFamily:
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
         return self.learner.train_step(batch.to(self.learner.device), sft_loss)
+
+    def state_dict(self) -> dict:
+        """Counters and the data stream's position: the shuffling rng and what is left of this permutation."""
+        return {"counters": counters_state(self.counters), "rng": self.rng.getstate(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_counters(self.counters, state["counters"])
+        self.rng.setstate(state["rng"])
+        self.order = list(state["order"])
 
     def evaluate(self) -> EvalResult:
         if not self.eval_prompts:

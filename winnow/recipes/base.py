@@ -23,7 +23,9 @@ from winnow.learner.sync import SyncConfig
 from winnow.logging import LoggingConfig, MetricsLogger, progress
 from winnow.logging.plot import plot_run
 from winnow.loops.base import Loop
+from winnow.loops.checkpoint import CheckpointConfig, Checkpointer, latest_checkpoint
 from winnow.loops.config import RolloutConfig
+from winnow.recipes.resume import finish_atomically, prepare_run_dir, resume_command, truncate_metrics
 from winnow.loops.seam import LocalActor
 from winnow.oracles import OracleConfig
 from winnow.setup import ModelConfig, shared_run_dir
@@ -48,6 +50,16 @@ class RunConfig:
     """torch CPU threads; None uses min(4, cores) (more threads than cores thrash)"""
     save_final: bool = True
     """save the trained policy to RUN_DIR/final"""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """checkpoints that resume the run exactly (`--checkpoint.every N`); one is always written on SIGINT/SIGTERM"""
+    resume: str | None = None
+    """continue a run from its newest checkpoint: its run directory, or "auto" (OUTPUT_DIR/RUN_NAME if it has
+    a checkpoint, else a fresh run)"""
+    resume_force: bool = False
+    """resume even though the config differs in a way that changes the maths (the differences are logged)"""
+    overwrite: bool = False
+    """delete an existing run directory of the same name and start afresh (without it, a second run into an
+    existing directory is refused)"""
 
 
 @dataclass(kw_only=True)
@@ -112,27 +124,39 @@ def engine_copy(config: OnlineRunConfig, policy: torch.nn.Module) -> torch.nn.Mo
 
 
 def open_run(config: RunConfig, prefix: str, is_main: bool) -> Path:
-    """The run directory (rank 0 makes it and writes the resolved config; under torchrun its path is shared)."""
-    run_dir = shared_run_dir(config.output_dir, config.run_name, prefix, is_main)
-    if is_main:
+    """The run directory (rank 0 makes it and writes the resolved config; under torchrun its path is shared).
+    A fresh run never writes into an existing run directory; a resumed one checks its config against the
+    checkpoint's (`winnow.recipes.resume`)."""
+    run_dir, is_resumed = prepare_run_dir(config, prefix, is_main)
+    if is_main and not is_resumed:
         save_config(config, run_dir / "config.yaml")
     return run_dir
 
 
 def run_loop(config, run_dir: Path, learner: Learner, make_loop: Callable[[Any, Any], Loop], *, total: int,
-             desc: str) -> list[dict[str, float]]:
-    """Build the loop under the run's logger and progress bar (rank 0 logs; other ranks train) and run it."""
+             desc: str, critic: Learner | None = None) -> list[dict[str, float]]:
+    """Build the loop under the run's logger and progress bar (rank 0 logs; other ranks train) and run it,
+    with the run's checkpoints (a resumed run first drops metrics rows logged after its checkpoint)."""
     is_main = learner.is_main
+    resume_from = latest_checkpoint(run_dir) if config.resume else None
+    if resume_from is not None and is_main:
+        truncate_metrics(run_dir, resume_from)
+    learners = {"policy": learner, **({"critic": critic} if critic is not None else {})}
     with (MetricsLogger(run_dir, config.logging, run_dir.name, dataclasses.asdict(config)) if is_main
           else _NullLogger()) as logger, \
             progress(total, desc=desc, enabled=config.logging.progress and is_main) as bar:
-        return make_loop(logger, bar).run()
+        loop = make_loop(logger, bar)
+        loop.checkpointer = Checkpointer(run_dir, config.checkpoint, learners,
+                                         config_yaml=(run_dir / "config.yaml").read_text() if is_main else "",
+                                         resume_from=resume_from, resume_command=resume_command(run_dir))
+        return loop.run()
 
 
 def finish(config: RunConfig, run_dir: Path, learner: Learner, tokenizer) -> Path:
-    """Save the trained policy (a gather on every rank; rank 0 writes) and draw the learning curves."""
+    """Save the trained policy (a gather on every rank; rank 0 writes) and draw the learning curves. `final/`
+    appears complete or not at all (written aside, fsynced, renamed)."""
     if config.save_final:
-        learner.save(run_dir / "final", tokenizer)
+        finish_atomically(run_dir / "final", lambda tmp: learner.save(tmp, tokenizer), learner.model)
     if learner.is_main:
         plot_run(run_dir)
     return run_dir

@@ -22,6 +22,7 @@ from winnow.recipes.base import (
     open_run,
     run_loop,
 )
+from winnow.recipes.resume import finish_atomically
 from winnow.setup import load_policy, resolve_device, setup_process
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,10 @@ def train(config: TrainConfig) -> Path:
                     run_dir=run_dir, progress=bar)
 
     try:
-        run_loop(config, run_dir, learner, make_loop, total=config.num_iterations, desc=objective.name)
+        run_loop(config, run_dir, learner, make_loop, total=config.num_iterations, desc=objective.name,
+                 critic=critic)
     finally:
         oracle.close()
     if config.save_final and critic is not None:
-        critic.save(run_dir / "critic")
+        finish_atomically(run_dir / "critic", critic.save, critic.model)
     return finish(config, run_dir, learner, tokenizer)
