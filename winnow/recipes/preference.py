@@ -7,14 +7,17 @@ Offline (`--offline`): the pairs come from a `{prompt, chosen, rejected}` datase
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from winnow.data import DataConfig, batches, load_prompts
 from winnow.exploration import SELECTORS, make_selector
+from winnow.exploration.features import make_featurizer
+from winnow.learner.batch import make_train_batch
 from winnow.learner.learner import LearnerConfig
 from winnow.loops.base import Loop
 from winnow.loops.config import PairConfig, RolloutConfig, WinRateConfig
@@ -70,6 +73,10 @@ class PreferenceTrainConfig(OnlineRunConfig, Generic[AlgoT]):
             problems.append(f"learner.micro_batch_size={self.learner.micro_batch_size} must be even (whole pairs)")
         if self.pairs.selection not in SELECTORS:
             problems.append(f"pairs.selection={self.pairs.selection!r} must be one of {', '.join(SELECTORS)}")
+        if getattr(self.algo, "name", "") == "xpo" and self.pairs.selection != "xpo" and not self.offline:
+            problems.append("winnow train xpo needs --pairs.selection xpo (a policy sample against a reference sample)")
+        if self.pairs.selection.startswith("apl") and not getattr(self.algo, "needs_reference", False):
+            problems.append(f"--pairs.selection {self.pairs.selection} needs a reference policy: use dpo, ipo or slic")
         if problems:
             raise ValueError("invalid preference config: " + "; ".join(problems))
 
@@ -82,9 +89,11 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
     if config.offline:
         return _train_offline(config, policy, tokenizer, device)
     train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
-    selector = make_selector(config.pairs.selection, seed=config.seed)
+    needs_frozen = config.pairs.selection == "xpo" or (config.pairs.selection.startswith("sea")
+                                                       and config.pairs.sea.features == "policy")
+    frozen = copy.deepcopy(policy) if needs_frozen else None
     oracle = make_preference_oracle(config.oracle)
-    if selector.needs_rewards and not isinstance(oracle, RewardOracle):
+    if SELECTORS[config.pairs.selection].needs_rewards and not isinstance(oracle, RewardOracle):
         oracle.close()
         raise ValueError(f"--pairs.selection {config.pairs.selection} needs scalar rewards, but oracle.kind="
                          f"{config.oracle.kind!r} only compares; use --pairs.selection random")
@@ -97,6 +106,8 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
              run_dir, len(train_prompts), len(eval_prompts), config.rollout.prompts_per_iteration,
              config.rollout.num_samples, config.pairs.selection)
     probe = [p.token_ids for p in (eval_prompts or train_prompts)]
+    selector = make_selector(config.pairs.selection, seed=config.seed,
+                             **selector_context(config, learner, tokenizer, frozen))
 
     def make_loop(logger, bar) -> Loop:
         family = PreferenceFamily(
@@ -114,6 +125,39 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
     finally:
         oracle.close()
     return finish(config, run_dir, learner, tokenizer)
+
+
+def selector_context(config: PreferenceTrainConfig, learner, tokenizer, frozen) -> dict[str, Any]:
+    """What the exploration methods may need, built only for the one chosen: SEA's config and features, APL's
+    reference log-probabilities, XPO's reference engine (`frozen`: a copy of the initial policy)."""
+    name = config.pairs.selection
+    context: dict[str, Any] = {}
+    if name.startswith("sea"):
+        device = str(learner.device)
+        context["config"] = config.pairs.sea
+        context["featurize"] = make_featurizer(config.pairs.sea.features, policy=None if frozen is None else frozen.to(device),
+                                               device=device)
+    if name.startswith("apl"):
+        context["config"] = config.pairs.apl
+
+        def reference_logprobs(completions):
+            batch = make_train_batch(completions, pad_token_id=tokenizer.pad_token_id).to(learner.device)
+            return (learner.reference_logprobs(batch) * batch.response_mask).sum(-1).tolist()
+
+        context["reference_logprobs"] = reference_logprobs
+    if name == "xpo":
+        # A second engine on the frozen initial policy, never synced: one more model copy in memory, one more
+        # sample per prompt each iteration (vLLM loads --model.path, the same initial weights, a second time).
+        reference = build_actor(config, engine_copy(config, frozen), tokenizer, learner.device)
+        calls = iter(range(1, 1 << 62))
+
+        def reference_generate(prompts):
+            params = dataclasses.replace(config.rollout.sampling_params(seed=config.seed + 7919 * next(calls)), n=1)
+            completions = reference.generate([p.token_ids for p in prompts], params)
+            return [dataclasses.replace(c, sampled_by="reference") for c in completions]
+
+        context["reference_generate"] = reference_generate
+    return context
 
 
 def _train_offline(config: PreferenceTrainConfig, policy, tokenizer, device) -> Path:
