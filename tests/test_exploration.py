@@ -261,3 +261,60 @@ def task_prompt_format_is_arithmetic() -> bool:
     features = arithmetic_features([Prompt(question, [1])], [_completion(answer)])
     a, b = (int(x) for x in question[:-1].split("+"))
     return torch.allclose(features, torch.tensor([[a / 10, b / 10, int(answer) / 10, 1.0]]))
+
+
+# ---------------------------------------------------------------------- through the preference recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from winnow.data.tiny import build_tiny_model, save_tiny, train_char_tokenizer
+
+    task = make_task("arithmetic-pref", seed=0)
+    tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
+    return save_tiny(build_tiny_model(tokenizer, seed=0), tokenizer, tmp_path_factory.mktemp("explore") / "init")
+
+
+def digit_count(prompts, completions, **columns):
+    """A reward that tells an untrained model's responses apart (closeness calls them all -10: ties)."""
+    return [float(sum(ch.isdigit() for ch in c)) for c in completions]
+
+
+def _run(tmp_path, model_dir, algo, selection, **pairs):
+    from winnow.algorithms import PREFERENCE_OBJECTIVES
+    from winnow.oracles import OracleConfig
+    from winnow.learner.learner import LearnerConfig
+    from winnow.logging import LoggingConfig, read_metrics
+    from winnow.loops.config import PairConfig, RolloutConfig, WinRateConfig
+    from winnow.recipes.preference import PreferenceTrainConfig, train_preference
+    from winnow.setup import ModelConfig
+
+    config = PreferenceTrainConfig(
+        algo=PREFERENCE_OBJECTIVES[algo](), model=ModelConfig(path=str(model_dir)), device="cpu", seed=0,
+        rollout=RolloutConfig(prompts_per_iteration=8, num_samples=4, max_tokens=4),
+        pairs=PairConfig(selection=selection, **pairs), learner=LearnerConfig(lr=1e-4, micro_batch_size=8),
+        oracle=OracleConfig(rewards=[f"{__file__}:digit_count"]),
+        eval=WinRateConfig(every=0, max_prompts=8), num_iterations=3, logging=LoggingConfig(progress=False),
+        output_dir=str(tmp_path), run_name=selection)
+    return read_metrics(train_preference(config))
+
+
+@pytest.mark.slow  # three 3-iteration runs of the tiny model: ~30 s alone, minutes on a loaded 2-core machine
+def test_sea_xpo_and_apl_run_through_the_recipe_and_count_queries(tmp_path, tiny_model_dir):
+    sea = SEAConfig(features="policy", mixed=True, mixed_burn_in=1, mixed_fraction=0.25,
+                    ensemble=EnsembleConfig(num_members=4, hidden_size=16, batch_size=4))
+    last = _run(tmp_path, tiny_model_dir, "dpo", "sea-bai", sea=sea)[-1]
+    # Iteration 1 asks about every prompt with 2 distinct texts; then 2 of 8 prompts are labelled by the model.
+    assert last["counts/model_labelled_pairs"] + last["counts/oracle_queries"] <= 3 * 8
+    assert last["counts/model_labelled_pairs"] > 0 and last["counts/shadow_queries"] == 0
+    assert last["counts/pairs"] == last["counts/oracle_queries"] + last["counts/model_labelled_pairs"]
+    assert "sea/rm_accuracy" in last and "sea/model_labelled_fraction" in last
+
+    rows = _run(tmp_path, tiny_model_dir, "xpo", "xpo")
+    assert rows[-1]["counts/oracle_queries"] == 3 * 8 == rows[-1]["counts/pairs"]
+    assert any("train/pref/xpo_reference_logps" in r for r in rows)
+
+    from winnow.exploration import APLConfig
+
+    last = _run(tmp_path, tiny_model_dir, "dpo", "apl", apl=APLConfig(keep_fraction=0.5))[-1]
+    assert last["counts/oracle_queries"] == 3 * 4 == last["counts/pairs"]  # half of each iteration's 8 prompts
