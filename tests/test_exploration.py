@@ -318,3 +318,14 @@ def test_sea_xpo_and_apl_run_through_the_recipe_and_count_queries(tmp_path, tiny
 
     last = _run(tmp_path, tiny_model_dir, "dpo", "apl", apl=APLConfig(keep_fraction=0.5))[-1]
     assert last["counts/oracle_queries"] == 3 * 4 == last["counts/pairs"]  # half of each iteration's 8 prompts
+
+
+def test_minilm_features_are_normalised_sentence_embeddings():
+    from winnow.exploration.features import make_featurizer
+
+    featurize = make_featurizer("minilm")
+    prompts = [Prompt("12+30=", [1])] * 3
+    features = featurize(prompts, [_completion("42"), _completion("42"), _completion("seven")])
+    assert features.shape == (3, 384)
+    assert torch.allclose(features.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.equal(features[0], features[1]) and not torch.allclose(features[0], features[2])

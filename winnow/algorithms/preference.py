@@ -269,6 +269,8 @@ class XPO(DPO):
     Pairs come from `--pairs.selection xpo`; summed logprobs."""
 
     name: ClassVar[str] = "xpo"
+    pair_selection: ClassVar[str] = "xpo"
+    """the pairs it needs: `winnow train xpo` selects them unless told otherwise"""
 
     alpha: float = 5e-6
     """weight of the exploration term alpha * sum_t log pi(y_ref | x), added to the minimised loss (the seed

@@ -73,8 +73,11 @@ class PreferenceTrainConfig(OnlineRunConfig, Generic[AlgoT]):
             problems.append(f"learner.micro_batch_size={self.learner.micro_batch_size} must be even (whole pairs)")
         if self.pairs.selection not in SELECTORS:
             problems.append(f"pairs.selection={self.pairs.selection!r} must be one of {', '.join(SELECTORS)}")
-        if getattr(self.algo, "name", "") == "xpo" and self.pairs.selection != "xpo" and not self.offline:
-            problems.append("winnow train xpo needs --pairs.selection xpo (a policy sample against a reference sample)")
+        own = getattr(self.algo, "pair_selection", None)  # an objective that only works with its own pairs (xpo)
+        if own and self.pairs.selection == PairConfig.selection:
+            self.pairs.selection = own  # the shared default (best_vs_worst) cannot serve it: use its pairs
+        elif own and self.pairs.selection != own and not self.offline:
+            problems.append(f"winnow train {self.algo.name} needs --pairs.selection {own}, not {self.pairs.selection}")
         if self.pairs.selection.startswith("apl") and not getattr(self.algo, "needs_reference", False):
             problems.append(f"--pairs.selection {self.pairs.selection} needs a reference policy: use dpo, ipo or slic")
         if problems:
