@@ -249,14 +249,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--sft-steps", type=int, default=250)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    parser.add_argument("--out", default="benchmarks/results/exploration")
+    parser.add_argument("--out", default="benchmarks/results/exploration", help="OUT.json and OUT.png")
+    parser.add_argument("--work", default="runs/exploration",
+                        help="run directories and SFT models (reused: an SFT model of a seed is built once)")
     parser.add_argument("--label", default="", help="a label written into the results (e.g. PILOT)")
     args = parser.parse_args()
 
     out = Path(args.out)
-    work = out.with_suffix("")
+    work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    settings = {"budget": args.budget, "prompts": args.prompts, "eval_every": args.eval_every,
+    settings = {"workers": args.workers, "budget": args.budget, "prompts": args.prompts, "eval_every": args.eval_every,
                 "eval_prompts": args.eval_prompts, "lr": args.lr, "sft_steps": args.sft_steps,
                 "task": "arithmetic-pref", "oracle": "closeness rule (Bradley-Terry on the two scores)"}
     plan = ({arm: list(range(n)) for arm, n in FULL_ARMS.items()} if args.full
