@@ -118,6 +118,7 @@ def run_arm(job: dict) -> dict:
     from winnow.learner.learner import LearnerConfig
     from winnow.logging import LoggingConfig, read_metrics
     from winnow.loops.config import PairConfig, RolloutConfig, WinRateConfig
+    from winnow.oracles import OracleConfig
     from winnow.recipes.preference import PreferenceTrainConfig, train_preference
     from winnow.setup import ModelConfig
 
@@ -128,6 +129,7 @@ def run_arm(job: dict) -> dict:
         algo=PREFERENCE_OBJECTIVES[arm.algo](), model=ModelConfig(path=job["model"]), device="cpu",
         seed=job["seed"], num_threads=1,
         data=DataConfig(train="arithmetic-pref", max_eval_prompts=s["eval_prompts"]),
+        oracle=OracleConfig(rewards=[s["reward"]]),
         rollout=RolloutConfig(prompts_per_iteration=s["prompts"], num_samples=arm.num_samples, max_tokens=8),
         pairs=PairConfig(selection=arm.selection, sea=SEAConfig(**arm.sea), apl=APLConfig(**arm.apl)),
         learner=LearnerConfig(lr=s["lr"]), eval=WinRateConfig(every=s["eval_every"], max_prompts=s["eval_prompts"]),
@@ -247,6 +249,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10, help="iterations between evaluations")
     parser.add_argument("--eval-prompts", type=int, default=1000, help="held-out prompts for the win rate")
     parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--reward", default="closeness", choices=["closeness", "exact"],
+                        help="the oracle's rule: closeness (graded: most random pairs carry a label) or exact "
+                             "(only right beats wrong: informative pairs are rare, the case exploration is for)")
     parser.add_argument("--sft-steps", type=int, default=250)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--out", default="benchmarks/results/exploration", help="OUT.json and OUT.png")
@@ -260,7 +265,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     settings = {"workers": args.workers, "budget": args.budget, "prompts": args.prompts, "eval_every": args.eval_every,
                 "eval_prompts": args.eval_prompts, "lr": args.lr, "sft_steps": args.sft_steps,
-                "task": "arithmetic-pref", "oracle": "closeness rule (Bradley-Terry on the two scores)"}
+                "task": "arithmetic-pref", "reward": args.reward,
+                "oracle": f"{args.reward} rule (Bradley-Terry on the two scores)"}
     plan = ({arm: list(range(n)) for arm, n in FULL_ARMS.items()} if args.full
             else {arm: list(args.seeds) for arm in args.arms})
     result_path = out.with_suffix(".json")

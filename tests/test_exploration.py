@@ -329,3 +329,27 @@ def test_minilm_features_are_normalised_sentence_embeddings():
     assert features.shape == (3, 384)
     assert torch.allclose(features.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.equal(features[0], features[1]) and not torch.allclose(features[0], features[2])
+
+
+def test_the_experiments_summary_and_criterion_by_hand():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "exploration_experiment.py"
+    spec = importlib.util.spec_from_file_location("exploration_experiment", path)
+    experiment = importlib.util.module_from_spec(spec)
+    sys.modules["exploration_experiment"] = experiment  # its dataclasses look their module up
+    spec.loader.exec_module(experiment)
+    curve = [(0, 0.40), (100, 0.55), (200, 0.65), (300, 0.75)]
+    summary = experiment.summarise(curve, budget=300)
+    # +0.20 (0.60) first reached at 200 queries, +0.30 (0.70) at 300; trapezoids: (47.5 + 60 + 70) / 300
+    assert summary["queries_to_+0.20"] == 200 and summary["queries_to_+0.30"] == 300
+    assert summary["auc"] == pytest.approx(177.5 / 300)
+    runs = [{"arm": "random", "seed": s, "queries_to_+0.20": 300} for s in range(3)]
+    runs += [{"arm": "sea-bai", "seed": 0, "queries_to_+0.20": 100}, {"arm": "sea-bai", "seed": 1,
+             "queries_to_+0.20": 150}, {"arm": "sea-bai", "seed": 2, "queries_to_+0.20": None}]
+    verdict = experiment.verdict(runs, budget=300)["sea-bai"]
+    # ratios 1/3, 1/2 and (censored at 2 x budget) 600/300 = 2: median 0.5, but the interval reaches 2
+    assert verdict["ratios"] == pytest.approx([1 / 3, 0.5, 2.0]) and verdict["median"] == 0.5
+    assert verdict["censored_runs"] == 1 and verdict["reproduces"] is False
