@@ -28,6 +28,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -116,7 +117,7 @@ def run_arm(job: dict) -> dict:
     from winnow.data import DataConfig
     from winnow.exploration import APLConfig, SEAConfig
     from winnow.learner.learner import LearnerConfig
-    from winnow.logging import LoggingConfig, read_metrics
+    from winnow.logging import LoggingConfig
     from winnow.loops.config import PairConfig, RolloutConfig, WinRateConfig
     from winnow.oracles import OracleConfig
     from winnow.recipes.preference import PreferenceTrainConfig, train_preference
@@ -134,18 +135,34 @@ def run_arm(job: dict) -> dict:
         pairs=PairConfig(selection=arm.selection, sea=SEAConfig(**arm.sea), apl=APLConfig(**arm.apl)),
         learner=LearnerConfig(lr=s["lr"]), eval=WinRateConfig(every=s["eval_every"], max_prompts=s["eval_prompts"]),
         num_iterations=num_iterations, logging=LoggingConfig(progress=False),
-        output_dir=job["out"], run_name=f"{job['arm']}_seed{job['seed']}")
+        output_dir=job["out"], run_name=run_name(job["arm"], job["seed"], s["reward"]))
+    shutil.rmtree(Path(job["out"]) / config.run_name, ignore_errors=True)  # a rerun starts a fresh log
     start = time.perf_counter()
-    rows = read_metrics(train_preference(config))
-    seconds = time.perf_counter() - start
+    train_preference(config)
+    return {**collect(Path(job["out"]) / config.run_name, s["budget"]), "arm": job["arm"], "seed": job["seed"],
+            "wall_s": time.perf_counter() - start}
+
+
+def run_name(arm: str, seed: int, reward: str) -> str:
+    """The run directory's name (the reward in it unless it is the default closeness rule)."""
+    return f"{arm}_seed{seed}" if reward == "closeness" else f"{arm}_{reward}_seed{seed}"
+
+
+def collect(run_dir: Path, budget: float) -> dict:
+    """One run's curve (win rate against oracle queries) and numbers, from its metrics (its last start only)."""
+    from winnow.logging import read_metrics
+
+    rows = read_metrics(run_dir)
+    starts = [k for k, r in enumerate(rows) if r.get("step") == 0]
+    rows = rows[starts[-1]:] if starts else rows
     curve = [(r.get("counts/oracle_queries", 0.0), r["eval/win_rate"]) for r in rows if "eval/win_rate" in r]
     last = rows[-1]
     tied = last.get("counts/tied_pairs", 0.0) / max(last.get("counts/oracle_queries", 0.0), 1.0)
     iteration_times = [r["time/iteration"] for r in rows if r.get("step", 0) > 0 and "time/iteration" in r]
-    return {"arm": job["arm"], "seed": job["seed"], "curve": curve, "wall_s": seconds, "tied_fraction": tied,
+    return {"curve": curve, "tied_fraction": tied,
             "seconds_per_iteration": statistics.median(iteration_times) if iteration_times else None,
             "rm_accuracy_last10": _mean_finite([r.get("sea/rm_accuracy") for r in rows[-10:]]),
-            **summarise(curve, s["budget"])}
+            **summarise(curve, budget)}
 
 
 def _mean_finite(values: list) -> float | None:
@@ -239,6 +256,15 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def train_all(plan: dict, seeds: list[int], work: Path, settings: dict, args) -> list[dict]:
+    """The SFT start of every seed, then every (arm, seed) run, `args.workers` processes at a time."""
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        models = dict(zip(seeds, pool.starmap(sft_model, [(work, s, args.sft_steps) for s in seeds])))
+        jobs = [{"arm": arm, "seed": s, "model": str(models[s]), "out": str(work), "settings": settings}
+                for arm, ss in plan.items() for s in ss]
+        return pool.map(run_arm, jobs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arms", nargs="+", default=["random", "sea-bai"])
@@ -257,6 +283,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/exploration", help="OUT.json and OUT.png")
     parser.add_argument("--work", default="runs/exploration",
                         help="run directories and SFT models (reused: an SFT model of a seed is built once)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild OUT.json and OUT.png from the run directories in --work, training nothing")
     parser.add_argument("--label", default="", help="a label written into the results (e.g. PILOT)")
     args = parser.parse_args()
 
@@ -274,14 +302,15 @@ def main() -> None:
     result_path.write_text(json.dumps(result, indent=1))  # the criterion is on disk before any run
 
     seeds = sorted({s for ss in plan.values() for s in ss})
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        models = dict(zip(seeds, pool.starmap(sft_model, [(work, s, args.sft_steps) for s in seeds])))
-        jobs = [{"arm": arm, "seed": s, "model": str(models[s]), "out": str(work), "settings": settings}
+    if args.report_only:
+        runs = [{**collect(work / run_name(arm, s, args.reward), args.budget), "arm": arm, "seed": s}
                 for arm, ss in plan.items() for s in ss]
-        runs = pool.map(run_arm, jobs)
+    else:
+        runs = train_all(plan, seeds, work, settings, args)
     result.update(runs=runs, table=table(runs), verdict=verdict(runs, args.budget))
     result_path.write_text(json.dumps(result, indent=1, allow_nan=False, default=str))
-    plot(runs, out.with_suffix(".png"), f"{args.label} arithmetic-pref, N={args.prompts} prompts/iteration".strip())
+    plot(runs, out.with_suffix(".png"),
+         f"{args.label} arithmetic-pref, {args.reward} oracle, {args.prompts} prompts/iteration".strip())
     print(json.dumps({"table": result["table"], "verdict": result["verdict"]}, indent=1))
 
 
