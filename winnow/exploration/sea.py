@@ -82,6 +82,7 @@ class SEASelector:
         self.iteration = 0
         self.pending: dict[int, tuple[Tensor, Tensor, float, float]] = {}  # id(candidate) -> (phi_a, phi_b, margin, std)
         self.metrics: dict[str, float] = {}
+        self.shadow_agreement: float | None = None  # set by a shadow check, logged by the next `observe`
 
     # ------------------------------------------------------------------ the rule
     def pick(self, rewards: Tensor) -> tuple[int, int]:
@@ -192,9 +193,9 @@ class SEASelector:
                 self.reward_model.num_queries += num_queried
             metrics.update(self.reward_model.train())
             metrics["sea/buffer_pairs"] = float(len(self.reward_model.buffer))
-        if hasattr(self, "shadow_agreement"):
+        if self.shadow_agreement is not None:
             metrics["sea/shadow_agreement"] = self.shadow_agreement
-            del self.shadow_agreement
+            self.shadow_agreement = None
         return metrics
 
 
