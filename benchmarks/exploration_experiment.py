@@ -41,6 +41,9 @@ CRITERION = (
     "reaches the target within the budget counts as reaching it at 2 x budget (censored; reported as such)."
 )
 
+MIN_SEEDS = 5
+"""the criterion is evaluated only with at least this many paired seeds (the full run has 10)"""
+
 FULL_ARMS = {  # arm -> seeds, as issue 14 asks
     "random": 10, "sea-ee": 10, "sea-bai": 10, "sea-greedy": 10,
     "sea-uncertainty": 5, "sea-mixed": 5, "xpo": 5, "apl": 5, "sea-bai-policy": 5, "random-n20": 5,
@@ -213,6 +216,8 @@ def verdict(runs: list[dict], budget: float) -> dict:
         median = statistics.median(ratios)
         out[arm] = {"ratios": ratios, "median": median, "ci95": [low, high], "censored_runs": censored,
                     "reproduces": bool(median <= 0.67 and high is not None and high < 1)}
+        if len(ratios) < MIN_SEEDS:  # a bootstrap of a handful of seeds is not an interval worth a verdict
+            out[arm].update(reproduces=None, note=f"{len(ratios)} seeds: fewer than {MIN_SEEDS}, not evaluated")
     return out
 
 
