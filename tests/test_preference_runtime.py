@@ -32,7 +32,7 @@ def test_to_pairs_labels_by_probability_and_skips_ties_and_failures():
     assert [(x.chosen.text, x.rejected.text) for x in pairs] == [("2", "3"), ("3", "2")]
     assert [x.probability for x in pairs] == pytest.approx([0.8, 0.9])
     # margin = mean |2p - 1| over labelled pairs = (0.6 + 0.8) / 2
-    assert metrics == {"pref/pairs": 2.0, "pref/tied": 1.0, "pref/unjudged": 1.0,
+    assert metrics == {"pref/pairs": 2.0, "pref/tied": 1.0, "pref/unjudged": 1.0, "pref/model_labelled": 0.0,
                        "pref/mean_margin": pytest.approx(0.7)}
 
 

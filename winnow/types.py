@@ -101,6 +101,8 @@ class Completion:
     """"stop" (EOS, a stop token or a stop string) or "length" (hit max_tokens)"""
     text: str
     """the decoded response, special tokens and any stop string removed"""
+    sampled_by: str = "policy"
+    """which policy sampled it: "policy", or "reference" (XPO's samples of the reference policy)"""
 
     @property
     def num_tokens(self) -> int:
@@ -195,6 +197,8 @@ class TrainBatch:
     """the critic's regression targets, GAE advantages + old values, [B, T] float (PPO only; 0 off the mask)"""
     group_index: torch.Tensor | None = None
     """which prompt each row answers, [B] long: rows with the same index form a group (group baselines)"""
+    sampled_by_reference: torch.Tensor | None = None
+    """1.0 for rows the reference policy sampled, else 0.0, [B] float (XPO's exploration term); None: none did"""
 
     @property
     def batch_size(self) -> int:

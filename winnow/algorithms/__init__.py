@@ -52,11 +52,13 @@ from winnow.algorithms.preference import (  # noqa: E402  (preference losses: DP
     PreferenceObjective,
     SimPO,
     SLiC,
+    XPO,
     dpo_loss,
     ipo_loss,
     simpo_loss,
     slic_loss,
+    xpo_exploration_term,
 )
 
 __all__ += ["DPO", "IPO", "PREFERENCE_OBJECTIVES", "PreferenceObjective", "SLiC", "SimPO", "dpo_loss", "ipo_loss",
-            "simpo_loss", "slic_loss"]
+            "simpo_loss", "slic_loss", "XPO", "xpo_exploration_term"]

@@ -254,7 +254,41 @@ class SimPO(_PairedLoss):
         return simpo_loss(chosen, rejected, self.beta, self.gamma_beta_ratio)
 
 
-PREFERENCE_OBJECTIVES: dict[str, type] = {"dpo": DPO, "ipo": IPO, "slic": SLiC, "simpo": SimPO}
+def xpo_exploration_term(policy_logps: Tensor, sampled_by_reference: Tensor, alpha: float) -> Tensor:
+    """XPO's exploration term (Xie et al. 2024, "Exploratory Preference Optimization", Algorithm 1):
+    alpha * log pi_theta(y_ref | x) for each row the reference policy sampled, 0 for the others; [B] -> [B].
+
+    Added to the *minimised* loss, so its gradient lowers the policy's probability of what the reference
+    samples: the policy is pushed to explore away from the reference's responses. It is not a KL bonus."""
+    return alpha * policy_logps * sampled_by_reference
+
+
+@dataclass
+class XPO(DPO):
+    """XPO (Xie et al. 2024): DPO on pairs of (policy sample, reference sample) + alpha * log pi(y_ref | x).
+    Pairs come from `--pairs.selection xpo`; summed logprobs."""
+
+    name: ClassVar[str] = "xpo"
+    pair_selection: ClassVar[str] = "xpo"
+    """the pairs it needs: `winnow train xpo` selects them unless told otherwise"""
+
+    alpha: float = 5e-6
+    """weight of the exploration term alpha * sum_t log pi(y_ref | x), added to the minimised loss (the seed
+    framework's 5e-6; TRL's XPOTrainer used 1e-5)"""
+
+    def loss(self, logprobs: Tensor, batch: TrainBatch, *, num_sequences: int, num_tokens: float
+             ) -> tuple[Tensor, dict[str, float]]:
+        loss, metrics = super().loss(logprobs, batch, num_sequences=num_sequences, num_tokens=num_tokens)
+        if batch.sampled_by_reference is None:
+            raise ValueError("xpo needs pairs with a reference sample: use --pairs.selection xpo")
+        policy = _sequence_logps(logprobs, batch.response_mask, False)  # [B]
+        term = xpo_exploration_term(policy, batch.sampled_by_reference.to(policy.dtype), self.alpha).sum()
+        num_pairs = num_sequences / 2
+        metrics["pref/xpo_reference_logps"] = float((policy.detach() * batch.sampled_by_reference).sum() / num_pairs)
+        return loss + term / num_pairs, metrics
+
+
+PREFERENCE_OBJECTIVES: dict[str, type] = {"dpo": DPO, "ipo": IPO, "slic": SLiC, "simpo": SimPO, "xpo": XPO}
 """preference objectives by name, as the CLI spells them (`winnow train dpo`)"""
 
 

@@ -32,6 +32,9 @@ class Candidate:
     a: Completion
     b: Completion
     probability: float | None
+    labelled_by: str = "oracle"
+    """who gave `probability`: "oracle" (a query, counted) or "model" (SEA's reward model: never a query, and
+    never trained on by the reward model itself)"""
 
 
 class Judge:
@@ -41,6 +44,7 @@ class Judge:
     def __init__(self, oracle: PreferenceOracle | RewardOracle) -> None:
         self.oracle = oracle
         self.num_queries = 0
+        self.num_shadow_queries = 0
         self.metrics: dict[str, float] = {}
 
     @property
@@ -48,11 +52,18 @@ class Judge:
         """True when the oracle gives scalar rewards, not only comparisons."""
         return isinstance(self.oracle, RewardOracle)
 
-    def compare(self, prompts: list[Prompt], a: list[Completion], b: list[Completion]) -> list[float | None]:
-        """P(a[i] beats b[i]) for each prompt, [N] (None: unjudged); costs one query per pair."""
+    def compare(self, prompts: list[Prompt], a: list[Completion], b: list[Completion], *,
+                shadow: bool = False) -> list[float | None]:
+        """P(a[i] beats b[i]) for each prompt, [N] (None: unjudged); costs one query per pair. A `shadow`
+        comparison (a diagnostic of model-labelled pairs, never trained on) is counted apart."""
+        if not prompts:
+            return []
         result = self.oracle.compare([p.text for p in prompts], [c.text for c in a], [c.text for c in b],
                                      [p.reference for p in prompts], columns(prompts))
-        self.num_queries += len(prompts)
+        if shadow:
+            self.num_shadow_queries += len(prompts)
+        else:
+            self.num_queries += len(prompts)
         self.metrics.update(result.metrics)
         return result.probabilities
 
@@ -92,8 +103,10 @@ class PairSelector(Protocol):
 def to_pairs(candidates: list[Candidate]) -> tuple[list[PreferencePair], dict[str, float]]:
     """Labelled pairs from candidates: chosen = a when p > 0.5, b when p < 0.5. A tie (p exactly 0.5, e.g.
     equal rule rewards) carries no label and a candidate the oracle could not judge carries none either:
-    both are counted and never trained on."""
+    both are counted and never trained on. Pairs labelled by a reward model (SEA's mixed preference learning)
+    train the policy like the others and are counted apart (`pref/model_labelled`)."""
     pairs, margins, num_tied, num_unjudged = [], [], 0, 0
+    num_model = sum(c.labelled_by == "model" and c.probability not in (None, 0.5) for c in candidates)
     for c in candidates:
         if c.probability is None:
             num_unjudged += 1
@@ -106,8 +119,19 @@ def to_pairs(candidates: list[Candidate]) -> tuple[list[PreferencePair], dict[st
             pairs.append(PreferencePair(c.prompt, chosen, rejected, probability))
             margins.append(2 * probability - 1)
     metrics = {"pref/pairs": float(len(pairs)), "pref/tied": float(num_tied), "pref/unjudged": float(num_unjudged),
+               "pref/model_labelled": float(num_model),
                "pref/mean_margin": sum(margins) / len(margins) if margins else float("nan")}
     return pairs, metrics
+
+
+def distinct_texts(group: list[Completion]) -> list[Completion]:
+    """The group with repeated texts dropped (the first of each kept): a pair of identical texts says nothing."""
+    seen, out = set(), []
+    for c in group:
+        if c.text not in seen:
+            seen.add(c.text)
+            out.append(c)
+    return out
 
 
 def columns(prompts: list[Prompt]) -> dict[str, list[Any]]:

@@ -60,10 +60,14 @@ def make_sft_batch(
 
 def make_pair_batch(pairs: list[PreferencePair], pad_token_id: int = 0) -> TrainBatch:
     """A TrainBatch of 2 x len(pairs) rows, [chosen_0, rejected_0, chosen_1, rejected_1, ...]; `rewards` [2P]
-    holds each pair's preference probability on both of its rows (for logging). The learner moves the rows of
+    holds each pair's preference probability on both of its rows (for logging); `sampled_by_reference` [2P]
+marks the rows the reference policy sampled (XPO), when there are any. The learner moves the rows of
     a pair together (`rows_per_unit=2`), so a preference loss always sees both sides of a pair at once."""
     if not pairs:
         raise ValueError("make_pair_batch got no pairs")
     completions = [c for pair in pairs for c in (pair.chosen, pair.rejected)]
     probability = torch.tensor([pair.probability for pair in pairs for _ in range(2)])
-    return make_train_batch(completions, torch.zeros(len(completions)), probability, pad_token_id)
+    batch = make_train_batch(completions, torch.zeros(len(completions)), probability, pad_token_id)
+    if any(c.sampled_by == "reference" for c in completions):
+        batch.sampled_by_reference = torch.tensor([float(c.sampled_by == "reference") for c in completions])
+    return batch

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from winnow.exploration.apl import APLConfig
+from winnow.exploration.sea import SEAConfig
 from winnow.types import SamplingParams
 
 
@@ -79,4 +81,10 @@ class PairConfig:
     selection: str = "best_vs_worst"
     """a selector of `winnow.exploration.SELECTORS`: random (any oracle; one comparison per prompt) or
     best_vs_worst (oracles with scalar rewards: rule, remote and reward_model; every response is scored, one
-    query each, and the best and worst form the pair)"""
+    query each, and the best and worst form the pair); active exploration (one comparison per prompt):
+    sea-ee, sea-bai, sea-uncertainty, sea-passive, sea-greedy (SEA's epistemic reward model, `--pairs.sea.*`),
+    apl, apl-certainty (`--pairs.apl.*`), xpo (with `winnow train xpo`)"""
+    sea: SEAConfig = field(default_factory=SEAConfig)
+    """SEA's feature backbone, ensemble reward model and mixed preference learning"""
+    apl: APLConfig = field(default_factory=APLConfig)
+    """APL's prompt filter and implicit-reward beta"""

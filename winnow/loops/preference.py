@@ -27,13 +27,18 @@ from winnow.types import Prompt, TrainBatch
 
 @dataclass
 class PreferenceCounters(RolloutCounters):
-    """Rollout counters plus pairs: judged, trained, tied (no label), unjudged (the oracle failed), and the
-    oracle queries spent on evaluation (kept apart from the training queries)."""
+    """Rollout counters plus pairs: judged, trained, tied (no label), unjudged (the oracle failed), labelled by a
+    reward model, and the oracle queries spent on evaluation and on shadow checks (kept apart from the training
+    queries, `oracle_queries`: one per compared pair, one per scored response)."""
 
     pairs: int = 0
     trained_pairs: int = 0
     tied_pairs: int = 0
     unjudged_pairs: int = 0
+    model_labelled_pairs: int = 0
+    """pairs a reward model labelled instead of the oracle (SEA's mixed learning): trained on, never queried"""
+    shadow_queries: int = 0
+    """oracle comparisons of model-labelled pairs, only to measure agreement (never trained on)"""
     eval_oracle_queries: int = 0
 
 
@@ -70,6 +75,8 @@ class PreferenceFamily:
         c.trained_pairs += len(pairs)
         c.tied_pairs += int(metrics["pref/tied"])
         c.unjudged_pairs += int(metrics["pref/unjudged"])
+        c.model_labelled_pairs += int(metrics["pref/model_labelled"])
+        c.shadow_queries += judge.num_shadow_queries
         lengths = [x.num_tokens for x in completions]
         metrics.update({
             "rollout/generated_tokens": float(sum(lengths)), "rollout/response_tokens_mean": _mean(lengths),

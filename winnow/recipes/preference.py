@@ -7,14 +7,17 @@ Offline (`--offline`): the pairs come from a `{prompt, chosen, rejected}` datase
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from winnow.data import DataConfig, batches, load_prompts
 from winnow.exploration import SELECTORS, make_selector
+from winnow.exploration.features import make_featurizer
+from winnow.learner.batch import make_train_batch
 from winnow.learner.learner import LearnerConfig
 from winnow.loops.base import Loop
 from winnow.loops.config import PairConfig, RolloutConfig, WinRateConfig
@@ -69,6 +72,13 @@ class PreferenceTrainConfig(OnlineRunConfig, Generic[AlgoT]):
             problems.append(f"learner.micro_batch_size={self.learner.micro_batch_size} must be even (whole pairs)")
         if self.pairs.selection not in SELECTORS:
             problems.append(f"pairs.selection={self.pairs.selection!r} must be one of {', '.join(SELECTORS)}")
+        own = getattr(self.algo, "pair_selection", None)  # an objective that only works with its own pairs (xpo)
+        if own and self.pairs.selection == PairConfig.selection:
+            self.pairs.selection = own  # the shared default (best_vs_worst) cannot serve it: use its pairs
+        elif own and self.pairs.selection != own and not self.offline:
+            problems.append(f"winnow train {self.algo.name} needs --pairs.selection {own}, not {self.pairs.selection}")
+        if self.pairs.selection.startswith("apl") and not getattr(self.algo, "needs_reference", False):
+            problems.append(f"--pairs.selection {self.pairs.selection} needs a reference policy: use dpo, ipo or slic")
         if problems:
             raise ValueError("invalid preference config: " + "; ".join(problems))
 
@@ -77,13 +87,15 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
     """Run online (or, with `config.offline`, offline) preference optimisation; returns the run directory."""
     if not config.offline:
         check_oracle_config(config.oracle, default=type(config)(algo=config.algo).oracle, needs=_oracle_needs(config))
-    selector = make_selector(config.pairs.selection, seed=config.seed)
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
     policy, tokenizer = load_policy(config.model)
     if config.offline:
         return _train_offline(config, policy, tokenizer, device)
     train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
+    needs_frozen = config.pairs.selection == "xpo" or (config.pairs.selection.startswith("sea")
+                                                       and config.pairs.sea.features == "policy")
+    frozen = copy.deepcopy(policy) if needs_frozen else None
     oracle = make_oracle(config.oracle, needs=_oracle_needs(config))
     engine_model = engine_copy(config, policy)
     learner = build_learner(policy, config, total_steps=config.total_steps, needs_reference=config.algo.needs_reference,
@@ -94,6 +106,8 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
              run_dir, len(train_prompts), len(eval_prompts), config.rollout.prompts_per_iteration,
              config.rollout.num_samples, config.pairs.selection)
     probe = [p.token_ids for p in (eval_prompts or train_prompts)]
+    selector = make_selector(config.pairs.selection, seed=config.seed,
+                             **selector_context(config, learner, tokenizer, frozen))
 
     def make_loop(logger, bar) -> Loop:
         family = PreferenceFamily(
@@ -116,6 +130,39 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
 def _oracle_needs(config: PreferenceTrainConfig):
     """What the oracle must do: compare pairs, and score responses too for a selector that reads scores."""
     return ("reward", "compare") if SELECTORS[config.pairs.selection].needs_rewards else "compare"
+
+
+def selector_context(config: PreferenceTrainConfig, learner, tokenizer, frozen) -> dict[str, Any]:
+    """What the exploration methods may need, built only for the one chosen: SEA's config and features, APL's
+    reference log-probabilities, XPO's reference engine (`frozen`: a copy of the initial policy)."""
+    name = config.pairs.selection
+    context: dict[str, Any] = {}
+    if name.startswith("sea"):
+        device = str(learner.device)
+        context["config"] = config.pairs.sea
+        context["featurize"] = make_featurizer(config.pairs.sea.features, policy=None if frozen is None else frozen.to(device),
+                                               device=device)
+    if name.startswith("apl"):
+        context["config"] = config.pairs.apl
+
+        def reference_logprobs(completions):
+            batch = make_train_batch(completions, pad_token_id=tokenizer.pad_token_id).to(learner.device)
+            return (learner.reference_logprobs(batch) * batch.response_mask).sum(-1).tolist()
+
+        context["reference_logprobs"] = reference_logprobs
+    if name == "xpo":
+        # A second engine on the frozen initial policy, never synced: one more model copy in memory, one more
+        # sample per prompt each iteration (vLLM loads --model.path, the same initial weights, a second time).
+        reference = build_actor(config, engine_copy(config, frozen), tokenizer, learner.device)
+        calls = iter(range(1, 1 << 62))
+
+        def reference_generate(prompts):
+            params = dataclasses.replace(config.rollout.sampling_params(seed=config.seed + 7919 * next(calls)), n=1)
+            completions = reference.generate([p.token_ids for p in prompts], params)
+            return [dataclasses.replace(c, sampled_by="reference") for c in completions]
+
+        context["reference_generate"] = reference_generate
+    return context
 
 
 def _train_offline(config: PreferenceTrainConfig, policy, tokenizer, device) -> Path:

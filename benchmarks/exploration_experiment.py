@@ -1,0 +1,323 @@
+"""Does active exploration pay? Win rate against oracle queries, passive online DPO against SEA, XPO and APL.
+
+The task is the built-in preference task (`arithmetic-pref`: 2-digit addition, the `closeness` rule as the
+oracle, win rate against a reference answer that is off by one), from an SFT warm start of the tiny model (as
+the quickstart makes it). Per seed, every arm starts from the *same* SFT model and sees the *same* prompt
+order (the preference recipe draws batches with the run's seed). Each arm runs up to the same budget of
+pairwise oracle comparisons (`counts/oracle_queries`) and is evaluated every few iterations on the same
+held-out prompts (their queries are counted apart and not in the budget).
+
+The success criterion is written into the results before any run starts (`CRITERION`).
+
+Usage (a pilot on 2 cores; the full run needs ~16 cores: every run is one process with one thread):
+
+    PYTHONPATH=$PWD python benchmarks/exploration_experiment.py --arms random sea-bai --seeds 0 1 \\
+        --budget 1280 --eval-prompts 200 --workers 2 --out benchmarks/results/exploration_pilot
+
+    # the full experiment of issue 14
+    PYTHONPATH=$PWD python benchmarks/exploration_experiment.py --full --workers 16
+
+Writes OUT.json (the criterion, the settings, every run's curve and summary, the per-arm table and the
+criterion's verdict) and OUT.png (mean win rate against oracle queries, with a 95% bootstrap band per arm).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CRITERION = (
+    "Decided before running: SEA reproduces the sample-efficiency claim on this task if, for sea-ee or sea-bai, "
+    "the median over seeds of (oracle queries to reach start + 0.20 win rate) / (the same for random, on the "
+    "same seed) is at most 0.67 and the bootstrap 95% interval of that median lies below 1. A run that never "
+    "reaches the target within the budget counts as reaching it at 2 x budget (censored; reported as such)."
+)
+
+MIN_SEEDS = 5
+"""the criterion is evaluated only with at least this many paired seeds (the full run has 10)"""
+
+FULL_ARMS = {  # arm -> seeds, as issue 14 asks
+    "random": 10, "sea-ee": 10, "sea-bai": 10, "sea-greedy": 10,
+    "sea-uncertainty": 5, "sea-mixed": 5, "xpo": 5, "apl": 5, "sea-bai-policy": 5, "random-n20": 5,
+    "sea-bai-n20": 5,
+}
+
+
+@dataclass
+class Arm:
+    """One method: the objective, the pair selection and its settings."""
+
+    algo: str = "dpo"
+    selection: str = "random"
+    num_samples: int = 8
+    sea: dict = field(default_factory=dict)
+    apl: dict = field(default_factory=dict)
+    oracle_fraction: float = 1.0
+    """the share of each iteration's prompts sent to the oracle (to size the run to the budget)"""
+
+
+def make_arm(name: str) -> Arm:
+    n20 = name.endswith("-n20")
+    base = name[:-4] if n20 else name
+    arm = {
+        "random": Arm(),
+        "sea-ee": Arm(selection="sea-ee", sea={"features": "arithmetic"}),
+        "sea-bai": Arm(selection="sea-bai", sea={"features": "arithmetic"}),
+        "sea-greedy": Arm(selection="sea-greedy", sea={"features": "arithmetic"}),
+        "sea-uncertainty": Arm(selection="sea-uncertainty", sea={"features": "arithmetic"}),
+        "sea-passive": Arm(selection="sea-passive", sea={"features": "arithmetic"}),
+        "sea-mixed": Arm(selection="sea-bai", sea={"features": "arithmetic", "mixed": True}, oracle_fraction=0.7),
+        "sea-bai-policy": Arm(selection="sea-bai", sea={"features": "policy"}),
+        "xpo": Arm(algo="xpo", selection="xpo", num_samples=2),
+        "apl": Arm(selection="apl", apl={"keep_fraction": 0.5}, oracle_fraction=0.5),
+    }.get(base)
+    if arm is None:
+        raise SystemExit(f"unknown arm {name!r}: choose from {', '.join(FULL_ARMS)} (and sea-passive)")
+    if n20:
+        arm.num_samples = 20
+    return arm
+
+
+# ---------------------------------------------------------------------- one run (a worker process)
+
+
+def sft_model(out: Path, seed: int, steps: int) -> Path:
+    """The SFT warm start of `seed` (built once, shared by every arm of that seed)."""
+    from winnow.data import DataConfig, make_task
+    from winnow.data.tiny import build_tiny_model, save_tiny, train_char_tokenizer
+    from winnow.learner.learner import LearnerConfig
+    from winnow.logging import LoggingConfig
+    from winnow.loops.config import EvalConfig
+    from winnow.oracles import OracleConfig, RuleOracleConfig
+    from winnow.recipes.sft import SFTConfig, train_sft
+    from winnow.setup import ModelConfig
+
+    final = out / f"sft_seed{seed}" / "final"
+    if final.exists():
+        return final
+    task = make_task("arithmetic", seed=0)
+    tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
+    init = save_tiny(build_tiny_model(tokenizer, seed=seed), tokenizer, out / f"init_seed{seed}")
+    run = train_sft(SFTConfig(
+        model=ModelConfig(path=str(init)), data=DataConfig(train="arithmetic"), oracle=OracleConfig(rule=RuleOracleConfig(rewards=["exact"])),
+        logging=LoggingConfig(progress=False), learner=LearnerConfig(lr=1e-3, warmup_steps=10, micro_batch_size=128),
+        eval=EvalConfig(every=0, k=0, max_prompts=200), batch_size=128, num_steps=steps, max_tokens=8,
+        run_name=f"sft_seed{seed}", seed=seed, device="cpu", output_dir=str(out), num_threads=1))
+    return run / "final"
+
+
+def run_arm(job: dict) -> dict:
+    """Train one arm on one seed up to the budget; its win-rate curve against oracle queries and its numbers."""
+    from winnow.algorithms import PREFERENCE_OBJECTIVES
+    from winnow.data import DataConfig
+    from winnow.exploration import APLConfig, SEAConfig
+    from winnow.learner.learner import LearnerConfig
+    from winnow.logging import LoggingConfig
+    from winnow.loops.config import PairConfig, RolloutConfig, WinRateConfig
+    from winnow.oracles import OracleConfig, RuleOracleConfig
+    from winnow.recipes.preference import PreferenceTrainConfig, train_preference
+    from winnow.setup import ModelConfig
+
+    arm, s = make_arm(job["arm"]), job["settings"]
+    per_iteration = s["prompts"] * arm.oracle_fraction
+    num_iterations = math.ceil(s["budget"] / per_iteration) + (10 if arm.sea.get("mixed") else 0)
+    config = PreferenceTrainConfig(
+        algo=PREFERENCE_OBJECTIVES[arm.algo](), model=ModelConfig(path=job["model"]), device="cpu",
+        seed=job["seed"], num_threads=1,
+        data=DataConfig(train="arithmetic-pref", max_eval_prompts=s["eval_prompts"]),
+        oracle=OracleConfig(rule=RuleOracleConfig(rewards=[s["reward"]])),
+        rollout=RolloutConfig(prompts_per_iteration=s["prompts"], num_samples=arm.num_samples, max_tokens=8),
+        pairs=PairConfig(selection=arm.selection, sea=SEAConfig(**arm.sea), apl=APLConfig(**arm.apl)),
+        learner=LearnerConfig(lr=s["lr"]), eval=WinRateConfig(every=s["eval_every"], max_prompts=s["eval_prompts"]),
+        num_iterations=num_iterations, logging=LoggingConfig(progress=False),
+        output_dir=job["out"], run_name=run_name(job["arm"], job["seed"], s["reward"]))
+    shutil.rmtree(Path(job["out"]) / config.run_name, ignore_errors=True)  # a rerun starts a fresh log
+    start = time.perf_counter()
+    train_preference(config)
+    return {**collect(Path(job["out"]) / config.run_name, s["budget"]), "arm": job["arm"], "seed": job["seed"],
+            "wall_s": time.perf_counter() - start}
+
+
+def run_name(arm: str, seed: int, reward: str) -> str:
+    """The run directory's name (the reward in it unless it is the default closeness rule)."""
+    return f"{arm}_seed{seed}" if reward == "closeness" else f"{arm}_{reward}_seed{seed}"
+
+
+def collect(run_dir: Path, budget: float) -> dict:
+    """One run's curve (win rate against oracle queries) and numbers, from its metrics (its last start only)."""
+    from winnow.logging import read_metrics
+
+    rows = read_metrics(run_dir)
+    starts = [k for k, r in enumerate(rows) if r.get("step") == 0]
+    rows = rows[starts[-1]:] if starts else rows
+    curve = [(r.get("counts/oracle_queries", 0.0), r["eval/win_rate"]) for r in rows if "eval/win_rate" in r]
+    last = rows[-1]
+    tied = last.get("counts/tied_pairs", 0.0) / max(last.get("counts/oracle_queries", 0.0), 1.0)
+    iteration_times = [r["time/iteration"] for r in rows if r.get("step", 0) > 0 and "time/iteration" in r]
+    return {"curve": curve, "tied_fraction": tied,
+            "seconds_per_iteration": statistics.median(iteration_times) if iteration_times else None,
+            "rm_accuracy_last10": _mean_finite([r.get("sea/rm_accuracy") for r in rows[-10:]]),
+            **summarise(curve, budget)}
+
+
+def _mean_finite(values: list) -> float | None:
+    """The mean of the finite numbers in `values` (None when there are none, e.g. no reward model)."""
+    finite = [v for v in values if isinstance(v, float) and math.isfinite(v)]
+    return statistics.fmean(finite) if finite else None
+
+
+def summarise(curve: list[tuple[float, float]], budget: float) -> dict:
+    """Queries to start+0.20 / +0.30 (None: not reached), normalised area under the curve, final win rate."""
+    curve = [(q, w) for q, w in curve if q <= budget]
+    start = curve[0][1]
+
+    def queries_to(target: float) -> float | None:
+        return next((q for q, w in curve if w >= target), None)
+
+    area = sum((q1 - q0) * (w0 + w1) / 2 for (q0, w0), (q1, w1) in zip(curve, curve[1:]))
+    span = curve[-1][0] - curve[0][0]
+    return {"start": start, "final": curve[-1][1], "queries_to_+0.20": queries_to(start + 0.20),
+            "queries_to_+0.30": queries_to(start + 0.30), "auc": area / span if span else start}
+
+
+# ---------------------------------------------------------------------- statistics and the report
+
+
+def bootstrap(values: list[float], stat=statistics.median, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap 95% interval of `stat`."""
+    rng = random.Random(seed)
+    draws = sorted(stat([rng.choice(values) for _ in values]) for _ in range(n))
+    return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
+
+
+def verdict(runs: list[dict], budget: float) -> dict:
+    """The pre-registered criterion, for sea-ee and sea-bai against random, paired by seed."""
+    passive = {r["seed"]: r for r in runs if r["arm"] == "random"}
+    out = {}
+    for arm in ("sea-ee", "sea-bai"):
+        ratios, censored = [], 0
+        for r in runs:
+            if r["arm"] != arm or r["seed"] not in passive:
+                continue
+            q, q0 = r["queries_to_+0.20"], passive[r["seed"]]["queries_to_+0.20"]
+            censored += (q is None) + (q0 is None)
+            ratios.append((q if q is not None else 2 * budget) / (q0 if q0 is not None else 2 * budget))
+        if not ratios:
+            continue
+        low, high = bootstrap(ratios) if len(ratios) > 1 else (None, None)  # no interval from one seed
+        median = statistics.median(ratios)
+        out[arm] = {"ratios": ratios, "median": median, "ci95": [low, high], "censored_runs": censored,
+                    "reproduces": bool(median <= 0.67 and high is not None and high < 1)}
+        if len(ratios) < MIN_SEEDS:  # a bootstrap of a handful of seeds is not an interval worth a verdict
+            out[arm].update(reproduces=None, note=f"{len(ratios)} seeds: fewer than {MIN_SEEDS}, not evaluated")
+    return out
+
+
+def table(runs: list[dict]) -> dict:
+    """Per arm: means over seeds (None where a run did not reach the target is left out and counted)."""
+    out = {}
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        rs = [r for r in runs if r["arm"] == arm]
+        row = {"seeds": len(rs)}
+        for key in ("start", "final", "auc", "tied_fraction", "seconds_per_iteration", "queries_to_+0.20",
+                    "queries_to_+0.30"):
+            values = [r[key] for r in rs if r[key] is not None]
+            row[key] = statistics.fmean(values) if values else None
+            if key.startswith("queries_to"):
+                row[key + "_reached"] = f"{len(values)}/{len(rs)}"
+        out[arm] = row
+    return out
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        curves = [r["curve"] for r in runs if r["arm"] == arm]
+        length = min(len(c) for c in curves)
+        xs = [statistics.fmean(c[i][0] for c in curves) for i in range(length)]
+        ys = [[c[i][1] for c in curves] for i in range(length)]
+        mean = [statistics.fmean(y) for y in ys]
+        band = [bootstrap(y, stat=statistics.fmean) if len(y) > 1 else (m, m) for y, m in zip(ys, mean)]
+        ax.plot(xs, mean, label=f"{arm} ({len(curves)} seeds)")
+        ax.fill_between(xs, [b[0] for b in band], [b[1] for b in band], alpha=0.2)
+    ax.set_xlabel("pairwise oracle queries (counts/oracle_queries)")
+    ax.set_ylabel("win rate vs reference (greedy)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def train_all(plan: dict, seeds: list[int], work: Path, settings: dict, args) -> list[dict]:
+    """The SFT start of every seed, then every (arm, seed) run, `args.workers` processes at a time."""
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        models = dict(zip(seeds, pool.starmap(sft_model, [(work, s, args.sft_steps) for s in seeds])))
+        jobs = [{"arm": arm, "seed": s, "model": str(models[s]), "out": str(work), "settings": settings}
+                for arm, ss in plan.items() for s in ss]
+        return pool.map(run_arm, jobs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", nargs="+", default=["random", "sea-bai"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--full", action="store_true", help="issue 14's arms and seeds (FULL_ARMS)")
+    parser.add_argument("--budget", type=int, default=4800, help="oracle queries per run")
+    parser.add_argument("--prompts", type=int, default=32, help="prompts per iteration")
+    parser.add_argument("--eval-every", type=int, default=10, help="iterations between evaluations")
+    parser.add_argument("--eval-prompts", type=int, default=1000, help="held-out prompts for the win rate")
+    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--reward", default="closeness", choices=["closeness", "exact"],
+                        help="the oracle's rule: closeness (graded: most random pairs carry a label) or exact "
+                             "(only right beats wrong: informative pairs are rare, the case exploration is for)")
+    parser.add_argument("--sft-steps", type=int, default=250)
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--out", default="benchmarks/results/exploration", help="OUT.json and OUT.png")
+    parser.add_argument("--work", default="runs/exploration",
+                        help="run directories and SFT models (reused: an SFT model of a seed is built once)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild OUT.json and OUT.png from the run directories in --work, training nothing")
+    parser.add_argument("--label", default="", help="a label written into the results (e.g. PILOT)")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    settings = {"workers": args.workers, "budget": args.budget, "prompts": args.prompts, "eval_every": args.eval_every,
+                "eval_prompts": args.eval_prompts, "lr": args.lr, "sft_steps": args.sft_steps,
+                "task": "arithmetic-pref", "reward": args.reward,
+                "oracle": f"{args.reward} rule (Bradley-Terry on the two scores)"}
+    plan = ({arm: list(range(n)) for arm, n in FULL_ARMS.items()} if args.full
+            else {arm: list(args.seeds) for arm in args.arms})
+    result_path = out.with_suffix(".json")
+    result = {"label": args.label, "criterion": CRITERION, "settings": settings, "plan": plan, "runs": []}
+    result_path.write_text(json.dumps(result, indent=1))  # the criterion is on disk before any run
+
+    seeds = sorted({s for ss in plan.values() for s in ss})
+    if args.report_only:
+        runs = [{**collect(work / run_name(arm, s, args.reward), args.budget), "arm": arm, "seed": s}
+                for arm, ss in plan.items() for s in ss]
+    else:
+        runs = train_all(plan, seeds, work, settings, args)
+    result.update(runs=runs, table=table(runs), verdict=verdict(runs, args.budget))
+    result_path.write_text(json.dumps(result, indent=1, allow_nan=False, default=str))
+    plot(runs, out.with_suffix(".png"),
+         f"{args.label} arithmetic-pref, {args.reward} oracle, {args.prompts} prompts/iteration".strip())
+    print(json.dumps({"table": result["table"], "verdict": result["verdict"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
