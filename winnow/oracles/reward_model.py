@@ -39,11 +39,11 @@ class RewardModelOracle:
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "RewardModelOracle":
         """Load a model and tokenizer saved with `save_pretrained` (or a hub id, where a hub is reachable)."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         try:
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = load_reward_tokenizer(path)
         except OSError as e:
             raise ValueError(f"cannot load a reward model from {path!r} (--oracle.reward-model.path): {e}") from e
         return cls(model, tokenizer, **kwargs)
@@ -95,3 +95,13 @@ def score_ids(model: torch.nn.Module, rows: list[list[int]], pad_token_id: int, 
     else:
         score = logits[:, -1] - torch.logsumexp(logits[:, :-1], dim=-1)
     return score.tolist()
+
+
+def load_reward_tokenizer(path: str) -> Any:
+    """The tokenizer saved beside a reward model; EOS pads when it has no padding token (padding is masked)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
