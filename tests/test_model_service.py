@@ -188,6 +188,31 @@ def test_malformed_requests_get_4xx(service):
     assert status == 200 and len(msgpack.unpackb(reply)["scores"]) == 1
 
 
+def test_ppo_trains_on_the_served_reward_model(service, tiny_tokenizer, tmp_path):
+    """Classic RLHF's last step, short: PPO's rewards are the served model's scores (tiny policy, 2 iterations)."""
+    from winnow.algorithms import PPO
+    from winnow.data import DataConfig
+    from winnow.data.tiny import build_tiny_model, save_tiny
+    from winnow.logging import LoggingConfig, read_metrics
+    from winnow.loops.config import EvalConfig, RolloutConfig
+    from winnow.oracles import OracleConfig, RemoteOracleConfig
+    from winnow.recipes.rl import TrainConfig, train
+    from winnow.setup import ModelConfig
+
+    save_tiny(build_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer, tmp_path / "policy")
+    config = TrainConfig(
+        algo=PPO(), model=ModelConfig(path=str(tmp_path / "policy")),
+        data=DataConfig(num_train_prompts=32, max_eval_prompts=8),
+        oracle=OracleConfig(kind="remote", remote=RemoteOracleConfig(url=service.url, request_batch_size=8)),
+        rollout=RolloutConfig(prompts_per_iteration=8, num_samples=2, max_tokens=4),
+        eval=EvalConfig(every=0, k=0, max_prompts=8), logging=LoggingConfig(progress=False),
+        num_iterations=2, device="cpu", num_threads=1, output_dir=str(tmp_path), run_name="ppo", save_final=False)
+    rows = [r for r in read_metrics(train(config)) if "oracle/num_requests" in r]
+    assert len(rows) == 2 and rows[-1]["counts/oracle_queries"] == 2 * 8 * 2 and rows[-1]["counts/unscored_samples"] == 0
+    assert rows[-1]["counts/optimizer_steps"] >= 2
+    assert all(r["oracle/server/reward_model/forwards"] >= 1 for r in rows)  # scored by the model's workers
+
+
 @pytest.mark.slow  # a second server start: ~75 s on a loaded 2-core machine
 def test_server_killed_mid_call_and_restarted_loses_nothing(service, local):
     """The last test of the module: the client waits through the outage and every score arrives once."""
