@@ -96,3 +96,19 @@ def test_train_rm_learns_held_out_pairs(tiny_backbone, tmp_path):
     oracle = RewardModelOracle.from_pretrained(str(run / "final"))
     good, bad = oracle.scores(["12+34=", "50+17="], ["46", "67"]), oracle.scores(["12+34=", "50+17="], ["460", "670"])
     assert all(g > b for g, b in zip(good, bad))
+
+
+@pytest.mark.slow  # ~100 s on a loaded 2-core machine (PEFT wrapping and the merged save)
+def test_train_rm_with_lora_trains_the_head_and_saves_it_merged(tiny_backbone, tmp_path):
+    from winnow.learner.lora import LoraConfig
+    from winnow.logging import read_metrics
+    from winnow.oracles.reward_model import RewardModelOracle
+    from winnow.recipes.rm import train_reward_model
+
+    run = train_reward_model(rm_config(tiny_backbone, tmp_path, lora=LoraConfig(rank=8, target_modules=["all-linear"]),
+                                       num_steps=10, eval_every=10))
+    evals = [r for r in read_metrics(run) if "eval/pair_accuracy" in r]
+    assert evals[-1]["eval/pair_accuracy"] > 0.9 and evals[-1]["eval/reward_margin"] > 1.0, evals  # measured 1.0, 5.4
+    # the merged checkpoint (adapters folded in, the score head trained in full) scores like the trained model
+    oracle = RewardModelOracle.from_pretrained(str(run / "final"))
+    assert oracle.scores(["12+34="], ["46"])[0] > oracle.scores(["12+34="], ["460"])[0]

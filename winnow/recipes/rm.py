@@ -129,7 +129,7 @@ def train_reward_model(config: RewardModelTrainConfig, model=None, tokenizer=Non
     held_out = reward_pairs(load_prompts(data, tokenizer, "eval"), tokenizer, config, data.eval or data.train)
     if not train:
         raise ValueError(f"{data.train} has no training pairs; a run that trains nothing is an error")
-    model = apply_lora(model, _lora(config.lora, model))
+    model = apply_lora(model, _lora(config.lora, model), task_type="SEQ_CLS")
     learner = Learner(model, config.learner, config.num_steps, device=device, forward=sequence_scores)
     run_dir = open_run(config, "rm", learner.is_main)
 
