@@ -248,3 +248,33 @@ def test_serve_config_takes_the_reward_model_kind_and_refuses_the_others():
     with pytest.raises(ValueError, match="token_budget=0 must be >= 1"):
         ServeConfig(oracle=OracleConfig(kind="reward_model", reward_model=RewardModelOracleConfig(path="rm")),
                     token_budget=0)
+
+
+def test_layer_device_map_splits_the_layers_and_the_split_model_scores_the_same(reward_model_dir, local):
+    """Pipeline placement, checked on CPU: every module placed, layers in contiguous equal runs, embeddings first
+    and the head last; a model loaded with the map (devices all "cpu" here) scores as the unsplit model does."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from winnow.oracles.model_service import layer_device_map, load_split_model
+
+    from winnow.data.tiny import tiny_qwen2_config
+
+    config = tiny_qwen2_config(64, num_layers=7)
+    config.num_labels = 1
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(config)
+    device_map = layer_device_map(skeleton, [0, 1, 2])
+    assert [device_map[f"model.layers.{i}"] for i in range(7)] == [0, 0, 0, 1, 1, 2, 2]
+    assert device_map["model.embed_tokens"] == 0 and device_map["model.norm"] == 2 and device_map["score"] == 2
+    placed = set(device_map)
+    assert all(any(n == p or n.startswith(p + ".") for p in placed) for n, _ in skeleton.named_parameters())
+
+    model = load_split_model(str(reward_model_dir), ["cpu", "cpu"], torch.float32)
+    assert {m.weight.device.type for m in model.modules() if isinstance(m, torch.nn.Linear)} == {"cpu"}
+    from winnow.oracles.reward_model import encode_pairs, score_ids
+
+    prompts, completions = _items(8)
+    rows = encode_pairs(local.tokenizer, prompts, completions, 96)
+    assert score_ids(model, rows, local.tokenizer.pad_token_id, "cpu") == pytest.approx(
+        local.scores(prompts, completions), abs=1e-5)

@@ -12,10 +12,11 @@ so one long row never pads a pack of short ones and the activation memory of a f
 requests look like. One row longer than the budget runs alone, padded to its own length.
 
 On GPUs each worker loads the model in bf16 on its own GPU (data parallel: `serve` gives worker i GPU i mod the
-GPU count). A model larger than one GPU: `--gpus-per-worker K` gives each worker K GPUs and `device_map="auto"`
-places its layers over them (pipeline parallel without micro-batch overlap: one pack flows through the GPUs in
-turn, so only one GPU of a worker is busy at a time; the cost is that idle time plus one activation copy per GPU
-boundary, in exchange for fitting the model at all).
+GPU count). A model larger than one GPU: `--gpus-per-worker K` gives each worker K GPUs and `layer_device_map`
+places its decoder layers over them in K contiguous, equal runs (pipeline parallel without micro-batch overlap:
+one pack flows through the GPUs in turn, so only one GPU of a worker is busy at a time; the cost is that idle
+time, about (K-1)/K of the worker's GPU time, plus one activation copy per GPU boundary, in exchange for fitting
+the model at all).
 """
 from __future__ import annotations
 
@@ -57,6 +58,62 @@ def pack_by_token_budget(lengths: list[int], token_budget: int, pad_bucket: int 
     if rows:
         packs.append((rows, width))
     return packs
+
+
+def layer_device_map(model: Any, devices: list[Any]) -> dict[str, Any]:
+    """A `device_map` for `from_pretrained` that splits `model`'s decoder layers (its longest `ModuleList`) into
+    len(devices) contiguous runs of equal size (the first runs one longer when they don't divide), with the modules
+    before the layers (embeddings) on the first device and those after (final norm, score head) on the last.
+    `model` may be on the meta device: only its module names are read."""
+    import torch
+
+    layers_name, layers = max(((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)),
+                              key=lambda item: len(item[1]), default=(None, None))
+    if layers is None or not devices:
+        raise ValueError("layer_device_map needs a model with a ModuleList of layers and at least one device")
+    device_map: dict[str, Any] = {}
+    runs = [len(layers) // len(devices) + (k < len(layers) % len(devices)) for k in range(len(devices))]
+    index = 0
+    for device, run in zip(devices, runs):
+        for _ in range(run):
+            device_map[f"{layers_name}.{index}"] = device
+            index += 1
+    seen_layers = False
+    for name, module in _leaves_around(model, layers_name):
+        if name == layers_name:
+            seen_layers = True
+        elif not seen_layers:
+            device_map[name] = devices[0]
+        else:
+            device_map[name] = devices[-1]
+    return device_map
+
+
+def _leaves_around(model: Any, layers_name: str):
+    """(name, module) in registration order: the layers' ModuleList itself, and the largest modules that neither
+    contain it nor lie inside it (e.g. model.embed_tokens, model.layers, model.norm, model.rotary_emb, score)."""
+    def walk(module: Any, prefix: str):
+        for child_name, child in module.named_children():
+            name = f"{prefix}{child_name}"
+            if name == layers_name:
+                yield name, child
+            elif layers_name.startswith(name + "."):
+                yield from walk(child, name + ".")
+            else:
+                yield name, child
+    yield from walk(model, "")
+
+
+def load_split_model(path: str, devices: list[Any], dtype: Any) -> Any:
+    """The sequence-classification model at `path`, its layers placed over `devices` by `layer_device_map`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(config)
+    return AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype,
+                                                              device_map=layer_device_map(skeleton, devices))
 
 
 def _load_tokenizer(path: str):
@@ -105,15 +162,16 @@ class RewardModelWorker(MsgpackMixin, Worker):
         self.config = load_config_from_env()
         rm = self.config.oracle.reward_model
         is_gpu = torch.cuda.is_available()
-        kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if is_gpu else torch.float32}
-        if is_gpu and torch.cuda.device_count() > 1:
-            kwargs["device_map"] = "auto"  # pipeline parallel over this worker's GPUs (see the module doc)
-        model = AutoModelForSequenceClassification.from_pretrained(rm.path, **kwargs)
+        dtype = torch.bfloat16 if is_gpu else torch.float32
+        self.device = torch.device("cuda:0" if is_gpu else "cpu")  # where the inputs go (the first stage)
+        if is_gpu and torch.cuda.device_count() > 1:  # pipeline parallel over this worker's GPUs (module doc)
+            model = load_split_model(rm.path, list(range(torch.cuda.device_count())), dtype)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(rm.path, dtype=dtype).to(self.device)
         self.pad_token_id = _load_tokenizer(rm.path).pad_token_id
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.pad_token_id
-        self.device = torch.device("cuda:0" if is_gpu else "cpu")  # where the inputs go (the first stage)
-        self.model = (model if "device_map" in kwargs else model.to(self.device)).eval().requires_grad_(False)
+        self.model = model.eval().requires_grad_(False)
         self.info = {"rewards": ["reward_model"], "reward_model": rm.path}
 
     def forward(self, data: list[dict[str, Any]] | dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
