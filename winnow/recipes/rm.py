@@ -136,7 +136,8 @@ def train_reward_model(config: RewardModelTrainConfig, model=None, tokenizer=Non
     def make_loop(logger, bar) -> Loop:
         family = RewardModelFamily(
             learner=learner, pairs=batches(train, config.batch_size, seed=config.seed),
-            eval_pairs=held_out[: config.max_eval_pairs] if learner.is_main else [],
+            # every rank evaluates: a sharded model's forward is a collective (rank 0 alone would hang)
+            eval_pairs=held_out[: config.max_eval_pairs],
             centring_coef=config.centring_coef, pad_token_id=tokenizer.pad_token_id)
         return Loop(family, learner=learner, actor=None, num_iterations=config.num_steps,
                     eval_every=config.eval_every, logger=logger, run_dir=run_dir, progress=bar)
