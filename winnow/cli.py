@@ -61,10 +61,12 @@ def _train(argv: list[str]) -> None:
 
     registry = trainers()
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: winnow train ALGO [--config FILE] [flags]\n\nALGO: {', '.join(registry)}\n"
+        print(f"usage: winnow train ALGO [--config FILE] [flags]\n\nALGO: {', '.join([*registry, 'rm'])}\n"
               "Run `winnow train ALGO --help` for the flags.")
         return
     name, rest = argv[0], argv[1:]
+    if name == "rm":
+        return _train_rm(rest)
     if name not in registry:
         raise SystemExit(f"winnow train: unknown algorithm {name!r}; choose one of: {', '.join(registry)}")
     algo_cls, trainer = registry[name]
@@ -73,6 +75,17 @@ def _train(argv: list[str]) -> None:
                    description=" ".join((algo_cls.__doc__ or "").split()))
     run_dir = train(config)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        print(f"run written to {run_dir}")
+
+
+def _train_rm(argv: list[str]) -> None:
+    from winnow.config import parse
+    from winnow.recipes.rm import RewardModelTrainConfig, train_reward_model
+
+    config = parse(RewardModelTrainConfig, RewardModelTrainConfig(), argv, prog="winnow train rm",
+                   description="Train a reward model (Bradley-Terry) on preference pairs.")
+    run_dir = train_reward_model(config)
+    if os.environ.get("RANK", "0") == "0":
         print(f"run written to {run_dir}")
 
 

@@ -80,16 +80,16 @@ def is_lora(model: torch.nn.Module) -> bool:
     return any(cls.__module__.startswith("peft.") for cls in type(model).__mro__)
 
 
-def apply_lora(model: torch.nn.Module, config: LoraConfig) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, config: LoraConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     """`model` wrapped with LoRA adapters as `config` says (the base weights frozen), or `model` itself when
-    `config.rank` is 0. Logs the trainable parameter count."""
+    `config.rank` is 0. Logs the trainable parameter count. `task_type` is PEFT's: "SEQ_CLS" for a reward model."""
     if not config.enabled:
         return model
     peft = _peft()
     targets = "all-linear" if config.target_modules == ["all-linear"] else list(config.target_modules)
     peft_config = peft.LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
-        modules_to_save=list(config.modules_to_save) or None, bias="none", task_type="CAUSAL_LM",
+        modules_to_save=list(config.modules_to_save) or None, bias="none", task_type=task_type,
     )
     model = peft.get_peft_model(model, peft_config)
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,7 +1,9 @@
 """A reward model in the actor's process: any `transformers` sequence-classification model.
 
 The model reads (prompt, response) as a text pair, the way reward models are trained (for a causal-LM
-backbone the pair is simply concatenated; for BERT-style encoders it gets [SEP] and segment ids). The score is
+backbone the pair is simply concatenated; for BERT-style encoders it gets [SEP]), as input ids and an attention
+mask only: `encode_pairs` is the one tokenisation that `winnow train rm`, this oracle and the served model
+(`winnow.oracles.model_service`) share, so a model scores the same wherever it runs. The score is
 the single logit of a `num_labels=1` head (the usual reward-model head, Ouyang et al. 2022), or, for a
 classifier, the log-odds of its last label against the others. Preferences are Bradley-Terry on the scores.
 """
@@ -37,29 +39,22 @@ class RewardModelOracle:
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "RewardModelOracle":
         """Load a model and tokenizer saved with `save_pretrained` (or a hub id, where a hub is reachable)."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         try:
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = load_reward_tokenizer(path)
         except OSError as e:
             raise ValueError(f"cannot load a reward model from {path!r} (--oracle.reward-model.path): {e}") from e
         return cls(model, tokenizer, **kwargs)
 
-    @torch.no_grad()
     def scores(self, prompts: list[str], completions: list[str]) -> list[float]:
         """One score per (prompt, completion), computed `batch_size` pairs at a time."""
+        rows = encode_pairs(self.tokenizer, prompts, completions, self.max_length)
         out: list[float] = []
-        for start in range(0, len(prompts), self.batch_size):
-            rows = slice(start, start + self.batch_size)
-            encoded = self.tokenizer(prompts[rows], completions[rows], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt").to(self.device)
-            logits = self.model(**encoded).logits.float()  # [b, num_labels]
-            if logits.shape[-1] == 1:
-                score = logits[:, 0]
-            else:  # log-odds of the last ("good") label
-                score = logits[:, -1] - torch.logsumexp(logits[:, :-1], dim=-1)
-            out.extend(score.tolist())
+        for start in range(0, len(rows), self.batch_size):
+            out.extend(score_ids(self.model, rows[start:start + self.batch_size], self.tokenizer.pad_token_id,
+                                 self.device))
         return out
 
     def reward(self, prompts: list[str], completions: list[str], references: list[str | None],
@@ -76,3 +71,37 @@ class RewardModelOracle:
 
     def close(self) -> None:
         pass
+
+
+def encode_pairs(tokenizer: Any, prompts: list[str], completions: list[str], max_length: int) -> list[list[int]]:
+    """The token ids of each (prompt, completion) text pair, truncated to `max_length` (longest side first)."""
+    return tokenizer(prompts, completions, truncation=True, max_length=max_length)["input_ids"]
+
+
+@torch.no_grad()
+def score_ids(model: torch.nn.Module, rows: list[list[int]], pad_token_id: int, device: torch.device | str,
+              length: int | None = None) -> list[float]:
+    """Scores of right-padded `rows` (to `length`, default the longest) in one forward: the single logit of a
+    `num_labels=1` head, or a classifier's log-odds of its last ("good") label against the others."""
+    length = length or max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, :len(row)] = 1
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float()  # [b, L]
+    if logits.shape[-1] == 1:
+        score = logits[:, 0]
+    else:
+        score = logits[:, -1] - torch.logsumexp(logits[:, :-1], dim=-1)
+    return score.tolist()
+
+
+def load_reward_tokenizer(path: str) -> Any:
+    """The tokenizer saved beside a reward model; EOS pads when it has no padding token (padding is masked)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

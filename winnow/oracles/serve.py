@@ -61,8 +61,10 @@ def serve(config: ServeConfig) -> None:
         log.warning("no token in $%s: %s:%d answers %s; export %s=<secret> on the server and its clients to "
                     "require one", config.token_env, config.host, config.port, where, config.token_env)
     num_gpus = num_visible_gpus()
-    num_workers = config.num_workers or max(1, num_gpus)
-    env = [{"CUDA_VISIBLE_DEVICES": str(i % num_gpus)} for i in range(num_workers)] if num_gpus else None
+    k = config.gpus_per_worker if config.oracle.kind == "reward_model" else 1
+    num_workers = config.num_workers or max(1, num_gpus // k)
+    env = [{"CUDA_VISIBLE_DEVICES": ",".join(str((i * k + j) % num_gpus) for j in range(k))}
+           for i in range(num_workers)] if num_gpus else None
     os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
     # Mosec reads its settings from sys.argv (argparse, unknown flags ignored): hand it exactly these.
     sys.argv = [sys.argv[0], "--address", config.host, "--port", str(config.port),
@@ -70,14 +72,29 @@ def serve(config: ServeConfig) -> None:
                 "--capacity", str(config.queue_capacity), "--log-level", config.log_level,
                 "--namespace", "winnow_oracle"]
     server = Server()
-    oracle_stage = Runtime(service.OracleWorker, num=num_workers, max_batch_size=config.max_batch_size,
+    stages = _stages(config.oracle.kind)
+    oracle_stage = Runtime(stages["worker"], num=num_workers, max_batch_size=config.max_batch_size,
                            max_wait_time=config.max_wait_ms, timeout=config.timeout_s, env=env)
     server.register_runtime({
-        "/reward": [Runtime(service.RewardIngress), oracle_stage],
-        "/compare": [Runtime(service.CompareIngress), oracle_stage],
+        "/reward": [Runtime(stages["reward"]), oracle_stage],
+        "/compare": [Runtime(stages["compare"]), oracle_stage],
         "/health": [Runtime(service.HealthIngress), oracle_stage],
     })
+    served = config.oracle.rule.rewards if config.oracle.kind == "rule" else config.oracle.reward_model.path
     log.info("serving %s on http://%s:%d with %d oracle worker(s) (%d GPU(s)), batches of up to %d requests "
-             "waiting %d ms", config.oracle.rule.rewards, config.host, config.port, num_workers, num_gpus,
-             config.max_batch_size, config.max_wait_ms)
+             "waiting %d ms", served, config.host, config.port, num_workers, num_gpus, config.max_batch_size,
+             config.max_wait_ms)
     server.run()
+
+
+def _stages(kind: str) -> dict:
+    """The ingress and worker classes of `kind`: reward functions (`service`) or a reward model (`model_service`,
+    which tokenises in the ingress and packs the forward by a token budget)."""
+    from winnow.oracles import service
+
+    if kind == "reward_model":
+        from winnow.oracles import model_service
+
+        return {"reward": model_service.ModelRewardIngress, "compare": model_service.ModelCompareIngress,
+                "worker": model_service.RewardModelWorker}
+    return {"reward": service.RewardIngress, "compare": service.CompareIngress, "worker": service.OracleWorker}

@@ -19,7 +19,8 @@ class ServeConfig:
     """An oracle service: which oracle it serves, where, and how it batches."""
 
     oracle: OracleConfig = field(default_factory=OracleConfig)
-    """the oracle each worker runs in-process: the rule kind (--oracle.rule.rewards, weights, math grader)"""
+    """the oracle each worker runs in-process: the rule kind (--oracle.rule.rewards, weights, math grader) or the
+    reward_model kind (--oracle.reward-model.path, a sequence-classification model)"""
     host: str = "127.0.0.1"
     """address to bind; 127.0.0.1 serves this machine only, 0.0.0.0 every interface (set a token then)"""
     port: int = 8000
@@ -44,21 +45,29 @@ class ServeConfig:
     """environment variable holding the token clients must send; unset or empty: no token is required"""
     compare_temperature: float = 1.0
     """/compare returns sigmoid((r_a - r_b) / compare_temperature), Bradley-Terry on the served rewards"""
+    token_budget: int = 16384
+    """reward_model kind: the most padded tokens (rows x padded length) in one forward of the model; a worker's
+    batch of requests runs in as many forwards as this needs (see `winnow.oracles.model_service`)"""
+    pad_bucket: int = 16
+    """reward_model kind: each forward pads its rows to a multiple of this many tokens"""
+    gpus_per_worker: int = 1
+    """reward_model kind: GPUs per worker; more than 1 places the model's layers over them (pipeline parallel)"""
     log_level: str = "info"
     """Mosec's log level: debug, info, warning or error"""
 
     def __post_init__(self) -> None:
         problems = []
-        if self.oracle.kind != "rule":
+        if self.oracle.kind not in ("rule", "reward_model"):
             problems.append(f"--oracle.kind {self.oracle.kind}: a service serves the rule kind (reward functions in "
-                            f"its workers); name its rewards with --oracle.rule.rewards and leave --oracle.kind and "
-                            f"--oracle.url (--oracle.remote.url) unset")
+                            f"its workers) or the reward_model kind (--oracle.reward-model.path); name its rewards "
+                            f"with --oracle.rule.rewards and leave --oracle.kind and --oracle.url "
+                            f"(--oracle.remote.url) unset, or serve a model with --oracle.kind reward_model")
         else:
             unused = unused_oracle_settings(self.oracle, OracleConfig())
             if unused:
-                problems.append(f"a service serves the rule kind and does not use {', '.join(unused)}")
+                problems.append(f"a service serves the {self.oracle.kind} kind and does not use {', '.join(unused)}")
         for name in ("max_batch_size", "max_wait_ms", "max_items_per_request", "max_request_bytes",
-                     "queue_capacity", "port"):
+                     "queue_capacity", "port", "token_budget", "pad_bucket", "gpus_per_worker"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_workers is not None and self.num_workers < 1:

@@ -1,0 +1,228 @@
+"""Reward-model serving: throughput and p50/p99 latency of a Mosec-served reward model against request size
+and concurrency, against the same model in-process, and the forward's tokens/s against the matmul ceiling.
+
+    python benchmarks/rm_serving.py --mode gpu   # one GPU: a Qwen2-1.5B-shaped reward model, random weights, bf16
+    python benchmarks/rm_serving.py --mode cpu   # a tiny model on CPU: checks the script end to end (~1-2 minutes)
+
+For each cell (items per request x concurrent clients), `concurrency` threads each send requests of `items`
+(prompt, response) pairs for about `--seconds-per-cell`; the in-process rows call `RewardModelOracle.reward`
+the same way (one model, calls serialised by a lock: a process holds one copy of the model). Reported: pairs
+scored per second and request latency p50/p99. The forward
+probe runs the model on packs of `--token-budget` tokens and compares tokens/s with the ceiling set by the
+measured bf16 (fp32 on CPU) matmul rate: tokens/s <= matmul FLOP/s / (2 x parameters).
+
+Writes `rm_serving_<mode>.json` (machine, versions, every cell) and `rm_serving_<mode>.md` (the tables) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from winnow.data.tiny import save_tokenizer, tiny_qwen2_config, train_char_tokenizer  # noqa: E402
+from winnow.oracles.remote import OracleUnavailableError, RemoteOracle  # noqa: E402
+from winnow.oracles.reward_model import RewardModelOracle, score_ids  # noqa: E402
+
+SHAPES = {
+    # Qwen2-1.5B's shape (hidden 1536, 28 layers, 12 heads, 2 KV heads, MLP 8960; vocabulary 151,936)
+    "1.5b": dict(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960,
+                 vocab_size=151936, max_position_embeddings=4096),
+    "tiny": dict(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=512,
+                 vocab_size=None, max_position_embeddings=1024),
+}
+
+
+def build_model(shape: str, out: Path) -> tuple[Path, int]:
+    """A random-weight Qwen2 reward model (num_labels=1) of `shape` and a character tokenizer; (dir, parameters)."""
+    from transformers import Qwen2ForSequenceClassification
+
+    tokenizer = train_char_tokenizer(["0123456789+-*= abcdefghijklmnopqrstuvwxyz.,"])
+    s = dict(SHAPES[shape])
+    vocab = s.pop("vocab_size") or len(tokenizer)
+    config = tiny_qwen2_config(vocab, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **s)
+    config.num_labels = 1
+    torch.manual_seed(0)
+    model = Qwen2ForSequenceClassification(config)
+    model.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
+    return out, sum(p.numel() for p in model.parameters())
+
+
+def texts(items: int, response_chars: int, seed: int) -> tuple[list[str], list[str]]:
+    prompts = [f"{(seed + i) % 97}+{i % 89}= " for i in range(items)]
+    completions = [("the answer is " + str(seed + i) * 50)[: response_chars - (i % 7) * 3] for i in range(items)]
+    return prompts, completions
+
+
+def run_cell(call, items: int, concurrency: int, seconds: float, response_chars: int) -> dict:
+    """`concurrency` threads calling `call(prompts, completions)` for ~`seconds`; pairs/s and latency quantiles."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client(k: int) -> None:
+        n = 0
+        while time.monotonic() < stop:
+            prompts, completions = texts(items, response_chars, seed=1000 * k + n)
+            start = time.perf_counter()
+            call(prompts, completions)
+            with lock:
+                latencies.append(time.perf_counter() - start)
+            n += 1
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    return {"items": items, "concurrency": concurrency, "requests": len(latencies),
+            "pairs_per_s": len(latencies) * items / elapsed, "p50_ms": 1000 * q[49], "p99_ms": 1000 * q[98]}
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps, start = (20 if device.type == "cuda" else 5), time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_probe(oracle: RewardModelOracle, num_params: int, token_budget: int, row_tokens: int) -> dict:
+    """Tokens/s of the model's forward on full packs (token_budget // row_tokens rows of row_tokens tokens)."""
+    device = oracle.device
+    rows = [[5] * row_tokens for _ in range(max(1, token_budget // row_tokens))]
+    for _ in range(2):
+        score_ids(oracle.model, rows, oracle.tokenizer.pad_token_id, device)
+    sync(device)
+    reps, start = 5, time.perf_counter()
+    for _ in range(reps):
+        score_ids(oracle.model, rows, oracle.tokenizer.pad_token_id, device)
+    sync(device)
+    tokens_per_s = reps * len(rows) * row_tokens / (time.perf_counter() - start)
+    flops = matmul_flops(device, next(oracle.model.parameters()).dtype)
+    ceiling = flops / (2 * num_params)
+    return {"rows": len(rows), "row_tokens": row_tokens, "tokens_per_s": tokens_per_s,
+            "matmul_tflops": flops / 1e12, "ceiling_tokens_per_s": ceiling, "fraction_of_ceiling": tokens_per_s / ceiling}
+
+
+def start_server(model_dir: Path, port: int, args, tmp: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MOSEC_PATH": str(tmp / "ipc"), "WINNOW_ORACLE_TOKEN": ""}
+    log = open(tmp / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "winnow.cli", "serve-oracle", "--oracle.kind", "reward_model",
+         "--oracle.reward-model.path", str(model_dir), "--oracle.reward-model.max-length", str(args.max_length),
+         "--port", str(port), "--max-batch-size", "64", "--max-wait-ms", str(args.max_wait_ms),
+         "--token-budget", str(args.token_budget), "--log-level", "warning",
+         *(["--num-workers", str(args.num_workers)] if args.num_workers else [])],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client, deadline = RemoteOracle(f"http://127.0.0.1:{port}", timeout_s=5), time.monotonic() + 600
+    while True:
+        try:
+            client.health()
+            return process
+        except OracleUnavailableError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the server did not start:\n" + (tmp / "server.log").read_text()[-3000:])
+            time.sleep(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--seconds-per-cell", type=float, default=None)
+    parser.add_argument("--token-budget", type=int, default=None)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--max-wait-ms", type=int, default=5)
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    gpu = args.mode == "gpu"
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--mode gpu needs a CUDA GPU; --mode cpu runs the tiny model")
+    seconds = args.seconds_per_cell or (10.0 if gpu else 2.0)
+    args.token_budget = args.token_budget or (65536 if gpu else 2048)
+    grid = [(1, 1), (1, 32), (16, 1), (16, 16), (64, 4), (256, 4)] if gpu else [(1, 1), (1, 8), (8, 4), (32, 2)]
+    response_chars = 512 if gpu else 48
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir, num_params = build_model("1.5b" if gpu else "tiny", tmp / "rm")
+        device = "cuda" if gpu else "cpu"
+        oracle = RewardModelOracle.from_pretrained(str(model_dir), batch_size=64, max_length=args.max_length,
+                                                   device=device)
+        if gpu:
+            oracle.model.to(torch.bfloat16)
+        probe = forward_probe(oracle, num_params, args.token_budget, 512 if gpu else 32)
+        lock = threading.Lock()
+
+        def in_process(prompts, completions):
+            with lock:
+                oracle.reward(prompts, completions, [None] * len(prompts))
+
+        rows = [{"where": "in-process", **run_cell(in_process, i, c, seconds, response_chars)} for i, c in grid]
+        del oracle
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = start_server(model_dir, port, args, tmp)
+        try:
+            remote = RemoteOracle(f"http://127.0.0.1:{port}", request_batch_size=1024, max_in_flight=64, timeout_s=120)
+            for items, concurrency in grid:
+                rows.append({"where": "served", **run_cell(
+                    lambda p, c: remote.reward(p, c, [None] * len(p)), items, concurrency, seconds, response_chars)})
+            remote.close()
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+    result = {"mode": args.mode, "date": datetime.now(timezone.utc).isoformat(), "machine": platform.node(),
+              "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+              "gpu": torch.cuda.get_device_name(0) if gpu else None, "torch": torch.__version__,
+              "transformers": version("transformers"), "mosec": version("mosec"), "parameters": num_params,
+              "token_budget": args.token_budget, "seconds_per_cell": seconds, "response_chars": response_chars, "forward": probe, "cells": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rm_serving_{args.mode}.json").write_text(json.dumps(result, indent=2))
+    lines = [f"# Reward-model serving ({args.mode}, {num_params / 1e6:.1f}M parameters, token budget "
+             f"{args.token_budget})", "",
+             f"Forward: {probe['tokens_per_s']:,.0f} tokens/s on packs of {probe['rows']} x {probe['row_tokens']} "
+             f"tokens; matmul {probe['matmul_tflops']:.2f} TFLOP/s gives a ceiling of "
+             f"{probe['ceiling_tokens_per_s']:,.0f} tokens/s ({100 * probe['fraction_of_ceiling']:.0f}% of it).", "",
+             "| where | items/request | concurrency | requests | pairs/s | p50 ms | p99 ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['where']} | {r['items']} | {r['concurrency']} | {r['requests']} | {r['pairs_per_s']:,.1f} | "
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |" for r in rows]
+    (out / f"rm_serving_{args.mode}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
