@@ -166,8 +166,12 @@ def _new_figure(num_rows: int, num_cols: int, figsize: tuple[float, float]):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, layout="constrained")
+    # Fixed margins, not layout="constrained": the constrained solver measures every tick label in an extra
+    # draw pass, which took half of a run's plotting time (11 figures: ~37 s of a tiny CPU run's 68 s).
+    fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
+    height = figsize[1]
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.6 / height, top=1 - 0.75 / height, wspace=0.3, hspace=0.5)
     return fig, fig.subplots(num_rows, num_cols, squeeze=False)
 
 
