@@ -195,6 +195,10 @@ class TrainBatch:
     """the critic's regression targets, GAE advantages + old values, [B, T] float (PPO only; 0 off the mask)"""
     group_index: torch.Tensor | None = None
     """which prompt each row answers, [B] long: rows with the same index form a group (group baselines)"""
+    position_ids: torch.Tensor | None = None
+    """packed rows only (several sequences in one row): each token's position within its own sequence, restarting
+    at 0 where a sequence starts, [B, T] long. When set, the model gets these positions and no 2-D attention
+    mask, so transformers masks attention per sequence (block-diagonal) and no sequence sees another"""
 
     @property
     def batch_size(self) -> int:
