@@ -105,6 +105,23 @@ def load_prompts(config: DataConfig, tokenizer: Any, split: Split = "train") -> 
     return prompts
 
 
+def source_texts(config: DataConfig) -> list[str]:
+    """Every text a model trained on `config` will read or write, before tokenizing: each train and eval row's
+    question (through the template; the 'tokenizer' template, which needs a tokenizer, gives the raw question)
+    and its answer. For training a tokenizer on the data (`winnow init-model`)."""
+    texts = []
+    for split in ("train", "eval"):
+        source = _load_rows(config, split)
+        for _, row in source.rows:
+            question = row.get(source.prompt_column)
+            if config.template != "tokenizer" and isinstance(question, str):
+                question = apply_template(config.template, question)
+            texts += [m["content"] for m in question] if isinstance(question, list) else [str(question)]
+            if source.answer_column and row.get(source.answer_column) is not None:
+                texts.append(str(row[source.answer_column]))
+    return texts
+
+
 def _load_rows(config: DataConfig, split: Split) -> _Rows:
     source = config.eval if split == "eval" and config.eval is not None else config.train
     if source in TASKS or source.startswith(RG_PREFIX):
