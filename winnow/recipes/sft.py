@@ -23,6 +23,8 @@ from winnow.engines.static_decode import SUPPORTED_MODEL_TYPES
 from winnow.engines.hf import HFEngine
 from winnow.learner.batch import make_chat_batch, make_sft_batch
 from winnow.learner.learner import Learner, LearnerConfig
+from winnow.learner.lora import LoraConfig, apply_lora
+from winnow.learner.sync import sync_weights
 from winnow.logging import LoggingConfig
 from winnow.loops.base import Loop
 from winnow.loops.config import EvalConfig
@@ -42,6 +44,8 @@ class SFTConfig(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(lr=1e-5, warmup_steps=10))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters instead of full fine-tuning (`--lora-rank 8`)"""
     oracle: OracleConfig = field(default_factory=OracleConfig)
     """judges held-out accuracy during SFT (the first reward function is the verifier)"""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(every=100, k=0))
@@ -120,7 +124,10 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None) -> Path:
         examples = sft_pairs(load_prompts(config.data, tokenizer, "train"), tokenizer)
         make_batch = partial(make_sft_batch, pad_token_id=tokenizer.pad_token_id)
         eval_prompts, heldout = load_prompts(config.data, tokenizer, "eval")[: config.eval.max_prompts], None
-    learner = Learner(model, config.learner, config.num_steps, device=device)
+    # With LoRA the evaluation engine holds a plain copy of the model and gets the merged weights before each
+    # evaluation (as the RL actor does); otherwise it wraps the learner's current model.
+    lora_engine = HFEngine(model, tokenizer, device=device) if config.lora.enabled else None
+    learner = Learner(apply_lora(model, config.lora), config.learner, config.num_steps, device=device)
     oracle = make_oracle(config.oracle)
     run_dir = open_run(config, "sft", learner.is_main)
 
@@ -130,7 +137,8 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None) -> Path:
             eval_prompts=eval_prompts if learner.is_main else [], eval_config=config.eval,
             max_tokens=config.max_tokens, seed=config.seed, heldout=heldout,
             # a fresh engine on the current weights at each evaluation (the model is small next to a sync)
-            eval_engine=lambda: HFEngine(learner.model, tokenizer, device=learner.device))
+            eval_engine=lambda: HFEngine(learner.model, tokenizer, device=learner.device) if lora_engine is None
+            else _synced(lora_engine, learner))
         return Loop(family, learner=learner, actor=None, num_iterations=config.num_steps,
                     eval_every=config.eval.every, logger=logger, run_dir=run_dir, progress=bar)
 
@@ -139,3 +147,8 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None) -> Path:
     finally:
         oracle.close()
     return finish(config, run_dir, learner, tokenizer)
+
+
+def _synced(engine: HFEngine, learner: Learner) -> HFEngine:
+    sync_weights(learner, engine)
+    return engine
