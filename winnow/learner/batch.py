@@ -89,9 +89,10 @@ def make_chat_batch(examples: list[tuple[list[int], list[int]]], pad_token_id: i
             if len(ids) > pack_length:
                 raise ValueError(f"an example of {len(ids)} tokens does not fit a packed row of {pack_length}")
             fit = next((r for r, n in enumerate(used) if n + len(ids) <= pack_length), None)
-            if fit is None:
-                rows.append([]), used.append(0)
-                fit = len(rows) - 1
+            if fit is None:  # no row has room: open a new one
+                fit = len(rows)
+                rows.append([])
+                used.append(0)
             rows[fit].append((ids, mask))
             used[fit] += len(ids)
     length = max(sum(len(ids) for ids, _ in row) for row in rows)
