@@ -5,6 +5,7 @@
     winnow sft [--config FILE] [--flags ...]          supervised fine-tuning
     winnow eval [--config FILE] [--flags ...]         held-out accuracy of a model
     winnow quickstart [--flags ...]                   tiny model, SFT warm start, GRPO, curves (CPU, minutes)
+    winnow init-model [--data.train TASK|FILE] [--size tiny|small]  a small model + tokenizer for your data
     winnow plot RUN_DIR [--x counts/samples]          learning-curve PNGs of a run
     winnow serve-oracle [--config FILE] [--flags ...] an oracle as a Mosec service (pip install 'winnow[serve]')
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     commands = {"train": _train, "sft": _sft, "eval": _eval, "quickstart": _quickstart, "plot": _plot,
-                "serve-oracle": _serve_oracle}
+                "serve-oracle": _serve_oracle, "init-model": _init_model}
     if command not in commands:
         raise SystemExit(f"winnow: unknown command {command!r}; choose one of: {', '.join(commands)}")
     commands[command](rest)
@@ -114,6 +115,15 @@ def _quickstart(argv: list[str]) -> None:
     config = parse(QuickstartConfig, QuickstartConfig(), argv, prog="winnow quickstart",
                    description=(QuickstartConfig.__doc__ or "").strip())
     quickstart(config)
+
+
+def _init_model(argv: list[str]) -> None:
+    from winnow.config import parse
+    from winnow.recipes.init_model import InitModelConfig, init_model
+
+    config = parse(InitModelConfig, InitModelConfig(), argv, prog="winnow init-model",
+                   description=(InitModelConfig.__doc__ or "").strip())
+    print(f"model written to {init_model(config)}")
 
 
 def _serve_oracle(argv: list[str]) -> None:

@@ -1,6 +1,7 @@
 """`winnow quickstart`: see winnow learn on a laptop CPU in a few minutes, with nothing to download.
 
-1. build a character tokenizer (trained locally) and a ~0.5M-parameter Qwen2-shaped model from a config;
+1. build a character tokenizer (trained locally) and a ~0.5M-parameter Qwen2-shaped model (`init_model`, the
+   `winnow init-model` command);
 2. warm-start it with a short SFT on 2-digit addition, stopped while held-out accuracy is still climbing
    (RL only helps once the model samples correct answers fairly often);
 3. run GRPO with an exact-match reward, evaluating held-out greedy accuracy as it goes;
@@ -14,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from winnow.algorithms import OBJECTIVES
-from winnow.data import DataConfig, make_task
-from winnow.data.tiny import build_tiny_model, save_tiny, train_char_tokenizer
+from winnow.data import DataConfig
 from winnow.learner.learner import LearnerConfig
 from winnow.logging import LoggingConfig, read_metrics
 from winnow.loops.config import EvalConfig, RolloutConfig
 from winnow.oracles import OracleConfig, RuleOracleConfig
+from winnow.recipes.init_model import InitModelConfig, init_model
 from winnow.recipes.rl import TrainConfig, train
 from winnow.recipes.sft import SFTConfig, train_sft
 from winnow.setup import ModelConfig, setup_process
@@ -101,11 +102,9 @@ def warm_start(config: QuickstartConfig) -> Path:
     SFT model's directory (OUTPUT_DIR/sft/final), the starting point of the RL runs."""
     setup_process(config.seed, config.num_threads)
     out = Path(config.output_dir)
-    task = make_task(config.task, seed=config.seed)
-    texts = [q + a for split in ("train", "eval") for q, a in task.examples(split)]
-    tokenizer = train_char_tokenizer(texts)
-    model = build_tiny_model(tokenizer, seed=config.seed)
-    init_dir = save_tiny(model, tokenizer, out / "init")
+    # `winnow init-model --data.train TASK --size tiny --no-chat-template`: the task's characters, no role markers
+    init_dir = init_model(InitModelConfig(output_dir=str(out / "init"), data=DataConfig(train=config.task, seed=config.seed),
+                                          size="tiny", chat_template=False, seed=config.seed))
     print(f"[1/3] SFT warm start: {config.sft_steps} steps on {config.task}")
     sft_dir = train_sft(SFTConfig(
         model=ModelConfig(path=str(init_dir)), data=DataConfig(train=config.task),

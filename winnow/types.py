@@ -199,6 +199,10 @@ class TrainBatch:
     """which prompt each row answers, [B] long: rows with the same index form a group (group baselines)"""
     sampled_by_reference: torch.Tensor | None = None
     """1.0 for rows the reference policy sampled, else 0.0, [B] float (XPO's exploration term); None: none did"""
+    position_ids: torch.Tensor | None = None
+    """packed rows only (several sequences in one row): each token's position within its own sequence, restarting
+    at 0 where a sequence starts, [B, T] long. When set, the model gets these positions and no 2-D attention
+    mask, so transformers masks attention per sequence (block-diagonal) and no sequence sees another"""
 
     @property
     def batch_size(self) -> int:

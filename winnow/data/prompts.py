@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
+from winnow.data.reasoning_gym import PREFIX as RG_PREFIX
+from winnow.data.reasoning_gym import ReasoningGymTask, parse_options
 from winnow.data.tasks import TASKS, make_task
 from winnow.data.templates import TEMPLATES, apply_template
 from winnow.types import Prompt
@@ -32,8 +34,9 @@ class DataConfig:
     """Where prompts come from and how they are rendered."""
 
     train: str = "arithmetic"
-    """training prompts: a built-in task (arithmetic, arithmetic-3digit, ...), a .jsonl/.json/.parquet file, or a
-    directory saved with `datasets.save_to_disk`"""
+    """training prompts: a built-in task (arithmetic, arithmetic-3digit, ...), a reasoning-gym task
+    (reasoning_gym:NAME, e.g. reasoning_gym:chain_sum), a .jsonl/.json/.parquet file, or a directory saved with
+    `datasets.save_to_disk`"""
     eval: str | None = None
     """held-out prompts, same forms as `train`. None: a built-in task's own eval split; a DatasetDict's
     `eval_split` when it has one; otherwise `eval_fraction` of the train rows, held out of training"""
@@ -58,6 +61,9 @@ class DataConfig:
     (at most `max_eval_prompts`); 0 trains on every row and leaves eval empty"""
     seed: int = 0
     """seeds built-in task generation and the held-out rows of a file"""
+    task_options: str | None = None
+    """options of a generated task as a JSON object, e.g. '{"min_terms": 2, "max_terms": 2}' for
+    --data.train reasoning_gym:chain_sum (the task's size is num_train_prompts / max_eval_prompts)"""
 
     def __post_init__(self) -> None:
         if self.max_prompt_tokens < 1:
@@ -100,11 +106,31 @@ def load_prompts(config: DataConfig, tokenizer: Any, split: Split = "train") -> 
     return prompts
 
 
+def source_texts(config: DataConfig) -> list[str]:
+    """Every text a model trained on `config` will read or write, before tokenizing: each train and eval row's
+    question (through the template; the 'tokenizer' template, which needs a tokenizer, gives the raw question)
+    and its answer. For training a tokenizer on the data (`winnow init-model`)."""
+    texts = []
+    for split in ("train", "eval"):
+        source = _load_rows(config, split)
+        for _, row in source.rows:
+            question = row.get(source.prompt_column)
+            if config.template != "tokenizer" and isinstance(question, str):
+                question = apply_template(config.template, question)
+            texts += [m["content"] for m in question] if isinstance(question, list) else [str(question)]
+            if source.answer_column and row.get(source.answer_column) is not None:
+                texts.append(str(row[source.answer_column]))
+    return texts
+
+
 def _load_rows(config: DataConfig, split: Split) -> _Rows:
     source = config.eval if split == "eval" and config.eval is not None else config.train
-    if source in TASKS:
+    if source in TASKS or source.startswith(RG_PREFIX):
         sizes = {"num_train": config.num_train_prompts, "num_eval": config.max_eval_prompts}
-        task = make_task(source, seed=config.seed, **{k: v for k, v in sizes.items() if v is not None})
+        sizes = {k: v for k, v in sizes.items() if v is not None}
+        task = (ReasoningGymTask(source.removeprefix(RG_PREFIX), seed=config.seed,
+                                 options=parse_options(config.task_options), **sizes)
+                if source.startswith(RG_PREFIX) else make_task(source, seed=config.seed, **sizes))
         extra = getattr(task, "extra_columns", lambda q, a: {})  # e.g. a preference task's reference_response
         rows = [(i, {"prompt": q, "answer": a, **extra(q, a)}) for i, (q, a) in enumerate(task.examples(split))]
         return _Rows(rows, f"task {source!r} ({split})", "prompt", "answer")

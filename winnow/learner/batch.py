@@ -71,3 +71,49 @@ marks the rows the reference policy sampled (XPO), when there are any. The learn
     if any(c.sampled_by == "reference" for c in completions):
         batch.sampled_by_reference = torch.tensor([float(c.sampled_by == "reference") for c in completions])
     return batch
+
+
+def make_chat_batch(examples: list[tuple[list[int], list[int]]], pad_token_id: int = 0,
+                    pack_length: int | None = None) -> TrainBatch:
+    """A TrainBatch for chat SFT from (token ids, assistant mask) examples; the loss falls where the mask is 1.
+
+    pack_length None: one example per row, right-padded. Otherwise examples are packed first-fit, in order, into
+    rows of at most `pack_length` tokens, with `position_ids` restarting at each example so that no example
+    attends to another (see `TrainBatch.position_ids`); the loss is then the same as unpacked, with fewer
+    padding tokens. Token 0 of an example is never a target (nothing precedes it in its own sequence).
+    """
+    if not examples:
+        raise ValueError("make_chat_batch got no examples")
+    rows: list[list[tuple[list[int], list[int]]]] = []
+    if pack_length is None:
+        rows = [[example] for example in examples]
+    else:
+        used: list[int] = []
+        for ids, mask in examples:
+            if len(ids) > pack_length:
+                raise ValueError(f"an example of {len(ids)} tokens does not fit a packed row of {pack_length}")
+            fit = next((r for r, n in enumerate(used) if n + len(ids) <= pack_length), None)
+            if fit is None:  # no row has room: open a new one
+                fit = len(rows)
+                rows.append([])
+                used.append(0)
+            rows[fit].append((ids, mask))
+            used[fit] += len(ids)
+    length = max(sum(len(ids) for ids, _ in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), length), dtype=torch.float32)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for ids, mask in row:
+            end = start + len(ids)
+            input_ids[r, start:end] = torch.tensor(ids)
+            attention_mask[r, start:end] = 1
+            response_mask[r, start + 1 : end] = torch.tensor(mask[1:], dtype=torch.float32)
+            position_ids[r, start:end] = torch.arange(len(ids))
+            start = end
+        position_ids[r, start:] = torch.arange(length - start)  # padding: a sequence of its own, never trained on
+    return TrainBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+                      advantages=torch.zeros(len(rows)), engine_logprobs=torch.zeros((len(rows), length)),
+                      position_ids=position_ids if pack_length is not None else None)

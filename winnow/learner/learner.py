@@ -262,6 +262,11 @@ class Learner:
         gradients, [B, T]."""
         return self._no_grad_forward(self.model, batch, self.forward)
 
+    def evaluate_tokens(self, batch: TrainBatch, forward: ForwardFn) -> torch.Tensor:
+        """`forward(policy, micro_batch) -> [b, T]` over `batch` without gradients, [B, T] float32: per-token
+        held-out numbers (an SFT run's assistant-token accuracy). Every rank calls it (sharded forwards gather)."""
+        return self._no_grad_forward(self.model, batch, forward)
+
     def logprobs(self, model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
         """Per-token logprobs of `batch` under `model` without gradients, [B, T]."""
         return self._no_grad_forward(model, batch, partial(sequence_logprobs, temperature=self.temperature,

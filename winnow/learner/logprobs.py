@@ -112,9 +112,14 @@ def sequence_logprobs(
     first = int(has_response[0]) if len(has_response) else input_ids.shape[1] - 1
     first = max(first - 1, 0)
     positions = batch.attention_mask.cumsum(-1).clamp(min=1) - 1
+    attention_mask = batch.attention_mask
+    if batch.position_ids is not None:
+        # Packed rows: positions restart per sequence, and with no 2-D mask transformers builds the block-diagonal
+        # causal mask from those restarts (masking_utils.find_packed_sequence_indices), or its varlen kernels.
+        positions, attention_mask = batch.position_ids, None
     labels = input_ids[:, first + 1 :]
     if fused_head and can_fuse_head(model):
-        hidden = model.model(input_ids=input_ids, attention_mask=batch.attention_mask, position_ids=positions,
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                              use_cache=False).last_hidden_state[:, first:-1]  # [B, T - 1 - first, H]
         picked = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, labels.reshape(-1),
                                  temperature).view(labels.shape)
@@ -124,7 +129,7 @@ def sequence_logprobs(
     # Project only the needed columns (`logits_to_keep` keeps the last T - first): the prompt columns never
     # reach the vocabulary. One call of the whole model, not decoder then head, because sharded strategies
     # (FSDP2, DeepSpeed ZeRO-3) gather the root's parameters (embeddings, head) in the root's forward.
-    out = model(input_ids=input_ids, attention_mask=batch.attention_mask, position_ids=positions,
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 logits_to_keep=input_ids.shape[1] - first, use_cache=False)
     logits = out.logits[:, :-1]  # [B, T - 1 - first, V]
     if temperature != 1.0:
@@ -133,3 +138,17 @@ def sequence_logprobs(
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     out[:, first + 1 :] = picked
     return out * mask
+
+
+def token_accuracy(model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
+    """1.0 where the model's most likely next token (argmax of the logits at t-1) is `input_ids[t]`, [B, T] float32,
+    0 off the response mask. Packed rows (`batch.position_ids`) get per-sequence positions and attention."""
+    if batch.position_ids is not None:
+        positions, attention_mask = batch.position_ids, None
+    else:
+        positions, attention_mask = batch.attention_mask.cumsum(-1).clamp(min=1) - 1, batch.attention_mask
+    logits = model(input_ids=batch.input_ids, attention_mask=attention_mask, position_ids=positions,
+                   use_cache=False).logits  # [B, T, V]
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    out[:, 1:] = (logits[:, :-1].argmax(-1) == batch.input_ids[:, 1:]).float()
+    return out * batch.response_mask

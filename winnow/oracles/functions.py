@@ -24,12 +24,13 @@ from typing import Any, Sequence
 
 from winnow.oracles.base import RewardFunction
 from winnow.oracles.math import MathGrader, MathReward
-from winnow.oracles.rules import MissingReferenceError, boxed_format_reward, closeness_reward, exact_match_reward
+from winnow.oracles.rules import (MissingReferenceError, boxed_format_reward, closeness_reward, exact_match_reward,
+                                  reasoning_gym_reward)
 from winnow.types import RewardResult
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_REWARDS = ("math", "exact", "boxed_format", "closeness")
+BUILTIN_REWARDS = ("math", "exact", "boxed_format", "closeness", "reasoning_gym")
 _SPEC_FORMS = f"a builtin ({', '.join(BUILTIN_REWARDS)}), 'module:function' or 'path/to/file.py:function'"
 
 
@@ -55,6 +56,8 @@ def load_reward_function(
         return "boxed_format", boxed_format_reward
     if spec == "closeness":
         return "closeness", closeness_reward
+    if spec == "reasoning_gym":
+        return "reasoning_gym", reasoning_gym_reward
     target, _, attribute = spec.rpartition(":")
     if spec.endswith(".py"):
         raise ValueError(f"reward {spec!r} names a file but not the function in it: use '{spec}:function'")

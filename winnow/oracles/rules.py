@@ -98,3 +98,40 @@ def closeness_reward(
         is_integer = text.lstrip("-").isdigit() and text.count("-") <= 1
         scores.append(-min(abs(int(text) - int(answer)), CLOSENESS_CAP) if is_integer else -CLOSENESS_CAP)
     return [float(s) for s in scores]
+
+
+REASONING_GYM_ENTRY = "reasoning_gym_entry"
+"""the column holding a reasoning-gym row's entry (JSON), written by `--data.train reasoning_gym:NAME`"""
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def final_answer(completion: str) -> str:
+    """The answer a response gives: the last `<answer>...</answer>`, else the last closed `\\boxed{}`, else the
+    whole response, stripped."""
+    tagged = _ANSWER_TAG.findall(completion)
+    if tagged:
+        return tagged[-1].strip()
+    boxed = last_boxed(completion)
+    return completion.strip() if boxed is None else boxed
+
+
+def reasoning_gym_reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+    """The reasoning-gym task's own scorer (`score_answer(answer, entry)`, in [0, 1]) on each response's
+    `final_answer`. Needs the rows of `--data.train reasoning_gym:NAME` (their `reasoning_gym_entry` column)."""
+    import json
+
+    entries = columns.get(REASONING_GYM_ENTRY)
+    if entries is None or any(e is None for e in entries):
+        raise MissingReferenceError(
+            f"reward 'reasoning_gym' scores with the task's own scorer and needs the {REASONING_GYM_ENTRY!r} column "
+            "that --data.train reasoning_gym:NAME writes; train on a reasoning-gym task or use another reward")
+    try:
+        import reasoning_gym
+    except ImportError as error:
+        raise ImportError('the reasoning_gym reward needs the package: pip install "winnow[reasoning-gym]"') from error
+    scores = []
+    for completion, text in zip(completions, entries):
+        entry = json.loads(text)
+        score_answer = reasoning_gym.get_score_answer_fn(entry["metadata"]["source_dataset"])
+        scores.append(float(score_answer(final_answer(completion), entry)))
+    return scores
