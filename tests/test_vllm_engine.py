@@ -345,3 +345,10 @@ def test_online_dpo_and_eval_run_on_the_vllm_engine(tmp_path):
                          text=True).stdout
     accuracy = [line for line in out.splitlines() if line.startswith("eval/greedy_accuracy:")]
     assert len(accuracy) == 1 and 0.0 <= float(accuracy[0].split(":")[1]) <= 1.0
+    # SFT's held-out evaluation samples with vLLM, which gets the learner's weights before each evaluation
+    subprocess.run([sys.executable, "-m", "winnow.cli", "sft", *vllm_flags, "--data.train", "arithmetic",
+                    "--num-steps", "2", "--batch-size", "8", "--eval.every", "1", "--eval.max-prompts", "8",
+                    "--max-tokens", "4", "--logging.no-progress", "--output-dir", str(tmp_path), "--run-name", "sft",
+                    "--no-save-final"], check=True, timeout=300)
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/greedy_accuracy" in r] == [0, 1, 2]

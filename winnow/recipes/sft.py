@@ -20,7 +20,9 @@ from typing import Literal
 from winnow.data import DataConfig, load_prompts
 from winnow.data.chat import conversation_prompt, is_chat_source, load_conversations, render_conversation
 from winnow.engines.static_decode import SUPPORTED_MODEL_TYPES
+from winnow.engines import make_engine
 from winnow.engines.hf import HFEngine
+from winnow.engines.vllm import VLLMEngineConfig
 from winnow.learner.batch import make_chat_batch, make_sft_batch
 from winnow.learner.learner import Learner, LearnerConfig
 from winnow.learner.lora import LoraConfig, apply_lora
@@ -50,6 +52,11 @@ class SFTConfig(RunConfig):
     """judges held-out accuracy during SFT (the first reward function is the verifier)"""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(every=100, k=0))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    engine_backend: Literal["hf", "vllm"] = "hf"
+    """what samples the held-out answers: "hf" (embedded) or "vllm" (loads --model.path once, gets the learner's
+    weights before each evaluation; settings in `vllm_engine`)"""
+    vllm_engine: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
+    """settings of the vllm engine, used when engine_backend is \"vllm\""""
     batch_size: int = 64
     """sequences per optimizer step"""
     num_steps: int = 500
@@ -125,9 +132,12 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None) -> Path:
         examples = sft_pairs(load_prompts(config.data, tokenizer, "train"), tokenizer)
         make_batch = partial(make_sft_batch, pad_token_id=tokenizer.pad_token_id)
         eval_prompts, heldout = load_prompts(config.data, tokenizer, "eval")[: config.eval.max_prompts], None
-    # With LoRA the evaluation engine holds a plain copy of the model and gets the merged weights before each
+    # With LoRA (or vLLM) the evaluation engine holds its own copy of the model and gets the (merged) weights before each
     # evaluation (as the RL actor does); otherwise it wraps the learner's current model.
-    lora_engine = HFEngine(model, tokenizer, device=device) if config.lora.enabled else None
+    synced_engine = HFEngine(model, tokenizer, device=device) if config.lora.enabled else None
+    if config.engine_backend == "vllm":  # loads --model.path itself; synced like the LoRA engine before each eval
+        synced_engine = make_engine("vllm", None, tokenizer, model_path=config.model.path,
+                                  tokenizer_path=config.model.tokenizer, vllm=config.vllm_engine)
     learner = Learner(apply_lora(model, config.lora), config.learner, config.num_steps, device=device)
     oracle = make_oracle(config.oracle, needs="reward")
     run_dir = open_run(config, "sft", learner.is_main)
@@ -138,8 +148,8 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None) -> Path:
             eval_prompts=eval_prompts if learner.is_main else [], eval_config=config.eval,
             max_tokens=config.max_tokens, seed=config.seed, heldout=heldout,
             # a fresh engine on the current weights at each evaluation (the model is small next to a sync)
-            eval_engine=lambda: HFEngine(learner.model, tokenizer, device=learner.device) if lora_engine is None
-            else _synced(lora_engine, learner))
+            eval_engine=lambda: HFEngine(learner.model, tokenizer, device=learner.device) if synced_engine is None
+            else _synced(synced_engine, learner))
         return Loop(family, learner=learner, actor=None, num_iterations=config.num_steps,
                     eval_every=config.eval.every, logger=logger, run_dir=run_dir, progress=bar)
 
@@ -150,6 +160,6 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None) -> Path:
     return finish(config, run_dir, learner, tokenizer)
 
 
-def _synced(engine: HFEngine, learner: Learner) -> HFEngine:
+def _synced(engine, learner: Learner):
     sync_weights(learner, engine)
     return engine
