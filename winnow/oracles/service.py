@@ -16,6 +16,7 @@ from mosec.mixin import MsgpackMixin
 
 from winnow.oracles import wire
 from winnow.oracles.serve import load_config_from_env, score_requests
+from winnow.oracles.workers import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class _Ingress(Worker):
 
     def __init__(self) -> None:
         super().__init__()
+        die_with_parent()  # a `kill -9` of `winnow serve-oracle` takes this worker with it
         config = load_config_from_env()
         self.token = os.environ.get(config.token_env) or None
         self.max_items = config.max_items_per_request
@@ -65,6 +67,10 @@ class CompareIngress(_Ingress):
 class HealthIngress(Worker):
     """Any body, no token: the reply only says the pipeline is up and which rewards it serves."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        die_with_parent()
+
     def deserialize(self, data: bytes) -> Any:
         return None
 
@@ -77,6 +83,7 @@ class OracleWorker(MsgpackMixin, Worker):
 
     def __init__(self) -> None:
         super().__init__()
+        die_with_parent()
         from winnow.oracles import make_oracle
 
         # Mosec starts workers as daemonic processes, which multiprocessing forbids to have children; the
