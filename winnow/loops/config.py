@@ -27,6 +27,9 @@ class RolloutConfig:
     drop_uniform_groups: bool = False
     """drop groups whose rewards are all equal (they carry no signal with group baselines; DAPO's
     dynamic sampling without the refill); ignored by objectives without a group baseline (ppo)"""
+    max_idle_iterations: int = 5
+    """iterations in a row that train nothing (every sample unscored, every group uniform) before the run stops
+    with an error saying why; a run that trains nothing at all is an error too"""
 
     @property
     def samples_per_iteration(self) -> int:

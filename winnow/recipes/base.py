@@ -88,6 +88,27 @@ def load_splits(config: OnlineRunConfig, tokenizer, max_eval: int | None) -> tup
     return train_prompts, eval_prompts
 
 
+def check_batching(config: OnlineRunConfig, units_per_iteration: int, unit: str) -> None:
+    """Refuse at start-up mini-batches that could never all be filled: each optimizer step needs at least one
+    `unit` (a sample, a pair) of the `units_per_iteration` an iteration yields at most."""
+    if config.learner.num_mini_batches > units_per_iteration:
+        raise ValueError(f"--learner.num-mini-batches {config.learner.num_mini_batches} is more than the "
+                         f"{units_per_iteration} {unit}s an iteration yields: lower it, or raise "
+                         f"--rollout.prompts-per-iteration")
+    if config.rollout.max_idle_iterations < 1:
+        raise ValueError(f"--rollout.max-idle-iterations {config.rollout.max_idle_iterations} must be >= 1")
+
+
+def check_answers(oracle: Any, prompts: list[Prompt], data: str) -> None:
+    """At load time, not mid-run: every prompt has a reference answer when a reward compares with one."""
+    names = getattr(oracle, "reference_rewards", [])
+    missing = [p.index for p in prompts if p.reference is None]
+    if names and missing:
+        raise ValueError(f"reward {names[0]!r} compares responses with reference answers, but {len(missing)} of "
+                         f"{len(prompts)} rows of {data!r} have none (first: row {missing[0]}); set "
+                         f"--data.answer-column to the column that holds them, or fix those rows")
+
+
 def build_learner(policy: torch.nn.Module, config, *, total_steps: int, needs_reference: bool, temperature: float,
                   device: torch.device) -> Learner:
     """The policy's learner: LoRA adapters when asked (their reference is the adapters off, no copy), else a
