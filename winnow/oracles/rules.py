@@ -98,3 +98,8 @@ def closeness_reward(
         is_integer = text.lstrip("-").isdigit() and text.count("-") <= 1
         scores.append(-min(abs(int(text) - int(answer)), CLOSENESS_CAP) if is_integer else -CLOSENESS_CAP)
     return [float(s) for s in scores]
+
+
+# Rewards that compare with the reference answer: a run checks at load time that every row has one.
+exact_match_reward.needs_reference = True  # type: ignore[attr-defined]
+closeness_reward.needs_reference = True  # type: ignore[attr-defined]
