@@ -183,7 +183,8 @@ class Loop:
 
     def line(self, row: dict[str, float]) -> str:
         """The iteration's one-line summary for a log file: its number, then reward, loss and eval numbers."""
-        shown = "  ".join(f"{_short(k)} {v:.4g}" for k, v in row.items() if _is_shown(k))
+        names = {"reward/mean": "reward", "train/loss": "loss"}
+        shown = "  ".join(f"{names.get(k) or _short(k)} {v:.4g}" for k, v in row.items() if _is_shown(k))
         return f"iteration {self.counters.iteration}/{self.num_iterations}  {shown}".rstrip()
 
 

@@ -3,6 +3,7 @@ and the steps of building and finishing a run. A recipe module (rl.py, preferenc
 only its own config and how it wires the parts into a loop."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from winnow.config import save_config
 from winnow.data import DataConfig, load_prompts
@@ -146,7 +148,9 @@ def run_loop(config, run_dir: Path, learner: Learner, make_loop: Callable[[Any, 
     is_main = learner.is_main
     with (MetricsLogger(run_dir, config.logging, run_dir.name, dataclasses.asdict(config)) if is_main
           else _NullLogger()) as logger, \
-            progress(total, desc=desc, enabled=config.logging.progress and is_main) as bar:
+            progress(total, desc=desc, enabled=config.logging.progress and is_main) as bar, \
+            (contextlib.nullcontext() if bar.disable else logging_redirect_tqdm()):
+        # Under a drawn bar, log records go through tqdm.write, above the bar, instead of tearing it.
         return make_loop(logger, bar).run()
 
 
