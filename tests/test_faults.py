@@ -259,6 +259,7 @@ def test_debug_shows_the_traceback(tmp_path):
     (["--learner.num-mini-batches", "9"], "--learner.num-mini-batches 9 is more than the 8 samples an iteration "
                                           "yields"),
     (["--learner.micro-batch-size", "0"], "--learner.micro-batch-size 0 must be >= 1"),
+    (["--rollout.num-samples", "0"], "--rollout.num-samples 0 must be >= 1"),
 ])
 def test_config_errors_name_the_flag_and_exit_2(capsys, model_dir, tmp_path, flags, message):
     code, _, err = _cli(capsys, *_train_args(model_dir, tmp_path, *flags))

@@ -97,8 +97,6 @@ def check_batching(config: OnlineRunConfig, units_per_iteration: int, unit: str)
         raise ValueError(f"--learner.num-mini-batches {config.learner.num_mini_batches} is more than the "
                          f"{units_per_iteration} {unit}s an iteration yields: lower it, or raise "
                          f"--rollout.prompts-per-iteration")
-    if config.rollout.max_idle_iterations < 1:
-        raise ValueError(f"--rollout.max-idle-iterations {config.rollout.max_idle_iterations} must be >= 1")
 
 
 def check_answers(oracle: Any, prompts: list[Prompt], data: str) -> None:
