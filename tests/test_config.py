@@ -56,7 +56,7 @@ def test_resolved_config_round_trips(tmp_path):
         ({"num_iterations": "ten"}, "num_iterations must be int"),
         ({"rollout": {"stop": "</answer>"}}, "rollout.stop must be a list"),
         ({"algo": {"loss_agg": "sum"}}, "loss_agg"),
-        ({"learner": {"lr_schedule": "exp"}}, "lr_schedule"),
+        ({"learner": {"lr_schedule": "exp"}}, "--learner.lr-schedule"),
     ],
 )
 def test_bad_config_values_give_clear_errors(data, message):

@@ -86,7 +86,11 @@ def test_both_run_through_the_cli(registered, tiny_model_dir, tmp_path):
     last = read_metrics(tmp_path / "rpp")[-1]
     # one sample per prompt: a group baseline would train nothing, the batch baseline trains every sample
     assert last["counts/optimizer_steps"] == 2 and last["rollout/trained_samples"] == 4
+    # the untrained model never answers right, so exact match would tie every pair and train nothing (an
+    # error): a reward that tells responses apart
+    (tmp_path / "rewards.py").write_text("def reward(prompts, completions, **columns):\n"
+                                         "    return [float(sum(map(ord, c)) % 3) for c in completions]\n")
     main(["train", "dpo", "--pairs.selection", "length", "--rollout.num-samples", "4", "--run-name", "len",
-          "--learner.micro-batch-size", "8", *common])
+          "--learner.micro-batch-size", "8", "--oracle.rewards", f"{tmp_path / 'rewards.py'}:reward", *common])
     rows = read_metrics(tmp_path / "len")
     assert "explore/shorter_win_rate" in rows[-1] and rows[-1]["counts/oracle_queries"] == 2 * 4

@@ -85,11 +85,14 @@ def test_learning_rate_schedules():
 
 
 def test_learner_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="lr_schedule"):
+    # messages name the flag that fixes them, not the internal field
+    with pytest.raises(ValueError, match="--learner.lr-schedule 'exponential'"):
         LearnerConfig(lr_schedule="exponential")
-    with pytest.raises(ValueError, match="micro_batch_size"):
+    with pytest.raises(ValueError, match="--learner.micro-batch-size 0 must be >= 1"):
         LearnerConfig(micro_batch_size=0)
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="--learner.max-bad-steps 0 must be >= 1"):
+        LearnerConfig(max_bad_steps=0)
+    with pytest.raises(ValueError, match="--learner.lr -1.0 must be > 0"):
         LearnerConfig(lr=-1.0)
 
 

@@ -21,8 +21,30 @@ import sys
 USAGE = __doc__.split("\n\n")[1]
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+"""Errors in what the user gave (config, data, paths): one winnow message and exit status 2, no traceback."""
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run a command. A user error prints `winnow: error: MESSAGE` and exits 2; a run that a guard stopped
+    (nothing trained, non-finite losses in a row, a reward function that always fails) prints
+    `winnow: stopped: MESSAGE` and exits 1. `--debug` (anywhere) shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    is_debug = "--debug" in argv or os.environ.get("WINNOW_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        _main(argv)
+    except Exception as e:
+        if is_debug:
+            raise
+        stopped = type(e).__name__ in ("NothingTrainedError", "NonFiniteLossError", "OracleUnavailableError")
+        if not stopped and not isinstance(e, USER_ERRORS):
+            raise
+        print(f"winnow: {'stopped' if stopped else 'error'}: {e}\n(--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(1 if stopped else 2) from None
+
+
+def _main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print("usage: winnow COMMAND ...\n\n" + USAGE + "\n\nRun `winnow COMMAND --help` for a command's flags.")

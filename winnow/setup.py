@@ -72,6 +72,21 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
+def check_model_path(path: str, flag: str) -> None:
+    """Refuse at once a local path that does not exist, rather than let `from_pretrained` take it for a hub id
+    and retry the hub for a minute. A hub id is `name` or `org/name`; anything else (absolute, relative with
+    ./ or ../, ~, or more than one /) is a directory, and so is any path when HF_HUB_OFFLINE is set."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise NotADirectoryError(f"{flag} {path} is a file; pass the model's directory (with config.json)")
+        return
+    looks_local = (path.startswith(("/", "./", "../", "~", ".\\")) or path.count("/") > 1
+                   or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"))
+    if looks_local:
+        raise FileNotFoundError(f"{flag} {path}: the directory does not exist")
+
+
 def load_policy(model_config) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The policy model (fp32, on CPU; the learner moves it) and its tokenizer."""
     if model_config.path is None:
@@ -79,6 +94,9 @@ def load_policy(model_config) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]
             "no model given: pass --model.path (a hub id or a local directory); "
             "`winnow quickstart` builds a tiny one to start from"
         )
+    check_model_path(model_config.path, "--model.path")
+    if model_config.tokenizer:
+        check_model_path(model_config.tokenizer, "--model.tokenizer")
     tokenizer = load_tokenizer(model_config.tokenizer or model_config.path, model_config.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         model_config.path, dtype=torch.float32, trust_remote_code=model_config.trust_remote_code

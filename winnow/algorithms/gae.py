@@ -179,7 +179,9 @@ def clipped_value_loss(
     if clip is None:
         per_token, is_clipped = 0.5 * unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
     else:
-        clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+        # Clamp V itself, not `old + clamp(V - old)`: in float32 `old + (V - old)` is often not V, which made
+        # tokens inside the range count as clipped (V=0.017999952659, old=0.2, c=0.2 counted 1, is 0).
+        clipped_values = values.clamp(min=old_values - clip, max=old_values + clip)
         clipped = (clipped_values - returns).pow(2)  # [B, T]
         per_token = 0.5 * torch.maximum(unclipped, clipped)
         is_clipped = clipped > unclipped

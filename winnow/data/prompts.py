@@ -283,6 +283,7 @@ def _render(source: _Rows, config: DataConfig, tokenizer: Any) -> list[Prompt]:
         texts.append(apply_template(config.template, question, tokenizer))
         kept.append((index, row))
     token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    _check_encodable(texts, token_ids, kept, source, tokenizer)
     prompts, too_long = [], []
     for text, ids, (index, row) in zip(texts, token_ids, kept):
         if len(ids) > config.max_prompt_tokens:
@@ -304,6 +305,27 @@ def _render(source: _Rows, config: DataConfig, tokenizer: Any) -> list[Prompt]:
             f"{config.max_prompt_tokens}; raise --data.max-prompt-tokens"
         )
     return prompts
+
+
+def _check_encodable(texts: list[str], token_ids: list[list[int]], kept: list[tuple[int, dict]], source: _Rows,
+                     tokenizer: Any) -> None:
+    """Warn (with the count and an example) about prompts holding characters the tokenizer cannot encode (they
+    become its unknown token); refuse a prompt left with no known token at all."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    lossy = []
+    for text, ids, (index, _) in zip(texts, token_ids, kept):
+        known = [i for i in ids if i != unk]
+        if not known:
+            raise ValueError(f"{source.origin}, row {index}: the prompt {text[:80]!r} is empty once tokenized: the "
+                             f"tokenizer knows none of its characters; fix the row, or use a model whose tokenizer "
+                             f"covers the data (--model.tokenizer)")
+        if len(known) < len(ids):
+            lossy.append((index, text))
+    if lossy:
+        index, text = lossy[0]
+        logger.warning("%d of %d prompts from %s hold characters the tokenizer cannot encode (they become %r); "
+                       "the first: row %d, %.80r", len(lossy), len(texts), source.origin,
+                       getattr(tokenizer, "unk_token", None), index, text)
 
 
 def _check_question(question: Any, index: int, source: _Rows, template: str) -> None:

@@ -35,7 +35,8 @@ def evaluate_accuracy(
 
     A response is correct when the *first* reward function of the oracle (the verifier; format or shaping
     rewards come after it) gives at least `correct_threshold`. Responses the oracle could not score are
-    counted in `eval/num_unscored` and left out of the mean, never counted as wrong.
+    counted in `eval/<run>_num_unscored` and left out of the mean, never counted as wrong; when none could be
+    scored the accuracy is absent, not 0.
     """
     metrics: dict[str, float] = {}
     samples: list[dict] = []
@@ -51,7 +52,8 @@ def evaluate_accuracy(
         repeated = [p for p in prompts for _ in range(params.n)]
         correct = _correct(oracle, repeated, completions, correct_threshold)
         scored = [c for c in correct if c is not None]
-        metrics[f"eval/{name}_accuracy"] = sum(scored) / max(len(scored), 1)
+        if scored:  # no scored response: no accuracy at all, rather than a made-up 0
+            metrics[f"eval/{name}_accuracy"] = sum(scored) / len(scored)
         metrics[f"eval/{name}_response_tokens"] = sum(c.num_tokens for c in completions) / len(completions)
         metrics[f"eval/{name}_num_unscored"] = float(len(correct) - len(scored))
         if name == "greedy":

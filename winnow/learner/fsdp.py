@@ -58,6 +58,9 @@ class FSDP2Strategy(DataParallel):
 
     def optimizer_step(self) -> float:
         grad_norm = clip_grad_norm(self.model, self.max_grad_norm)
+        if not torch.isfinite(grad_norm):  # never applied: the learner counts it as skipped
+            self.zero_grad()
+            return float(grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         return float(grad_norm)

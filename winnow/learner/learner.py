@@ -21,6 +21,7 @@ sharded parameters need.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,6 +34,13 @@ from winnow.learner.lora import adapters_off, is_lora, merged_weights, save_merg
 from winnow.learner.logprobs import sequence_logprobs
 from winnow.learner.strategy import StrategyConfig, make_strategy
 from winnow.types import TrainBatch
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """`max_bad_steps` optimizer steps in a row had a NaN/inf loss or gradient norm."""
+
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 """`loss_fn(logprobs [b, T], micro_batch, *, num_sequences, num_tokens) -> (scalar loss, metrics)`; the
@@ -71,6 +79,9 @@ class LearnerConfig:
     """optimizer steps per epoch: the iteration's samples are split into this many mini-batches"""
     num_epochs: int = 1
     """passes over the iteration's samples (PPO epochs); >1 reuses samples with the clipped ratio"""
+    max_bad_steps: int = 3
+    """optimizer steps in a row whose loss or gradient norm is NaN/inf before the run stops with an error; each
+    such step is skipped (never applied) and counted as `train/skipped_steps`"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
     compile: bool = False
@@ -86,12 +97,12 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in _SCHEDULES:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r}; use one of {sorted(_SCHEDULES)}")
-        for name in ("micro_batch_size", "num_mini_batches", "num_epochs"):
+            raise ValueError(f"--learner.lr-schedule {self.lr_schedule!r}: use one of {sorted(_SCHEDULES)}")
+        for name in ("micro_batch_size", "num_mini_batches", "num_epochs", "max_bad_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"learner.{name}={getattr(self, name)} must be >= 1")
+                raise ValueError(f"--learner.{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
         if self.lr <= 0:
-            raise ValueError(f"learner.lr={self.lr} must be > 0")
+            raise ValueError(f"--learner.lr {self.lr} must be > 0")
         if self.compile and self.strategy != "single":
             raise ValueError(f"learner.compile works with strategy 'single', not {self.strategy!r}: "
                              "drop --learner.compile or train on one device")
@@ -155,6 +166,10 @@ class Learner:
         self.ref_model = None if ref_model is None else self.strategy.wrap_frozen(ref_model)
         self.temperature = temperature
         self.num_steps = 0
+        """optimizer steps applied (a skipped step is not one)"""
+        self.num_skipped_steps = 0
+        """optimizer steps skipped because their loss or gradient norm was not finite"""
+        self.num_bad_steps_in_a_row = 0
         # Sharded strategies gather parameters in the root module's forward, so they keep the full forward.
         self.fused_head = config.fused_logprobs and config.strategy == "single"
         # What the trained model computes per token: the policy's logprobs, or a critic's values.
@@ -219,9 +234,33 @@ class Learner:
         if self.strategy.world_size > 1:  # ... and across ranks: one all-reduce for all of them
             summed = self.strategy.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64))
             totals = dict(zip(totals, summed.tolist()))
-        grad_norm = self.strategy.optimizer_step()
-        self.num_steps += 1
-        return {**totals, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+        lr = self.scheduler.get_last_lr()[0]
+        # A non-finite loss (the same on every rank: it was all-reduced) is never stepped on; a non-finite
+        # gradient norm (global) makes the strategy skip the step itself. Either way nothing is applied.
+        if math.isfinite(totals["loss"]):
+            grad_norm = float(self.strategy.optimizer_step())
+        else:
+            self.strategy.zero_grad()
+            grad_norm = math.nan
+        is_bad = not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm))
+        self._count_step(is_bad, totals["loss"], grad_norm)
+        return {**totals, "grad_norm": grad_norm, "lr": lr, "skipped_steps": float(is_bad)}
+
+    def _count_step(self, is_bad: bool, loss: float, grad_norm: float) -> None:
+        """Count an applied or skipped step; `max_bad_steps` skipped in a row stop the run."""
+        if not is_bad:
+            self.num_steps += 1
+            self.num_bad_steps_in_a_row = 0
+            return
+        self.num_skipped_steps += 1
+        self.num_bad_steps_in_a_row += 1
+        log.warning("optimizer step skipped: loss %s, gradient norm %s (%d in a row)", loss, grad_norm,
+                    self.num_bad_steps_in_a_row)
+        if self.num_bad_steps_in_a_row >= self.config.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{self.num_bad_steps_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
+                f"(last: loss {loss}, gradient norm {grad_norm}); none was applied. Lower --learner.lr, check "
+                f"the rewards and the data, or allow more with --learner.max-bad-steps")
 
     def train_policy(
         self, batch: TrainBatch, loss_fn: LossFn, needs_reference: bool = False,
@@ -251,11 +290,17 @@ class Learner:
             order = torch.randperm(batch.batch_size // rows_per_unit, device=self.device)
             # tensor_split: exactly num_mini_batches steps on every rank, however few units it holds
             for units in order.tensor_split(self.config.num_mini_batches):
+                # Fewer units than mini-batches (groups were dropped) leaves some empty: no step, no crash.
+                if self.strategy.all_reduce_max(len(units)) == 0:
+                    continue
                 mini_batch = batch.select(_unit_rows(units, rows_per_unit))
                 steps.append(self.train_step(mini_batch, loss_fn, rows_per_unit))
                 if on_mini_batch is not None:
                     steps[-1].update(on_mini_batch(mini_batch))
-        return {key: sum(s[key] for s in steps) / len(steps) for key in steps[0]}
+        if not steps:
+            raise ValueError("train_policy got an empty batch: nothing to train on")
+        means = {key: sum(s[key] for s in steps) / len(steps) for key in steps[0]}
+        return {**means, "skipped_steps": sum(s["skipped_steps"] for s in steps)}  # a count, not a mean
 
     def predict(self, batch: TrainBatch) -> torch.Tensor:
         """The trained model's own per-token outputs (`forward`: logprobs, or a critic's values) without

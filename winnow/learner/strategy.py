@@ -69,7 +69,8 @@ class Strategy(Protocol):
     def zero_grad(self) -> None: ...
     def backward(self, loss: torch.Tensor, *, is_last_micro_batch: bool) -> None: ...
     def optimizer_step(self) -> float:
-        """Clip, step optimizer and scheduler; returns the global gradient norm before clipping."""
+        """Clip, step optimizer and scheduler; returns the global gradient norm before clipping. A non-finite
+        norm skips the step (optimizer and scheduler untouched, gradients dropped)."""
         ...
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor: ...
     def all_reduce_max(self, value: int) -> int: ...
@@ -117,6 +118,9 @@ class SingleDevice:
 
     def optimizer_step(self) -> float:
         grad_norm = clip_grad_norm(self.model, self.max_grad_norm)
+        if not torch.isfinite(grad_norm):  # never applied: the learner counts it as skipped
+            self.zero_grad()
+            return float(grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         return float(grad_norm)

@@ -105,13 +105,17 @@ class Loop:
 
     def __init__(self, family: Family, *, learner: PolicyLearner, actor: Actor | None, num_iterations: int,
                  eval_every: int, sync: SyncConfig | None = None, probe: list[list[int]] | None = None,
-                 seed: int = 0, logger: Any, run_dir: Path, progress=None, checkpointer: Checkpointer | None = None):
+                 seed: int = 0, logger: Any, run_dir: Path, progress=None, checkpointer: Checkpointer | None = None,
+                 max_idle_iterations: int = 5):
         self.family, self.learner, self.actor = family, learner, actor
         self.num_iterations, self.eval_every = num_iterations, eval_every
         self.sync_config, self.probe, self.seed = sync or SyncConfig(), probe or [], seed
         self.logger, self.run_dir, self.progress = logger, run_dir, progress
         self.checkpointer = checkpointer
+        self.max_idle_iterations = max_idle_iterations
         self.history: list[dict[str, float]] = []
+        self.num_idle_in_a_row = 0
+        self.num_trained_iterations = 0
 
     @property
     def counters(self) -> Counters:
@@ -134,6 +138,9 @@ class Loop:
                     self.checkpointer.save(iteration, self.family)
                 if signum is not None:
                     self.interrupted(iteration, signum)
+        if self.num_iterations > start and self.num_trained_iterations == 0:
+            raise NothingTrainedError(f"no iteration of {self.num_iterations - start} trained anything: "
+                                      f"{self._idle_reason()}")
         return self.history
 
     def resume(self) -> int:
@@ -162,6 +169,7 @@ class Loop:
         self.counters.iteration = iteration
         timer = PhaseTimer()
         batch, metrics = self.family.collect(iteration, timer)
+        self._check_idle(batch)
         if batch is not None:
             with timer("train"):
                 if self.actor is not None:
@@ -176,6 +184,21 @@ class Loop:
             with timer("eval"):
                 metrics.update(self.evaluate())
         return self.log(metrics, timer)
+
+    def _check_idle(self, batch: TrainBatch | None) -> None:
+        """Count iterations whose batch carries no reward signal (none at all, or only zero advantages: the
+        family says why in `idle_reason`); `max_idle_iterations` in a row stop the run with that reason."""
+        if batch is not None and not getattr(self.family, "idle_reason", ""):
+            self.num_idle_in_a_row = 0
+            self.num_trained_iterations += 1
+            return
+        self.num_idle_in_a_row += 1
+        if self.num_idle_in_a_row >= self.max_idle_iterations:
+            raise NothingTrainedError(f"{self.num_idle_in_a_row} iterations in a row trained nothing: "
+                                      f"{self._idle_reason()} (--rollout.max-idle-iterations allows more)")
+
+    def _idle_reason(self) -> str:
+        return getattr(self.family, "idle_reason", "") or "no batch had anything to train on"
 
     def evaluate(self) -> dict[str, float]:
         """The family's evaluation; its samples go to RUN_DIR/samples/eval_<iteration>.jsonl."""
@@ -203,7 +226,19 @@ class Loop:
         if self.progress is not None:
             self.progress.update(0 if self.counters.iteration == 0 else 1)
             self.progress.set_postfix({_short(k): f"{v:.3f}" for k, v in row.items() if _is_shown(k) and v == v})
+            if self.progress.disable and self.learner.is_main:  # no bar (stderr is a file): one line each
+                print(self.line(row), flush=True)
         return row
+
+    def line(self, row: dict[str, float]) -> str:
+        """The iteration's one-line summary for a log file: its number, then reward, loss and eval numbers."""
+        names = {"reward/mean": "reward", "train/loss": "loss"}
+        shown = "  ".join(f"{names.get(k) or _short(k)} {v:.4g}" for k, v in row.items() if _is_shown(k))
+        return f"iteration {self.counters.iteration}/{self.num_iterations}  {shown}".rstrip()
+
+
+class NothingTrainedError(RuntimeError):
+    """The run trained nothing for `max_idle_iterations` iterations in a row, or at all; the message says why."""
 
 
 def _is_shown(key: str) -> bool:

@@ -29,6 +29,24 @@ class RolloutConfig:
     drop_uniform_groups: bool = False
     """drop groups whose rewards are all equal (they carry no signal with group baselines; DAPO's
     dynamic sampling without the refill); ignored by objectives without a group baseline (ppo)"""
+    max_idle_iterations: int = 5
+    """iterations in a row that train nothing (every sample unscored, every group uniform) before the run stops
+    with an error saying why; a run that trains nothing at all is an error too"""
+
+    def __post_init__(self) -> None:
+        """Refuse bad values here, naming the flag, rather than later as SamplingParams' fields (`n=0`)."""
+        problems = []
+        for name in ("prompts_per_iteration", "num_samples", "max_tokens", "max_idle_iterations"):
+            if getattr(self, name) < 1:
+                problems.append(f"--rollout.{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        if self.temperature < 0:
+            problems.append(f"--rollout.temperature {self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"--rollout.top-p {self.top_p} must be in (0, 1]")
+        if self.top_k == 0 or self.top_k < -1:
+            problems.append(f"--rollout.top-k {self.top_k} must be -1 (off) or a positive integer")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @property
     def samples_per_iteration(self) -> int:

@@ -53,6 +53,8 @@ class PreferenceFamily:
         self.prompts, self.eval_prompts, self.seed, self.pad_token_id = prompts, eval_prompts, seed, pad_token_id
         self.eval_references = reference_responses(eval_prompts, eval_config.reference_column)
         self.counters = PreferenceCounters()
+        self.idle_reason = ""
+        """why the last collected batch has no pair to train on ("" when it has); read by the loop's guard"""
 
     def collect(self, iteration: int, timer: PhaseTimer) -> tuple[TrainBatch | None, dict[str, float]]:
         prompts = next(self.prompts)
@@ -83,6 +85,10 @@ class PreferenceFamily:
             "rollout/truncated_fraction": _mean([x.finish_reason == "length" for x in completions]),
             **judge.metrics,
         })
+        self.idle_reason = "" if pairs else (
+            f"every pair was tied ({int(metrics['pref/tied'])}) or unjudged ({int(metrics['pref/unjudged'])}): the "
+            f"oracle told no two responses apart; raise --rollout.num-samples or --rollout.temperature, or use an "
+            f"oracle that separates them")
         return (make_pair_batch(pairs, self.pad_token_id) if pairs else None), metrics
 
     def train(self, batch: TrainBatch) -> dict[str, float]:

@@ -59,6 +59,9 @@ class RLFamily:
         self.rollout, self.eval_config, self.prompts, self.eval_prompts = rollout, eval_config, prompts, eval_prompts
         self.seed, self.pad_token_id, self.critic = seed, pad_token_id, critic
         self.counters = RolloutCounters()
+        self.idle_reason = ""
+        """why the last collected batch carries no reward signal ("" when it does); the loop stops a run that
+        stays idle for `rollout.max_idle_iterations` iterations"""
 
     # ------------------------------------------------------------------ the family's phases
 
@@ -136,7 +139,7 @@ class RLFamily:
         is dropped (and with `drop_uniform_groups` a flat group too); without one every scored sample is kept."""
         group_baseline = self.objective.uses_group_baseline
         completions, rewards, group_index = [], [], []
-        num_uniform = num_small = 0
+        num_uniform = num_small = num_dropped_uniform = 0
         for i, group in enumerate(groups):
             scored = [(c, r) for c, r in zip(group.completions, group.rewards) if r is not None]
             if len(scored) < (2 if group_baseline else 1):
@@ -145,21 +148,44 @@ class RLFamily:
             if all(r == scored[0][1] for _, r in scored):
                 num_uniform += 1
                 if self.rollout.drop_uniform_groups and group_baseline:
+                    num_dropped_uniform += 1
                     continue
             completions.extend(c for c, _ in scored)
             rewards.extend(r for _, r in scored)
             group_index.extend([i] * len(scored))
-        metrics = {"rollout/uniform_groups": float(num_uniform), "rollout/dropped_groups": float(num_small),
+        metrics = {"rollout/uniform_groups": float(num_uniform),
+                   "rollout/dropped_groups": float(num_small + num_dropped_uniform),
                    "rollout/trained_samples": float(len(completions))}
+        self.idle_reason = self._idle_reason(groups, num_small, num_uniform)
         if not completions:
             return None, metrics
-        batch = make_train_batch(completions, None, torch.tensor(rewards, dtype=torch.float32), self.pad_token_id,
+        reward_tensor = torch.tensor(rewards, dtype=torch.float32)  # [B]
+        if not torch.isfinite(reward_tensor).all():
+            worst = max(rewards, key=abs)
+            raise ValueError(f"a reward of {worst!r} does not fit a float32 (|r| < 3.4e38): rewards must be finite "
+                             f"numbers of a sane scale; fix the reward function or its weight (--oracle.rewards)")
+        batch = make_train_batch(completions, None, reward_tensor, self.pad_token_id,
                                  group_index=torch.tensor(group_index))
         if self.objective.needs_critic:
             batch = self.value(batch)
         result = self.objective.advantages(batch)
         batch.advantages, batch.returns = result.values, result.returns
         return batch, {**metrics, **result.metrics}
+
+    def _idle_reason(self, groups: list[Group], num_small: int, num_uniform: int) -> str:
+        """Why this iteration's batch carries no reward signal ("" when it does): read by the loop's guard."""
+        num_samples = sum(len(g.rewards) for g in groups)
+        num_unscored = sum(r is None for g in groups for r in g.rewards)
+        if num_unscored == num_samples:
+            return ("every sample was unscored: the oracle could not score any response (see its errors above); "
+                    "check --oracle.rewards and the answer column (--data.answer-column)")
+        if num_small == len(groups):
+            return ("no group kept two scored samples, which a group baseline needs: raise --rollout.num-samples "
+                    "or fix what leaves samples unscored")
+        if self.objective.uses_group_baseline and num_small + num_uniform == len(groups):
+            return ("every group's rewards were equal, so every advantage is 0: the task is too hard or too easy "
+                    "for the policy; raise --rollout.num-samples, use a denser reward, or warm-start the model")
+        return ""
 
     def value(self, batch: TrainBatch) -> TrainBatch:
         """A critic objective's inputs: the critic's values, and the policy's (and reference's) logprobs taken

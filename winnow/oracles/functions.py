@@ -130,10 +130,11 @@ class FunctionOracle:
 
     Failures, by kind: a function that raises is called again on the whole batch, after `retry_backoff`,
     then twice that, ... up to `max_retries` times; then its completions are unscored (None) and the error
-    is logged. Completions a function itself returned None for (a grader timeout) get one more try each,
-    together in one smaller call (so a grader pool retries them in parallel). A completion is unscored when
-    any component is. A function that breaks the contract (wrong
-    length, a non-number, a missing reference column) raises at once: that is a bug, not bad luck.
+    is logged; `max_failed_calls` such calls in a row (a function that fails on every call) raise
+    `RewardFunctionError` with the last error instead of leaving batch after batch unscored. Completions a
+    function itself returned None for (a grader timeout) get one more try each, together in one smaller call (so a grader pool retries them in parallel). A completion is unscored when
+    any component is. A function that breaks the contract (wrong length, a non-number, a missing reference
+    column, finite scores whose weighted sum overflows to inf) raises at once: that is a bug, not bad luck.
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class FunctionOracle:
         functions: Sequence[tuple[str, RewardFunction, float]],
         max_retries: int = 2,
         retry_backoff: float = 0.5,
+        max_failed_calls: int = 3,
     ) -> None:
         names = [name for name, _, _ in functions]
         if not functions:
@@ -157,6 +159,13 @@ class FunctionOracle:
         self.functions = list(functions)
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
+        self.max_failed_calls = max_failed_calls
+        self._failed_calls: dict[str, int] = {}  # calls in a row on which a function raised every attempt
+
+    @property
+    def reference_rewards(self) -> list[str]:
+        """The functions that need a reference answer for every completion (`fn.needs_reference`)."""
+        return [name for name, fn, _ in self.functions if getattr(fn, "needs_reference", False)]
 
     def reward(
         self,
@@ -180,7 +189,12 @@ class FunctionOracle:
         for i in range(len(batch)):
             parts = [(weight, components[name][i]) for name, _, weight in self.functions]
             is_scored = all(s is not None for _, s in parts)
-            scores.append(sum(w * s for w, s in parts) if is_scored else None)
+            total = sum(w * s for w, s in parts) if is_scored else None
+            if total is not None and not math.isfinite(total):  # finite parts that overflow: 1e308 + 1e308
+                raise RewardFunctionError(
+                    f"the weighted sum of rewards {[(name, components[name][i]) for name, _, _ in self.functions]} "
+                    f"for completion {i} is {total}: scores must be finite numbers of a sane scale")
+            scores.append(total)
         metrics["oracle/latency_s"] = time.perf_counter() - start
         metrics["oracle/num_failed"] = float(sum(s is None for s in scores))
         metrics["oracle/num_retries"] = float(num_retries)
@@ -216,7 +230,14 @@ class FunctionOracle:
                 error = e
                 logger.warning("reward %r raised on attempt %d of %d: %r", name, attempt + 1, num_attempts, e)
                 continue
+            self._failed_calls[name] = 0
             return _validate(name, out, len(batch)), attempt
+        self._failed_calls[name] = self._failed_calls.get(name, 0) + 1
+        if self._failed_calls[name] >= self.max_failed_calls:
+            raise RewardFunctionError(
+                f"reward {name!r} raised on every attempt of its last {self._failed_calls[name]} calls "
+                f"({num_attempts} attempts each, --oracle.max-retries {num_attempts - 1}); last error: {error!r}. "
+                f"Fix the function; nothing it could score was trained on") from error
         logger.error("reward %r failed %d times; its %d completions are unscored", name, num_attempts,
                      len(batch), exc_info=error)
         return None, num_attempts - 1

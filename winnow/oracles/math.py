@@ -121,6 +121,9 @@ def math_reward(
 class MathReward:
     """`math_reward` on a grader pool of its own, which `close()` stops (the oracle closes it)."""
 
+    needs_reference = True
+    """it compares with the reference answer: a run checks at load time that every row has one"""
+
     def __init__(self, grader: MathGrader) -> None:
         self.grader = grader
 

@@ -135,3 +135,8 @@ def reasoning_gym_reward(prompts: list[str], completions: list[str], **columns: 
         score_answer = reasoning_gym.get_score_answer_fn(entry["metadata"]["source_dataset"])
         scores.append(float(score_answer(final_answer(completion), entry)))
     return scores
+
+
+# Rewards that compare with the reference answer: a run checks at load time that every row has one.
+exact_match_reward.needs_reference = True  # type: ignore[attr-defined]
+closeness_reward.needs_reference = True  # type: ignore[attr-defined]

@@ -18,7 +18,8 @@ testable without a server); both read the settings from `service_config` (`Serve
 format from `wire`.
 
 Shutdown (SIGTERM or SIGINT to the `winnow serve-oracle` process): Mosec stops its HTTP front end, then its
-workers; each oracle worker's math-grader processes exit when their parent's pipe closes. Mosec restarts a
+workers; each oracle worker's math-grader processes exit when their parent's pipe closes. A `kill -9` of the
+process takes the front end and every worker with it (PR_SET_PDEATHSIG, Linux), so the port is free again. Mosec restarts a
 worker that dies while others of its stage live, but stops the service when all of them have died: run it
 under a supervisor that restarts it. Clients wait for it meanwhile (see `winnow.oracles.remote`).
 """
@@ -47,6 +48,24 @@ def num_visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
+def _tie_controller_to_this_process() -> None:
+    """Start Mosec's HTTP controller (a separate binary) so that Linux kills it when this process dies, as the
+    oracle workers kill themselves (`die_with_parent`): a `kill -9` of `winnow serve-oracle` then frees the
+    port instead of leaving the service running orphaned. Mosec 0.9 starts it with `subprocess.Popen` in
+    `mosec.runtime`; only that module's name is rebound, to a Popen that sets PR_SET_PDEATHSIG first."""
+    import functools
+    import subprocess
+    import types
+
+    from mosec import runtime
+
+    from winnow.oracles.workers import die_with_parent
+
+    if isinstance(getattr(runtime, "subprocess", None), types.ModuleType) and sys.platform.startswith("linux"):
+        runtime.subprocess = types.SimpleNamespace(  # type: ignore[attr-defined]
+            Popen=functools.partial(subprocess.Popen, preexec_fn=die_with_parent))
+
+
 def serve(config: ServeConfig) -> None:
     """Run the service until SIGTERM or SIGINT (Mosec then stops its workers)."""
     try:
@@ -71,6 +90,7 @@ def serve(config: ServeConfig) -> None:
                 "--timeout", str(int(config.timeout_s * 1000)), "--max-request-size", str(config.max_request_bytes),
                 "--capacity", str(config.queue_capacity), "--log-level", config.log_level,
                 "--namespace", "winnow_oracle"]
+    _tie_controller_to_this_process()
     server = Server()
     stages = _stages(config.oracle.kind)
     oracle_stage = Runtime(stages["worker"], num=num_workers, max_batch_size=config.max_batch_size,

@@ -17,6 +17,7 @@ from mosec.mixin import MsgpackMixin
 
 from winnow.oracles import wire
 from winnow.oracles.service_config import load_config_from_env
+from winnow.oracles.workers import die_with_parent
 
 if TYPE_CHECKING:  # winnow.oracles.base imports torch, which the ingress workers need not load
     from winnow.oracles.base import RewardOracle
@@ -36,6 +37,7 @@ class _Ingress(Worker):
 
     def __init__(self) -> None:
         super().__init__()
+        die_with_parent()  # a `kill -9` of `winnow serve-oracle` takes this worker with it
         config = load_config_from_env()
         self.token = os.environ.get(config.token_env) or None
         self.max_items = config.max_items_per_request
@@ -69,6 +71,10 @@ class CompareIngress(_Ingress):
 class HealthIngress(Worker):
     """Any body, no token: the reply only says the pipeline is up and which rewards it serves."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        die_with_parent()
+
     def deserialize(self, data: bytes) -> Any:
         return None
 
@@ -81,6 +87,7 @@ class OracleWorker(MsgpackMixin, Worker):
 
     def __init__(self) -> None:
         super().__init__()
+        die_with_parent()
         from winnow.oracles import make_oracle
 
         # Mosec starts workers as daemonic processes, which multiprocessing forbids to have children; the

@@ -5,14 +5,24 @@
 only reliable way to stop code stuck in a C call or a runaway sympy simplification. Workers hold no state,
 so killing one loses nothing but the item in hand.
 
-Workers start with the "forkserver" method: a fork of the trainer (CUDA, torch's threads) is unsafe, and
-"spawn" re-imports the whole program into every worker; a forkserver fork costs milliseconds, so a killed
-worker is replaced cheaply. A script that uses a pool needs the usual `if __name__ == "__main__":` guard.
+Workers start as fresh interpreters from winnow's own entry point (`python -m winnow.oracles.worker_entry`),
+never from the user's program: a fork of the trainer (CUDA, torch's threads) is unsafe, and multiprocessing's
+"spawn" and "forkserver" re-run the user's `__main__` in every worker, so a script that graded at top level
+without an `if __name__ == "__main__":` guard started pools recursively and every worker died. A worker
+imports `fn` and `initializer` by name, and dies with its parent (PR_SET_PDEATHSIG on Linux; everywhere,
+the end of its pipe). A replacement costs an interpreter start (about a second with math-verify) instead
+of a fork. The multiprocessing start methods stay available (`start_method="forkserver"`).
 """
 from __future__ import annotations
 
+import ctypes
+import importlib
 import multiprocessing as mp
+import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -45,15 +55,86 @@ def _worker_main(conn: Connection, fn: Callable[..., Any], initializer: Callable
         conn.send(result)
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere a no-op.
+    A `kill -9` of the parent then leaves no orphan holding a port or a CPU."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the prctl took hold
+        os._exit(1)
+
+
+def _qualified_name(fn: Callable[..., Any]) -> str:
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if module in (None, "__main__") or "<" in name:
+        raise ValueError(f"{fn!r}: a worker function must be defined at the top level of an importable module, "
+                         f"so the worker can import it by name (not in __main__, not a lambda or a closure)")
+    return f"{module}:{name}"
+
+
+def _resolve(qualified: str) -> Callable[..., Any] | None:
+    if not qualified:
+        return None
+    module, _, name = qualified.partition(":")
+    target: Any = importlib.import_module(module)
+    for part in name.split("."):
+        target = getattr(target, part)
+    return target
+
+
+class _ModuleProcess:
+    """A worker interpreter started with `python -m winnow.oracles.worker_entry FD FN INITIALIZER`, with the few
+    methods of `multiprocessing.Process` the pool uses."""
+
+    def __init__(self, fd: int, fn: Callable[..., Any], initializer: Callable[[], None] | None) -> None:
+        env = dict(os.environ)
+        # The parent's import path (as multiprocessing's spawn passes it), so `fn` imports the same way.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        command = [sys.executable, "-m", "winnow.oracles.worker_entry", str(fd), _qualified_name(fn),
+                   _qualified_name(initializer) if initializer is not None else ""]
+        self.popen = subprocess.Popen(command, pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        self.popen.kill()
+
+    def join(self) -> None:
+        self.popen.wait()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+
 class _Worker:
     """One worker process and the parent's end of its pipe."""
 
     def __init__(self, ctx: Any, fn: Callable[..., Any], initializer: Callable[[], None] | None) -> None:
-        self.conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child_conn, fn, initializer),
-                                   name=f"winnow-{getattr(fn, '__name__', 'worker')}", daemon=True)
-        self.process.start()
-        child_conn.close()  # so the parent reads EOF on `conn` when the worker dies
+        if ctx is None:  # winnow's own entry point
+            parent_socket, child_socket = socket.socketpair()
+            self.conn = Connection(parent_socket.detach())
+            child_fd = child_socket.detach()
+            try:
+                self.process: Any = _ModuleProcess(child_fd, fn, initializer)
+            finally:
+                os.close(child_fd)  # so the parent reads EOF on `conn` when the worker dies
+        else:
+            self.conn, child_conn = ctx.Pipe()
+            self.process = ctx.Process(target=_worker_main, args=(child_conn, fn, initializer),
+                                       name=f"winnow-{getattr(fn, '__name__', 'worker')}", daemon=True)
+            self.process.start()
+            child_conn.close()  # so the parent reads EOF on `conn` when the worker dies
         self.started_at = time.monotonic()
         self.is_ready = False
 
@@ -88,7 +169,7 @@ class WorkerPool:
         num_workers: int = 2,
         timeout: float = 5.0,
         initializer: Callable[[], None] | None = None,
-        start_method: str = "forkserver",
+        start_method: str = "module",
         start_timeout: float = 120.0,
     ) -> None:
         if num_workers < 1:
@@ -101,7 +182,11 @@ class WorkerPool:
         self.start_timeout = start_timeout
         self.num_restarts = 0
         """workers killed and replaced after a timeout or a crash, over the pool's life"""
-        self._ctx = mp.get_context(start_method)
+        if start_method == "module":
+            _qualified_name(fn)  # fail here, not in a worker, on a function a worker cannot import
+            if initializer is not None:
+                _qualified_name(initializer)
+        self._ctx = None if start_method == "module" else mp.get_context(start_method)
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self._is_closed = False
@@ -218,3 +303,4 @@ class WorkerPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+

@@ -3,6 +3,7 @@ and the steps of building and finishing a run. A recipe module (rl.py, preferenc
 only its own config and how it wires the parts into a loop."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from winnow.config import save_config
 from winnow.data import DataConfig, load_prompts
@@ -100,6 +102,25 @@ def load_splits(config: OnlineRunConfig, tokenizer, max_eval: int | None) -> tup
     return train_prompts, eval_prompts
 
 
+def check_batching(config: OnlineRunConfig, units_per_iteration: int, unit: str) -> None:
+    """Refuse at start-up mini-batches that could never all be filled: each optimizer step needs at least one
+    `unit` (a sample, a pair) of the `units_per_iteration` an iteration yields at most."""
+    if config.learner.num_mini_batches > units_per_iteration:
+        raise ValueError(f"--learner.num-mini-batches {config.learner.num_mini_batches} is more than the "
+                         f"{units_per_iteration} {unit}s an iteration yields: lower it, or raise "
+                         f"--rollout.prompts-per-iteration")
+
+
+def check_answers(oracle: Any, prompts: list[Prompt], data: str) -> None:
+    """At load time, not mid-run: every prompt has a reference answer when a reward compares with one."""
+    names = getattr(oracle, "reference_rewards", [])
+    missing = [p.index for p in prompts if p.reference is None]
+    if names and missing:
+        raise ValueError(f"reward {names[0]!r} compares responses with reference answers, but {len(missing)} of "
+                         f"{len(prompts)} rows of {data!r} have none (first: row {missing[0]}); set "
+                         f"--data.answer-column to the column that holds them, or fix those rows")
+
+
 def build_learner(policy: torch.nn.Module, config, *, total_steps: int, needs_reference: bool, temperature: float,
                   device: torch.device) -> Learner:
     """The policy's learner: LoRA adapters when asked (their reference is the adapters off, no copy), else a
@@ -144,7 +165,9 @@ def run_loop(config, run_dir: Path, learner: Learner, make_loop: Callable[[Any, 
     learners = {"policy": learner, **({"critic": critic} if critic is not None else {})}
     with (MetricsLogger(run_dir, config.logging, run_dir.name, dataclasses.asdict(config)) if is_main
           else _NullLogger()) as logger, \
-            progress(total, desc=desc, enabled=config.logging.progress and is_main) as bar:
+            progress(total, desc=desc, enabled=config.logging.progress and is_main) as bar, \
+            (contextlib.nullcontext() if bar.disable else logging_redirect_tqdm()):
+        # Under a drawn bar, log records go through tqdm.write, above the bar, instead of tearing it.
         loop = make_loop(logger, bar)
         loop.checkpointer = Checkpointer(run_dir, config.checkpoint, learners,
                                          config_yaml=(run_dir / "config.yaml").read_text() if is_main else "",

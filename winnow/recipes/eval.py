@@ -11,6 +11,7 @@ from winnow.engines.vllm import VLLMEngineConfig
 from winnow.eval.accuracy import evaluate_accuracy
 from winnow.loops.config import EvalConfig
 from winnow.oracles import OracleConfig, check_oracle_config, make_oracle
+from winnow.recipes.base import check_answers
 from winnow.setup import ModelConfig, load_policy, resolve_device, setup_process
 
 
@@ -49,6 +50,7 @@ def run_eval(config: EvalRunConfig) -> dict[str, float]:
                          vllm=config.vllm_engine, device=resolve_device(config.device), copy_model=False)
     oracle = make_oracle(config.oracle, needs="reward")
     try:
+        check_answers(oracle, prompts, config.data.eval or config.data.train)
         return evaluate_accuracy(
             engine, oracle, prompts, max_tokens=config.eval.max_tokens or config.max_tokens,
             greedy=config.eval.greedy, k=config.eval.k, temperature=config.eval.temperature,

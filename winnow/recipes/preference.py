@@ -28,6 +28,7 @@ from winnow.recipes.base import (
     OnlineRunConfig,
     build_actor,
     build_learner,
+    check_batching,
     engine_copy,
     finish,
     load_splits,
@@ -65,7 +66,7 @@ class PreferenceTrainConfig(OnlineRunConfig, Generic[AlgoT]):
     def __post_init__(self) -> None:
         problems = []
         if not self.offline and self.rollout.num_samples < 2:
-            problems.append(f"rollout.num_samples={self.rollout.num_samples}: a pair needs at least 2 responses")
+            problems.append(f"--rollout.num-samples {self.rollout.num_samples}: a pair needs at least 2 responses")
         if not self.offline and self.rollout.temperature <= 0:
             problems.append("rollout.temperature must be > 0: greedy decoding gives one response, not a pair")
         if self.learner.micro_batch_size % 2:
@@ -92,6 +93,7 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
     policy, tokenizer = load_policy(config.model)
     if config.offline:
         return _train_offline(config, policy, tokenizer, device)
+    check_batching(config, config.rollout.prompts_per_iteration, "pair")
     train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
     needs_frozen = config.pairs.selection == "xpo" or (config.pairs.selection.startswith("sea")
                                                        and config.pairs.sea.features == "policy")
@@ -118,7 +120,7 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
             pad_token_id=tokenizer.pad_token_id)
         return Loop(family, learner=learner, actor=actor, num_iterations=config.num_iterations,
                     eval_every=config.eval.every, sync=config.sync, probe=probe, seed=config.seed, logger=logger,
-                    run_dir=run_dir, progress=bar)
+                    run_dir=run_dir, progress=bar, max_idle_iterations=config.rollout.max_idle_iterations)
 
     try:
         run_loop(config, run_dir, learner, make_loop, total=config.num_iterations, desc=config.algo.name)

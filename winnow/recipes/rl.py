@@ -16,6 +16,8 @@ from winnow.recipes.base import (
     OnlineRunConfig,
     build_actor,
     build_learner,
+    check_answers,
+    check_batching,
     engine_copy,
     finish,
     load_splits,
@@ -41,7 +43,12 @@ class TrainConfig(OnlineRunConfig, Generic[AlgoT]):
 def train(config: TrainConfig) -> Path:
     """Run policy iteration as `config` says; returns the run directory (metrics, plots, final model)."""
     if config.rollout.temperature <= 0:
-        raise ValueError("rollout.temperature must be > 0: RL needs sampled responses (greedy is for eval)")
+        raise ValueError("--rollout.temperature must be > 0: RL needs sampled responses (greedy is for eval)")
+    if config.algo.uses_group_baseline and config.rollout.num_samples < 2:
+        raise ValueError(f"--rollout.num-samples {config.rollout.num_samples} with {config.algo.name}, whose "
+                         f"baseline is the group's mean: every advantage would be 0 and nothing would train; "
+                         f"use --rollout.num-samples 2 or more (or `winnow train ppo`, whose critic is the baseline)")
+    check_batching(config, config.rollout.samples_per_iteration, "sample")
     check_oracle_config(config.oracle, default=type(config)(algo=config.algo).oracle, needs="reward")
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
@@ -49,6 +56,12 @@ def train(config: TrainConfig) -> Path:
     policy, tokenizer = load_policy(config.model)
     train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
     oracle = make_oracle(config.oracle, needs="reward")
+    try:
+        check_answers(oracle, train_prompts, config.data.train)
+        check_answers(oracle, eval_prompts, config.data.eval or config.data.train)
+    except ValueError:
+        oracle.close()
+        raise
     engine_model = engine_copy(config, policy)
     # PPO's value model: a copy of the policy's backbone, made before a sharded learner splits `policy` (and
     # before LoRA wraps it: the critic trains in full).
@@ -73,7 +86,7 @@ def train(config: TrainConfig) -> Path:
             pad_token_id=tokenizer.pad_token_id, critic=critic)
         return Loop(family, learner=learner, actor=actor, num_iterations=config.num_iterations,
                     eval_every=config.eval.every, sync=config.sync, probe=probe, seed=config.seed, logger=logger,
-                    run_dir=run_dir, progress=bar)
+                    run_dir=run_dir, progress=bar, max_idle_iterations=config.rollout.max_idle_iterations)
 
     try:
         run_loop(config, run_dir, learner, make_loop, total=config.num_iterations, desc=objective.name,
