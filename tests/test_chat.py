@@ -163,14 +163,14 @@ def test_dialogue_sft_learns_the_second_turn(tmp_path):
     from winnow.learner.learner import LearnerConfig
     from winnow.logging import LoggingConfig, read_metrics
     from winnow.loops.config import EvalConfig
-    from winnow.oracles import OracleConfig
+    from winnow.oracles import OracleConfig, RuleOracleConfig
     from winnow.recipes.sft import SFTConfig, train_sft
     from winnow.setup import ModelConfig
 
     tokenizer = add_chat_template(train_char_tokenizer(DialogueTask().texts()))
     init = save_tiny(build_tiny_model(tokenizer, seed=0), tokenizer, tmp_path / "init")
     run = train_sft(SFTConfig(
-        model=ModelConfig(path=str(init)), data=DataConfig(train="dialogue"), oracle=OracleConfig(rewards=["exact"]),
+        model=ModelConfig(path=str(init)), data=DataConfig(train="dialogue"), oracle=OracleConfig(rule=RuleOracleConfig(rewards=["exact"])),
         learner=LearnerConfig(lr=3e-3, warmup_steps=10, lr_schedule="constant", micro_batch_size=64),
         eval=EvalConfig(every=0, k=0, max_prompts=64), batch_size=64, num_steps=160, max_tokens=4,
         max_seq_tokens=128, logging=LoggingConfig(progress=False), output_dir=str(tmp_path), device="cpu",

@@ -205,7 +205,7 @@ def constant_reward_model(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_grpo_trains_on_the_reward_models_scores(constant_reward_model, tiny_tokenizer, tmp_path):
+def test_grpo_trains_on_the_reward_models_scores(constant_reward_model, tiny_tokenizer, tmp_path, capsys):
     import torch
 
     from winnow.cli import main
@@ -223,15 +223,26 @@ def test_grpo_trains_on_the_reward_models_scores(constant_reward_model, tiny_tok
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            main(argv)
+            # Every response scores SCORE, so every group is flat and GRPO's advantages are all 0: the run logs
+            # its iterations, then stops saying nothing trained (the guard of a run that trains nothing).
+            with pytest.raises(SystemExit) as stopped:
+                main(argv)
+            assert stopped.value.code == 1 and "every group's rewards were equal" in capsys.readouterr().err
+            # PPO's critic is its baseline: the same constant reward trains the policy.
+            ppo = [a if a != "grpo" else "ppo" for a in argv]
+            ppo[ppo.index("--rollout.num-samples") + 1] = "1"
+            ppo[ppo.index("--run-name") + 1] = "ppo"
+            main(ppo)
     finally:
         torch.set_num_threads(threads)
-    rows = [r for r in read_metrics(tmp_path / "run") if "reward/mean" in r]
-    assert [r["step"] for r in rows] == [1, 2]
-    for row in rows:  # the exact rule would give 0s and 1s (reward/exact); the model gives SCORE, every time
-        assert row["reward/mean"] == pytest.approx(SCORE) and row["reward/reward_model"] == pytest.approx(SCORE)
-        assert row["reward/std"] == 0 and "reward/exact" not in row and row["oracle/unscored"] == 0
-        assert row["reward_model/latency_s"] > 0
+    for run in ("run", "ppo"):
+        rows = [r for r in read_metrics(tmp_path / run) if "reward/mean" in r]
+        assert [r["step"] for r in rows] == [1, 2]
+        for row in rows:  # the exact rule would give 0s and 1s (reward/exact); the model gives SCORE, every time
+            assert row["reward/mean"] == pytest.approx(SCORE) and row["reward/reward_model"] == pytest.approx(SCORE)
+            assert row["reward/std"] == 0 and "reward/exact" not in row and row["oracle/unscored"] == 0
+            assert row["reward_model/latency_s"] > 0
+    assert read_metrics(tmp_path / "ppo")[-1]["counts/optimizer_steps"] == 2
     # The run wrote its config in the nested form, and it reruns as it ran.
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert written["oracle"]["kind"] == "reward_model"

@@ -7,7 +7,7 @@ pytest.importorskip("reasoning_gym")
 
 from winnow.data import DataConfig, load_prompts  # noqa: E402
 from winnow.data.tiny import train_char_tokenizer  # noqa: E402
-from winnow.oracles import OracleConfig, make_oracle  # noqa: E402
+from winnow.oracles import OracleConfig, RuleOracleConfig, make_oracle  # noqa: E402
 from winnow.oracles.rules import final_answer  # noqa: E402
 
 OPTIONS = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
@@ -39,7 +39,7 @@ def test_source_generates_seeded_disjoint_splits(tokenizer):
 
 def test_reward_calls_the_tasks_scorer(tokenizer):
     prompts = load_prompts(config(), tokenizer, "eval")[:3]
-    oracle = make_oracle(OracleConfig(rewards=["reasoning_gym"]))
+    oracle = make_oracle(OracleConfig(rule=RuleOracleConfig(rewards=["reasoning_gym"])), needs="reward")
     try:
         right = [p.reference for p in prompts]
         completions = [right[0], f"<think>easy</think> <answer>{right[1]}</answer>", str(int(right[2]) + 1)]

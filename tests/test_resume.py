@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -215,12 +216,19 @@ def _wait_for(marker: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
-def test_a_changed_config_is_refused_unless_forced(model_dir, references, tmp_path):
+def refused(capsys, argv: list[str]) -> str:
+    """The one-line error `winnow` prints for a user error (exit status 2, no traceback)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_changed_config_is_refused_unless_forced(model_dir, references, tmp_path, capsys):
     run = references["grpo"]
-    with pytest.raises(ValueError) as refused:
-        main(flags("grpo", model_dir, tmp_path, "x", "--learner.lr", "2e-3", "--rollout.num-samples", "2",
-                   "--resume", str(run)))
-    message = str(refused.value)
+    message = refused(capsys, flags("grpo", model_dir, tmp_path, "x", "--learner.lr", "2e-3",
+                                    "--rollout.num-samples", "2", "--resume", str(run)))
     assert "learner.lr: 0.001 -> 0.002" in message and "rollout.num_samples: 4 -> 2" in message
     assert "--resume-force" in message
     # settings that do not change the maths may change (logging, eval, threads)
@@ -236,15 +244,14 @@ def test_a_changed_config_is_refused_unless_forced(model_dir, references, tmp_pa
     assert [r["step"] for r in read_metrics(forced)] == list(range(2 * N + 1))
 
 
-def test_a_second_run_into_a_run_directory_is_refused(model_dir, references, tmp_path):
+def test_a_second_run_into_a_run_directory_is_refused(model_dir, references, tmp_path, capsys):
     import shutil
 
     shutil.copytree(references["grpo"], tmp_path / "grpo")
-    with pytest.raises(ValueError, match="--overwrite.*--resume"):
-        main(flags("grpo", model_dir, tmp_path, "grpo"))
+    assert re.search("--overwrite.*--resume", refused(capsys, flags("grpo", model_dir, tmp_path, "grpo")))
     assert read_metrics(tmp_path / "grpo") == read_metrics(references["grpo"])  # untouched
-    with pytest.raises(ValueError, match="no complete checkpoint"):
-        main(flags("grpo", model_dir, tmp_path, "y", "--resume", str(tmp_path / "nothing-here")))
+    assert "no complete checkpoint" in refused(capsys, flags("grpo", model_dir, tmp_path, "y", "--resume",
+                                                             str(tmp_path / "nothing-here")))
     main(flags("grpo", model_dir, tmp_path, "grpo", "--overwrite", "--num-iterations", "1",
                "--checkpoint.every", "0"))
     assert [r["step"] for r in read_metrics(tmp_path / "grpo")] == [0, 1]  # one run, not two mixed
