@@ -294,8 +294,12 @@ def test_grpo_runs_end_to_end_on_the_vllm_engine(tmp_path):
     task = make_task("arithmetic", seed=0)
     tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
     model_dir = save_tiny(build_tiny_model(tokenizer, seed=0), tokenizer, tmp_path / "init")
+    # An untrained model never answers right (every group flat, nothing would train): reward the length instead.
+    (tmp_path / "rewards.py").write_text("def length(prompts, completions, **_):\n"
+                                         "    return [float(len(c)) for c in completions]\n")
     subprocess.run(
         [sys.executable, "-m", "winnow.cli", "train", "grpo", "--model.path", str(model_dir),
+         "--oracle.rule.rewards", f"{tmp_path / 'rewards.py'}:length",
          "--engine-backend", "vllm", "--vllm-engine.dtype", "float32", "--vllm-engine.enforce-eager",
          "--rollout.prompts-per-iteration", "8", "--rollout.num-samples", "4", "--rollout.max-tokens", "8",
          "--eval.every", "0", "--eval.k", "0", "--eval.max-prompts", "16", "--logging.no-progress",
