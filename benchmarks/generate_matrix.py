@@ -1,0 +1,207 @@
+"""Generation alone, every size and two length profiles, one engine per process (issue 15, item 1; issue 13's
+seeding question).
+
+    python benchmarks/generate_matrix.py --engine winnow --shapes 0.5b,1.5b,7b --out gen_matrix_winnow.json
+    python benchmarks/generate_matrix.py --engine vllm --shapes 7b --seeding per-prompt,none --out gen_matrix_vllm_7b.json
+    python benchmarks/generate_matrix.py --cpu --engine winnow --out /tmp/gen_matrix_cpu.json   # smoke test
+
+Workloads, on the GRPO benchmark's rollout (64 prompts x 8 samples, 128-token prompts, temperature 1, sampled-
+token logprobs; random weights):
+- `fixed`: exactly 512 new tokens per response (EOS ignored), the benchmark's generate phase;
+- `longtail`: up to 512 new tokens, ending at any of a fixed set of stop ids covering 0.6% of the vocabulary,
+  so a response ends with probability ~0.006 per token: lengths spread like real RL responses (median ~100,
+  a few percent run to the limit). What finished rows cost (compaction, continuous batching) shows here.
+
+Seeding (vLLM only): `per-prompt` is what winnow sends by default (one seed per prompt, so a prompt's samples do
+not depend on the rest of the call or on how prompts are split across replicas); `none` sends no seed, so vLLM
+draws from its global generator (`VLLMEngineConfig(seeding="global")`).
+
+Every row records the floor for the lengths that were actually generated (weights read once per decode step
+while any row runs, each running row's K/V cache read up to its length, at the measured bandwidth; or the FLOPs
+at the measured matmul peak, whichever is larger) and the ratio to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import grpo_common as common
+from generate_shapes import SHAPES, _param_shapes
+from winnow.data.tiny import save_tokenizer
+from winnow.types import SamplingParams
+
+STOP_FRACTION = 0.006
+"""the share of the vocabulary that ends a `longtail` response"""
+
+
+def shape_config(shape: str, cpu: bool):
+    from transformers import Qwen2Config
+
+    if cpu:
+        return common.model_config(cpu=True)
+    if shape == "0.5b":
+        return Qwen2Config.from_json_file(str(common.CONFIG_PATH))
+    from generate_shapes import qwen_config
+
+    return qwen_config(shape)
+
+
+def stop_ids(vocab_size: int, eos_id: int) -> list[int]:
+    """A fixed, spread-out set of ids (never a prompt's low ids) that end a `longtail` response."""
+    count = max(1, round(vocab_size * STOP_FRACTION))
+    step = (vocab_size - 20) // count
+    return sorted({20 + i * step for i in range(count)} | {eos_id})
+
+
+def floor_for_lengths(cfg, num_params: int, prompt_len: int, lengths: list[int], ceilings: dict) -> float:
+    """Seconds at the measured ceilings for these response lengths (prefill included; see the module doc)."""
+    peak, bandwidth = ceilings["matmul_tflops"] * 1e12, ceilings["bandwidth_gbps"] * 1e9
+    layers, heads, kv_heads = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_bytes = layers * 2 * kv_heads * head_dim * 2
+    batch = len(lengths)
+    prefill_flops = 2 * num_params * batch * prompt_len + 2 * layers * heads * head_dim * prompt_len**2 * batch
+    seconds = max(prefill_flops / peak, (2 * num_params + batch * prompt_len * kv_bytes) / bandwidth)
+    ordered = sorted(lengths)
+    for step in range(1, max(lengths)):  # decode step `step` feeds token `step` of every row still running
+        running = batch - _count_at_most(ordered, step)
+        context = prompt_len + step
+        step_bytes = 2 * num_params + running * (context + 1) * kv_bytes
+        step_flops = 2 * num_params * running + 4 * layers * heads * head_dim * context * running
+        seconds += max(step_bytes / bandwidth, step_flops / peak)
+    return seconds
+
+
+def _count_at_most(ordered: list[int], value: int) -> int:
+    import bisect
+
+    return bisect.bisect_right(ordered, value)
+
+
+def build_engine(engine_name: str, cfg, tokenizer, workload, device, vllm_memory: float):
+    if engine_name == "vllm":
+        from winnow.engines.vllm import VLLMEngine, VLLMEngineConfig
+
+        path = Path(tempfile.mkdtemp()) / "model"
+        cfg.save_pretrained(path)
+        save_tokenizer(tokenizer, path)
+        return VLLMEngine(path, tokenizer, VLLMEngineConfig(
+            dtype="bfloat16", load_format="dummy", gpu_memory_utilization=vllm_memory, seed=0,
+            max_model_len=workload.prompt_len + workload.new_tokens, max_num_seqs=workload.num_sequences,
+            multiprocessing=True))
+    from transformers import AutoModelForCausalLM
+
+    from winnow.engines.hf import HFEngine, HFEngineConfig
+
+    torch.manual_seed(common.SEED)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return HFEngine(model, tokenizer, HFEngineConfig(max_batch_size=workload.num_sequences,
+                                                     compile_decode=device.type == "cuda"),
+                    device=device, copy_model=False)
+
+
+def run_shape(args, shape: str, device, ceilings: dict) -> list[dict]:
+    workload = common.CPU_WORKLOAD if args.cpu else common.GPU_WORKLOAD
+    cfg = shape_config(shape, args.cpu)
+    tokenizer = common.build_tokenizer(cfg.vocab_size, cfg.eos_token_id)
+    num_calls = 1 + args.repeats
+    prompts = [tokenizer(text)["input_ids"] for text in
+               common.prompt_texts(workload, cfg.vocab_size, cfg.eos_token_id, num_calls)]
+    start = time.perf_counter()
+    engine = build_engine(args.engine, cfg, tokenizer, workload, device, args.vllm_memory)
+    start_s = time.perf_counter() - start
+    num_params = sum(int(torch.Size(s).numel()) for s in _param_shapes(cfg))
+    rows = []
+    seedings = args.seeding.split(",") if args.engine == "vllm" else ["per-prompt"]
+    for workload_name in args.workloads.split(","):
+        base = SamplingParams(temperature=workload.temperature, max_tokens=workload.new_tokens, n=workload.num_samples,
+                              ignore_eos=True)
+        if workload_name == "longtail":
+            base = replace(base, ignore_eos=False, stop_token_ids=stop_ids(cfg.vocab_size, cfg.eos_token_id))
+        for seeding in seedings:
+            params = replace(base, seed=0 if seeding == "per-prompt" else None)
+            times, lengths = [], []
+            for i in range(num_calls):
+                batch = prompts[i * workload.num_prompts: (i + 1) * workload.num_prompts]
+                common.sync(device)
+                t = time.perf_counter()
+                out = engine.generate(batch, params)
+                common.sync(device)
+                seconds = time.perf_counter() - t
+                print(f"{args.engine} {shape} {workload_name} {seeding} call {i}"
+                      f"{' (warm-up)' if i == 0 else ''}: {seconds:.2f}s", flush=True)
+                if i:
+                    times.append(seconds)
+                    lengths.append([c.num_tokens for c in out])
+            floors = [floor_for_lengths(cfg, num_params, workload.prompt_len, call, ceilings) for call in lengths]
+            flat = sorted(n for call in lengths for n in call)
+            row = {"engine": args.engine, "shape": shape, "workload": workload_name, "seeding": seeding,
+                   "start_s": start_s, "generate_s": times, "generate_median_s": statistics.median(times),
+                   "tokens": [sum(call) for call in lengths],
+                   "tokens_per_s": statistics.median(sum(c) / s for c, s in zip(lengths, times)),
+                   "length_median": flat[len(flat) // 2], "length_p90": flat[int(0.9 * (len(flat) - 1))],
+                   "at_limit_fraction": sum(n == workload.new_tokens for n in flat) / len(flat),
+                   "floor_s": floors, "floor_median_s": statistics.median(floors),
+                   "x_floor": statistics.median(s / f for s, f in zip(times, floors))}
+            rows.append(row)
+            print("ROW " + json.dumps({k: row[k] for k in ("engine", "shape", "workload", "seeding",
+                                                           "generate_median_s", "tokens_per_s", "x_floor")}),
+                  flush=True)
+    if args.engine == "vllm":
+        engine.close()
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| engine | shape | workload | seeding | generate s | tokens/s | length median / p90 / at limit | "
+             "floor s | x floor |", "|---|---|---|---|---:|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['shape']} | {r['workload']} | {r['seeding']} | "
+                     f"{r['generate_median_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['length_median']} / "
+                     f"{r['length_p90']} / {100 * r['at_limit_fraction']:.1f}% | {r['floor_median_s']:.2f} | "
+                     f"{r['x_floor']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["vllm", "winnow"], required=True)
+    parser.add_argument("--shapes", default="0.5b,1.5b,7b")
+    parser.add_argument("--workloads", default="fixed,longtail")
+    parser.add_argument("--seeding", default="per-prompt,none", help="vLLM only: per-prompt and/or none")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--vllm-memory", type=float, default=0.5)
+    parser.add_argument("--cpu", action="store_true", help="smoke test: the tiny shape on CPU")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.cpu else "cuda")
+    if args.cpu:
+        torch.set_num_threads(1)
+        args.shapes = "tiny"
+    ceilings = common.measure_ceilings(device)
+    rows = []
+    for shape in args.shapes.split(","):
+        if shape != "tiny" and shape not in SHAPES and shape != "0.5b":
+            parser.error(f"unknown shape {shape!r}: choose from 0.5b, {', '.join(SHAPES)}")
+        rows.extend(run_shape(args, shape, device, ceilings))
+        # Written after every shape, so a command stopped at its time limit keeps what finished.
+        result = {**common.environment(device), "ceilings": ceilings, "stop_fraction": STOP_FRACTION, "rows": rows}
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        Path(args.out).with_suffix(".md").write_text(markdown(rows))
+    print(markdown(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
