@@ -101,6 +101,16 @@ def test_prompt_seeds_key_a_prompts_samples(engine, tokenizer):
     assert [c.response_ids for c in together[3:]] == [c.response_ids for c in alone]
 
 
+def test_global_seeding_draws_from_the_engine_generator(engine, tokenizer, monkeypatch):
+    """`seeding="global"` sends no seed: the same seeded call twice gets different samples, which the default
+    per-prompt seeding would make equal (the test above)."""
+    monkeypatch.setattr(engine.config, "seeding", "global")
+    params = SamplingParams(temperature=1.0, max_tokens=8, n=4, seed=123, ignore_eos=True)
+    a, b = (engine.generate(encode(tokenizer, "12+34="), params) for _ in range(2))
+    assert [c.response_ids for c in a] != [c.response_ids for c in b]
+    assert all(len(c.response_ids) == 8 for c in a + b)
+
+
 def test_greedy_equals_the_hf_engine(engine, models, tokenizer):
     prompts = encode(tokenizer, "1+2=", "12+34=", "345+678=")
     expected = HFEngine(models[0], tokenizer, device="cpu").generate(prompts, greedy())

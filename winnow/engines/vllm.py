@@ -75,6 +75,13 @@ class VLLMEngineConfig:
     """engine weights: "auto" (the checkpoint's dtype), "bfloat16", "float16" or "float32\""""
     seed: int = 0
     """vLLM's global seed, which draws for requests whose SamplingParams has no seed"""
+    seeding: str = "per-prompt"
+    """"per-prompt": every request carries its prompt's seed (`SamplingParams.prompt_seeds`), so a prompt's
+    samples do not depend on the rest of the call, on how prompts are split across engine replicas, or on a
+    resume. "global": requests carry no seed and vLLM draws from its global generator (`seed`): faster, since
+    vLLM 0.24 draws seeded requests' noise one request at a time (on an H200, 3-9% on fixed 512-token responses
+    and 30-35% on long-tailed ones at 0.5B-1.5B: `benchmarks/results/gen_matrix_vllm_small.json`), but a
+    call's samples then depend on the whole batch, so only a whole run replays, not a call, a split or a resume"""
     enable_sleep_mode: bool = False
     """allow `sleep()` to free GPU memory while the learner trains (CUDA only; needs a CuMem allocator)"""
     sleep_level: int = 1
@@ -194,6 +201,8 @@ class VLLMEngine:
         self.version = check_vllm_version()
         self.features = detect_features()
         self.config = config or VLLMEngineConfig()
+        if self.config.seeding not in ("per-prompt", "global"):
+            raise ValueError(f"--vllm-engine.seeding {self.config.seeding!r}: use 'per-prompt' or 'global'")
         self.model_path = str(model_path)
         self.tokenizer_path = str(tokenizer_path or model_path)
         self.tokenizer = tokenizer
@@ -273,7 +282,8 @@ class VLLMEngine:
         # One seed per prompt (`SamplingParams.prompt_seeds`, else derived from `seed`), as the embedded engine
         # keys its draws: a prompt's samples do not depend on what else is in the call. vLLM's draws differ from
         # the embedded engine's, and its `n` samples of a request share the request's seed.
-        seeds = None if params.seed is None and params.prompt_seeds is None else prompt_seeds(params, len(prompts))
+        unseeded = self.config.seeding == "global" or (params.seed is None and params.prompt_seeds is None)
+        seeds = None if unseeded else prompt_seeds(params, len(prompts))
         sampling = [self._sampling_params(params, None if seeds is None else seeds[i] & 0x7FFFFFFFFFFFFFFF)
                     for i in range(len(prompts))]
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
