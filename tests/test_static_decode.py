@@ -320,3 +320,15 @@ def test_graph_decode_compaction_on_gpu(tiny_model, tiny_tokenizer):
     # A second call starts again from all rows, reusing every graph captured so far.
     again = graph.generate(prompts, params)
     assert [c.response_ids for c in again] == [c.response_ids for c in got]
+
+
+def test_distinct_rows_index_each_prompt_once():
+    """The prefill runs each distinct prompt row once (a prompt's n samples share it): first occurrences in
+    order, and every row mapped back to its own."""
+    from winnow.engines.static_decode import _distinct_rows
+
+    rows = torch.tensor([[5, 6], [1, 2], [5, 6], [1, 2], [9, 9], [5, 6]])
+    first, inverse = _distinct_rows(rows)
+    assert first.tolist() == [0, 1, 4]
+    assert inverse.tolist() == [0, 1, 0, 1, 2, 0]
+    assert torch.equal(rows[first][inverse], rows)

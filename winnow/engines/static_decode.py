@@ -96,6 +96,9 @@ class StaticDecoder:
         # change with every prompt length).
         self._layer_in = torch.compile(_layer_in, dynamic=False) if compile else _layer_in
         self._layer_out = torch.compile(_layer_out, dynamic=False) if compile else _layer_out
+        # Attention's softmax glue (scale, mask, fp32 softmax, cast back) fused into one kernel between the two
+        # batched matmuls; dynamic, since its shapes change with every attention width and active row count.
+        self._attend = torch.compile(_attend, dynamic=True) if compile else _attend
 
     # ------------------------------------------------------------------ public
 
@@ -205,19 +208,23 @@ class StaticDecoder:
         self.key_valid[:, :prompt_len] = is_real
         self.key_valid[:, prompt_len:] = True
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # A prompt's n samples share its rows: run each distinct row once and copy its K/V and logits to the
+        # others (a GRPO rollout of n samples per prompt prefills n times less).
+        first, inverse = _distinct_rows(input_ids.masked_fill(~is_real, -1))
+        ids, is_real_first, positions_first = input_ids[first], is_real[first], positions[first]
         causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=self.device).tril()
         # Padding queries see only themselves (a fully masked row would be NaN); their outputs are unused.
-        mask = (causal & is_real[:, None, None, :]) | torch.eye(prompt_len, dtype=torch.bool, device=self.device)
-        cos, sin = self.cos_table[positions][:, None], self.sin_table[positions][:, None]  # [B, 1, S, D]
-        hidden = self.body.embed_tokens(input_ids)
+        mask = (causal & is_real_first[:, None, None, :]) | torch.eye(prompt_len, dtype=torch.bool, device=self.device)
+        cos, sin = self.cos_table[positions_first][:, None], self.sin_table[positions_first][:, None]  # [U, 1, S, D]
+        hidden = self.body.embed_tokens(ids)
         for index, layer in enumerate(self.body.layers):
             q, k, v = _layer_in(layer, hidden, cos, sin, self.head_dim)
-            self.k_cache[index, :, :, :prompt_len] = k
-            self.v_cache[index, :, :, :prompt_len] = v
+            self.k_cache[index, :, :, :prompt_len] = k[inverse]
+            self.v_cache[index, :, :, :prompt_len] = v[inverse]
             k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=_scaling(layer, self.head_dim))
-            hidden = _layer_out(layer, hidden, attn.transpose(1, 2).reshape(batch_size, prompt_len, -1))
-        logits = self.model.lm_head(self.body.norm(hidden[:, -1]))
+            hidden = _layer_out(layer, hidden, attn.transpose(1, 2).reshape(len(first), prompt_len, -1))
+        logits = self.model.lm_head(self.body.norm(hidden[:, -1]))[inverse]
         self.position.copy_(positions[:, -1] + 1)
         self.column.fill_(prompt_len)
         self.out_column.zero_()
@@ -240,9 +247,7 @@ class StaticDecoder:
             keys, values = k_cache[:, :, :width], v_cache[:, :, :width]  # [b, H_kv, W, D]
             # Grouped-query attention without expanding K/V: query heads j*G .. j*G+G-1 share K/V head j.
             q = q.view(rows, self.num_kv_heads, self.groups, self.head_dim)
-            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * _scaling(layer, self.head_dim)
-            scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-            attn = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)  # [b, H_kv, G, D]
+            attn = self._attend(q, keys, values, visible, _scaling(layer, self.head_dim))  # [b, H_kv, G, D]
             hidden = self._layer_out(layer, hidden, attn.reshape(rows, 1, -1))
         logits = self.model.lm_head(self.body.norm(hidden[:, 0]))
         position.add_(1)
@@ -361,6 +366,14 @@ def _qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim:
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
 
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float):
+    """Grouped-query attention of one decode token: q [b, H_kv, G, D] over keys/values [b, H_kv, W, D], where
+    visible [b, W] says which cache columns a row may read. Scores and softmax in float32."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)
+
+
 def _layer_in(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
     """A layer's work before attention: input norm, q/k/v, RoPE."""
     return _qkv(layer, layer.input_layernorm(hidden), cos, sin, head_dim)
@@ -370,6 +383,19 @@ def _layer_out(layer, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """A layer's work after attention: output projection, residual, MLP, residual."""
     hidden = hidden + layer.self_attn.o_proj(attn)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def _distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, inverse) for rows [B, S]: each distinct row's first index [U], in order of first occurrence, and
+    for every row the position of its distinct row in `first` [B], so rows == rows[first][inverse]."""
+    _, classes = torch.unique(rows, dim=0, return_inverse=True)  # class ids in the order of sorted rows
+    batch, num_classes = rows.shape[0], int(classes.max()) + 1
+    first_of_class = torch.full((num_classes,), batch, dtype=torch.long, device=rows.device)
+    first_of_class.scatter_reduce_(0, classes, torch.arange(batch, device=rows.device), reduce="amin")
+    order = torch.argsort(first_of_class)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(num_classes, device=rows.device)
+    return first_of_class[order], position[classes]
 
 
 def _scaling(layer, head_dim: int) -> float:
