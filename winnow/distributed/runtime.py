@@ -1,7 +1,7 @@
 """Start-up of a `--runtime ray` run: join (or start) Ray, reserve a placement group, start the workers.
 
+    connect(config)                                ray.init(address): a private Ray, or the cluster `ray start` made
     RayRuntime.start(config, spec)
-        ray.init(address)                          a private Ray, or the cluster `ray start` made
         placement_group([bundle] * num_workers)    one bundle per worker: cpus_per_worker, gpus_per_worker
         workers                                    colocated: M workers with an engine and a learner rank each
                                                    split: M learner ranks, then N engine replicas
@@ -20,7 +20,7 @@ from winnow.distributed.worker import Worker, WorkerSpec
 
 log = logging.getLogger(__name__)
 
-PLACEMENT_TIMEOUT_S = 120.0
+PLACEMENT_TIMEOUT_S = 60.0
 """how long to wait for the cluster to grant the placement group before saying what is missing"""
 
 
@@ -65,15 +65,15 @@ def connect(config: RayConfig) -> bool:
 class RayRuntime:
     """The workers of one run and the seam objects the loop drives (`actor`, `learner`)."""
 
-    def __init__(self, config: RayConfig, spec: WorkerSpec, placement_group, started_ray: bool):
-        self.config, self.spec, self.placement_group, self.started_ray = config, spec, placement_group, started_ray
+    def __init__(self, config: RayConfig, spec: WorkerSpec, placement_group):
+        self.config, self.spec, self.placement_group = config, spec, placement_group
         self.ranks: list = []
         self.replicas: list = []
 
     @classmethod
     def start(cls, config: RayConfig, spec: WorkerSpec) -> "RayRuntime":
-        started = connect(config)
-        runtime = cls(config, spec, _reserve(config), started)
+        """Reserve the placement group and start the workers (Ray must be up: `connect`)."""
+        runtime = cls(config, spec, _reserve(config))
         try:
             runtime._start_workers()
         except BaseException:
@@ -122,14 +122,12 @@ class RayRuntime:
         return replica
 
     def shutdown(self) -> None:
-        """Stop the workers, free the placement group, and stop Ray if this run started it."""
+        """Stop the workers and free the placement group."""
         import ray
 
         for worker in {id(w): w for w in self.ranks + self.replicas}.values():
             ray.kill(worker, no_restart=True)
         ray.util.remove_placement_group(self.placement_group)
-        if self.started_ray:
-            ray.shutdown()
 
 
 def _reserve(config: RayConfig):

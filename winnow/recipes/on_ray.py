@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from winnow.data import batches
 from winnow.distributed.groups import LearnerRankDiedError, RayActorGroup, RayLearnerGroup
 from winnow.distributed.oracle_pool import RayOraclePool
-from winnow.distributed.runtime import RayRuntime
+from winnow.distributed.runtime import RayRuntime, connect
 from winnow.distributed.worker import WorkerSpec
 from winnow.engines import make_engine
 from winnow.loops.base import Loop
@@ -50,12 +50,15 @@ def check_ray_config(config: OnlineRunConfig, objective) -> None:
 def train_on_ray(config: OnlineRunConfig, objective) -> Path:
     """Run policy iteration with `--runtime ray`; returns the run directory (metrics, plots, final model)."""
     check_ray_config(config, objective)
+    import ray
+
     setup_process(config.seed, config.num_threads)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.path, config.model.trust_remote_code)
     train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
     oracle = make_oracle(config.oracle, needs="reward")
-    runtime = None
+    runtime, started_ray = None, False
     try:
+        started_ray = connect(config.ray)
         check_answers(oracle, train_prompts, config.data.train)
         check_answers(oracle, eval_prompts, config.data.eval or config.data.train)
         if config.ray.num_oracle_workers:
@@ -69,6 +72,8 @@ def train_on_ray(config: OnlineRunConfig, objective) -> Path:
         oracle.close()
         if runtime is not None:
             runtime.shutdown()
+        if started_ray:
+            ray.shutdown()
 
 
 def worker_spec(config: OnlineRunConfig, objective) -> WorkerSpec:
