@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import threading
 import time
 from functools import partial
@@ -92,37 +93,36 @@ def assert_same_iterations(got: list[dict], want: list[dict]) -> None:
             assert math.isclose(g[key], w[key], rel_tol=1e-4, abs_tol=1e-6), (g["step"], key, g[key], w[key])
 
 
-def test_colocated_gives_the_local_runtimes_numbers_and_learns(model_dir, local_run, tmp_path):
-    run_dir = train(config(model_dir, tmp_path, "colocated", sync=SyncConfig(check_sync=True), **on_ray("colocated")))
+def test_colocated_gives_the_local_runtimes_numbers_learns_and_resumes(model_dir, local_run, tmp_path):
+    every = NUM_ITERATIONS // 2
+    run = dict(sync=SyncConfig(check_sync=True), checkpoint=CheckpointConfig(every=every), **on_ray("colocated"))
+    run_dir = train(config(model_dir, tmp_path, "colocated", **run))
     rows = read_metrics(run_dir)
     assert_same_iterations(rows, local_run)
     # the sync was checked on both replicas, and the reward rose: the run learned through Ray
     assert all(r["sync/logprob_diff_mean"] < 1e-4 for r in rows[1:])
-    first, last = rows[1]["reward/mean"], rows[-1]["reward/mean"]
-    assert last > first + 0.15, (first, last)
-
-
-def test_split_matches_local_and_resumes_from_its_checkpoint(model_dir, local_run, tmp_path):
-    every = NUM_ITERATIONS // 2
-    run = config(model_dir, tmp_path, "split", checkpoint=CheckpointConfig(every=every), **on_ray("split"))
-    run_dir = train(run)
-    rows = read_metrics(run_dir)
-    assert_same_iterations(rows, local_run)
-    assert all(r["sync/num_buckets"] >= 1 and r["sync/bytes"] > 0 for r in rows[1:])
+    first, last = rows[1]["reward/mean"], sum(r["reward/mean"] for r in rows[-3:]) / 3
+    assert last > first + 0.1, (first, last)  # measured: 0.80 -> 0.95
+    assert rows[-1]["eval/greedy_accuracy"] > rows[0]["eval/greedy_accuracy"]  # held out: 0 -> 1
     # FSDP2's sharded checkpoint, written by the two ranks, and each rank's generators
     checkpoint = run_dir / "checkpoints" / f"iter_{every:05d}" / "policy"
     assert {"rng_rank0.pt", "rng_rank1.pt", "trainer_state.pt"} <= {p.name for p in checkpoint.iterdir()}
     # resume from the middle checkpoint: the iterations after it are the uninterrupted run's
-    import shutil
-
     shutil.rmtree(run_dir / "checkpoints" / f"iter_{NUM_ITERATIONS:05d}")
-    config_resumed = config(model_dir, tmp_path, "split", checkpoint=CheckpointConfig(every=every),
-                            resume=str(run_dir), **on_ray("split"))
-    resumed = read_metrics(train(config_resumed))
+    resumed = read_metrics(train(config(model_dir, tmp_path, "colocated", resume=str(run_dir), **run)))
     assert [r["step"] for r in resumed] == list(range(NUM_ITERATIONS + 1))
     for g, w in zip(resumed[every + 1:], rows[every + 1:]):
         assert g["reward/mean"] == w["reward/mean"] and math.isclose(g["train/loss"], w["train/loss"],
                                                                      rel_tol=1e-5, abs_tol=1e-7), g["step"]
+
+
+def test_split_gives_the_local_runtimes_numbers(model_dir, local_run, tmp_path):
+    """Two replicas fed by one learner rank's broadcast."""
+    run = config(model_dir, tmp_path, "split", runtime="ray",
+                 ray=RayConfig(placement="split", num_replicas=2, num_learner_ranks=1))
+    rows = read_metrics(train(run))
+    assert_same_iterations(rows, local_run)
+    assert all(r["sync/num_buckets"] == 1 and r["sync/bytes"] > 1e6 for r in rows[1:])
 
 
 @pytest.fixture(scope="module")
