@@ -117,9 +117,9 @@ def test_colocated_gives_the_local_runtimes_numbers_learns_and_resumes(model_dir
 
 
 def test_split_gives_the_local_runtimes_numbers(model_dir, local_run, tmp_path):
-    """Two replicas fed by one learner rank's broadcast."""
+    """Two replicas fed by one learner rank's broadcast; the rewards scored by two oracle workers."""
     run = config(model_dir, tmp_path, "split", runtime="ray",
-                 ray=RayConfig(placement="split", num_replicas=2, num_learner_ranks=1))
+                 ray=RayConfig(placement="split", num_replicas=2, num_learner_ranks=1, num_oracle_workers=2))
     rows = read_metrics(train(run))
     assert_same_iterations(rows, local_run)
     assert all(r["sync/num_buckets"] == 1 and r["sync/bytes"] > 1e6 for r in rows[1:])
@@ -189,6 +189,17 @@ def test_a_dead_learner_rank_stops_the_run_naming_the_rank(split_runtime):
     ray.kill(runtime.ranks[1], no_restart=True)
     with pytest.raises(LearnerRankDiedError, match="learner rank 1 died"):
         learner._call("num_steps")
+
+
+def test_oracle_slices_merge_in_order_counts_summed_latencies_the_slowest():
+    from winnow.distributed.oracle_pool import merge_results
+    from winnow.types import RewardResult
+
+    a = RewardResult([1.0, None], {"exact": [1.0, None]}, {"oracle/num_failed": 1.0, "oracle/exact/latency_s": 0.2})
+    b = RewardResult([0.5], {"exact": [0.5]}, {"oracle/num_failed": 0.0, "oracle/exact/latency_s": 0.3})
+    merged = merge_results([a, b], seconds=0.4)
+    assert merged.scores == [1.0, None, 0.5] and merged.components == {"exact": [1.0, None, 0.5]}
+    assert merged.metrics == {"oracle/num_failed": 1.0, "oracle/exact/latency_s": 0.3, "oracle/latency_s": 0.4}
 
 
 def test_start_up_refusals_name_the_flag(model_dir, tmp_path, capsys):

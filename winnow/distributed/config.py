@@ -29,7 +29,7 @@ class RayConfig:
     """CPU cores of the private Ray this run starts (address None); None lets Ray count them"""
     num_oracle_workers: int = 0
     """reward functions run in this many CPU Ray actors, each scoring a slice of the samples; 0 scores in the
-    driver (a remote oracle service, `--oracle.url`, is always called from the driver)"""
+    driver (a remote oracle service, `--oracle.remote.url`, is always called from the driver)"""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """how the workers' placement group spreads over nodes (Ray's names): PACK fills a node first, SPREAD
     spreads them over the nodes, STRICT_SPREAD puts each on its own node"""
