@@ -118,10 +118,12 @@ def test_colocated_gives_the_local_runtimes_numbers_learns_and_resumes(model_dir
 
 def test_split_gives_the_local_runtimes_numbers(model_dir, local_run, tmp_path):
     """Two replicas fed by one learner rank's broadcast; the rewards scored by two oracle workers."""
-    run = config(model_dir, tmp_path, "split", runtime="ray",
+    run = config(model_dir, tmp_path, "split", runtime="ray", save_final=True,
                  ray=RayConfig(placement="split", num_replicas=2, num_learner_ranks=1, num_oracle_workers=2))
-    rows = read_metrics(train(run))
+    run_dir = train(run)
+    rows = read_metrics(run_dir)
     assert_same_iterations(rows, local_run)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (run_dir / "final").iterdir()}
     assert all(r["sync/num_buckets"] == 1 and r["sync/bytes"] > 1e6 for r in rows[1:])
 
 
@@ -152,8 +154,8 @@ def test_split_generation_draws_the_local_engines_samples_and_survives_a_killed_
     from winnow.types import SamplingParams
 
     runtime, actor, learner, run = split_runtime
-    prompts = [[3 + i % 7, 4 + i % 5, 5] for i in range(24)]
-    params = SamplingParams(temperature=1.0, max_tokens=48, n=4, seed=7, ignore_eos=True)
+    prompts = [[3 + i % 7, 4 + i % 5, 5] for i in range(16)]
+    params = SamplingParams(temperature=1.0, max_tokens=32, n=4, seed=7, ignore_eos=True)
     want = [c.response_ids for c in local_samples(model_dir, prompts, params)]
     assert [c.response_ids for c in actor.generate(prompts, params)] == want
 
@@ -171,7 +173,7 @@ def test_split_generation_draws_the_local_engines_samples_and_survives_a_killed_
     result = {}
     worker = threading.Thread(target=lambda: result.update(got=actor.generate(prompts * 8, params)))
     worker.start()
-    time.sleep(seconds / 3)  # the replicas are decoding their 96 prompts x 4 samples x 48 tokens each
+    time.sleep(seconds / 3)  # the replicas are decoding their 64 prompts x 4 samples x 32 tokens each
     ray.kill(killed, no_restart=True)
     worker.join(timeout=300)
     assert actor.num_restarts == 1 and runtime.replicas[1] is not killed

@@ -112,8 +112,9 @@ class Worker:
         return self.learner.num_steps
 
     def save(self, path: str) -> None:
-        """The trained policy as a `transformers` checkpoint (a gather on every rank; rank 0 writes)."""
-        self.learner.save(Path(path), self.tokenizer if self.learner.is_main else None)
+        """The trained policy as a `transformers` checkpoint (a gather on every rank; rank 0 writes; the driver
+        adds the tokenizer)."""
+        self.learner.save(Path(path))
 
     def num_steps(self) -> int:
         return self.learner.num_steps
@@ -130,8 +131,9 @@ class Worker:
         return verify_sync(self.engine, self.learner, probe, tolerance, max_tokens, seed=seed)
 
     def join_broadcast(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
-        device = self.learner.device if self.learner is not None else getattr(self.engine, "device", None)
-        self.broadcast = BroadcastGroup(host, port, rank, world_size, backend, torch.device(device or "cpu"))
+        default = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the GPU Ray gave this worker
+        device = self.learner.device if self.learner is not None else getattr(self.engine, "device", default)
+        self.broadcast = BroadcastGroup(host, port, rank, world_size, backend, torch.device(device))
 
     def leave_broadcast(self) -> None:
         if self.broadcast is not None:
