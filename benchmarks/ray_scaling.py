@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--cases", default="a,b,b_ds,c", help="comma-separated cases to run (a, b, b_ds, c)")
     parser.add_argument("--iterations", type=int, default=2, help="measured iterations per case")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up iterations per case (not measured)")
-    parser.add_argument("--case-timeout", type=float, default=600, help="seconds before a case is stopped")
+    parser.add_argument("--case-timeout", type=float, default=300, help="seconds before a case is stopped")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)

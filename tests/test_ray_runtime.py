@@ -114,6 +114,11 @@ def test_colocated_gives_the_local_runtimes_numbers_learns_and_resumes(model_dir
     for g, w in zip(resumed[every + 1:], rows[every + 1:]):
         assert g["reward/mean"] == w["reward/mean"] and math.isclose(g["train/loss"], w["train/loss"],
                                                                      rel_tol=1e-5, abs_tol=1e-7), g["step"]
+    # what a run whose learner rank died says: this checkpoint, and the command that resumes from it
+    from winnow.recipes.on_ray import resume_advice
+
+    advice = resume_advice(run_dir)
+    assert f"iter_{NUM_ITERATIONS:05d}" in advice and f"--resume {run_dir}" in advice, advice
 
 
 def test_split_gives_the_local_runtimes_numbers(model_dir, local_run, tmp_path):

@@ -51,7 +51,9 @@ class BroadcastGroup:
         store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=TIMEOUT)
         store = dist.PrefixStore(f"winnow-weights-{port}", store)
         if backend == "nccl":
-            self.group = dist.ProcessGroupNCCL(store, rank, world_size)
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = TIMEOUT
+            self.group = dist.ProcessGroupNCCL(store, rank, world_size, options)
         else:
             self.group = dist.ProcessGroupGloo(store, rank, world_size, TIMEOUT)
         self._store = store

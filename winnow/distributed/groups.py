@@ -142,10 +142,22 @@ class RayActorGroup:
                     results[i] = completions
                 pending = []
             except WorkerDied as e:
-                dead = pending[e.index]
-                self._replace(dead)
-                pending = [i for i in pending if results[i] is None]  # the dead shard, and any not yet gathered
+                self._keep_finished(pending, refs, results, dead=pending[e.index])
+                self._replace(pending[e.index])
+                pending = [i for i in pending if results[i] is None]  # the dead shard (and any other that died)
         return [c for shard in results for c in shard]
+
+    @staticmethod
+    def _keep_finished(pending: list[int], refs: list, results: list, dead: int) -> None:
+        """After a replica died: wait for the other shards of the call and keep what they drew."""
+        import ray
+
+        for i, ref in zip(pending, refs):
+            if i != dead:
+                try:
+                    results[i] = ray.get(ref)
+                except ray.exceptions.RayActorError:  # another replica died too: its shard is drawn again
+                    pass
 
     def _replace(self, index: int) -> None:
         """A replica died: restart it and give it the learner's current weights."""

@@ -126,8 +126,13 @@ def _run(config, objective, runtime: RayRuntime, oracle, tokenizer, train_prompt
     try:
         run_loop(config, run_dir, learner, make_loop, total=config.num_iterations, desc=objective.name)
     except LearnerRankDiedError as e:
-        checkpoint = latest_checkpoint(run_dir)
-        where = (f"resume from {checkpoint} with: {resume_command(run_dir)}" if checkpoint is not None else
-                 "no checkpoint was written yet (--checkpoint.every N writes them); start the run again")
-        raise LearnerRankDiedError(e.rank, e.__cause__ or e, advice=where) from e
+        raise LearnerRankDiedError(e.rank, e.__cause__ or e, advice=resume_advice(run_dir)) from e
     return finish(config, run_dir, learner, tokenizer)
+
+
+def resume_advice(run_dir: Path) -> str:
+    """What to do after a learner rank died: the newest checkpoint and the command that resumes from it."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return "no checkpoint was written yet (--checkpoint.every N writes them); start the run again"
+    return f"resume from {checkpoint} with: {resume_command(run_dir)}"
