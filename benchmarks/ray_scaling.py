@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import grpo_common as common  # noqa: E402
 
+CASES = ["a", "b", "b_ds", "c"]
 PHASES = ("generate", "score", "advantages", "train", "sync", "iteration")
 REWARD = f"{HERE / 'ray_scaling_reward.py'}:parity"
 
@@ -63,7 +64,8 @@ def case_flags(case: str, gpu: bool) -> list[str] | None:
 
 
 def write_policy(out: Path, cpu: bool, workload: common.Workload, num_iterations: int) -> tuple[Path, Path]:
-    """The random-init policy and its word-level tokenizer (a folder every worker loads), and the prompts."""
+    """The random-init policy and its word-level tokenizer (a folder every worker loads), and the prompts; kept
+    from an earlier call into the same OUT."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -71,17 +73,18 @@ def write_policy(out: Path, cpu: bool, workload: common.Workload, num_iterations
     from winnow.data.tiny import save_tokenizer
 
     config = common.model_config(True) if cpu else qwen_config("1.5b")
+    policy, data = out / "policy", out / "prompts.jsonl"
+    if (policy / "config.json").exists() and data.exists():  # an earlier call's (cases run in two calls)
+        return policy, data
     torch.manual_seed(common.SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = config.eos_token_id
-    policy = out / "policy"
     model.save_pretrained(policy)
     tokenizer = common.build_tokenizer(config.vocab_size, config.eos_token_id)
     # in a folder of its own: next to a qwen2 config.json, AutoTokenizer would load it as Qwen2Tokenizer,
     # which splits the words differently
     save_tokenizer(tokenizer, out / "tokenizer")
     texts = common.prompt_texts(workload, config.vocab_size, config.eos_token_id, num_iterations + 1)
-    data = out / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     return policy, data
 
@@ -179,7 +182,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for ray_scaling.json, ray_scaling.md and the runs")
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU, Ray with gloo (a dry run)")
-    parser.add_argument("--cases", default="a,b,b_ds,c", help="comma-separated cases to run (a, b, b_ds, c)")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated cases to run (a, b, b_ds, c); "
+                        "a later call into the same --out adds its cases to the table")
     parser.add_argument("--iterations", type=int, default=2, help="measured iterations per case")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up iterations per case (not measured)")
     parser.add_argument("--case-timeout", type=float, default=300, help="seconds before a case is stopped")
@@ -190,16 +194,23 @@ def main() -> None:
     policy, data = write_policy(out, args.cpu, workload, args.warmup + args.iterations)
     result = {"shape": "tiny" if args.cpu else "Qwen2.5-1.5B", "device": "cpu" if args.cpu else _gpu_names(),
               "workload": common.workload_dict(workload), "iterations": args.iterations, "warmup": args.warmup,
-              "cases": []}
+              "cases": _earlier_cases(out / "ray_scaling.json", args.cases.split(","))}
     for case in args.cases.split(","):
         flags = case_flags(case, gpu=not args.cpu)
-        if flags is None:
-            result["cases"].append({"case": case, "skipped": "deepspeed does not import"})
-            continue
-        result["cases"].append(run_case(case, flags, policy, data, out, args, workload))
+        measured = ({"case": case, "skipped": "deepspeed does not import"} if flags is None else
+                    run_case(case, flags, policy, data, out, args, workload))
+        result["cases"] = sorted(result["cases"] + [measured], key=lambda c: CASES.index(c["case"]))
         (out / "ray_scaling.json").write_text(json.dumps(result, indent=2))
     (out / "ray_scaling.md").write_text(markdown(result))
     print(markdown(result))
+
+
+def _earlier_cases(path: Path, cases: list[str]) -> list[dict]:
+    """Cases an earlier call measured into the same OUT (and not measured again now), so that the cases can run
+    in two calls and still land in one table."""
+    if not path.exists():
+        return []
+    return [c for c in json.loads(path.read_text())["cases"] if c["case"] not in cases]
 
 
 def _gpu_names() -> str:
