@@ -192,10 +192,18 @@ def test_split_generation_draws_the_local_engines_samples_and_survives_a_killed_
 def test_a_dead_learner_rank_stops_the_run_naming_the_rank(split_runtime):
     from winnow.distributed.groups import LearnerRankDiedError
 
+    import torch
+
+    from winnow.learner.batch import make_train_batch
+    from winnow.types import SamplingParams
+
     runtime, actor, learner, run = split_runtime
+    completions = actor.generate([[3, 4, 5], [4, 5, 6]], SamplingParams(max_tokens=4, n=2, seed=1))
+    batch = make_train_batch(completions, torch.tensor([1.0, -1.0, 0.5, -0.5]))
     ray.kill(runtime.ranks[1], no_restart=True)
+    # rank 0 enters the step's first collective and waits there for ever; the dead rank is named at once
     with pytest.raises(LearnerRankDiedError, match="learner rank 1 died"):
-        learner._call("num_steps")
+        learner.train_policy(batch, partial(run.algo.loss, max_tokens=4))
 
 
 def test_oracle_slices_merge_in_order_counts_summed_latencies_the_slowest():
