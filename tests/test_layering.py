@@ -15,7 +15,7 @@ LAYERS = [
     ["winnow.types", "winnow.config", "winnow"],
     ["winnow.algorithms", "winnow.engines", "winnow.oracles", "winnow.data", "winnow.logging", "winnow.setup"],
     ["winnow.learner", "winnow.exploration", "winnow.eval"],
-    ["winnow.loops"],
+    ["winnow.loops", "winnow.distributed"],
     ["winnow.recipes", "winnow.quickstart"],
     ["winnow.cli", "winnow.runtime"],
 ]

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if is_debug:
             raise
-        stopped = type(e).__name__ in ("NothingTrainedError", "NonFiniteLossError", "OracleUnavailableError")
+        stopped = type(e).__name__ in ("NothingTrainedError", "NonFiniteLossError", "OracleUnavailableError",
+                                         "LearnerRankDiedError")
         if not stopped and not isinstance(e, USER_ERRORS):
             raise
         print(f"winnow: {'stopped' if stopped else 'error'}: {e}\n(--debug shows the traceback)", file=sys.stderr)

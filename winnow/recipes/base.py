@@ -16,6 +16,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from winnow.config import save_config
 from winnow.data import DataConfig, load_prompts
+from winnow.distributed.config import RayConfig
 from winnow.engines import make_engine
 from winnow.engines.hf import HFEngineConfig
 from winnow.engines.vllm import VLLMEngineConfig
@@ -85,11 +86,23 @@ class OnlineRunConfig(RunConfig):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     num_iterations: int = 100
     """policy iterations to run"""
+    runtime: Literal["local", "ray"] = "local"
+    """where the parts run: "local" (this process; one process per GPU under torchrun) or "ray" (engine
+    replicas and learner ranks as Ray actors, generation split across the replicas; `pip install "winnow[ray]"`,
+    settings in `ray`; RL objectives without a critic)"""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """the Ray runtime's workers and placement (used with --runtime ray)"""
 
     @property
     def total_steps(self) -> int:
         """Optimizer steps of the whole run (the learning-rate schedule's length)."""
         return self.num_iterations * self.learner.num_mini_batches * self.learner.num_epochs
+
+
+def check_local_runtime(config: OnlineRunConfig, command: str) -> None:
+    """Refuse `--runtime ray` for a command that runs only in the local runtime (rather than ignore it)."""
+    if config.runtime != "local":
+        raise ValueError(f"--runtime {config.runtime} is not available for {command} yet: use --runtime local")
 
 
 def load_splits(config: OnlineRunConfig, tokenizer, max_eval: int | None) -> tuple[list[Prompt], list[Prompt]]:

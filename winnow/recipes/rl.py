@@ -50,6 +50,10 @@ def train(config: TrainConfig) -> Path:
                          f"use --rollout.num-samples 2 or more (or `winnow train ppo`, whose critic is the baseline)")
     check_batching(config, config.rollout.samples_per_iteration, "sample")
     check_oracle_config(config.oracle, default=type(config)(algo=config.algo).oracle, needs="reward")
+    if config.runtime == "ray":
+        from winnow.recipes.on_ray import train_on_ray
+
+        return train_on_ray(config, config.algo)
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
     objective = config.algo
