@@ -323,6 +323,40 @@ def test_grpo_runs_end_to_end_on_the_vllm_engine(tmp_path):
     assert last["time/sync"] > 0 and "eval/greedy_accuracy" in last
 
 
+def test_grpo_on_ray_splits_generation_over_vllm_replicas(tmp_path):
+    """`--runtime ray --ray.placement split` with two vLLM replicas (each its own Ray actor) and one learner rank:
+    the weights reach both replicas by the broadcast group every iteration, checked on each by `--sync.check-sync`
+    (the run stops if a replica's logprobs disagree with the learner's)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from winnow.data.tasks import make_task
+
+    task = make_task("arithmetic", seed=0)
+    tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
+    model_dir = save_tiny(build_tiny_model(tokenizer, seed=0), tokenizer, tmp_path / "init")
+    (tmp_path / "rewards.py").write_text("def length(prompts, completions, **_):\n"
+                                         "    return [float(len(c)) for c in completions]\n")
+    subprocess.run(
+        [sys.executable, "-m", "winnow.cli", "train", "grpo", "--model.path", str(model_dir),
+         "--oracle.rule.rewards", f"{tmp_path / 'rewards.py'}:length",
+         "--engine-backend", "vllm", "--vllm-engine.dtype", "float32", "--vllm-engine.enforce-eager",
+         "--runtime", "ray", "--ray.placement", "split", "--ray.num-replicas", "2", "--ray.num-learner-ranks", "1",
+         "--ray.cpus-per-worker", "0.5", "--sync.check-sync",
+         "--rollout.prompts-per-iteration", "8", "--rollout.num-samples", "4", "--rollout.max-tokens", "8",
+         "--eval.every", "0", "--eval.k", "0", "--eval.max-prompts", "16", "--logging.no-progress",
+         "--num-iterations", "2", "--device", "cpu", "--output-dir", str(tmp_path), "--run-name", "run",
+         "--no-save-final"],
+        check=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if r["step"] > 0]
+    assert [r["counts/samples"] for r in trained] == [32, 64]
+    assert all(r["sync/bytes"] > 0 and r["sync/logprob_diff_max"] < 1e-4 for r in trained)
+
+
 def test_online_dpo_and_eval_run_on_the_vllm_engine(tmp_path):
     """The preference loop samples with vLLM and checks every sync (`--sync.check-sync`); `winnow eval` scores a
     saved model through vLLM. Subprocesses, each with its own vLLM."""
