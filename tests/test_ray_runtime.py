@@ -227,5 +227,34 @@ def test_start_up_refusals_name_the_flag(model_dir, tmp_path, capsys):
               "--ray.num-learner-ranks", "1"])
     assert stop.value.code == 2 and "--runtime local" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
-        main(["train", "dpo", "--model.path", str(model_dir), "--output-dir", str(tmp_path), "--runtime", "ray"])
-    assert stop.value.code == 2 and "not available for winnow train dpo" in capsys.readouterr().err
+        main(["train", "dpo", "--model.path", str(model_dir), "--output-dir", str(tmp_path), "--runtime", "ray",
+              "--ray.num-learner-ranks", "1", "--pairs.selection", "apl"])
+    assert stop.value.code == 2 and "--pairs.selection apl needs the policy" in capsys.readouterr().err
+
+
+def test_online_dpo_on_ray_gives_the_local_runtimes_numbers(model_dir, tmp_path):
+    """The preference loop on Ray (split: 2 replicas sample the candidates, the driver picks and labels the
+    pairs, 1 learner rank trains): the local run's pairs (the same samples, so the same rewards and margins)
+    and losses, iteration by iteration."""
+    from winnow.algorithms.preference import DPO
+    from winnow.loops.config import PairConfig, WinRateConfig
+    from winnow.recipes.preference import PreferenceTrainConfig, train_preference
+
+    def dpo(name: str, **overrides) -> list[dict]:
+        return read_metrics(train_preference(PreferenceTrainConfig(
+            algo=DPO(), model=ModelConfig(path=str(model_dir)), device="cpu", seed=0, num_threads=1,
+            rollout=RolloutConfig(prompts_per_iteration=8, num_samples=4, max_tokens=4),
+            pairs=PairConfig(selection="best_vs_worst"), learner=LearnerConfig(lr=1e-3, micro_batch_size=16),
+            oracle=OracleConfig(rule=RuleOracleConfig(rewards=[REWARD])), eval=WinRateConfig(every=0, max_prompts=8),
+            num_iterations=3, logging=LoggingConfig(progress=False), output_dir=str(tmp_path), run_name=name,
+            save_final=False, **overrides)))
+
+    local = dpo("local")
+    on_ray_rows = dpo("ray", runtime="ray", sync=SyncConfig(check_sync=True),
+                      ray=RayConfig(placement="split", num_replicas=2, num_learner_ranks=1))
+    assert [r["step"] for r in on_ray_rows] == [r["step"] for r in local] == [0, 1, 2, 3]
+    for got, want in zip(on_ray_rows[1:], local[1:]):
+        assert got["counts/oracle_queries"] == want["counts/oracle_queries"] > 0
+        assert math.isclose(got["train/loss"], want["train/loss"], rel_tol=1e-5, abs_tol=1e-7), got["step"]
+        assert got["sync/logprob_diff_mean"] < 1e-4
+    assert local[-1]["train/loss"] != local[1]["train/loss"]  # it trained: the loss moved

@@ -99,12 +99,6 @@ class OnlineRunConfig(RunConfig):
         return self.num_iterations * self.learner.num_mini_batches * self.learner.num_epochs
 
 
-def check_local_runtime(config: OnlineRunConfig, command: str) -> None:
-    """Refuse `--runtime ray` for a command that runs only in the local runtime (rather than ignore it)."""
-    if config.runtime != "local":
-        raise ValueError(f"--runtime {config.runtime} is not available for {command} yet: use --runtime local")
-
-
 def load_splits(config: OnlineRunConfig, tokenizer, max_eval: int | None) -> tuple[list[Prompt], list[Prompt]]:
     """The train prompts and (up to `max_eval`) held-out prompts; enough train prompts for one iteration."""
     train_prompts = load_prompts(config.data, tokenizer, "train")

@@ -1,7 +1,7 @@
-"""`winnow train grpo|dr-grpo|rloo ... --runtime ray`: the same RL loop, its parts in Ray workers.
+"""`winnow train grpo|dr-grpo|rloo|dpo|ipo|slic|simpo ... --runtime ray`: the same loops, their parts in Ray workers.
 
 The driver (this process) holds no model: it loads the tokenizer, the prompts and the oracle, runs `Loop` with
-`RLFamily`, and talks to the workers through the seam (`winnow.distributed.groups`). Each worker loads the
+`RLFamily` (or `PreferenceFamily`), and talks to the workers through the seam (`winnow.distributed.groups`). Each worker loads the
 policy itself and builds its engine and/or learner rank the way the local runtime does (`build_learner`,
 `make_engine`), so the maths is the local runtime's.
 """
@@ -37,7 +37,7 @@ def check_ray_config(config: OnlineRunConfig, objective) -> None:
         import ray  # noqa: F401
     except ImportError:
         raise ValueError('--runtime ray needs Ray: pip install "winnow[ray]"') from None
-    if objective.needs_critic:
+    if getattr(objective, "needs_critic", False):
         raise ValueError(f"--runtime ray trains objectives without a critic; {objective.name}'s value model trains "
                          "beside the policy in one process: use --runtime local")
     if config.ray.num_learner_ranks > 1 and config.learner.strategy == "single":
@@ -50,24 +50,75 @@ def check_ray_config(config: OnlineRunConfig, objective) -> None:
 def train_on_ray(config: OnlineRunConfig, objective) -> Path:
     """Run policy iteration with `--runtime ray`; returns the run directory (metrics, plots, final model)."""
     check_ray_config(config, objective)
+
+    def make_family(actor, learner, oracle, tokenizer, train_prompts, eval_prompts) -> RLFamily:
+        return RLFamily(
+            actor=actor, learner=learner, oracle=oracle, objective=objective, rollout=config.rollout,
+            eval_config=config.eval, prompts=batches(train_prompts, config.rollout.prompts_per_iteration,
+                                                     seed=config.seed),
+            eval_prompts=eval_prompts, seed=config.seed, pad_token_id=tokenizer.pad_token_id)
+
+    return _train(config, objective, "reward", make_family, check_answers_of_prompts=True)
+
+
+def train_preference_on_ray(config) -> Path:
+    """Online preference optimisation (`winnow train dpo|ipo|slic|simpo`) with `--runtime ray`: replicas sample
+    the candidates, the driver picks and labels the pairs, the learner ranks train on them."""
+    from winnow.exploration import make_selector
+    from winnow.exploration.features import make_featurizer
+    from winnow.loops.preference import PreferenceFamily
+    from winnow.recipes.preference import _oracle_needs
+
+    objective, selection = config.algo, config.pairs.selection
+    check_ray_config(config, objective)
+    if config.offline:
+        raise ValueError("--offline trains on a fixed dataset and samples nothing: use --runtime local")
+    if config.ray.num_oracle_workers:
+        raise ValueError("--ray.num-oracle-workers pools reward functions for the RL commands; a preference run's "
+                         "oracle compares pairs in the driver: leave it at 0")
+    if (selection == "xpo" or selection.startswith("apl")
+            or (selection.startswith("sea") and config.pairs.sea.features == "policy")):
+        raise ValueError(f"--pairs.selection {selection} needs the policy or the reference in the driver's process, "
+                         "which holds no model under --runtime ray: use --runtime local, or a selection that does not "
+                         "(random, best_vs_worst, or sea-* with --pairs.sea.features minilm)")
+    context = {}
+    if selection.startswith("sea"):
+        context = {"config": config.pairs.sea, "featurize": make_featurizer(config.pairs.sea.features, policy=None,
+                                                                            device="cpu")}
+    selector = make_selector(selection, seed=config.seed, **context)
+
+    def make_family(actor, learner, oracle, tokenizer, train_prompts, eval_prompts) -> PreferenceFamily:
+        return PreferenceFamily(
+            actor=actor, learner=learner, oracle=oracle, objective=objective, selector=selector,
+            rollout=config.rollout, eval_config=config.eval,
+            prompts=batches(train_prompts, config.rollout.prompts_per_iteration, seed=config.seed),
+            eval_prompts=eval_prompts, seed=config.seed, pad_token_id=tokenizer.pad_token_id)
+
+    return _train(config, objective, _oracle_needs(config), make_family, check_answers_of_prompts=False)
+
+
+def _train(config: OnlineRunConfig, objective, oracle_needs, make_family, check_answers_of_prompts: bool) -> Path:
     import ray
 
     setup_process(config.seed, config.num_threads)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.path, config.model.trust_remote_code)
     train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
-    oracle = make_oracle(config.oracle, needs="reward")
+    oracle = make_oracle(config.oracle, needs=oracle_needs)
     runtime, started_ray = None, False
     try:
         started_ray = connect(config.ray)
-        check_answers(oracle, train_prompts, config.data.train)
-        check_answers(oracle, eval_prompts, config.data.eval or config.data.train)
-        if config.ray.num_oracle_workers:
+        if check_answers_of_prompts:
+            check_answers(oracle, train_prompts, config.data.train)
+            check_answers(oracle, eval_prompts, config.data.eval or config.data.train)
+        if config.ray.num_oracle_workers and oracle_needs == "reward":
             oracle.close()
             oracle = RayOraclePool(partial(make_oracle, config.oracle, needs="reward"),
                                    config.ray.num_oracle_workers, config.ray.cpus_per_worker,
                                    reference_rewards=getattr(oracle, "reference_rewards", []))
         runtime = RayRuntime.start(config.ray, worker_spec(config, objective))
-        return _run(config, objective, runtime, oracle, tokenizer, train_prompts, eval_prompts)
+        families = partial(make_family, oracle=oracle, tokenizer=tokenizer, train_prompts=train_prompts,
+                           eval_prompts=eval_prompts)
+        return _run(config, objective, runtime, tokenizer, train_prompts, eval_prompts, families)
     finally:
         oracle.close()
         if runtime is not None:
@@ -104,7 +155,7 @@ def skeleton(config: OnlineRunConfig) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
 
 
-def _run(config, objective, runtime: RayRuntime, oracle, tokenizer, train_prompts, eval_prompts) -> Path:
+def _run(config, objective, runtime: RayRuntime, tokenizer, train_prompts, eval_prompts, make_family) -> Path:
     actor = RayActorGroup(runtime)
     learner = RayLearnerGroup(runtime, skeleton(config), config.learner, config.rollout.temperature)
     run_dir = open_run(config, objective.name, True)
@@ -114,11 +165,7 @@ def _run(config, objective, runtime: RayRuntime, oracle, tokenizer, train_prompt
     probe = [p.token_ids for p in (eval_prompts or train_prompts)]
 
     def make_loop(logger, bar) -> Loop:
-        family = RLFamily(
-            actor=actor, learner=learner, oracle=oracle, objective=objective, rollout=config.rollout,
-            eval_config=config.eval, prompts=batches(train_prompts, config.rollout.prompts_per_iteration,
-                                                     seed=config.seed),
-            eval_prompts=eval_prompts, seed=config.seed, pad_token_id=tokenizer.pad_token_id)
+        family = make_family(actor, learner)
         return Loop(family, learner=learner, actor=actor, num_iterations=config.num_iterations,
                     eval_every=config.eval.every, sync=config.sync, probe=probe, seed=config.seed, logger=logger,
                     run_dir=run_dir, progress=bar, max_idle_iterations=config.rollout.max_idle_iterations)

@@ -29,7 +29,6 @@ from winnow.recipes.base import (
     build_actor,
     build_learner,
     check_batching,
-    check_local_runtime,
     engine_copy,
     finish,
     load_splits,
@@ -87,7 +86,10 @@ class PreferenceTrainConfig(OnlineRunConfig, Generic[AlgoT]):
 
 def train_preference(config: PreferenceTrainConfig) -> Path:
     """Run online (or, with `config.offline`, offline) preference optimisation; returns the run directory."""
-    check_local_runtime(config, f"winnow train {config.algo.name}")
+    if config.runtime == "ray":
+        from winnow.recipes.on_ray import train_preference_on_ray
+
+        return train_preference_on_ray(config)
     if not config.offline:
         check_oracle_config(config.oracle, default=type(config)(algo=config.algo).oracle, needs=_oracle_needs(config))
     setup_process(config.seed, config.num_threads)
