@@ -36,14 +36,20 @@ COMMON = ["--device", "cpu", "--oracle.rewards", REWARD, "--num-threads", "1", "
           "--rollout.num-samples", "4", "--rollout.max-tokens", "6", "--learner.lr", "1e-3",
           "--eval.max-prompts", "6", "--eval.every", str(N), "--num-iterations", str(2 * N),
           "--checkpoint.every", str(N), "--logging.no-progress"]
-ALGOS = {
-    "grpo": ["--eval.k", "2"],
-    "ppo": ["--eval.k", "0"],
-    "dpo": ["--pairs.selection", "random"],  # a selector with state (its rng)
+ALGOS = {  # name: (command, its flags)
+    "grpo": ("grpo", ["--eval.k", "2"]),
+    "ppo": ("ppo", ["--eval.k", "0"]),
+    "dpo": ("dpo", ["--pairs.selection", "random"]),  # a selector with state (its rng)
+    # SEA's ensemble (members, theta0, Adam, replay buffer, query count) and rngs, mixed labelling from iteration 2
+    "sea": ("dpo", ["--pairs.selection", "sea-bai", "--pairs.sea.features", "arithmetic",
+                    "--pairs.sea.ensemble.num-members", "4", "--pairs.sea.ensemble.hidden-size", "8",
+                    "--pairs.sea.ensemble.batch-size", "2", "--pairs.sea.mixed", "--pairs.sea.mixed-burn-in", "1"]),
+    "xpo": ("xpo", ["--rollout.num-samples", "2"]),  # the reference engine's sampling counter
 }
+PREFERENCE_PHASES = ["generate", "judge", "train", "sync", "eval"]
 PHASES = {"grpo": ["generate", "score", "advantages", "train", "sync", "eval"],
           "ppo": ["generate", "score", "advantages", "train", "sync", "eval"],
-          "dpo": ["generate", "judge", "train", "sync", "eval"]}
+          "dpo": PREFERENCE_PHASES, "sea": PREFERENCE_PHASES, "xpo": PREFERENCE_PHASES}
 VOLATILE = ("time/", "throughput/", "sync/seconds", "sync/mib_per_s")
 
 
@@ -66,7 +72,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def flags(algo: str, model: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return ["train", algo, "--model.path", str(model), *COMMON, *ALGOS[algo], "--output-dir", str(out),
+    command, extra_flags = ALGOS[algo]
+    return ["train", command, "--model.path", str(model), *COMMON, *extra_flags, "--output-dir", str(out),
             "--run-name", name, *extra]
 
 
@@ -126,6 +133,9 @@ def test_a_run_killed_at_a_random_phase_resumes_bitwise(algo, model_dir, referen
     assert not (run / "final").exists()
     main([*args, "--resume", str(run)])
     assert_same_run(run, references[algo])
+    if algo == "sea":  # after the checkpoint the ensemble trained and labelled pairs itself
+        last = read_metrics(references["sea"])[2 * N]
+        assert "sea/rm_loss" in last and last["counts/model_labelled_pairs"] > 0
 
 
 def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(model_dir, references, tmp_path):

@@ -129,6 +129,17 @@ class ReplayBuffer:
         rows = self.rng.sample(range(len(self.chosen)), batch_size)
         return torch.stack([self.chosen[r] for r in rows]), torch.stack([self.rejected[r] for r in rows])
 
+    def state_dict(self) -> dict:
+        """The pairs in slot order ([P, d] each, None when empty), the next slot to overwrite, the rng."""
+        stacked = (torch.stack(self.chosen), torch.stack(self.rejected)) if self.chosen else (None, None)
+        return {"chosen": stacked[0], "rejected": stacked[1], "next": self.next, "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.chosen = [] if state["chosen"] is None else list(state["chosen"])
+        self.rejected = [] if state["rejected"] is None else list(state["rejected"])
+        self.next = state["next"]
+        self.rng.setstate(state["rng"])
+
 
 class EpistemicRewardModel:
     """The ensemble, its optimizer and its replay buffer: `add` labelled pairs, `train` a few steps, `rewards`."""
@@ -139,6 +150,19 @@ class EpistemicRewardModel:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.buffer = ReplayBuffer(config.buffer_size, seed=seed)
         self.num_queries = 0
+
+    def state_dict(self) -> dict:
+        """Everything the next `train` and `rewards` depend on: the members' parameters and their initial
+        parameters theta0 (a buffer of the module), Adam's moments, the replay buffer and N_q."""
+        return {"input_size": self.model.weights[0].shape[1], "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "buffer": self.buffer.state_dict(),
+                "num_queries": self.num_queries}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.num_queries = state["num_queries"]
 
     @torch.no_grad()
     def rewards(self, features: Tensor) -> Tensor:

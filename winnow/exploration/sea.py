@@ -84,6 +84,21 @@ class SEASelector:
         self.metrics: dict[str, float] = {}
         self.shadow_agreement: float | None = None  # set by a shadow check, logged by the next `observe`
 
+    def state_dict(self) -> dict:
+        """The iteration count, both generators and the ensemble (None before the first features built it), so a
+        resumed run picks, labels and trains exactly as the uninterrupted one (saved in checkpoints)."""
+        return {"iteration": self.iteration, "rng": self.rng.getstate(), "generator": self.generator.get_state(),
+                "reward_model": None if self.reward_model is None else self.reward_model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = state["iteration"]
+        self.rng.setstate(state["rng"])
+        self.generator.set_state(state["generator"])
+        saved = state["reward_model"]
+        if saved is not None:
+            self.reward_model = EpistemicRewardModel(saved["input_size"], self.config.ensemble, seed=self.seed)
+            self.reward_model.load_state_dict(saved)
+
     # ------------------------------------------------------------------ the rule
     def pick(self, rewards: Tensor) -> tuple[int, int]:
         """rewards [E, n] (n >= 2 distinct responses) -> the pair (first, second); second == first is a clash."""
