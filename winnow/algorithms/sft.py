@@ -1,9 +1,12 @@
 """The supervised fine-tuning loss: negative log-likelihood of the completion tokens."""
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from winnow.types import TrainBatch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def sft_loss(logprobs: Tensor, batch: TrainBatch, *, num_sequences: int, num_tokens: float):

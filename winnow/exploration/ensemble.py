@@ -14,35 +14,16 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from winnow.exploration.sea import EnsembleConfig
+from winnow.lazy import lazy_import, no_grad
 
+if TYPE_CHECKING:
+    from torch import Tensor
 
-@dataclass
-class EnsembleConfig:
-    """The epistemic reward model of SEA (defaults: the seed framework's)."""
-
-    num_members: int = 20
-    """ensemble members E"""
-    hidden_size: int = 128
-    """width of each member's two hidden layers"""
-    lr: float = 1e-3
-    """Adam learning rate"""
-    weight_decay: float = 5e-5
-    """Adam weight decay"""
-    reg_lambda: float = 0.5
-    """lambda: weight of the pull towards each member's initial parameters"""
-    fixed_reg: bool = False
-    """use lambda * mean((theta - theta0)^2) (the factor B / N_q fixed at 1) instead of shrinking it with queries"""
-    batch_size: int = 128
-    """labelled pairs per training step (B); training waits until the buffer holds B pairs"""
-    steps_per_iteration: int = 5
-    """optimizer steps on the ensemble per policy iteration"""
-    buffer_size: int = 50_000
-    """replay buffer: the last this many labelled pairs, sampled uniformly"""
+torch = lazy_import("torch")
+F = lazy_import("torch.nn.functional")
 
 
 def truncated_normal_(t: Tensor, std: float, generator: torch.Generator) -> Tensor:
@@ -164,7 +145,7 @@ class EpistemicRewardModel:
         self.buffer.load_state_dict(state["buffer"])
         self.num_queries = state["num_queries"]
 
-    @torch.no_grad()
+    @no_grad
     def rewards(self, features: Tensor) -> Tensor:
         """features [M, d] -> each member's reward [E, M]."""
         return self.model(features)

@@ -34,7 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from winnow.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"

@@ -11,13 +11,15 @@ from typing import Any, Callable
 from winnow.algorithms.sft import sft_loss
 from winnow.engines.base import Engine
 from winnow.eval.accuracy import EvalResult, evaluate_accuracy
+from winnow.lazy import lazy_function
 from winnow.learner.learner import Learner
-from winnow.learner.logprobs import token_accuracy
 from winnow.loops.base import Counters, PhaseTimer
 from winnow.loops.checkpoint import counters_state, load_counters
 from winnow.loops.config import EvalConfig
 from winnow.oracles.base import RewardOracle
 from winnow.types import Prompt, TrainBatch
+
+token_accuracy = lazy_function("winnow.learner.logprobs", "token_accuracy")  # its module needs torch
 
 
 @dataclass
