@@ -5,8 +5,10 @@ pays for torch: importing torch takes seconds on a loaded CPU machine, the help 
     torch.zeros(3)                      # the first attribute read imports torch; later reads are plain
 
 Nothing is put in `sys.modules` until then. `@no_grad` and `@inference_mode` stand for torch's decorators, which
-would import torch where a function is defined. Used only by modules that config classes live in (or that they
-import); names used in annotations only go under `TYPE_CHECKING` instead.
+would import torch where a function is defined; `lazy_function` stands for a winnow function whose module defines
+a torch class at import (an autograd Function, an nn.Module). Used only by modules that config classes live in (or
+that they import); names used in annotations only go under `TYPE_CHECKING` instead. `tests/test_cli_help.py`
+checks every command's `--help` for torch, transformers and datasets in `sys.modules`.
 """
 from __future__ import annotations
 
@@ -18,9 +20,6 @@ from typing import Any, Callable
 
 class LazyModule(types.ModuleType):
     """A stand-in for module `name` that imports it on the first attribute read, then copies its namespace in."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
 
     def __getattr__(self, attribute: str) -> Any:  # called only for names not yet in this module's namespace
         module = importlib.import_module(self.__name__)

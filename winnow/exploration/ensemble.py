@@ -16,7 +16,7 @@ import math
 import random
 from typing import TYPE_CHECKING
 
-from winnow.exploration.sea import EnsembleConfig
+from winnow.exploration.ensemble_config import EnsembleConfig
 from winnow.lazy import lazy_import, no_grad
 
 if TYPE_CHECKING:

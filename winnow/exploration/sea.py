@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, TYPE_CHECKING
 
 from winnow.exploration.base import Candidate, Judge, distinct_texts
+from winnow.exploration.ensemble_config import EnsembleConfig
 from winnow.exploration.features import Featurizer, make_featurizer
 from winnow.lazy import lazy_function, lazy_import
 from winnow.types import Completion, Prompt
@@ -42,32 +43,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 torch = lazy_import("torch")
-# the ensemble's module defines a torch.nn.Module (and imports its config from here)
+# the ensemble's module defines a torch.nn.Module
 EpistemicRewardModel = lazy_function("winnow.exploration.ensemble", "EpistemicRewardModel")
-
-
-@dataclass
-class EnsembleConfig:
-    """The epistemic reward model of SEA (defaults: the seed framework's)."""
-
-    num_members: int = 20
-    """ensemble members E"""
-    hidden_size: int = 128
-    """width of each member's two hidden layers"""
-    lr: float = 1e-3
-    """Adam learning rate"""
-    weight_decay: float = 5e-5
-    """Adam weight decay"""
-    reg_lambda: float = 0.5
-    """lambda: weight of the pull towards each member's initial parameters"""
-    fixed_reg: bool = False
-    """use lambda * mean((theta - theta0)^2) (the factor B / N_q fixed at 1) instead of shrinking it with queries"""
-    batch_size: int = 128
-    """labelled pairs per training step (B); training waits until the buffer holds B pairs"""
-    steps_per_iteration: int = 5
-    """optimizer steps on the ensemble per policy iteration"""
-    buffer_size: int = 50_000
-    """replay buffer: the last this many labelled pairs, sampled uniformly"""
 
 
 @dataclass
