@@ -2,7 +2,7 @@
 pays for torch: importing torch takes seconds on a loaded CPU machine, the help needs none of it.
 
     torch = lazy_import("torch")        # at module level, in place of `import torch`
-    torch.zeros(3)                      # the first attribute read imports torch; later reads are plain
+    torch.zeros(3)                      # the first attribute read imports torch and rebinds `torch` to it
 
 Nothing is put in `sys.modules` until then. `@no_grad` and `@inference_mode` stand for torch's decorators, which
 would import torch where a function is defined; `lazy_function` stands for a winnow function whose module defines
@@ -14,17 +14,30 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 import types
 from typing import Any, Callable
 
 
 class LazyModule(types.ModuleType):
-    """A stand-in for module `name` that imports it on the first attribute read, then copies its namespace in."""
+    """A stand-in for module `name`: the first attribute read imports it and points every winnow global that
+    held this stand-in at the real module, so later reads are plain global reads (as fast as `import torch`,
+    and a test's monkeypatch of `torch.save` reaches them). Reads through a reference kept elsewhere are
+    forwarded, never copied."""
 
-    def __getattr__(self, attribute: str) -> Any:  # called only for names not yet in this module's namespace
+    def __getattr__(self, attribute: str) -> Any:  # every attribute: the stand-in holds none of its own
         module = importlib.import_module(self.__name__)
-        self.__dict__.update(module.__dict__)
+        _rebind(self, module)
         return getattr(module, attribute)
+
+
+def _rebind(stand_in: LazyModule, module: types.ModuleType) -> None:
+    for name, loaded in list(sys.modules.items()):
+        if name == "winnow" or name.startswith("winnow."):
+            namespace = vars(loaded)
+            for key, value in list(namespace.items()):
+                if value is stand_in:
+                    namespace[key] = module
 
 
 def lazy_import(name: str) -> Any:
