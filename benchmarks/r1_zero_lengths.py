@@ -22,7 +22,7 @@ def curves(run_dir: Path) -> dict[str, list[list[float]]]:
         row = json.loads(line)
         step = row.get("step", row.get("_step"))
         for key in KEYS:
-            if key in row and row[key] == row[key]:
+            if isinstance(row.get(key), (int, float)) and row[key] == row[key]:  # null: NaN/inf, left out
                 out[key].append([float(step), float(row[key])])
     return out
 

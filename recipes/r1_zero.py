@@ -53,6 +53,9 @@ class R1ZeroConfig:
     """the objective: Dr. GRPO, or GRPO for the comparison"""
     format_weight: float = 0.0
     """weight of the format reward in the total (0: logged, not rewarded; R1-Zero used a small one)"""
+    zero_truncated: bool = False
+    """reward 0 for a response that hit --max-tokens, whatever it contains (the Dr. GRPO paper's code does: an
+    answer cut off mid-reasoning earns nothing); off by default for the CPU task, on in the GPU command"""
     num_iterations: int = 100
     """policy iterations"""
     prompts_per_iteration: int = 32
@@ -117,6 +120,11 @@ def rollout_metrics(completions, correct: list[bool], formatted: list[float], ma
     }
 
 
+def zero_truncated_scores(scores: list[float | None], completions) -> list[float | None]:
+    """Each score, or 0.0 where its response hit the generation budget (an unscored response stays None)."""
+    return [0.0 if s is not None and c.finish_reason == "length" else s for s, c in zip(scores, completions)]
+
+
 # ----------------------------------------------------------------------------------------------------- the loop
 
 def train(cfg: R1ZeroConfig) -> Path:
@@ -154,10 +162,11 @@ def train(cfg: R1ZeroConfig) -> Path:
                                    [p.reference for p in questions])
             math_scores, formatted = result.components["math"], result.components["format_reward"]
             metrics = rollout_metrics(completions, [s == 1.0 for s in math_scores], formatted, cfg.max_tokens)
+            scores = zero_truncated_scores(result.scores, completions) if cfg.zero_truncated else result.scores
             # 3. advantages over each question's group (unscored responses are left out, never scored 0)
-            kept = [i for i, s in enumerate(result.scores) if s is not None]
+            kept = [i for i, s in enumerate(scores) if s is not None]
             batch = make_train_batch([completions[i] for i in kept], None,
-                                     torch.tensor([result.scores[i] for i in kept]), tokenizer.pad_token_id,
+                                     torch.tensor([scores[i] for i in kept]), tokenizer.pad_token_id,
                                      group_index=torch.tensor([i // cfg.num_samples for i in kept]))
             advantages = objective.advantages(batch)
             batch.advantages = advantages.values
@@ -169,7 +178,7 @@ def train(cfg: R1ZeroConfig) -> Path:
             if iteration % cfg.eval_every == 0 or iteration == cfg.num_iterations:
                 metrics.update(evaluate())
             # 7. log
-            metrics.update({"reward/mean": sum(result.scores[i] for i in kept) / max(len(kept), 1),
+            metrics.update({"reward/mean": sum(scores[i] for i in kept) / max(len(kept), 1),
                             **advantages.metrics, "counts/samples": float(iteration * len(completions))})
             logger.log(metrics, step=iteration)
     oracle.close()

@@ -204,3 +204,47 @@ def test_chat_sft_with_lora_trains_adapters_only(tmp_path):
     # the adapters lowered the held-out loss; the engine generated with the merged weights (synced before eval)
     assert rows[-1]["eval/heldout_loss"] < rows[0]["eval/heldout_loss"]
     assert "eval/greedy_accuracy" in rows[-1]
+
+
+@pytest.mark.slow
+def test_chat_sft_under_torchrun_shards_rows_and_matches_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m winnow.cli sft --learner.strategy fsdp2` (gloo, CPU) on the dialogue task:
+    each rank trains its half of every packed batch (the target tokens trained, summed over the ranks, are the
+    batch's, not twice them), the losses and gradient norms are the single process's, and rank 0 alone writes
+    the run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from winnow.logging import read_metrics
+
+    root = Path(__file__).resolve().parents[1]
+    tokenizer = add_chat_template(train_char_tokenizer(DialogueTask().texts()))
+    init = save_tiny(build_tiny_model(tokenizer, seed=0), tokenizer, tmp_path / "init")
+    flags = ["sft", "--model.path", str(init), "--data.train", "dialogue", "--data.num-train-prompts", "64",
+             "--batch-size", "16", "--num-steps", "3", "--max-seq-tokens", "128", "--learner.lr", "3e-3",
+             "--learner.micro-batch-size", "4", "--eval.every", "0", "--eval.k", "0", "--eval.max-prompts", "4",
+             "--max-tokens", "4", "--device", "cpu", "--num-threads", "1", "--logging.no-progress",
+             "--output-dir", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "winnow.cli", *flags, "--run-name", "single"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-4000:]
+    sharded = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "winnow.cli",
+         *flags, "--run-name", "fsdp2", "--learner.strategy", "fsdp2"], env=env, capture_output=True, text=True,
+        timeout=300)
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    assert sharded.stdout.count("run written to") == 1
+    want, got = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp2")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 1, 2, 3]
+    for w, g in zip(want[1:], got[1:]):
+        assert w["data/rows"] >= 2 and g["data/rows"] == w["data/rows"]  # the same packed batch on both
+        assert g["train/target_tokens"] == w["train/target_tokens"]
+        assert g["train/loss"] == pytest.approx(w["train/loss"], rel=1e-5)
+        assert g["train/grad_norm"] == pytest.approx(w["train/grad_norm"], rel=1e-4)
+    assert sum(r["train/target_tokens"] for r in got[1:]) == got[3]["counts/target_tokens"]  # each token once
+    assert want[3]["train/loss"] < want[1]["train/loss"]  # the steps moved the weights
+    assert got[3]["eval/heldout_loss"] == pytest.approx(want[3]["eval/heldout_loss"], rel=1e-5)
+    assert (tmp_path / "fsdp2" / "final" / "model.safetensors").exists()

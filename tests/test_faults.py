@@ -119,7 +119,8 @@ def test_non_finite_metrics_stay_valid_json(tmp_path):
     with MetricsLogger(tmp_path, LoggingConfig(), "run", {}) as logger:
         logger.log({"train/loss": float("nan"), "train/grad_norm": float("inf")}, step=1)
     line = json.loads((tmp_path / "metrics.jsonl").read_text())  # strict JSON: jq and pandas read it
-    assert line == {"step": 1, "train/loss": "NaN", "train/grad_norm": "Infinity"}
+    assert line == {"step": 1, "train/loss": None, "train/grad_norm": None,
+                    "nonfinite": {"train/loss": "NaN", "train/grad_norm": "Infinity"}}
     assert read_metrics(tmp_path)[0]["train/grad_norm"] == float("inf")
 
 

@@ -39,7 +39,8 @@ def module_name(path: Path) -> str:
 
 
 def imports(path: Path) -> set[str]:
-    """The winnow modules `path` imports (absolute, resolved from relative imports; submodules when named)."""
+    """The winnow modules `path` imports (absolute, resolved from relative imports; submodules when named), and
+    those it imports on first use (`lazy_import("winnow....")`, `lazy_function("winnow....", name)`)."""
     module = module_name(path)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found = set()
@@ -53,6 +54,9 @@ def imports(path: Path) -> set[str]:
             for alias in node.names:  # `from winnow.x import y`: y may be a submodule
                 candidate = f"{base}.{alias.name}"
                 found.add(candidate if _exists(candidate) else base)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("lazy_import", "lazy_function")
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            found.add(node.args[0].value)
     return {name for name in found if name == "winnow" or name.startswith("winnow.")}
 
 

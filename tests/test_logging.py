@@ -52,21 +52,34 @@ def test_tensor_scalars_are_logged_as_numbers(tmp_path):
     assert read_metrics(tmp_path) == [{"step": 0, "loss/policy": 0.5}]
 
 
-def test_nonfinite_floats_are_valid_json_and_read_back(tmp_path):
+def test_nonfinite_floats_are_null_in_strict_json_named_apart_and_read_back(tmp_path):
+    import pandas as pd
+
     with MetricsLogger(tmp_path, LoggingConfig(), "run", {}) as logger:
         logger.log({"a": math.nan, "b": math.inf, "c": -math.inf, "d": 1.5}, step=0)
-    line = (tmp_path / "metrics.jsonl").read_text().strip()
+        logger.log({"a": 0.25, "b": 2.0, "c": 1.0, "d": 0.5}, step=1)
+    text = (tmp_path / "metrics.jsonl").read_text()
+    first = text.splitlines()[0]
     # Strict JSON (no bare NaN tokens): parse_constant is called only for NaN/Infinity tokens.
-    raw = json.loads(line, parse_constant=lambda token: pytest.fail(f"bare {token} in {line}"))
-    assert raw == {"step": 0, "a": "NaN", "b": "Infinity", "c": "-Infinity", "d": 1.5}
-    (record,) = read_metrics(tmp_path)
+    raw = json.loads(first, parse_constant=lambda token: pytest.fail(f"bare {token} in {first}"))
+    assert raw == {"step": 0, "a": None, "b": None, "c": None, "d": 1.5,
+                   "nonfinite": {"a": "NaN", "b": "Infinity", "c": "-Infinity"}}
+    assert "nonfinite" not in json.loads(text.splitlines()[1])  # only rows that have one carry it
+    # pandas reads the columns as numbers (null -> NaN), not as strings
+    frame = pd.read_json(tmp_path / "metrics.jsonl", lines=True)
+    assert all(frame[k].dtype == "float64" for k in "abcd")
+    assert frame["a"].isna().tolist() == [True, False] and frame["b"].tolist()[1] == 2.0
+    record, _ = read_metrics(tmp_path)
     assert math.isnan(record["a"]) and record["b"] == math.inf and record["c"] == -math.inf
+    assert set(record) == {"step", "a", "b", "c", "d"}
 
 
 def test_bad_metrics_are_rejected(tmp_path):
     with MetricsLogger(tmp_path, LoggingConfig(), "run", {}) as logger:
         with pytest.raises(ValueError, match="reserved"):
             logger.log({"step": 1}, step=1)
+        with pytest.raises(ValueError, match="reserved"):
+            logger.log({"nonfinite": 1}, step=1)
         with pytest.raises(TypeError, match="train/name"):
             logger.log({"train/name": "abc"}, step=1)
 

@@ -31,6 +31,16 @@ def test_format_reward_by_template():
     assert recipe.format_reward(["12+34="], ["46 is it"]) == [0.0]
 
 
+def test_truncated_responses_score_zero_when_asked():
+    """--zero-truncated (the Dr. GRPO paper's code): a response cut off at the budget earns 0 even when its text
+    grades right; finished responses keep their scores and an unscored one stays unscored."""
+    from winnow.types import Completion
+
+    recipe = load_recipe()
+    completions = [Completion([1], [2], [0.0], reason, "") for reason in ("stop", "length", "length", "stop")]
+    assert recipe.zero_truncated_scores([1.0, 1.0, None, 0.5], completions) == [1.0, 0.0, None, 0.5]
+
+
 @pytest.mark.slow
 def test_short_r1_zero_run_raises_held_out_accuracy(tmp_path):
     recipe = load_recipe()

@@ -63,7 +63,7 @@ class Service:
     """`winnow serve-oracle` in its own process group, so stopping it leaves no worker behind."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp, self.port, self.num_starts = tmp, _free_port(), 0
+        self.tmp, self.port, self.health_port, self.num_starts = tmp, _free_port(), _free_port(), 0
         (tmp / "rewards.py").write_text(REWARDS)
         self.tally_file = tmp / "tally.txt"
         self.rewards = ["exact", f"{tmp / 'rewards.py'}:tally"]
@@ -77,7 +77,7 @@ class Service:
         self.log = open(self.tmp / f"server{self.num_starts}.log", "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "winnow.cli", "serve-oracle", "--oracle.rule.rewards", *self.rewards,
-             "--oracle.rule.reward-weights", "1.0", "0.01", "--port", str(self.port), "--max-batch-size", "16",
+             "--oracle.rule.reward-weights", "1.0", "0.01", "--port", str(self.port), "--health-port", str(self.health_port), "--max-batch-size", "16",
              "--max-wait-ms", "20", "--num-workers", "1", "--max-items-per-request", "256",
              "--max-request-bytes", "1000000", "--log-level", "warning"],
             env=env, cwd=self.tmp, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -324,6 +324,27 @@ def test_token_is_enforced(service):
         RemoteOracle(service.url, token="wrong").reward(["1+1="], ["2"], ["2"])
     assert time.monotonic() - start < 5  # refused, not retried until a deadline
     assert RemoteOracle(service.url).health()["rewards"] == service.rewards  # health needs no token
+
+
+def test_get_health_answers_from_the_oracle_workers_beside_mosec(service):
+    """Mosec's routes answer POST only; the responder on --health-port answers GET /health with the pipeline's
+    own health reply as JSON (no token), 404 elsewhere, and 503 with the reason when the pipeline is down."""
+    import json
+
+    from winnow.oracles.serve import pipeline_health
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{service.health_port}/health", timeout=10) as response:
+        assert response.status == 200 and response.headers["Content-Type"] == "application/json"
+        reply = json.loads(response.read())
+    assert reply["status"] == "ok" and reply["rewards"] == service.rewards and reply["reward_weights"] == [1.0, 0.01]
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"http://127.0.0.1:{service.health_port}/reward", timeout=10)
+    assert missing.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as post_only:  # why the responder exists
+        urllib.request.urlopen(f"{service.url}/health", timeout=10)
+    assert post_only.value.code == 405
+    status, body = pipeline_health(f"http://127.0.0.1:{_free_port()}/health", timeout_s=2)  # nothing listens
+    assert status == 503 and body["status"] == "unavailable" and "did not answer" in body["error"]
 
 
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(service, local_oracle):

@@ -118,7 +118,9 @@ def _sft(argv: list[str]) -> None:
     from winnow.recipes.sft import SFTConfig, train_sft
 
     config = parse(SFTConfig, SFTConfig(), argv, prog="winnow sft", description="Supervised fine-tuning.")
-    print(f"run written to {train_sft(config)}")
+    run_dir = train_sft(config)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        print(f"run written to {run_dir}")
 
 
 def _eval(argv: list[str]) -> None:

@@ -6,10 +6,17 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from winnow.lazy import lazy_import
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+torch = lazy_import("torch")
+transformers = lazy_import("transformers")
 
 
 @dataclass
@@ -65,7 +72,7 @@ def shared_run_dir(output_dir: str, run_name: str | None, prefix: str, is_main: 
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         # Padding is masked everywhere; EOS is a safe stand-in and keeps the vocabulary unchanged.
         tokenizer.pad_token = tokenizer.eos_token
@@ -98,7 +105,7 @@ def load_policy(model_config) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]
     if model_config.tokenizer:
         check_model_path(model_config.tokenizer, "--model.tokenizer")
     tokenizer = load_tokenizer(model_config.tokenizer or model_config.path, model_config.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = transformers.AutoModelForCausalLM.from_pretrained(
         model_config.path, dtype=torch.float32, trust_remote_code=model_config.trust_remote_code
     )
     return model, tokenizer

@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
+from winnow.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 FinishReason = Literal["stop", "length"]
 

@@ -12,10 +12,14 @@ the micro-batch losses then SUM (do not average them) to exactly the mini-batch 
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, TYPE_CHECKING, get_args
 
-import torch
-from torch import Tensor
+from winnow.lazy import lazy_import
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
 
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAggregation)

@@ -11,10 +11,15 @@ the last response token the episode ends, so nothing is bootstrapped past it (V 
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
+from winnow.lazy import lazy_import, no_grad
 from winnow.algorithms.aggregation import aggregate_loss, masked_mean
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
 
 WHITEN_EPS = 1e-8
 """added to the variance before the square root in `whiten`, so a constant input does not divide by 0"""
@@ -55,7 +60,7 @@ def token_rewards(
     return out
 
 
-@torch.no_grad()
+@no_grad
 def gae_advantages(
     token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
 ) -> tuple[Tensor, Tensor]:
@@ -195,7 +200,7 @@ def clipped_value_loss(
     return loss, metrics
 
 
-@torch.no_grad()
+@no_grad
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """1 - Var(R - V) / Var(R) over the masked tokens: 1 is a perfect critic, 0 no better than a constant,
     < 0 worse than one. NaN when the returns are constant (nothing to explain). A 0-dim tensor."""

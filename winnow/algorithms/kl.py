@@ -14,10 +14,14 @@ the gradient and is meant for reporting the KL or for putting it in the reward.
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, TYPE_CHECKING, get_args
 
-import torch
-from torch import Tensor
+from winnow.lazy import lazy_import
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
 
 KLEstimator = Literal["k1", "k2", "k3"]
 KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)

@@ -21,17 +21,20 @@ A new objective is one file with a dataclass like the ones below and one line in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Protocol, TYPE_CHECKING, runtime_checkable
 
-import torch
-from torch import Tensor
-
+from winnow.lazy import lazy_import
 from winnow.algorithms.advantages import Advantages, advantage_metrics, group_advantages
 from winnow.algorithms.aggregation import LOSS_AGG_MODES, LossAggregation, aggregate_loss
 from winnow.algorithms.kl import KL_ESTIMATORS, KLEstimator, kl_estimate
 from winnow.algorithms.policy_loss import clipped_policy_loss
 from winnow.algorithms.ppo import PPO
 from winnow.types import TrainBatch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
 
 
 @runtime_checkable

@@ -1,11 +1,16 @@
 """The clipped surrogate policy loss (PPO / GRPO / DAPO / RLOO), with truncated importance sampling."""
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
+from winnow.lazy import lazy_import, no_grad
 from winnow.algorithms.aggregation import LossAggregation, aggregate_loss, masked_mean
 from winnow.algorithms.kl import kl_estimate
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
 
 LOG_RATIO_CLAMP = 20.0
 """log-ratios are clamped to [-20, 20] before exp (as verl does): float32 exp overflows past ~88, and one
@@ -109,7 +114,7 @@ def clipped_policy_loss(
     return loss, metrics
 
 
-@torch.no_grad()
+@no_grad
 def _ratio_metrics(ratio, adv, logprobs, old_logprobs, mask, clip_low, clip_high, num_tokens) -> dict[str, Tensor]:
     """Clip fractions, mean ratio and approx KL; token means over the mask (see clipped_policy_loss)."""
     # "Clipping active" = the min picked the clipped term and it differs, i.e. the token's gradient is 0.

@@ -14,17 +14,20 @@ calls them in this order every policy iteration:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
+from winnow.lazy import lazy_import, no_grad
 from winnow.algorithms.advantages import Advantages
 from winnow.algorithms.aggregation import LOSS_AGG_MODES, LossAggregation, masked_mean
 from winnow.algorithms.gae import clipped_value_loss, explained_variance, gae_advantages, token_rewards, whiten
 from winnow.algorithms.kl import kl_estimate
 from winnow.algorithms.policy_loss import clipped_policy_loss
 from winnow.types import TrainBatch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
 
 
 @dataclass
@@ -94,7 +97,7 @@ class PPO:
         advantages, returns, metrics = self.token_advantages(batch)
         return Advantages(advantages, returns, metrics)
 
-    @torch.no_grad()
+    @no_grad
     def token_advantages(self, batch: TrainBatch) -> tuple[Tensor, Tensor, dict[str, float]]:
         """Per-token (advantages, returns), `[B, T]` each, and metrics, from `batch.rewards` `[B]`,
         `batch.old_values`, `batch.old_logprobs` and (with kl_coef > 0) `batch.ref_logprobs`.

@@ -18,13 +18,16 @@ Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback" (OAIF
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Protocol, TYPE_CHECKING, runtime_checkable
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
+from winnow.lazy import lazy_import
 from winnow.types import TrainBatch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
+F = lazy_import("torch.nn.functional")
 
 
 def dpo_loss(

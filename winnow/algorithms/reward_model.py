@@ -10,8 +10,10 @@ policy trained on them sees a reward whose scale means nothing.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from winnow.lazy import lazy_import
+
+torch = lazy_import("torch")
+F = lazy_import("torch.nn.functional")
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: torch.Tensor | None = None,

@@ -21,10 +21,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import datasets
-
+from winnow.lazy import lazy_import
 from winnow.data.prompts import DataConfig, _load_file, _load_from_disk
 from winnow.types import Prompt
+
+datasets = lazy_import("datasets")
 
 ROLES = ("system", "user", "assistant")
 Split = Literal["train", "eval"]

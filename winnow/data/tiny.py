@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, TYPE_CHECKING
 
-import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
+
+from winnow.lazy import lazy_import
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+torch = lazy_import("torch")
+transformers = lazy_import("transformers")
 
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = [PAD_TOKEN, EOS_TOKEN, UNK_TOKEN]
@@ -45,7 +51,7 @@ def train_char_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(
+    wrapped = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token=PAD_TOKEN,
         eos_token=EOS_TOKEN,
@@ -92,7 +98,7 @@ def tiny_qwen2_config(
             f"hidden_size={hidden_size} must divide by num_heads={num_heads}, "
             f"and num_heads by num_kv_heads={num_kv_heads}"
         )
-    return Qwen2Config(
+    return transformers.Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -119,7 +125,7 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overri
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
@@ -137,5 +143,5 @@ def save_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, save_d
 
 def load_tiny(save_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load what `save_tiny` wrote (float32, eval mode)."""
-    model = AutoModelForCausalLM.from_pretrained(save_dir, dtype=torch.float32)
-    return model, PreTrainedTokenizerFast.from_pretrained(save_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(save_dir, dtype=torch.float32)
+    return model, transformers.PreTrainedTokenizerFast.from_pretrained(save_dir)

@@ -1,14 +1,18 @@
 """Engines: what the Actor samples with (`hf` embedded; `vllm` as an extra)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from pathlib import Path
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
+from winnow.lazy import lazy_import
 from winnow.engines.base import Engine
 from winnow.engines.hf import HFEngine, HFEngineConfig
 from winnow.engines.vllm import VLLMEngine, VLLMEngineConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+torch = lazy_import("torch")
 
 ENGINE_BACKENDS = ("hf", "vllm")
 """the values of `TrainConfig.engine_backend`"""

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol, runtime_checkable
 
-import torch
-
+from winnow.lazy import lazy_import
 from winnow.types import Completion, SamplingParams
+
+torch = lazy_import("torch")
 
 
 @runtime_checkable

@@ -23,14 +23,18 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, TYPE_CHECKING
 
-import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
-
+from winnow.lazy import inference_mode, lazy_import, no_grad
 from winnow.engines.sampling import Sampler, prompt_seeds, row_keys
 from winnow.engines.static_decode import StaticDecoder, unsupported_reason
 from winnow.types import Completion, SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+torch = lazy_import("torch")
+transformers = lazy_import("transformers")
 
 
 @dataclass
@@ -62,7 +66,7 @@ class HFEngineConfig:
     rebuilding them, and recapturing the graphs, at the next generate"""
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPES = ("bfloat16", "float16", "float32")  # names of torch dtypes
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -70,7 +74,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use one of: auto, {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    return getattr(torch, name)
 
 
 class HFEngine:
@@ -110,7 +114,7 @@ class HFEngine:
 
     # ------------------------------------------------------------------ public API
 
-    @torch.inference_mode()
+    @inference_mode
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """Sample `params.n` responses per prompt; completions[i*n:(i+1)*n] answer prompts[i].
 
@@ -129,7 +133,7 @@ class HFEngine:
             out.extend(self._generate_chunk(expanded[start:end], params, keys[start:end]))
         return out
 
-    @torch.no_grad()
+    @no_grad
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, is_last_bucket: bool = True) -> None:
         """Copy the learner's weights in place (names as in `model.named_parameters()`).
 
@@ -246,8 +250,8 @@ class HFEngine:
 
     def _new_cache(self, batch_size: int, max_len: int):
         if self.kv_cache == "static":
-            return StaticCache(config=self.model.config, max_cache_len=max_len)
-        return DynamicCache(config=self.model.config)
+            return transformers.StaticCache(config=self.model.config, max_cache_len=max_len)
+        return transformers.DynamicCache(config=self.model.config)
 
     def _completions(self, prompts, tokens, logprobs, lengths, is_done, params) -> list[Completion]:
         out = []

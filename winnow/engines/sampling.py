@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from winnow.lazy import lazy_import
 from winnow.types import SamplingParams
+
+torch = lazy_import("torch")
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15

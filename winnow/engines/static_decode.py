@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
-
+from winnow.lazy import inference_mode, lazy_import
 from winnow.engines.sampling import Sampler
 from winnow.types import SamplingParams
+
+torch = lazy_import("torch")
+F = lazy_import("torch.nn.functional")
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 """architectures whose decoder layers this module drives (Llama-style: pre-norm, RoPE, GQA, gated MLP)"""
@@ -102,7 +103,7 @@ class StaticDecoder:
 
     # ------------------------------------------------------------------ public
 
-    @torch.inference_mode()
+    @inference_mode
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams, *,
         stop_ids: list[int], pad_token_id: int, row_keys: torch.Tensor, stop_checker=None,

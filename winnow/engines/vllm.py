@@ -39,14 +39,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, TYPE_CHECKING
 
-import torch
-from transformers import PreTrainedTokenizerBase
-
+from winnow.lazy import lazy_import
 from winnow.engines.sampling import prompt_seeds
 from winnow.engines.vllm_sync import WORKER_EXTENSION, Transport, choose_transport
 from winnow.types import Completion, SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 

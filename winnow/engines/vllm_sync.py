@@ -31,7 +31,9 @@ import math
 import os
 from typing import Any, Protocol
 
-import torch
+from winnow.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 WORKER_EXTENSION = f"{__name__}.WorkerExtension"
 """the `worker_extension_cls` value that adds winnow's sync methods to vLLM's workers"""
@@ -39,7 +41,7 @@ WORKER_EXTENSION = f"{__name__}.WorkerExtension"
 ALIGNMENT = 256
 """byte alignment of every tensor in a packed bucket (a view of any dtype, and aligned loads, need it)"""
 
-Bucket = list[tuple[str, torch.Tensor]]
+Bucket = list[tuple[str, "torch.Tensor"]]
 
 
 # ------------------------------------------------------------------------------------------------ packing

@@ -14,35 +14,16 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from winnow.exploration.ensemble_config import EnsembleConfig
+from winnow.lazy import lazy_import, no_grad
 
+if TYPE_CHECKING:
+    from torch import Tensor
 
-@dataclass
-class EnsembleConfig:
-    """The epistemic reward model of SEA (defaults: the seed framework's)."""
-
-    num_members: int = 20
-    """ensemble members E"""
-    hidden_size: int = 128
-    """width of each member's two hidden layers"""
-    lr: float = 1e-3
-    """Adam learning rate"""
-    weight_decay: float = 5e-5
-    """Adam weight decay"""
-    reg_lambda: float = 0.5
-    """lambda: weight of the pull towards each member's initial parameters"""
-    fixed_reg: bool = False
-    """use lambda * mean((theta - theta0)^2) (the factor B / N_q fixed at 1) instead of shrinking it with queries"""
-    batch_size: int = 128
-    """labelled pairs per training step (B); training waits until the buffer holds B pairs"""
-    steps_per_iteration: int = 5
-    """optimizer steps on the ensemble per policy iteration"""
-    buffer_size: int = 50_000
-    """replay buffer: the last this many labelled pairs, sampled uniformly"""
+torch = lazy_import("torch")
+F = lazy_import("torch.nn.functional")
 
 
 def truncated_normal_(t: Tensor, std: float, generator: torch.Generator) -> Tensor:
@@ -129,6 +110,17 @@ class ReplayBuffer:
         rows = self.rng.sample(range(len(self.chosen)), batch_size)
         return torch.stack([self.chosen[r] for r in rows]), torch.stack([self.rejected[r] for r in rows])
 
+    def state_dict(self) -> dict:
+        """The pairs in slot order ([P, d] each, None when empty), the next slot to overwrite, the rng."""
+        stacked = (torch.stack(self.chosen), torch.stack(self.rejected)) if self.chosen else (None, None)
+        return {"chosen": stacked[0], "rejected": stacked[1], "next": self.next, "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.chosen = [] if state["chosen"] is None else list(state["chosen"])
+        self.rejected = [] if state["rejected"] is None else list(state["rejected"])
+        self.next = state["next"]
+        self.rng.setstate(state["rng"])
+
 
 class EpistemicRewardModel:
     """The ensemble, its optimizer and its replay buffer: `add` labelled pairs, `train` a few steps, `rewards`."""
@@ -140,7 +132,20 @@ class EpistemicRewardModel:
         self.buffer = ReplayBuffer(config.buffer_size, seed=seed)
         self.num_queries = 0
 
-    @torch.no_grad()
+    def state_dict(self) -> dict:
+        """Everything the next `train` and `rewards` depend on: the members' parameters and their initial
+        parameters theta0 (a buffer of the module), Adam's moments, the replay buffer and N_q."""
+        return {"input_size": self.model.weights[0].shape[1], "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "buffer": self.buffer.state_dict(),
+                "num_queries": self.num_queries}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.num_queries = state["num_queries"]
+
+    @no_grad
     def rewards(self, features: Tensor) -> Tensor:
         """features [M, d] -> each member's reward [E, M]."""
         return self.model(features)

@@ -18,14 +18,17 @@ import importlib
 import importlib.util
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
+from winnow.lazy import lazy_import, no_grad
 from winnow.types import Completion, Prompt
 
-Featurizer = Callable[[list[Prompt], list[Completion]], Tensor]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
+
+Featurizer = Callable[[list[Prompt], list[Completion]], "Tensor"]
 """(prompts [M], completions [M]) -> features [M, d], no gradients"""
 
 
@@ -91,7 +94,7 @@ class MiniLMFeatures:
         self.model = AutoModel.from_pretrained(path).to(device).eval()
         self.device, self.batch_size = device, batch_size
 
-    @torch.no_grad()
+    @no_grad
     def __call__(self, prompts: list[Prompt], completions: list[Completion]) -> Tensor:
         texts = [p.text + c.text for p, c in zip(prompts, completions)]
         out = []
@@ -113,7 +116,7 @@ class HiddenStateFeatures:
         self.model.requires_grad_(False)
         self.batch_size = batch_size
 
-    @torch.no_grad()
+    @no_grad
     def __call__(self, prompts: list[Prompt], completions: list[Completion]) -> Tensor:
         device = next(self.model.parameters()).device
         out = []

@@ -31,15 +31,20 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import ClassVar
-
-import torch
-from torch import Tensor
+from typing import ClassVar, TYPE_CHECKING
 
 from winnow.exploration.base import Candidate, Judge, distinct_texts
-from winnow.exploration.ensemble import EnsembleConfig, EpistemicRewardModel
+from winnow.exploration.ensemble_config import EnsembleConfig
 from winnow.exploration.features import Featurizer, make_featurizer
+from winnow.lazy import lazy_function, lazy_import
 from winnow.types import Completion, Prompt
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
+# the ensemble's module defines a torch.nn.Module
+EpistemicRewardModel = lazy_function("winnow.exploration.ensemble", "EpistemicRewardModel")
 
 
 @dataclass
@@ -83,6 +88,21 @@ class SEASelector:
         self.pending: dict[int, tuple[Tensor, Tensor, float, float]] = {}  # id(candidate) -> (phi_a, phi_b, margin, std)
         self.metrics: dict[str, float] = {}
         self.shadow_agreement: float | None = None  # set by a shadow check, logged by the next `observe`
+
+    def state_dict(self) -> dict:
+        """The iteration count, both generators and the ensemble (None before the first features built it), so a
+        resumed run picks, labels and trains exactly as the uninterrupted one (saved in checkpoints)."""
+        return {"iteration": self.iteration, "rng": self.rng.getstate(), "generator": self.generator.get_state(),
+                "reward_model": None if self.reward_model is None else self.reward_model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = state["iteration"]
+        self.rng.setstate(state["rng"])
+        self.generator.set_state(state["generator"])
+        saved = state["reward_model"]
+        if saved is not None:
+            self.reward_model = EpistemicRewardModel(saved["input_size"], self.config.ensemble, seed=self.seed)
+            self.reward_model.load_state_dict(saved)
 
     # ------------------------------------------------------------------ the rule
     def pick(self, rewards: Tensor) -> tuple[int, int]:

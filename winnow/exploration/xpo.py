@@ -14,8 +14,9 @@ from typing import Callable, ClassVar
 from winnow.exploration.base import Candidate, Judge
 from winnow.types import Completion, Prompt
 
-ReferenceGenerate = Callable[[list[Prompt]], list[Completion]]
-"""prompts [P] -> one completion each from the reference policy, `sampled_by="reference"`"""
+ReferenceGenerate = Callable[[list[Prompt], int], list[Completion]]
+"""(prompts [P], call number 1, 2, ... which seeds the sampling) -> one completion each from the reference policy,
+`sampled_by="reference"`"""
 
 
 class XPOPairs:
@@ -28,12 +29,22 @@ class XPOPairs:
         if reference_generate is None:
             raise ValueError("--pairs.selection xpo needs a reference engine (the preference recipe builds one)")
         self.reference_generate = reference_generate
+        self.num_reference_calls = 0
+        """reference samplings so far: the next call's seed, saved in checkpoints so a resumed run draws the same
+        reference responses as the uninterrupted one"""
 
     def select(self, prompts: list[Prompt], groups: list[list[Completion]], judge: Judge) -> list[Candidate]:
-        reference = self.reference_generate(prompts)
+        self.num_reference_calls += 1
+        reference = self.reference_generate(prompts, self.num_reference_calls)
         ours = [g[0] for g in groups]
         probabilities = judge.compare(prompts, ours, reference)
         return [Candidate(p, a, b, prob) for p, a, b, prob in zip(prompts, ours, reference, probabilities)]
 
     def observe(self, labelled: list[Candidate]) -> dict[str, float]:
         return {}
+
+    def state_dict(self) -> dict:
+        return {"num_reference_calls": self.num_reference_calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_reference_calls = state["num_reference_calls"]

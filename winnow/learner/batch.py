@@ -1,9 +1,10 @@
 """Turning sampled completions into a padded `TrainBatch`."""
 from __future__ import annotations
 
-import torch
-
+from winnow.lazy import lazy_import
 from winnow.types import Completion, PreferencePair, TrainBatch
+
+torch = lazy_import("torch")
 
 
 def make_train_batch(

@@ -16,11 +16,12 @@ import copy
 import dataclasses
 from pathlib import Path
 
-import torch
-from torch import nn
-
+from winnow.lazy import lazy_import
 from winnow.learner.learner import Learner, LearnerConfig
 from winnow.types import TrainBatch
+
+torch = lazy_import("torch")
+nn = lazy_import("torch.nn")
 
 
 class ValueModel(nn.Module):

@@ -28,12 +28,13 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
-
+from winnow.lazy import lazy_function, lazy_import, no_grad
 from winnow.learner.lora import adapters_off, is_lora, merged_weights, save_merged
-from winnow.learner.logprobs import sequence_logprobs
 from winnow.learner.strategy import StrategyConfig, make_strategy
 from winnow.types import TrainBatch
+
+torch = lazy_import("torch")
+sequence_logprobs = lazy_function("winnow.learner.logprobs", "sequence_logprobs")  # defines a torch.autograd.Function
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,11 @@ class NonFiniteLossError(RuntimeError):
     """`max_bad_steps` optimizer steps in a row had a NaN/inf loss or gradient norm."""
 
 
-LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[..., tuple["torch.Tensor", dict[str, float]]]
 """`loss_fn(logprobs [b, T], micro_batch, *, num_sequences, num_tokens) -> (scalar loss, metrics)`; the
 normalisers are the whole mini-batch's, so micro-batch losses and metrics add up to the mini-batch's."""
 
-ForwardFn = Callable[[torch.nn.Module, TrainBatch], torch.Tensor]
+ForwardFn = Callable[["torch.nn.Module", TrainBatch], "torch.Tensor"]
 """`forward(model, batch) -> [B, T]` per-token outputs of the trained model, aligned with `response_mask`:
 `sequence_logprobs` for a policy, `critic.token_values` for PPO's critic."""
 
@@ -317,7 +318,7 @@ class Learner:
         return self._no_grad_forward(model, batch, partial(sequence_logprobs, temperature=self.temperature,
                                                            fused_head=self.fused_head))
 
-    @torch.no_grad()
+    @no_grad
     def _no_grad_forward(self, model: torch.nn.Module, batch: TrainBatch, forward: ForwardFn) -> torch.Tensor:
         """`forward(model, micro_batch)` over `batch` a micro-batch at a time, [B, T] float32."""
         model.eval()

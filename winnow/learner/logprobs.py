@@ -1,9 +1,10 @@
 """Per-token log-probabilities of a TrainBatch under a model: the quantity every loss in winnow starts from."""
 from __future__ import annotations
 
-import torch
-
+from winnow.lazy import lazy_import
 from winnow.types import TrainBatch
+
+torch = lazy_import("torch")
 
 
 def selective_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Iterator
 
-import torch
+from winnow.lazy import lazy_import, no_grad
+
+torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def adapters_off(model: torch.nn.Module):
     return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
 
 
-@torch.no_grad()
+@no_grad
 def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy as a plain model: (name, tensor) under the base model's `named_parameters()` names, with
     every active adapter merged into its layer's weight (W + scaling * B @ A) and a `modules_to_save` module's

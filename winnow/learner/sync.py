@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-import torch
-
+from winnow.lazy import lazy_import
 from winnow.learner.batch import make_train_batch
 from winnow.types import SamplingParams
+
+torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 

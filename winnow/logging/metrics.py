@@ -6,9 +6,11 @@ TensorBoard and wandb are views on the same numbers; they are imported only when
 bare install never pays for (or breaks on) either.
 
 Non-finite floats: JSON has no NaN or Infinity, and `json.dumps` would write the invalid bare
-tokens `NaN`/`Infinity`. We write the strings "NaN", "Infinity" and "-Infinity" instead, so every
-line stays valid JSON, a diverging loss stays visible as such (null would hide whether it was NaN
-or inf), and `read_metrics` turns the strings back into floats.
+tokens `NaN`/`Infinity`. A non-finite value is written as `null` (so its column stays numeric for
+pandas, jq and every strict JSON reader: `pd.read_json(path, lines=True)` gives float64 with NaN),
+and the row's `nonfinite` object names each such metric with what it was ("NaN", "Infinity",
+"-Infinity"), so a diverging loss stays visible as such and is counted apart from a missing one;
+`read_metrics` puts the floats back.
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ WANDB_MODES = ("online", "offline", "disabled")
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
-# The strings written for non-finite floats, and back.
+NONFINITE_KEY = "nonfinite"
+"""the row's {metric: "NaN" | "Infinity" | "-Infinity"} for the metrics written as null"""
+# The names written for non-finite floats, and back.
 _NONFINITE_TO_STR = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _STR_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -103,12 +107,12 @@ class MetricsLogger:
         """Record `metrics` at `step`. Values may be Python numbers or 0-d tensors/arrays."""
         if self._closed:
             raise RuntimeError("MetricsLogger.log called after close()")
-        if "step" in metrics:
-            raise ValueError("'step' is a reserved key; pass it as the `step` argument")
+        for reserved in ("step", NONFINITE_KEY):
+            if reserved in metrics:
+                raise ValueError(f"{reserved!r} is a reserved key of metrics.jsonl rows")
         values = {key: _to_number(key, value) for key, value in metrics.items()}
-        record = {"step": int(step), **{key: _json_safe(v) for key, v in values.items()}}
-        # allow_nan=False proves the line is valid JSON; _json_safe already removed NaN/inf.
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        # allow_nan=False proves the line is strict JSON: every NaN/inf became null (named in "nonfinite").
+        self._file.write(json.dumps(json_record(values, step), allow_nan=False) + "\n")
         self._file.flush()
         if self._tb_writer is not None:
             for key, value in values.items():
@@ -155,9 +159,20 @@ def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
                 warnings.warn(f"{path}: skipping a truncated last line: {line[:80]!r}")
                 continue
             raise ValueError(f"{path}:{i + 1} is not valid JSON: {line[:80]!r}") from None
-        records.append({k: _STR_TO_NONFINITE.get(v, v) if isinstance(v, str) else v
-                        for k, v in record.items()})
+        nonfinite = record.pop(NONFINITE_KEY, None) or {}
+        records.append({**record, **{k: _STR_TO_NONFINITE[v] for k, v in nonfinite.items()}})
     return records
+
+
+def json_record(values: dict[str, float | int], step: int) -> dict[str, Any]:
+    """One metrics.jsonl row: the step, the values with NaN/inf as null, and (when there are any) the
+    `nonfinite` object naming what each null was."""
+    nonfinite = {key: _NONFINITE_TO_STR[repr(float(v))] for key, v in values.items()
+                 if isinstance(v, float) and not math.isfinite(v)}
+    record: dict[str, Any] = {"step": int(step), **{key: None if key in nonfinite else v for key, v in values.items()}}
+    if nonfinite:
+        record[NONFINITE_KEY] = nonfinite
+    return record
 
 
 def _to_number(key: str, value: Any) -> float | int:
@@ -168,12 +183,6 @@ def _to_number(key: str, value: Any) -> float | int:
     if isinstance(value, (int, float)):
         return value
     raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__}: {value!r}")
-
-
-def _json_safe(value: float | int) -> float | int | str:
-    if isinstance(value, float) and not math.isfinite(value):
-        return _NONFINITE_TO_STR[repr(value)]
-    return value
 
 
 def _import_summary_writer():

@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-
+from winnow.lazy import lazy_import
 from winnow.eval.accuracy import EvalResult
 from winnow.learner.sync import SyncConfig
 from winnow.loops.checkpoint import Checkpointer, StopRequest, agreed_signal
 from winnow.loops.seam import Actor, PolicyLearner
 from winnow.types import TrainBatch
+
+torch = lazy_import("torch")
 
 
 @dataclass

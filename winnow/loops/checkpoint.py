@@ -7,8 +7,9 @@ A checkpoint `RUN_DIR/checkpoints/iter_NNNNN/` holds everything the next iterati
                   fsdp2: `torch.distributed.checkpoint` shards; deepspeed: its ZeRO shards)
     critic/       the same for PPO's critic, when there is one
     reference.pt  the frozen reference's weights (single strategy; a sharded run rebuilds it from --model.path)
-    state.pt      the iteration, the family's state (counters, the data stream's position, the pair selector's
-                  rng), and every generator: python, numpy, torch CPU and CUDA (one file per rank)
+    state_rank<R>.pt  the iteration, the family's state (counters, the data stream's position, the pair
+                  selector's state: its rng, SEA's ensemble with its optimizer and replay buffer, XPO's
+                  reference sampling count), and every generator: python, numpy, torch CPU and CUDA (per rank)
     config.yaml   the resolved config of the run that wrote it
     COMPLETE      written last: a directory without it is not a checkpoint
 
@@ -33,7 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from winnow.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"

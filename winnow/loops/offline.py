@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import torch
-
+from winnow.lazy import lazy_import, no_grad
 from winnow.eval.accuracy import EvalResult
 from winnow.learner.batch import make_pair_batch
 from winnow.learner.learner import Learner
@@ -19,6 +18,8 @@ from winnow.loops.base import Counters, PhaseTimer
 from winnow.loops.checkpoint import counters_state, load_counters
 from winnow.loops.preference import train_pairs
 from winnow.types import Completion, PreferencePair, Prompt, TrainBatch
+
+torch = lazy_import("torch")
 
 
 @dataclass
@@ -77,7 +78,7 @@ def dataset_pairs(prompts: list[Prompt], tokenizer, source: str) -> list[Prefere
     return pairs
 
 
-@torch.no_grad()
+@no_grad
 def evaluate_pairs(learner: Learner, batch: TrainBatch, objective) -> dict[str, float]:
     """The objective's loss and implicit-reward metrics on held-out pairs, without gradients."""
     batch = batch.to(learner.device)

@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import torch
-
+from winnow.lazy import lazy_import
 from winnow.algorithms.reward_model import bradley_terry_loss
 from winnow.eval.accuracy import EvalResult
 from winnow.learner.batch import make_train_batch
@@ -20,6 +19,8 @@ from winnow.learner.learner import Learner
 from winnow.loops.base import Counters, PhaseTimer
 from winnow.loops.checkpoint import counters_state, load_counters
 from winnow.types import Completion, TrainBatch
+
+torch = lazy_import("torch")
 
 ScoredPair = tuple[list[int], list[int], float]
 """(chosen ids, rejected ids, margin): each side the whole (prompt, response) as the reward model reads it"""

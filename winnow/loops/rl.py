@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
 
-import torch
-
+from winnow.lazy import lazy_import
 from winnow.algorithms.objectives import PolicyObjective
 from winnow.eval.accuracy import EvalResult, evaluate_accuracy
 from winnow.learner.batch import make_train_batch
@@ -26,6 +25,8 @@ from winnow.loops.config import EvalConfig, RolloutConfig
 from winnow.loops.seam import Actor
 from winnow.oracles.base import RewardOracle
 from winnow.types import Completion, Group, Prompt, TrainBatch
+
+torch = lazy_import("torch")
 
 
 @dataclass

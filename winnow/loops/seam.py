@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol
 
-import torch
-
+from winnow.lazy import lazy_import
 from winnow.engines.base import Engine
 from winnow.learner.sync import SyncConfig, sync_weights, verify_sync
 from winnow.types import Completion, SamplingParams, TrainBatch
+
+torch = lazy_import("torch")
 
 
 class PolicyLearner(Protocol):

@@ -11,13 +11,15 @@ from typing import Any, Callable
 from winnow.algorithms.sft import sft_loss
 from winnow.engines.base import Engine
 from winnow.eval.accuracy import EvalResult, evaluate_accuracy
+from winnow.lazy import lazy_function
 from winnow.learner.learner import Learner
-from winnow.learner.logprobs import token_accuracy
 from winnow.loops.base import Counters, PhaseTimer
 from winnow.loops.checkpoint import counters_state, load_counters
 from winnow.loops.config import EvalConfig
 from winnow.oracles.base import RewardOracle
 from winnow.types import Prompt, TrainBatch
+
+token_accuracy = lazy_function("winnow.learner.logprobs", "token_accuracy")  # its module needs torch
 
 
 @dataclass
@@ -55,7 +57,10 @@ class SFTFamily:
         return batch, metrics
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
-        return self.learner.train_step(batch.to(self.learner.device), sft_loss)
+        """One optimizer step. Every rank drew the same batch (the same seeded stream); each trains its share of
+        the rows (`Learner.shard`), and the loss's token count is all-reduced, so the step is the one a single
+        process takes on the whole batch."""
+        return self.learner.train_step(self.learner.shard(batch).to(self.learner.device), sft_loss)
 
     def state_dict(self) -> dict:
         """Counters and the data stream's position: the shuffling rng and what is left of this permutation."""
@@ -75,10 +80,11 @@ class SFTFamily:
             metrics["eval/heldout_loss"] = float(-(logprobs * batch.response_mask).sum()) / num_tokens
             correct = self.learner.evaluate_tokens(batch, token_accuracy)  # [B, T]
             metrics["eval/assistant_token_accuracy"] = float(correct.sum()) / num_tokens
+        engine = self.eval_engine()  # on every rank: a sharded learner gathers its weights for the engine collectively
         if not self.eval_prompts:
             return EvalResult(metrics, [])
         cfg = self.eval_config
-        result = evaluate_accuracy(self.eval_engine(), self.oracle, self.eval_prompts, max_tokens=self.max_tokens,
+        result = evaluate_accuracy(engine, self.oracle, self.eval_prompts, max_tokens=self.max_tokens,
                                    greedy=cfg.greedy, k=cfg.k, temperature=cfg.temperature,
                                    correct_threshold=cfg.correct_threshold, seed=self.seed)
         return EvalResult({**metrics, **result.metrics}, result.samples)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
+from winnow.lazy import lazy_import, no_grad
 from winnow.oracles.preference import RewardPreferenceOracle
 from winnow.types import PreferenceResult, RewardResult
+
+torch = lazy_import("torch")
 
 
 class RewardModelOracle:
@@ -78,7 +79,7 @@ def encode_pairs(tokenizer: Any, prompts: list[str], completions: list[str], max
     return tokenizer(prompts, completions, truncation=True, max_length=max_length)["input_ids"]
 
 
-@torch.no_grad()
+@no_grad
 def score_ids(model: torch.nn.Module, rows: list[list[int]], pad_token_id: int, device: torch.device | str,
               length: int | None = None) -> list[float]:
     """Scores of right-padded `rows` (to `length`, default the longest) in one forward: the single logit of a

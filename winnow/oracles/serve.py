@@ -5,12 +5,19 @@ The service is a two-stage Mosec pipeline per route:
     POST /reward  ─► RewardIngress  ─┐
     POST /compare ─► CompareIngress ─┼─► OracleWorker × num_workers (dynamic batching) ─► reply
     POST /health  ─► HealthIngress  ─┘
+    GET  /health on --health-port  ─► POST /health above, answered as JSON (200, or 503 with why)
 
 Why two stages: Mosec fails a whole dynamic batch when any request in it fails to decode, so one client's
 malformed request would refuse every request batched with it. The ingress stages take one request at a
 time (no batching): they decode it, check the token and the limits, and refuse a bad one with a 4xx
 alone, before it reaches the oracle. The oracle stage then scores every request of a batch in one call to
 the oracle (one grader-pool map, one reward-model forward) and splits the scores back.
+
+`GET /health`: Mosec 0.9.8's front end routes POST only (its own GET routes are `/`, `/metrics` and
+`/openapi/...`), so a load balancer's or Kubernetes' HTTP probe gets 405 there. A small HTTP server in this
+process, on `--health-port` (default: the service port + 1), answers `GET /health` by asking the pipeline
+itself (`POST /health` through the ingress and an oracle worker), so 200 means the workers answer, not only
+that the front end is up. It lives and dies with this process.
 
 Modules, each importing only the ones below it: `serve` (this one: the launcher, `winnow serve-oracle`) starts
 Mosec with the workers of `service` (the stages above, and `score_requests`, the oracle stage's batch logic,
@@ -31,10 +38,15 @@ import logging
 import os
 import shutil
 import sys
+import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from winnow.oracles.service_config import CONFIG_ENV, ServeConfig
 
-__all__ = ["ServeConfig", "num_visible_gpus", "serve"]
+__all__ = ["ServeConfig", "num_visible_gpus", "pipeline_health", "serve", "start_health_responder"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +103,7 @@ def serve(config: ServeConfig) -> None:
                 "--capacity", str(config.queue_capacity), "--log-level", config.log_level,
                 "--namespace", "winnow_oracle"]
     _tie_controller_to_this_process()
+    start_health_responder(config)
     server = Server()
     stages = _stages(config.oracle.kind)
     oracle_stage = Runtime(stages["worker"], num=num_workers, max_batch_size=config.max_batch_size,
@@ -105,6 +118,68 @@ def serve(config: ServeConfig) -> None:
              "waiting %d ms", served, config.host, config.port, num_workers, num_gpus, config.max_batch_size,
              config.max_wait_ms)
     server.run()
+
+
+def start_health_responder(config: ServeConfig) -> ThreadingHTTPServer | None:
+    """Serve `GET /health` on the health port in a daemon thread of this process (None when it is 0)."""
+    port = config.port + 1 if config.health_port is None else config.health_port
+    if port == 0:
+        return None
+    try:
+        server = ThreadingHTTPServer((config.host, port), _HealthHandler)
+    except OSError as e:
+        message = f"cannot serve GET /health on {config.host}:{port} ({e}); choose another --health-port (0: none)"
+        if config.health_port is None:  # the default port is taken: serve without it rather than not at all
+            log.warning("%s; serving without GET /health", message)
+            return None
+        raise SystemExit(f"winnow serve-oracle: {message}") from None
+    server.pipeline_url = f"http://{_loopback(config.host)}:{config.port}/health"  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, name="winnow-health", daemon=True).start()
+    log.info("GET /health on http://%s:%d/health", config.host, port)
+    return server
+
+
+def pipeline_health(url: str, timeout_s: float = 5.0) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, JSON body) of a health probe: `POST url` (the pipeline's /health) and its msgpack reply as
+    200, or 503 with the reason when the front end or the oracle workers do not answer within `timeout_s`."""
+    import msgpack
+
+    request = urllib.request.Request(url, data=msgpack.packb({}), method="POST")  # Mosec ignores empty bodies
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return 200, msgpack.unpackb(response.read(), raw=False)
+    except urllib.error.HTTPError as e:
+        return 503, {"status": "unavailable", "error": f"POST /health answered HTTP {e.code}"}
+    except (OSError, ValueError) as e:  # refused, reset, timed out; or a reply that is not msgpack
+        return 503, {"status": "unavailable", "error": f"the oracle pipeline did not answer: {e}"}
+
+
+class _HealthHandler(BaseHTTPRequestHandler):
+    """`GET /health` -> `pipeline_health`; any other path is 404."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path.split("?", 1)[0] != "/health":
+            self._reply(404, {"error": f"no route {self.path}: GET /health"})
+            return
+        self._reply(*pipeline_health(self.server.pipeline_url))  # type: ignore[attr-defined]
+
+    def _reply(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body, default=str).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silent: a probe every few seconds would flood the service's log."""
+
+
+def _loopback(host: str) -> str:
+    """Where this process reaches the service it bound on `host` (a wildcard address: the loopback)."""
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def _stages(kind: str) -> dict:

@@ -25,6 +25,9 @@ class ServeConfig:
     """address to bind; 127.0.0.1 serves this machine only, 0.0.0.0 every interface (set a token then)"""
     port: int = 8000
     """HTTP port"""
+    health_port: int | None = None
+    """port of the `GET /health` responder beside the service (Mosec's own routes answer POST only); None: port + 1,
+    0: no responder"""
     max_batch_size: int = 64
     """requests the oracle stage takes per call (Mosec's dynamic batching); each request holds up to
     max_items_per_request completions, all scored in one oracle call"""
@@ -70,6 +73,8 @@ class ServeConfig:
                      "queue_capacity", "port", "token_budget", "pad_bucket", "gpus_per_worker"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.health_port is not None and (self.health_port < 0 or self.health_port == self.port):
+            problems.append(f"--health-port {self.health_port} must be a free port other than --port (0: none)")
         if self.num_workers is not None and self.num_workers < 1:
             problems.append(f"num_workers={self.num_workers} must be >= 1 (or None: one per GPU)")
         if self.timeout_s <= 0 or self.compare_temperature <= 0:

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from winnow.lazy import lazy_import
 from winnow.config import save_config
 from winnow.data import DataConfig, load_prompts
 from winnow.distributed.config import RayConfig
@@ -33,6 +33,8 @@ from winnow.loops.seam import LocalActor
 from winnow.oracles import OracleConfig
 from winnow.setup import ModelConfig, shared_run_dir
 from winnow.types import Prompt
+
+torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 

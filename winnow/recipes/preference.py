@@ -160,10 +160,8 @@ def selector_context(config: PreferenceTrainConfig, learner, tokenizer, frozen) 
         # A second engine on the frozen initial policy, never synced: one more model copy in memory, one more
         # sample per prompt each iteration (vLLM loads --model.path, the same initial weights, a second time).
         reference = build_actor(config, engine_copy(config, frozen), tokenizer, learner.device)
-        calls = iter(range(1, 1 << 62))
-
-        def reference_generate(prompts):
-            params = dataclasses.replace(config.rollout.sampling_params(seed=config.seed + 7919 * next(calls)), n=1)
+        def reference_generate(prompts, call: int):
+            params = dataclasses.replace(config.rollout.sampling_params(seed=config.seed + 7919 * call), n=1)
             completions = reference.generate([p.token_ids for p in prompts], params)
             return [dataclasses.replace(c, sampled_by="reference") for c in completions]
 

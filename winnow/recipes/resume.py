@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import yaml
 
+from winnow.lazy import lazy_import
 from winnow.logging.metrics import METRICS_FILE
 from winnow.loops.checkpoint import latest_checkpoint, write_atomically
+
+torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 

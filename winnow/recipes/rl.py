@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from winnow.data import batches
-from winnow.learner.critic import make_critic
+from winnow.lazy import lazy_function
 from winnow.loops.base import Loop
 from winnow.loops.config import EvalConfig
 from winnow.loops.rl import RLFamily
@@ -26,6 +26,8 @@ from winnow.recipes.base import (
 )
 from winnow.recipes.resume import finish_atomically
 from winnow.setup import load_policy, resolve_device, setup_process
+
+make_critic = lazy_function("winnow.learner.critic", "make_critic")  # its module defines a torch.nn.Module
 
 log = logging.getLogger(__name__)
 AlgoT = TypeVar("AlgoT")

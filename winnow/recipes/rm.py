@@ -16,8 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from winnow.lazy import lazy_import
 from winnow.data import DataConfig, load_prompts
 from winnow.data.sampler import batches
 from winnow.learner.learner import Learner, LearnerConfig
@@ -29,6 +28,8 @@ from winnow.oracles.reward_model import encode_pairs
 from winnow.recipes.base import RunConfig, finish, open_run, run_loop
 from winnow.setup import ModelConfig, load_tokenizer, resolve_device, setup_process
 from winnow.types import Prompt
+
+torch = lazy_import("torch")
 
 
 @dataclass(kw_only=True)

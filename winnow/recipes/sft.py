@@ -132,9 +132,11 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None) -> Path:
         examples = sft_pairs(load_prompts(config.data, tokenizer, "train"), tokenizer)
         make_batch = partial(make_sft_batch, pad_token_id=tokenizer.pad_token_id)
         eval_prompts, heldout = load_prompts(config.data, tokenizer, "eval")[: config.eval.max_prompts], None
-    # With LoRA (or vLLM) the evaluation engine holds its own copy of the model and gets the (merged) weights before each
-    # evaluation (as the RL actor does); otherwise it wraps the learner's current model.
-    synced_engine = HFEngine(model, tokenizer, device=device) if config.lora.enabled else None
+    # With LoRA, a sharded strategy (whose model cannot be copied or generated from) or vLLM, the evaluation engine
+    # holds its own copy of the model and gets the (merged, gathered) weights before each evaluation, as the RL actor
+    # does; otherwise it wraps the learner's current model.
+    is_synced = config.lora.enabled or config.learner.strategy != "single"
+    synced_engine = HFEngine(model, tokenizer, device=device) if is_synced else None
     if config.engine_backend == "vllm":  # loads --model.path itself; synced like the LoRA engine before each eval
         synced_engine = make_engine("vllm", None, tokenizer, model_path=config.model.path,
                                   tokenizer_path=config.model.tokenizer, vllm=config.vllm_engine)
