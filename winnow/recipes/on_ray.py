@@ -61,13 +61,13 @@ def train_on_ray(config: OnlineRunConfig, objective) -> Path:
     return _train(config, objective, "reward", make_family, check_answers_of_prompts=True)
 
 
-def train_preference_on_ray(config) -> Path:
+def train_preference_on_ray(config, oracle_needs) -> Path:
     """Online preference optimisation (`winnow train dpo|ipo|slic|simpo`) with `--runtime ray`: replicas sample
-    the candidates, the driver picks and labels the pairs, the learner ranks train on them."""
+    the candidates, the driver picks and labels the pairs, the learner ranks train on them. `oracle_needs`:
+    what the oracle must do for the chosen selection ("compare", and "reward" for a selector that reads scores)."""
     from winnow.exploration import make_selector
     from winnow.exploration.features import make_featurizer
     from winnow.loops.preference import PreferenceFamily
-    from winnow.recipes.preference import _oracle_needs
 
     objective, selection = config.algo, config.pairs.selection
     check_ray_config(config, objective)
@@ -94,7 +94,7 @@ def train_preference_on_ray(config) -> Path:
             prompts=batches(train_prompts, config.rollout.prompts_per_iteration, seed=config.seed),
             eval_prompts=eval_prompts, seed=config.seed, pad_token_id=tokenizer.pad_token_id)
 
-    return _train(config, objective, _oracle_needs(config), make_family, check_answers_of_prompts=False)
+    return _train(config, objective, oracle_needs, make_family, check_answers_of_prompts=False)
 
 
 def _train(config: OnlineRunConfig, objective, oracle_needs, make_family, check_answers_of_prompts: bool) -> Path:

@@ -89,7 +89,7 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
     if config.runtime == "ray":
         from winnow.recipes.on_ray import train_preference_on_ray
 
-        return train_preference_on_ray(config)
+        return train_preference_on_ray(config, _oracle_needs(config))
     if not config.offline:
         check_oracle_config(config.oracle, default=type(config)(algo=config.algo).oracle, needs=_oracle_needs(config))
     setup_process(config.seed, config.num_threads)
