@@ -10,6 +10,7 @@ runner reads terminated first (the game's rules ended it: the return is final).
 """
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
@@ -68,5 +69,7 @@ def make_gem(env_id: str, **kwargs):
 
 
 def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "*" * 10 not in line]
+    """The gist of an error: its first two real lines, without nltk's banner and terminal colours."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "*" * 10 not in line]
     return " ".join(lines[:2])[:300] or type(error).__name__

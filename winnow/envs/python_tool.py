@@ -25,13 +25,14 @@ from winnow.envs.base import Env
 CODE_PATTERN = re.compile(r"<python>(.*?)</python>|```python\n(.*?)```", re.DOTALL)
 """code is read from `<python>...</python>` (GEM's tag) or a ```python fenced block; the last one counts"""
 
-_NO_NETWORK = """\
-import socket as _socket
+_LAUNCHER = """\
+import socket, sys
 def _no_network(*args, **kwargs):
     raise OSError("network access is disabled in the python tool")
-_socket.socket = _socket.create_connection = _socket.getaddrinfo = _no_network
-del _socket, _no_network
+socket.socket = socket.create_connection = socket.getaddrinfo = _no_network
+exec(compile(sys.argv[1], "<code>", "exec"), {"__name__": "__main__"})
 """
+"""runs the code (argv[1]) with sockets disabled; tracebacks name the code's own lines (File "<code>")"""
 
 
 @dataclass
@@ -77,7 +78,7 @@ def run_python(code: str, config: PythonToolConfig) -> tuple[str, bool]:
 
     with tempfile.TemporaryDirectory(prefix="winnow-tool-") as workdir:
         try:
-            done = subprocess.run([sys.executable, "-I", "-c", _NO_NETWORK + code], cwd=workdir, capture_output=True,
+            done = subprocess.run([sys.executable, "-I", "-c", _LAUNCHER, code], cwd=workdir, capture_output=True,
                                   text=True, timeout=config.timeout_s, preexec_fn=limit_memory, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             return f"timed out after {config.timeout_s:g} s", True

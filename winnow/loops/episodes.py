@@ -119,6 +119,9 @@ class EpisodeRunner:
     def _start(self, item: _Live, observation: str) -> None:
         item.episode.observations.append(observation)
         item.add(self._observation_ids(item, observation), is_policy=False)
+        if not item.episode.token_ids:
+            raise ValueError(f"the environment's first observation {observation[:80]!r} is no tokens in this "
+                             f"tokenizer (characters it does not know are dropped): the policy has nothing to read")
         if len(item.episode.token_ids) >= self.config.max_tokens:
             raise ValueError(f"the environment's first observation is {len(item.episode.token_ids)} tokens, no fewer "
                              f"than the episode's budget of {self.config.max_tokens}: raise --env-max-tokens")
