@@ -191,6 +191,7 @@ def test_cli_refuses_bad_env_flags(tmp_path, tiny_tokenizer, tiny_model, capsys)
         (["--env", "guess-number", "--env-max-turns", "0"], "--env-max-turns 0 must be >= 1"),
         (["--env", "guess-number", "--env-format", "chat"], "--env-format chat needs a tokenizer with a chat template"),
         (["--env", "tictactoe"], "--env 'tictactoe': not an environment"),
+        (["--env", "guess-number", "--data.train", "arithmetic-3digit"], "--data.* set, but --env runs take"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(common + flags)

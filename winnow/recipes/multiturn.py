@@ -22,9 +22,20 @@ from winnow.setup import load_policy, resolve_device, setup_process
 log = logging.getLogger(__name__)
 
 
+def check_unused(config) -> None:
+    """The environment is the task and its rewards the feedback: data or oracle flags would be ignored."""
+    default = type(config)(algo=config.algo)
+    unused = [flag for flag, name in (("--data.*", "data"), ("--oracle.*", "oracle"))
+              if getattr(config, name) != getattr(default, name)]
+    if unused:
+        raise ValueError(f"{' and '.join(unused)} set, but --env runs take their task and rewards from the "
+                         f"environment: drop them, or drop --env to train on --data prompts")
+
+
 def train_on_env(config) -> Path:
     """Run policy iteration on `config.env`'s episodes; returns the run directory."""
     check_batching(config, config.rollout.samples_per_iteration, "episode")
+    check_unused(config)
     factory = make_env_factory(config.env, config.env_tools,
                                PythonToolConfig(config.env_tool_timeout_s, config.env_tool_memory_mb))
     setup_process(config.seed, config.num_threads)
