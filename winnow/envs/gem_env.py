@@ -4,7 +4,7 @@ e.g. `gem:game:GuessTheNumber-v0-easy` or `gem:rg:letter_counting`.
 GEM's `Env` already has winnow's protocol; the adapter adds three things. Its `reset(seed)` seeds Python's
 global `random` (and numpy's) before drawing the task, so resets run one at a time under a lock: episodes reset
 from parallel workers would otherwise draw each other's numbers. Environments that need data this machine does
-not have (Wordle's nltk word list; `math:*`, `code:*`, `qa:*` hub datasets) fail at start-up with a message
+not have (Wordle's nltk word list; the hub datasets of `math:*`, `code:*`, `qa:*`, `logic:*`, `eval:*`) fail at start-up with a message
 saying so. And GEM marks the end of a game by its own turn limit as both terminated and truncated; the episode
 runner reads terminated first (the game's rules ended it: the return is final).
 """
@@ -22,6 +22,8 @@ _NEEDS_DATA = {
     "math:": "a math dataset from the Hugging Face hub",
     "code:": "a code dataset from the Hugging Face hub",
     "qa:": "a QA dataset from the Hugging Face hub",
+    "logic:": "a logic dataset from the Hugging Face hub",
+    "eval:": "an evaluation dataset from the Hugging Face hub",
 }
 
 
@@ -54,6 +56,9 @@ def make_gem(env_id: str, **kwargs):
     try:
         with _RESET_LOCK:  # constructors reset too
             return gem.make(env_id, **kwargs)
+    except ImportError as e:  # GEM imports an environment's module at make time
+        raise EnvUnavailableError(f"--env gem:{env_id} needs a package that is not installed ({_first_line(e)}): "
+                                  f"pip install it") from e
     except LookupError as e:  # nltk's "Resource ... not found"
         raise EnvUnavailableError(
             f"--env gem:{env_id} needs nltk data that is not on this machine and could not be downloaded "
