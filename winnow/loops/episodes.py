@@ -93,13 +93,16 @@ class EpisodeRunner:
         episode was dropped for an environment error. Turn t of episode i samples with the key
         (sample_seed, i, t), so runs replay exactly."""
         stats = EpisodeStats()
+        start = time.perf_counter()
         copies = [(seed, self.factory()) for seed in seeds for _ in range(params.n)]
+        stats.env_seconds += time.perf_counter() - start
         results: list[Episode | None] = [None] * len(copies)
         live = [_Live(env, seed, i) for i, (seed, env) in enumerate(copies)]
         resets = self._parallel([(item.env.reset, item.episode.seed) for item in live], _check_reset, stats)
-        live = [item for item, reset in zip(live, resets) if reset is not None]
-        for item, (observation, _info) in zip(live, [r for r in resets if r is not None]):
+        started = [(item, reset) for item, reset in zip(live, resets) if reset is not None]
+        for item, (observation, _info) in started:
             self._start(item, observation)
+        live = [item for item, _ in started]
         for turn in range(self.config.max_turns):
             if not live:
                 break
