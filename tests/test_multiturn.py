@@ -41,7 +41,7 @@ class Flaky:
         if self.seed % 4 == 1:
             raise RuntimeError("the environment broke")
         if self.seed % 4 == 2:
-            time.sleep(1.5)
+            time.sleep(2.5)
         digits = [c for c in action if c.isdigit()]
         return "", float(digits[0]) / 9 if digits else 0.0, True, False, {}
 '''
@@ -167,16 +167,17 @@ def test_an_environment_that_raises_or_hangs_drops_its_episode_and_the_run_goes_
     (tmp_path / "flaky.py").write_text(FLAKY_ENV)
     model = build_tiny_model(tiny_tokenizer, seed=0)
     runner = _runner(f"{tmp_path}/flaky.py:Flaky", tiny_tokenizer, model, max_turns=2, max_tokens=32,
-                     step_timeout_s=0.5)
+                     step_timeout_s=1.0)
     episodes, stats = runner.run([0, 1, 2, 3], SamplingParams(temperature=1.0, max_tokens=2, n=2), sample_seed=0)
     assert [e is None for e in episodes] == [False, False, True, True, True, True, False, False]
     assert stats.num_errors == 4
-    assert "RuntimeError: the environment broke" in stats.errors[0] and "timed out after 0.5 s" in stats.errors[-1]
+    assert "RuntimeError: the environment broke" in stats.errors[0] and "timed out after 1 s" in stats.errors[-1]
     runner.close()
-    # a run: every iteration loses the groups of its broken seeds, counts them, and trains on the others
+    # a run: every iteration loses the groups of its broken seeds, counts them, and trains on the others (hung
+    # steps keep their worker threads busy until they return: enough workers that the next iteration has free ones)
     save_tiny(model, tiny_tokenizer, tmp_path / "model")
     main(["train", "grpo", "--model.path", str(tmp_path / "model"), "--env", f"{tmp_path}/flaky.py:Flaky",
-          "--env-step-timeout-s", "0.5", "--env-max-turns", "1", "--env-eval-episodes", "0",
+          "--env-step-timeout-s", "1", "--env-workers", "32", "--env-max-turns", "1", "--env-eval-episodes", "0",
           "--rollout.prompts-per-iteration", "8", "--rollout.num-samples", "2", "--rollout.max-tokens", "2",
           "--num-iterations", "2", "--output-dir", str(tmp_path / "runs"), "--run-name", "flaky",
           "--no-save-final", "--logging.no-progress"])

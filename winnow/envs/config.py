@@ -27,7 +27,8 @@ class EnvOptions:
     env_workers: int = 8
     """threads that reset and step environments in parallel"""
     env_step_timeout_s: float = 30.0
-    """seconds a reset or step may take before its episode is dropped (counted in env/errors)"""
+    """seconds a turn's resets or steps may take, from when they are handed to the workers, before an episode still
+    waiting is dropped (counted in env/errors); a hung call holds its worker until it returns"""
     env_success_reward: float = 1.0
     """a terminated episode whose last reward reaches this is a success (unless the env says so in info)"""
     env_eval_episodes: int = 64

@@ -42,7 +42,8 @@ class EpisodeConfig:
     num_workers: int = 8
     """threads that reset and step environments in parallel"""
     step_timeout_s: float = 30.0
-    """a reset or step taking longer drops its episode (counted in env/errors)"""
+    """a reset or step not done this many seconds after the turn's calls were handed to the workers drops its
+    episode (counted in env/errors); a hung call keeps its worker thread until it returns, so give spare workers"""
     success_reward: float = 1.0
     """an episode counts as a success when it terminated and its last reward reached this (unless the
     environment says so itself in info["success"]); GEM's games and reasoning tasks give 1.0 for a solve"""
