@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "winnow"
 
 LAYERS = [
     ["winnow.types", "winnow.config", "winnow"],
-    ["winnow.algorithms", "winnow.engines", "winnow.oracles", "winnow.data", "winnow.logging", "winnow.setup"],
+    ["winnow.algorithms", "winnow.engines", "winnow.oracles", "winnow.data", "winnow.logging", "winnow.setup",
+     "winnow.envs"],
     ["winnow.learner", "winnow.exploration", "winnow.eval"],
     ["winnow.loops", "winnow.distributed"],
     ["winnow.recipes", "winnow.quickstart"],

@@ -3,6 +3,7 @@
 Every stage boundary passes one of these, never a loose dict:
 
     Prompt ──Engine.generate──► Completion ──Oracle.reward──► Group ──Learner──► TrainBatch
+    Env.reset, then turns of Engine.generate and Env.step ──► Episode ──Learner──► TrainBatch   (multi-turn)
 
 Shapes use B for sequences in a batch and T for padded sequence length. Token ids are plain Python
 lists on the records that cross process boundaries (they pickle cheaply and carry no device);
@@ -159,6 +160,47 @@ class Group:
 
 
 @dataclass
+class Episode:
+    """One multi-turn episode as one trajectory: the whole conversation's tokens, and which of them the policy
+    sampled. [L] is the conversation's length: the first observation, then each turn's action and observation."""
+
+    token_ids: list[int]
+    """the conversation, [L]"""
+    policy_mask: list[int]
+    """1 on tokens the policy sampled (its actions), 0 on the environment's (observations, chat markup), [L]"""
+    logprobs: list[float]
+    """the engine's logprob of each policy token when it was sampled, 0.0 elsewhere, [L]"""
+    turn_rewards: list[float] = field(default_factory=list)
+    """the environment's reward after each turn, [num_turns]"""
+    turn_ends: list[int] = field(default_factory=list)
+    """the index in token_ids of each turn's last policy token, [num_turns]"""
+    actions: list[str] = field(default_factory=list)
+    """each turn's decoded action, [num_turns]"""
+    observations: list[str] = field(default_factory=list)
+    """the first observation, then the observation after each turn, [num_turns + 1]"""
+    terminated: bool = False
+    """the environment ended the episode (its return is final)"""
+    truncated: bool = False
+    """cut short before termination: by the environment's truncation, the turn limit or the token budget"""
+    is_success: bool = False
+    """the environment said the task was solved (info["success"]), or the last reward reached the success reward"""
+    seed: int = 0
+    """the reset seed: episodes with the same seed started in the same state (a group)"""
+
+    @property
+    def episode_return(self) -> float:
+        return float(sum(self.turn_rewards))
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.turn_rewards)
+
+    @property
+    def num_policy_tokens(self) -> int:
+        return int(sum(self.policy_mask))
+
+
+@dataclass
 class PreferencePair:
     """Two responses to one prompt and which one is preferred (for preference learning)."""
 
@@ -201,6 +243,9 @@ class TrainBatch:
     """which prompt each row answers, [B] long: rows with the same index form a group (group baselines)"""
     sampled_by_reference: torch.Tensor | None = None
     """1.0 for rows the reference policy sampled, else 0.0, [B] float (XPO's exploration term); None: none did"""
+    turn_rewards: torch.Tensor | None = None
+    """multi-turn episodes only: each turn's reward on that turn's last policy token, [B, T] float (0 elsewhere);
+    objectives with per-token rewards (PPO) use it instead of `rewards` on the last token"""
     position_ids: torch.Tensor | None = None
     """packed rows only (several sequences in one row): each token's position within its own sequence, restarting
     at 0 where a sequence starts, [B, T] long. When set, the model gets these positions and no 2-D attention

@@ -26,7 +26,7 @@ WHITEN_EPS = 1e-8
 
 
 def token_rewards(
-    rewards: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0
+    rewards: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0, placed: Tensor | None = None
 ) -> Tensor:
     """Spread sequence rewards over tokens, as in classic RLHF PPO (Ziegler et al. 2019).
 
@@ -42,6 +42,8 @@ def token_rewards(
         mask: `[B, T]` 1 on response tokens.
         kl: `[B, T]` per-token KL estimate, or None (no penalty).
         kl_coef: weight beta of the penalty.
+        placed: `[B, T]` rewards already on their tokens (a multi-turn episode's turn rewards, each on its
+            turn's last policy token), used instead of R on the last token; None: R on the last token.
 
     Returns:
         `[B, T]` float rewards, 0 off the mask.
@@ -53,6 +55,8 @@ def token_rewards(
     last = torch.where(is_token, positions, -1).max(dim=1).values  # [B], -1 for an empty row
     is_last = (positions == last.unsqueeze(1)) & is_token  # [B, T]
     out = torch.where(is_last, rewards.float().unsqueeze(1), 0.0)  # [B, T]
+    if placed is not None:
+        out = torch.where(is_token, placed.float(), 0.0)  # [B, T]
     if kl is not None and kl_coef != 0:
         if kl.shape != mask.shape:
             raise ValueError(f"kl {tuple(kl.shape)} must be [B, T] like mask {tuple(mask.shape)}")

@@ -102,7 +102,8 @@ class PPO:
         """Per-token (advantages, returns), `[B, T]` each, and metrics, from `batch.rewards` `[B]`,
         `batch.old_values`, `batch.old_logprobs` and (with kl_coef > 0) `batch.ref_logprobs`.
 
-        r_t = R on the last response token - kl_coef * (log pi_old - log pi_ref)_t (k1, in the reward, as
+        r_t = R on the last response token (a multi-turn episode: each turn's reward on its last policy token,
+        `batch.turn_rewards`) - kl_coef * (log pi_old - log pi_ref)_t (k1, in the reward, as
         InstructGPT); GAE(gamma, lam) gives A_t and the critic's targets R_t = A_t + V_t; A is then
         whitened over the batch's response tokens (the returns are not).
         """
@@ -112,7 +113,7 @@ class PPO:
             if batch.ref_logprobs is None or batch.old_logprobs is None:
                 raise ValueError("PPO(kl_coef > 0) needs batch.old_logprobs and batch.ref_logprobs filled")
             kl = kl_estimate(batch.old_logprobs.float(), batch.ref_logprobs.float(), "k1")  # [B, T]
-        rewards = token_rewards(batch.rewards, mask, kl, self.kl_coef)  # [B, T]
+        rewards = token_rewards(batch.rewards, mask, kl, self.kl_coef, placed=batch.turn_rewards)  # [B, T]
         advantages, returns = gae_advantages(rewards, batch.old_values, mask, self.gamma, self.lam)
         metrics = {
             "critic/explained_variance": explained_variance(batch.old_values, returns, mask),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from winnow.lazy import lazy_import
-from winnow.types import Completion, PreferencePair, TrainBatch
+from winnow.types import Completion, Episode, PreferencePair, TrainBatch
 
 torch = lazy_import("torch")
 
@@ -46,6 +46,34 @@ def make_train_batch(
         rewards=None if rewards is None else rewards.float(),
         group_index=group_index,
     )
+
+
+def make_episode_batch(episodes: list[Episode], pad_token_id: int = 0, *,
+                       group_index: torch.Tensor | None = None) -> TrainBatch:
+    """One row per episode, right-padded: the loss mask is the episode's policy mask, so the environment's tokens
+    (observations, chat markup) are context the model reads and never a target. `rewards` [B] are the episode
+    returns; `turn_rewards` [B, T] put each turn's reward on its last policy token."""
+    if not episodes:
+        raise ValueError("make_episode_batch got no episodes")
+    length = max(len(e.token_ids) for e in episodes)
+    batch_size = len(episodes)
+    input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+    response_mask = torch.zeros((batch_size, length), dtype=torch.float32)
+    engine_logprobs = torch.zeros((batch_size, length), dtype=torch.float32)
+    turn_rewards = torch.zeros((batch_size, length), dtype=torch.float32)
+    for row, e in enumerate(episodes):
+        n = len(e.token_ids)
+        input_ids[row, :n] = torch.tensor(e.token_ids)
+        attention_mask[row, :n] = 1
+        response_mask[row, :n] = torch.tensor(e.policy_mask, dtype=torch.float32)
+        engine_logprobs[row, :n] = torch.tensor(e.logprobs, dtype=torch.float32)
+        for end, reward in zip(e.turn_ends, e.turn_rewards):
+            turn_rewards[row, end] += reward
+    return TrainBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+                      advantages=torch.zeros(batch_size), engine_logprobs=engine_logprobs,
+                      rewards=torch.tensor([e.episode_return for e in episodes], dtype=torch.float32),
+                      group_index=group_index, turn_rewards=turn_rewards)
 
 
 def make_sft_batch(

@@ -244,7 +244,7 @@ class NothingTrainedError(RuntimeError):
 
 def _is_shown(key: str) -> bool:
     """The few numbers worth a place on the progress bar."""
-    return key in ("reward/mean", "train/loss", "eval/win_rate") or (
+    return key in ("reward/mean", "train/loss", "eval/win_rate", "episode/success_rate") or (
         key.startswith("eval/") and key.endswith("_accuracy"))
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from winnow.data import batches
+from winnow.envs.config import EnvOptions
 from winnow.lazy import lazy_function
 from winnow.loops.base import Loop
 from winnow.loops.config import EvalConfig
@@ -34,8 +35,8 @@ AlgoT = TypeVar("AlgoT")
 
 
 @dataclass(kw_only=True)
-class TrainConfig(OnlineRunConfig, Generic[AlgoT]):
-    """A policy-iteration run: `winnow train ALGO`."""
+class TrainConfig(OnlineRunConfig, EnvOptions, Generic[AlgoT]):
+    """A policy-iteration run: `winnow train ALGO` (on `--data` prompts, or on `--env` episodes)."""
 
     algo: AlgoT
     """the objective: advantages and loss"""
@@ -50,6 +51,11 @@ def train(config: TrainConfig) -> Path:
         raise ValueError(f"--rollout.num-samples {config.rollout.num_samples} with {config.algo.name}, whose "
                          f"baseline is the group's mean: every advantage would be 0 and nothing would train; "
                          f"use --rollout.num-samples 2 or more (or `winnow train ppo`, whose critic is the baseline)")
+    if config.env is not None:
+        if config.runtime == "ray":
+            raise ValueError("--env runs multi-turn episodes in the local runtime only: use --runtime local")
+        from winnow.recipes.multiturn import train_on_env
+        return train_on_env(config)
     check_batching(config, config.rollout.samples_per_iteration, "sample")
     check_oracle_config(config.oracle, default=type(config)(algo=config.algo).oracle, needs="reward")
     if config.runtime == "ray":
