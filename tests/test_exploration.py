@@ -27,7 +27,7 @@ from winnow.exploration.ensemble import EnsembleConfig, EnsembleRewardModel, ens
 from winnow.exploration.features import arithmetic_features
 from winnow.oracles.functions import FunctionOracle
 from winnow.oracles.preference import RewardPreferenceOracle
-from winnow.oracles.rules import closeness_reward
+from winnow.oracles.rules import closeness_reward, exact_match_reward
 from winnow.types import Completion, PreferenceResult, Prompt, TrainBatch
 
 
@@ -382,7 +382,7 @@ def test_minilm_features_are_normalised_sentence_embeddings():
     assert torch.equal(features[0], features[1]) and not torch.allclose(features[0], features[2])
 
 
-def test_the_experiments_summary_and_criterion_by_hand():
+def _experiment_module():
     import importlib.util
     import sys
     from pathlib import Path
@@ -392,6 +392,11 @@ def test_the_experiments_summary_and_criterion_by_hand():
     experiment = importlib.util.module_from_spec(spec)
     sys.modules["exploration_experiment"] = experiment  # its dataclasses look their module up
     spec.loader.exec_module(experiment)
+    return experiment
+
+
+def test_the_experiments_summary_and_criterion_by_hand():
+    experiment = _experiment_module()
     curve = [(0, 0.40), (100, 0.55), (200, 0.65), (300, 0.75)]
     summary = experiment.summarise(curve, budget=300)
     # +0.20 (0.60) first reached at 200 queries, +0.30 (0.70) at 300; trapezoids: (47.5 + 60 + 70) / 300
@@ -407,3 +412,29 @@ def test_the_experiments_summary_and_criterion_by_hand():
     assert verdict["censored_runs"] == 1 and verdict["ci95"][1] < 1 and verdict["reproduces"] is True
     few = experiment.verdict(runs[:2] + runs[10:12], budget=300)["sea-bai"]
     assert few["reproduces"] is None and "not evaluated" in few["note"]  # 2 seeds: no verdict
+
+
+def test_the_rare_task_labels_only_pairs_that_hold_the_exact_sum():
+    """`arithmetic-pref-rare` under the exact rule: the sum beats anything (the reference, off by 1, included) and
+    every two wrong answers tie, so a random pair among 8 samples with one right answer is labelled with
+    probability 7/28 = 0.25 (a pair holding the right one) and wasted otherwise."""
+    from winnow.exploration import make_selector as make
+
+    task = make_task("arithmetic-pref-rare", seed=0)
+    question, answer = task.examples("train")[0]
+    a, b = (int(x) for x in question[:-1].split("+"))
+    assert 100 <= a <= 999 and 100 <= b <= 999 and answer == str(a + b)
+    reference = task.extra_columns(question, answer)["reference_response"]
+    assert reference == str(a + b + 1)
+    oracle = RewardPreferenceOracle(FunctionOracle([("exact", exact_match_reward, 1.0)]))
+    probabilities = oracle.compare([question] * 3, [answer, str(a + b - 5), "7"], [reference] * 3,
+                                   [answer] * 3).probabilities
+    assert probabilities == pytest.approx([1 / (1 + math.exp(-1)), 0.5, 0.5])  # sigmoid(1 - 0); ties
+    prompts = [Prompt(question, [1], reference=answer)] * 400
+    group = [_completion(answer)] + [_completion(str(a + b + k)) for k in (-3, -2, -1, 1, 2, 3, 10)]
+    selector = make("random", seed=0)
+    labelled = [c for c in selector.select(prompts, [group] * 400, Judge(oracle)) if c.probability != 0.5]
+    assert abs(len(labelled) / 400 - 0.25) < 0.06  # binomial(400, 0.25): sd 0.022
+    assert all(answer in (c.a.text, c.b.text) for c in labelled)
+    experiment = _experiment_module()
+    assert experiment.TASKS["rare"][:3] == ("arithmetic-pref-rare", "arithmetic-3digit", "exact")
