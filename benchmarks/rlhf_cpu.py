@@ -45,10 +45,10 @@ def reward_model_score(prompts: list[str], completions: list[str], **columns) ->
     return _scorer.scores(prompts, completions)
 
 
-FULL = {"sft_steps": 250, "rm_steps": 300, "rm_pairs_per_prompt": 2, "ppo_iterations": 100,
-        "prompts_per_iteration": 64, "eval_every": 10, "eval_prompts": 200, "window": 10}
-FAST = {"sft_steps": 250, "rm_steps": 80, "rm_pairs_per_prompt": 1, "ppo_iterations": 25,
-        "prompts_per_iteration": 64, "eval_every": 0, "eval_prompts": 100, "window": 5}
+FULL = {"sft_steps": 250, "rm_steps": 400, "rm_lr": 1e-3, "rm_pairs_per_prompt": 3, "ppo_iterations": 60,
+        "kl_coef": 0.05, "prompts_per_iteration": 64, "eval_every": 10, "eval_prompts": 200, "window": 10}
+FAST = {"sft_steps": 250, "rm_steps": 80, "rm_lr": 1e-3, "rm_pairs_per_prompt": 1, "ppo_iterations": 25,
+        "kl_coef": 0.05, "prompts_per_iteration": 64, "eval_every": 0, "eval_prompts": 100, "window": 5}
 
 
 def wrong_answer(answer: int, rng: random.Random) -> int:
@@ -80,7 +80,8 @@ def train_reward_model_stage(out: Path, sft: Path, settings: dict, seed: int) ->
     held_out = write_pairs(out, "eval", 1, seed + 1)
     return train_reward_model(RewardModelTrainConfig(
         model=ModelConfig(path=str(sft)), data=DataConfig(train=str(train), eval=str(held_out), answer_column=None),
-        learner=LearnerConfig(lr=3e-4, warmup_steps=10, micro_batch_size=128), logging=LoggingConfig(progress=False),
+        learner=LearnerConfig(lr=settings["rm_lr"], warmup_steps=10, micro_batch_size=128),
+        logging=LoggingConfig(progress=False),
         batch_size=64, num_steps=settings["rm_steps"], max_length=32, eval_every=max(settings["rm_steps"] // 4, 1),
         max_eval_pairs=500, seed=seed, device="cpu", num_threads=1, output_dir=str(out), run_name="rm",
         overwrite=True))
@@ -100,7 +101,7 @@ def ppo_stage(out: Path, sft: Path, reward_model: Path, settings: dict, seed: in
     rewards = RuleOracleConfig(rewards=["exact", f"{Path(__file__).resolve()}:reward_model_score"],
                                reward_weights=[0.0, 1.0])
     return train(TrainConfig(
-        algo=PPO(critic_lr=3e-4), model=ModelConfig(path=str(sft)),
+        algo=PPO(critic_lr=3e-4, kl_coef=settings["kl_coef"]), model=ModelConfig(path=str(sft)),
         data=DataConfig(train="arithmetic", max_eval_prompts=settings["eval_prompts"]), oracle=OracleConfig(rule=rewards),
         rollout=RolloutConfig(prompts_per_iteration=settings["prompts_per_iteration"], num_samples=1, max_tokens=8),
         learner=LearnerConfig(lr=3e-5, micro_batch_size=256),
