@@ -45,9 +45,9 @@ def reward_model_score(prompts: list[str], completions: list[str], **columns) ->
     return _scorer.scores(prompts, completions)
 
 
-FULL = {"sft_steps": 250, "rm_steps": 400, "rm_lr": 1e-3, "rm_pairs_per_prompt": 3, "ppo_iterations": 60,
+FULL = {"sft_steps": 250, "rm_steps": 400, "rm_lr": 3e-4, "rm_pairs_per_prompt": 3, "ppo_iterations": 60,
         "kl_coef": 0.05, "prompts_per_iteration": 64, "eval_every": 10, "eval_prompts": 200, "window": 10}
-FAST = {"sft_steps": 250, "rm_steps": 80, "rm_lr": 1e-3, "rm_pairs_per_prompt": 1, "ppo_iterations": 25,
+FAST = {"sft_steps": 250, "rm_steps": 80, "rm_lr": 3e-4, "rm_pairs_per_prompt": 1, "ppo_iterations": 25,
         "kl_coef": 0.05, "prompts_per_iteration": 64, "eval_every": 0, "eval_prompts": 100, "window": 5}
 
 
@@ -154,8 +154,10 @@ def run(out: Path, settings: dict, seed: int = 0) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    sft = warm_start(QuickstartConfig(output_dir=str(out), sft_steps=settings["sft_steps"], seed=seed,
-                                      progress=False, num_threads=1, overwrite=True))
+    sft = out / "sft" / "final"
+    if not sft.exists():  # the warm start is deterministic per seed: a rerun into the same --work reuses it
+        sft = warm_start(QuickstartConfig(output_dir=str(out), sft_steps=settings["sft_steps"], seed=seed,
+                                          progress=False, num_threads=1, overwrite=True))
     rm_run = train_reward_model_stage(out, sft, settings, seed)
     print(f"[rlhf] reward model trained: {rm_run}")
     ppo_run = ppo_stage(out, sft, rm_run / "final", settings, seed)
