@@ -308,7 +308,8 @@ def main() -> None:
                         help="run directories and SFT models (reused: an SFT model of a seed is built once)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild OUT.json and OUT.png from the run directories in --work, training nothing")
-    parser.add_argument("--label", default="", help="a label written into the results (e.g. PILOT)")
+    parser.add_argument("--label", default="", help="a label written into the results and the plot's title (e.g. PILOT)")
+    parser.add_argument("--note", default="", help="a longer note written into the results (e.g. how the scale was cut)")
     args = parser.parse_args()
 
     task, _, forced_reward, default_sft_steps = TASKS[args.task]
@@ -324,7 +325,7 @@ def main() -> None:
     plan = ({arm: list(range(n)) for arm, n in FULL_ARMS.items()} if args.full
             else {arm: list(args.seeds) for arm in args.arms})
     result_path = out.with_suffix(".json")
-    result = {"label": args.label, "criterion": CRITERION, "settings": settings, "plan": plan, "runs": []}
+    result = {"label": args.label, "note": args.note, "criterion": CRITERION, "settings": settings, "plan": plan, "runs": []}
     result_path.write_text(json.dumps(result, indent=1))  # the criterion is on disk before any run
 
     seeds = sorted({s for ss in plan.values() for s in ss})
