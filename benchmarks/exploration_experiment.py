@@ -9,6 +9,13 @@ held-out prompts (their queries are counted apart and not in the budget).
 
 The success criterion is written into the results before any run starts (`CRITERION`).
 
+`--task rare` runs the same arms on `arithmetic-pref-rare` instead: 3-digit addition from a short SFT warm start
+(`--sft-steps`, default 500 there) judged by the `exact` rule, so that a prompt's right answers are rare among its
+samples and a random pair is usually two wrong answers, a tie that teaches nothing. That is where choosing which
+pair to ask about should pay, if anywhere. An iteration whose pairs all tie is a cost of the task there, not a
+fault: the runs do not stop on idle iterations (150 SFT steps were tried first: 0.5% greedy accuracy, 99% of
+queries tied, and the runs stopped within 5-13 iterations).
+
 Usage (a pilot on 2 cores; the full run needs ~16 cores: every run is one process with one thread):
 
     PYTHONPATH=$PWD python benchmarks/exploration_experiment.py --arms random sea-bai --seeds 0 1 \\
@@ -89,8 +96,14 @@ def make_arm(name: str) -> Arm:
 # ---------------------------------------------------------------------- one run (a worker process)
 
 
-def sft_model(out: Path, seed: int, steps: int) -> Path:
-    """The SFT warm start of `seed` (built once, shared by every arm of that seed)."""
+TASKS = {  # --task -> (the preference task, the SFT warm start's task, the oracle's rule, default SFT steps)
+    "pref": ("arithmetic-pref", "arithmetic", None, 250),
+    "rare": ("arithmetic-pref-rare", "arithmetic-3digit", "exact", 500),
+}
+
+
+def sft_model(out: Path, seed: int, steps: int, task_name: str = "arithmetic") -> Path:
+    """The SFT warm start of `seed` on `task_name` (built once, shared by every arm of that seed)."""
     from winnow.data import DataConfig, make_task
     from winnow.data.tiny import build_tiny_model, save_tiny, train_char_tokenizer
     from winnow.learner.learner import LearnerConfig
@@ -100,17 +113,18 @@ def sft_model(out: Path, seed: int, steps: int) -> Path:
     from winnow.recipes.sft import SFTConfig, train_sft
     from winnow.setup import ModelConfig
 
-    final = out / f"sft_seed{seed}" / "final"
+    name = f"sft_seed{seed}" if task_name == "arithmetic" else f"sft_{task_name}_{steps}_seed{seed}"
+    final = out / name / "final"
     if final.exists():
         return final
-    task = make_task("arithmetic", seed=0)
+    task = make_task(task_name, seed=0)
     tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
-    init = save_tiny(build_tiny_model(tokenizer, seed=seed), tokenizer, out / f"init_seed{seed}")
+    init = save_tiny(build_tiny_model(tokenizer, seed=seed), tokenizer, out / f"init_{name}")
     run = train_sft(SFTConfig(
-        model=ModelConfig(path=str(init)), data=DataConfig(train="arithmetic"), oracle=OracleConfig(rule=RuleOracleConfig(rewards=["exact"])),
+        model=ModelConfig(path=str(init)), data=DataConfig(train=task_name), oracle=OracleConfig(rule=RuleOracleConfig(rewards=["exact"])),
         logging=LoggingConfig(progress=False), learner=LearnerConfig(lr=1e-3, warmup_steps=10, micro_batch_size=128),
         eval=EvalConfig(every=0, k=0, max_prompts=200), batch_size=128, num_steps=steps, max_tokens=8,
-        run_name=f"sft_seed{seed}", seed=seed, device="cpu", output_dir=str(out), num_threads=1))
+        run_name=name, seed=seed, device="cpu", output_dir=str(out), num_threads=1))
     return run / "final"
 
 
@@ -132,13 +146,14 @@ def run_arm(job: dict) -> dict:
     config = PreferenceTrainConfig(
         algo=PREFERENCE_OBJECTIVES[arm.algo](), model=ModelConfig(path=job["model"]), device="cpu",
         seed=job["seed"], num_threads=1,
-        data=DataConfig(train="arithmetic-pref", max_eval_prompts=s["eval_prompts"]),
+        data=DataConfig(train=s["task"], max_eval_prompts=s["eval_prompts"]),
         oracle=OracleConfig(rule=RuleOracleConfig(rewards=[s["reward"]])),
-        rollout=RolloutConfig(prompts_per_iteration=s["prompts"], num_samples=arm.num_samples, max_tokens=8),
+        rollout=RolloutConfig(prompts_per_iteration=s["prompts"], num_samples=arm.num_samples, max_tokens=8,
+                              max_idle_iterations=num_iterations + 1 if s["task"] != "arithmetic-pref" else 5),
         pairs=PairConfig(selection=arm.selection, sea=SEAConfig(**arm.sea), apl=APLConfig(**arm.apl)),
         learner=LearnerConfig(lr=s["lr"]), eval=WinRateConfig(every=s["eval_every"], max_prompts=s["eval_prompts"]),
         num_iterations=num_iterations, logging=LoggingConfig(progress=False),
-        output_dir=job["out"], run_name=run_name(job["arm"], job["seed"], s["reward"]))
+        output_dir=job["out"], run_name=run_name(job["arm"], job["seed"], s["reward"], s["task"]))
     shutil.rmtree(Path(job["out"]) / config.run_name, ignore_errors=True)  # a rerun starts a fresh log
     start = time.perf_counter()
     train_preference(config)
@@ -146,9 +161,11 @@ def run_arm(job: dict) -> dict:
             "wall_s": time.perf_counter() - start}
 
 
-def run_name(arm: str, seed: int, reward: str) -> str:
-    """The run directory's name (the reward in it unless it is the default closeness rule)."""
-    return f"{arm}_seed{seed}" if reward == "closeness" else f"{arm}_{reward}_seed{seed}"
+def run_name(arm: str, seed: int, reward: str, task: str = "arithmetic-pref") -> str:
+    """The run directory's name (the reward in it unless it is the default closeness rule, the task unless it is
+    the built-in preference task)."""
+    name = f"{arm}_seed{seed}" if reward == "closeness" else f"{arm}_{reward}_seed{seed}"
+    return name if task == "arithmetic-pref" else f"{task}_{name}"
 
 
 def collect(run_dir: Path, budget: float) -> dict:
@@ -264,7 +281,8 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 def train_all(plan: dict, seeds: list[int], work: Path, settings: dict, args) -> list[dict]:
     """The SFT start of every seed, then every (arm, seed) run, `args.workers` processes at a time."""
     with mp.get_context("spawn").Pool(args.workers) as pool:
-        models = dict(zip(seeds, pool.starmap(sft_model, [(work, s, args.sft_steps) for s in seeds])))
+        sft_task = TASKS[args.task][1]
+        models = dict(zip(seeds, pool.starmap(sft_model, [(work, s, settings["sft_steps"], sft_task) for s in seeds])))
         jobs = [{"arm": arm, "seed": s, "model": str(models[s]), "out": str(work), "settings": settings}
                 for arm, ss in plan.items() for s in ss]
         return pool.map(run_arm, jobs)
@@ -283,39 +301,46 @@ def main() -> None:
     parser.add_argument("--reward", default="closeness", choices=["closeness", "exact"],
                         help="the oracle's rule: closeness (graded: most random pairs carry a label) or exact "
                              "(only right beats wrong: informative pairs are rare, the case exploration is for)")
-    parser.add_argument("--sft-steps", type=int, default=250)
+    parser.add_argument("--sft-steps", type=int, default=None, help="default: 250 (pref), 500 (rare)")
+    parser.add_argument("--task", choices=list(TASKS), default="pref",
+                        help="pref: the built-in preference task; rare: arithmetic-pref-rare with the exact rule, "
+                             "where right answers are rare among samples (module docstring)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--out", default="benchmarks/results/exploration", help="OUT.json and OUT.png")
     parser.add_argument("--work", default="runs/exploration",
                         help="run directories and SFT models (reused: an SFT model of a seed is built once)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild OUT.json and OUT.png from the run directories in --work, training nothing")
-    parser.add_argument("--label", default="", help="a label written into the results (e.g. PILOT)")
+    parser.add_argument("--label", default="", help="a label written into the results and the plot's title (e.g. PILOT)")
+    parser.add_argument("--note", default="", help="a longer note written into the results (e.g. how the scale was cut)")
     args = parser.parse_args()
 
+    task, _, forced_reward, default_sft_steps = TASKS[args.task]
+    if forced_reward:
+        args.reward = forced_reward
     out = Path(args.out)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     settings = {"workers": args.workers, "budget": args.budget, "prompts": args.prompts, "eval_every": args.eval_every,
-                "eval_prompts": args.eval_prompts, "lr": args.lr, "sft_steps": args.sft_steps,
-                "task": "arithmetic-pref", "reward": args.reward,
+                "eval_prompts": args.eval_prompts, "lr": args.lr,
+                "sft_steps": args.sft_steps or default_sft_steps, "task": task, "reward": args.reward,
                 "oracle": f"{args.reward} rule (Bradley-Terry on the two scores)"}
     plan = ({arm: list(range(n)) for arm, n in FULL_ARMS.items()} if args.full
             else {arm: list(args.seeds) for arm in args.arms})
     result_path = out.with_suffix(".json")
-    result = {"label": args.label, "criterion": CRITERION, "settings": settings, "plan": plan, "runs": []}
+    result = {"label": args.label, "note": args.note, "criterion": CRITERION, "settings": settings, "plan": plan, "runs": []}
     result_path.write_text(json.dumps(result, indent=1))  # the criterion is on disk before any run
 
     seeds = sorted({s for ss in plan.values() for s in ss})
     if args.report_only:
-        runs = [{**collect(work / run_name(arm, s, args.reward), args.budget), "arm": arm, "seed": s}
+        runs = [{**collect(work / run_name(arm, s, args.reward, task), args.budget), "arm": arm, "seed": s}
                 for arm, ss in plan.items() for s in ss]
     else:
         runs = train_all(plan, seeds, work, settings, args)
     result.update(runs=runs, table=table(runs), verdict=verdict(runs, args.budget))
     result_path.write_text(json.dumps(result, indent=1, allow_nan=False, default=str))
     plot(runs, out.with_suffix(".png"),
-         f"{args.label} arithmetic-pref, {args.reward} oracle, {args.prompts} prompts/iteration".strip())
+         f"{args.label} {task}, {args.reward} oracle, {args.prompts} prompts/iteration".strip())
     print(json.dumps({"table": result["table"], "verdict": result["verdict"]}, indent=1))
 
 

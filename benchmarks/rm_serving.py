@@ -12,6 +12,14 @@ probe runs the model on packs of `--token-budget` tokens and compares tokens/s w
 measured bf16 (fp32 on CPU) matmul rate: tokens/s <= matmul FLOP/s / (2 x parameters).
 
 Writes `rm_serving_<mode>.json` (machine, versions, every cell) and `rm_serving_<mode>.md` (the tables) to --out.
+
+On a machine with torch and transformers but no Mosec (the GPU machine has no network): bring the wheels for its
+Python (3.12) and install them beside the repository first, in one command:
+
+    pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+        -d .whl mosec==0.9.8 msgspec defspec msgpack    # here, once: 5 wheels with offapi (.whl/ is ignored)
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+        PYTHONPATH=/tmp/site:$PWD python3 benchmarks/rm_serving.py --mode gpu --out $OUT    # there
 """
 from __future__ import annotations
 
@@ -136,7 +144,9 @@ def forward_probe(oracle: RewardModelOracle, num_params: int, token_budget: int,
 
 
 def start_server(model_dir: Path, port: int, args, tmp: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MOSEC_PATH": str(tmp / "ipc"), "WINNOW_ORACLE_TOKEN": ""}
+    # the repository first, then whatever the caller put on the path (e.g. wheels installed with --target)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "MOSEC_PATH": str(tmp / "ipc"), "WINNOW_ORACLE_TOKEN": ""}
     log = open(tmp / "server.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "winnow.cli", "serve-oracle", "--oracle.kind", "reward_model",

@@ -27,7 +27,7 @@ from winnow.exploration.ensemble import EnsembleConfig, EnsembleRewardModel, ens
 from winnow.exploration.features import arithmetic_features
 from winnow.oracles.functions import FunctionOracle
 from winnow.oracles.preference import RewardPreferenceOracle
-from winnow.oracles.rules import closeness_reward
+from winnow.oracles.rules import closeness_reward, exact_match_reward
 from winnow.types import Completion, PreferenceResult, Prompt, TrainBatch
 
 
@@ -238,7 +238,7 @@ def test_apl_keeps_the_highest_entropy_prompts_and_their_widest_pair():
 # ---------------------------------------------------------------------- a short SEA run
 
 
-def test_sea_learns_the_closeness_rule_from_oracle_labels():
+def test_sea_learns_the_closeness_rule_from_oracle_labels_and_picks_the_best_of_n():
     # SEA's selection and reward model on the built-in preference task, with the real closeness oracle: random
     # answers near the sum stand in for the policy's samples, so the run takes a second. The ensemble's
     # accuracy on the pairs it is then asked about (measured before it trains on them) must beat chance.
@@ -253,6 +253,53 @@ def test_sea_learns_the_closeness_rule_from_oracle_labels():
     late = [a for a in accuracy[-10:] if a == a]
     assert sum(late) / len(late) >= 0.75, accuracy
     assert task_prompt_format_is_arithmetic()
+    # best-of-N by the trained ensemble: among 8 answers near the sum, its choice is the argmax of the members'
+    # mean reward, and is nearer the sum than the first sample on average
+    prompts, groups = _arithmetic_batch(rng, 64, n=8)
+    picks = selector.best_of(prompts, groups)
+    for p, g, k in zip(prompts, groups, picks):
+        assert k == int(selector.reward_model.rewards(arithmetic_features([p] * len(g), g)).mean(0).argmax())
+    chosen = sum(abs(int(g[k].text) - int(p.reference)) for p, g, k in zip(prompts, groups, picks)) / 64
+    first = sum(abs(int(g[0].text) - int(p.reference)) for p, g in zip(prompts, groups)) / 64
+    assert chosen < first - 1.0, (chosen, first)  # uniform errors in [-6, 6]: the first sample's mean is ~3.2
+    untrained = make_selector("sea-bai", seed=0, config=config, featurize=arithmetic_features)
+    assert untrained.best_of(prompts[:3], groups[:3]) == [0, 0, 0]  # no ensemble yet: the first sample
+
+
+def test_best_of_n_win_rate_judges_the_choice_and_the_first_sample(tiny_model_dir):
+    """`evaluate_best_of_n` on the real engine: the choices and the first samples, each against the reference."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from winnow.engines.hf import HFEngine
+    from winnow.eval.win_rate import evaluate_best_of_n
+    from winnow.types import SamplingParams
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
+    engine = HFEngine(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, device="cpu")
+    questions = [q for q, _ in make_task("arithmetic-pref", seed=0).examples("eval")[:6]]
+    prompts = [Prompt(q, tokenizer(q)["input_ids"], reference=str(int(q[:2]) + int(q[3:5]))) for q in questions]
+    references = ["1234"] * 6  # 4 digits: digit_count ties a 4-digit response and beats fewer
+    oracle = RewardPreferenceOracle(FunctionOracle([("digit_count", digit_count, 1.0)]))
+
+    def most_digits(prompts, groups):
+        return [max(range(len(g)), key=lambda k: digit_count([], [g[k].text])[0]) for g in groups]
+
+    result = evaluate_best_of_n(engine, oracle, prompts, references, pick=most_digits, n=4, max_tokens=6, seed=3)
+    # the same draws again (keyed sampling): the win rates by hand
+    completions = engine.generate([p.token_ids for p in prompts],
+                                  SamplingParams(temperature=1.0, max_tokens=6, n=4, seed=3))
+    groups = [completions[4 * i:4 * i + 4] for i in range(6)]
+
+    def wins(texts):
+        return sum(1.0 if d > 4 else 0.5 if d == 4 else 0.0 for d in digit_count([], texts)) / len(texts)
+
+    picks = most_digits(prompts, groups)
+    assert result.metrics["eval/best_of_n_win_rate"] == pytest.approx(wins([g[k].text for g, k in zip(groups, picks)]))
+    assert result.metrics["eval/sample_win_rate"] == pytest.approx(wins([g[0].text for g in groups]))
+    assert result.metrics["eval/best_of_n_pick_is_first"] == pytest.approx(sum(k == 0 for k in picks) / 6)
+    assert result.metrics["eval/best_of_n_win_rate"] >= result.metrics["eval/sample_win_rate"]
+    with pytest.raises(ValueError, match="n >= 2"):
+        evaluate_best_of_n(engine, oracle, prompts, references, pick=most_digits, n=1, max_tokens=6)
 
 
 def task_prompt_format_is_arithmetic() -> bool:
@@ -280,7 +327,7 @@ def digit_count(prompts, completions, **columns):
     return [float(sum(ch.isdigit() for ch in c)) for c in completions]
 
 
-def _run(tmp_path, model_dir, algo, selection, **pairs):
+def _run(tmp_path, model_dir, algo, selection, best_of_n=0, **pairs):
     from winnow.algorithms import PREFERENCE_OBJECTIVES
     from winnow.oracles import OracleConfig, RuleOracleConfig
     from winnow.learner.learner import LearnerConfig
@@ -294,7 +341,7 @@ def _run(tmp_path, model_dir, algo, selection, **pairs):
         rollout=RolloutConfig(prompts_per_iteration=8, num_samples=4, max_tokens=4),
         pairs=PairConfig(selection=selection, **pairs), learner=LearnerConfig(lr=1e-4, micro_batch_size=8),
         oracle=OracleConfig(rule=RuleOracleConfig(rewards=[f"{__file__}:digit_count"])),
-        eval=WinRateConfig(every=0, max_prompts=8), num_iterations=3, logging=LoggingConfig(progress=False),
+        eval=WinRateConfig(every=0, max_prompts=8, best_of_n=best_of_n), num_iterations=3, logging=LoggingConfig(progress=False),
         output_dir=str(tmp_path), run_name=selection)
     return read_metrics(train_preference(config))
 
@@ -303,7 +350,11 @@ def _run(tmp_path, model_dir, algo, selection, **pairs):
 def test_sea_xpo_and_apl_run_through_the_recipe_and_count_queries(tmp_path, tiny_model_dir):
     sea = SEAConfig(features="policy", mixed=True, mixed_burn_in=1, mixed_fraction=0.25,
                     ensemble=EnsembleConfig(num_members=4, hidden_size=16, batch_size=4))
-    last = _run(tmp_path, tiny_model_dir, "dpo", "sea-bai", sea=sea)[-1]
+    rows = _run(tmp_path, tiny_model_dir, "dpo", "sea-bai", best_of_n=4, sea=sea)
+    last = rows[-1]
+    evals = [r for r in rows if "eval/best_of_n_win_rate" in r]  # at the start and the end, beside the win rate
+    assert len(evals) == 2 and all("eval/win_rate" in r and "eval/sample_win_rate" in r for r in evals)
+    assert last["counts/eval_oracle_queries"] == 2 * (8 + 2 * 8)  # the win rate's 8, best-of-N's 16, twice
     # Iteration 1 asks about every prompt with 2 distinct texts; then 2 of 8 prompts are labelled by the model.
     assert last["counts/model_labelled_pairs"] + last["counts/oracle_queries"] <= 3 * 8
     assert last["counts/model_labelled_pairs"] > 0 and last["counts/shadow_queries"] == 0
@@ -331,7 +382,7 @@ def test_minilm_features_are_normalised_sentence_embeddings():
     assert torch.equal(features[0], features[1]) and not torch.allclose(features[0], features[2])
 
 
-def test_the_experiments_summary_and_criterion_by_hand():
+def _experiment_module():
     import importlib.util
     import sys
     from pathlib import Path
@@ -341,6 +392,11 @@ def test_the_experiments_summary_and_criterion_by_hand():
     experiment = importlib.util.module_from_spec(spec)
     sys.modules["exploration_experiment"] = experiment  # its dataclasses look their module up
     spec.loader.exec_module(experiment)
+    return experiment
+
+
+def test_the_experiments_summary_and_criterion_by_hand():
+    experiment = _experiment_module()
     curve = [(0, 0.40), (100, 0.55), (200, 0.65), (300, 0.75)]
     summary = experiment.summarise(curve, budget=300)
     # +0.20 (0.60) first reached at 200 queries, +0.30 (0.70) at 300; trapezoids: (47.5 + 60 + 70) / 300
@@ -356,3 +412,29 @@ def test_the_experiments_summary_and_criterion_by_hand():
     assert verdict["censored_runs"] == 1 and verdict["ci95"][1] < 1 and verdict["reproduces"] is True
     few = experiment.verdict(runs[:2] + runs[10:12], budget=300)["sea-bai"]
     assert few["reproduces"] is None and "not evaluated" in few["note"]  # 2 seeds: no verdict
+
+
+def test_the_rare_task_labels_only_pairs_that_hold_the_exact_sum():
+    """`arithmetic-pref-rare` under the exact rule: the sum beats anything (the reference, off by 1, included) and
+    every two wrong answers tie, so a random pair among 8 samples with one right answer is labelled with
+    probability 7/28 = 0.25 (a pair holding the right one) and wasted otherwise."""
+    from winnow.exploration import make_selector as make
+
+    task = make_task("arithmetic-pref-rare", seed=0)
+    question, answer = task.examples("train")[0]
+    a, b = (int(x) for x in question[:-1].split("+"))
+    assert 100 <= a <= 999 and 100 <= b <= 999 and answer == str(a + b)
+    reference = task.extra_columns(question, answer)["reference_response"]
+    assert reference == str(a + b + 1)
+    oracle = RewardPreferenceOracle(FunctionOracle([("exact", exact_match_reward, 1.0)]))
+    probabilities = oracle.compare([question] * 3, [answer, str(a + b - 5), "7"], [reference] * 3,
+                                   [answer] * 3).probabilities
+    assert probabilities == pytest.approx([1 / (1 + math.exp(-1)), 0.5, 0.5])  # sigmoid(1 - 0); ties
+    prompts = [Prompt(question, [1], reference=answer)] * 400
+    group = [_completion(answer)] + [_completion(str(a + b + k)) for k in (-3, -2, -1, 1, 2, 3, 10)]
+    selector = make("random", seed=0)
+    labelled = [c for c in selector.select(prompts, [group] * 400, Judge(oracle)) if c.probability != 0.5]
+    assert abs(len(labelled) / 400 - 0.25) < 0.06  # binomial(400, 0.25): sd 0.022
+    assert all(answer in (c.a.text, c.b.text) for c in labelled)
+    experiment = _experiment_module()
+    assert experiment.TASKS["rare"][:3] == ("arithmetic-pref-rare", "arithmetic-3digit", "exact")

@@ -1,7 +1,8 @@
 """A reward model served by Mosec (`winnow serve-oracle --oracle.kind reward_model`): token-budget packing by
 hand, then a real server on 127.0.0.1 with two CPU workers: served scores equal in-process scores, concurrent
 requests are batched and no forward pads past the budget, malformed requests get a 4xx, and a server killed
-mid-call and restarted loses nothing."""
+mid-call and restarted loses nothing. A pairwise preference model served the same way compares as it does
+in-process and refuses /reward."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -19,6 +20,7 @@ import winnow
 
 pytest.importorskip("mosec")
 from winnow.oracles.model_service import pack_by_token_budget
+from test_pairwise_oracle import pairwise_dir  # noqa: E402,F401 (a fixture)
 
 REPO = Path(winnow.__file__).resolve().parent.parent
 BUDGET = 64
@@ -58,13 +60,14 @@ def reward_model_dir(tmp_path_factory):
 
 
 class ModelService:
-    def __init__(self, tmp: Path, model: Path) -> None:
+    def __init__(self, tmp: Path, model: Path, kind: str = "reward_model", num_workers: int = 2) -> None:
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.tmp, self.model, self.num_starts = tmp, model, 0
+        self.kind, self.num_workers = kind, num_workers
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
@@ -75,9 +78,11 @@ class ModelService:
                "OMP_NUM_THREADS": "1", "WINNOW_ORACLE_TOKEN": ""}
         self.log = open(self.tmp / f"server{self.num_starts}.log", "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "winnow.cli", "serve-oracle", "--oracle.kind", "reward_model",
-             "--oracle.reward-model.path", str(self.model), "--oracle.reward-model.max-length", "96",
-             "--port", str(self.port), "--num-workers", "2", "--max-batch-size", "16", "--max-wait-ms", "50",
+            [sys.executable, "-m", "winnow.cli", "serve-oracle", "--oracle.kind", self.kind,
+             f"--oracle.{self.kind.replace('_', '-')}.path", str(self.model),
+             f"--oracle.{self.kind.replace('_', '-')}.max-length", "96",
+             "--port", str(self.port), "--num-workers", str(self.num_workers), "--max-batch-size", "16",
+             "--max-wait-ms", "50",
              "--token-budget", str(BUDGET), "--pad-bucket", "8", "--log-level", "warning"],
             env=env, cwd=self.tmp, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 180
@@ -235,12 +240,36 @@ def test_server_killed_mid_call_and_restarted_loses_nothing(service, local):
     remote.close()
 
 
+def test_served_pairwise_model_compares_as_in_process_and_refuses_rewards(pairwise_dir, tmp_path):
+    from winnow.oracles import OracleConfig, RemoteOracleConfig, make_oracle
+    from winnow.oracles.pairwise import PairwiseOracle
+
+    service = ModelService(tmp_path, pairwise_dir, kind="pairwise", num_workers=1)
+    service.start()
+    try:
+        prompts, completions = _items(24)
+        a, b = completions[:12], completions[12:]
+        oracle = make_oracle(OracleConfig(kind="remote", remote=RemoteOracleConfig(
+            url=service.url, pairwise=True, request_batch_size=5)), needs="compare")
+        served = oracle.compare(prompts[:12], a, b).probabilities
+        oracle.close()
+        local = PairwiseOracle.from_pretrained(str(pairwise_dir), max_length=96).compare(prompts[:12], a, b)
+        assert served == pytest.approx(local.probabilities, abs=1e-4)
+        assert len({round(p, 4) for p in served}) > 8  # the pairs differ: a mix-up would show
+        body = {"id": "r", "prompts": ["1+1="], "completions": ["2"], "references": None}
+        status, reply = _post(f"{service.url}/reward", msgpack.packb(body))
+        assert status == 422 and b"serves a pairwise preference model" in reply, (status, reply[:200])
+    finally:
+        service.stop()
+
+
 def test_serve_config_takes_the_reward_model_kind_and_refuses_the_others():
-    from winnow.oracles import JudgeOracleConfig, OracleConfig, RewardModelOracleConfig
+    from winnow.oracles import JudgeOracleConfig, OracleConfig, PairwiseOracleConfig, RewardModelOracleConfig
     from winnow.oracles.serve import ServeConfig
 
     ServeConfig(oracle=OracleConfig(kind="reward_model", reward_model=RewardModelOracleConfig(path="rm")))
-    with pytest.raises(ValueError, match="serve a model with --oracle.kind reward_model"):
+    ServeConfig(oracle=OracleConfig(kind="pairwise", pairwise=PairwiseOracleConfig(path="pm")))
+    with pytest.raises(ValueError, match="serve a model with --oracle.kind reward_model or pairwise"):
         ServeConfig(oracle=OracleConfig(kind="judge"))
     with pytest.raises(ValueError, match="serves the reward_model kind and does not use --oracle.judge.model"):
         ServeConfig(oracle=OracleConfig(kind="reward_model", reward_model=RewardModelOracleConfig(path="rm"),

@@ -175,6 +175,10 @@ TASKS: dict[str, Callable[..., Task]] = {
     # sum, and win rates are against a reference response that is off by 1 (beaten only by the exact sum; an answer
     # also off by 1 ties).
     "arithmetic-pref": functools.partial(ArithmeticTask, num_digits=2, ops="+", reference_offset=1),
+    # The preference task where good responses are rare: 3-digit addition, judged by the `exact` rule (the sum beats
+    # anything else, every wrong answer ties every other): from a short SFT warm start few of a prompt's samples are
+    # right, so most random pairs carry no label, the case active exploration is for.
+    "arithmetic-pref-rare": functools.partial(ArithmeticTask, num_digits=3, ops="+", reference_offset=1),
 }
 """built-in task name -> factory taking `seed`, `num_train`, `num_eval` keywords"""
 

@@ -180,6 +180,22 @@ class SEASelector:
         mean = rewards.mean(0)
         return max(others, key=lambda k: float(mean[k]))
 
+    # ------------------------------------------------------------------ best-of-N evaluation
+    def best_of(self, prompts: list[Prompt], groups: list[list[Completion]]) -> list[int]:
+        """For each prompt, the index of its response with the highest ensemble-mean reward (SEA's best-of-N
+        evaluation); 0, the first sample, before the ensemble exists. Reads features only: no query, no state."""
+        if self.reward_model is None:
+            return [0] * len(groups)
+        flat_p = [p for p, g in zip(prompts, groups) for _ in g]
+        features = self.featurize(flat_p, [c for g in groups for c in g]).float()  # [M, d]
+        with torch.no_grad():
+            mean = self.reward_model.rewards(features).mean(0)  # [M]
+        picks, start = [], 0
+        for g in groups:
+            picks.append(int(mean[start:start + len(g)].argmax()))
+            start += len(g)
+        return picks
+
     # ------------------------------------------------------------------ observe
     def observe(self, labelled: list[Candidate]) -> dict[str, float]:
         """Train the ensemble on the oracle's labels (ties and unjudged pairs carry none; model labels never)."""

@@ -90,6 +90,10 @@ class WinRateConfig:
     """generation budget for eval; None uses rollout.max_tokens"""
     reference_column: str | None = "reference_response"
     """the eval data's column with the reference response to beat; None uses the answer column itself"""
+    best_of_n: int = 0
+    """also sample this many responses per prompt and let the selector's reward model choose one (SEA's ensemble:
+    --pairs.selection sea-*), which plays the reference (`eval/best_of_n_win_rate`, beside `eval/sample_win_rate`
+    of a plain sample); 0: off. Costs 2 oracle queries a prompt, counted with the eval's"""
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from winnow.eval.accuracy import EvalResult
-from winnow.eval.win_rate import evaluate_win_rate, reference_responses
+from winnow.eval.win_rate import evaluate_best_of_n, evaluate_win_rate, reference_responses
 from winnow.exploration.base import Judge, PairSelector, to_pairs
 from winnow.learner.batch import make_pair_batch
 from winnow.learner.learner import Learner
@@ -114,6 +114,13 @@ class PreferenceFamily:
         result = evaluate_win_rate(self.actor, self.oracle, self.eval_prompts, self.eval_references,
                                    max_tokens=cfg.max_tokens or self.rollout.max_tokens, stop=list(self.rollout.stop))
         self.counters.eval_oracle_queries += len(self.eval_prompts)
+        if cfg.best_of_n:  # the selector's reward model chooses among N samples (SEA's evaluation)
+            best = evaluate_best_of_n(self.actor, self.oracle, self.eval_prompts, self.eval_references,
+                                      pick=self.selector.best_of, n=cfg.best_of_n,
+                                      max_tokens=cfg.max_tokens or self.rollout.max_tokens,
+                                      temperature=self.rollout.temperature, seed=self.seed, stop=list(self.rollout.stop))
+            result.metrics.update(best.metrics)
+            self.counters.eval_oracle_queries += 2 * len(self.eval_prompts)
         return result
 
 

@@ -7,6 +7,8 @@
     remote        a `RemoteOracle`: a client of an oracle service (`winnow serve-oracle`)
     reward_model  a `RewardModelOracle`: a sequence-classification model in this process
     judge         an `LLMJudgeOracle`: an LLM over an OpenAI-compatible API; it compares, it never scores
+    pairwise      a `PairwiseOracle`: a pairwise preference model in this process; it compares, it never scores
+                  (served: `--oracle.kind remote --oracle.remote.pairwise`, a `ServedPairwiseOracle`)
 
 `FunctionOracle` and `load_reward_function` are imported on first use (PEP 562 `__getattr__`), because
 they pull in torch through `winnow.types`: the math grader's worker processes import this package, and
@@ -17,16 +19,17 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any, Iterable
 
-from winnow.oracles.config import (ORACLE_KINDS, JudgeOracleConfig, Need, OracleConfig, RemoteOracleConfig,
-                                   RewardModelOracleConfig, RuleOracleConfig, check_capability, check_oracle_config,
-                                   unused_oracle_settings)
+from winnow.oracles.config import (ORACLE_KINDS, JudgeOracleConfig, Need, OracleConfig, PairwiseOracleConfig,
+                                   RemoteOracleConfig, RewardModelOracleConfig, RuleOracleConfig, capability_kind,
+                                   check_capability, check_oracle_config, unused_oracle_settings)
 from winnow.oracles.math import MathGrader, extract_answer, grade
 
 if TYPE_CHECKING:
     from winnow.oracles.base import PreferenceOracle, RewardOracle
     from winnow.oracles.functions import FunctionOracle, load_reward_function
 
-__all__ = ["FunctionOracle", "JudgeOracleConfig", "MathGrader", "ORACLE_KINDS", "OracleConfig", "RemoteOracleConfig",
+__all__ = ["FunctionOracle", "JudgeOracleConfig", "MathGrader", "ORACLE_KINDS", "OracleConfig", "PairwiseOracleConfig",
+           "RemoteOracleConfig",
            "RewardModelOracleConfig", "RuleOracleConfig", "check_oracle_config", "extract_answer", "grade",
            "load_reward_function", "make_oracle", "make_preference_oracle", "unused_oracle_settings"]
 
@@ -35,11 +38,17 @@ def make_oracle(config: OracleConfig, *, needs: Need | Iterable[Need] = "reward"
     """The oracle `config.kind` names, able to do what the caller `needs`: "reward" (a scalar per response: RL,
     best-vs-worst pairs, accuracy), "compare" (P(a beats b): random pairs, win rates) or both.
 
-    Raises ValueError when the kind can't (a judge gives no reward). When comparing is needed, a rule or remote
+    Raises ValueError when the kind can't (a judge or a pairwise model gives no reward). When comparing is needed, a rule or remote
     oracle is wrapped so that it compares through Bradley-Terry on its rewards at `preference_temperature`, and
     still rewards. Call the oracle's `close()` when done: it stops the math grader's workers."""
-    check_capability(config.kind, needs)
+    check_capability(capability_kind(config), needs)
     needs = (needs,) if isinstance(needs, str) else tuple(needs)
+    if config.kind == "pairwise":
+        from winnow.oracles.pairwise import PairwiseOracle
+
+        return PairwiseOracle.from_pretrained(config.pairwise.path, batch_size=config.pairwise.batch_size,
+                                              max_length=config.pairwise.max_length,
+                                              temperature=config.preference_temperature)
     if config.kind == "reward_model":
         from winnow.oracles.reward_model import RewardModelOracle
 
@@ -57,6 +66,10 @@ def make_oracle(config: OracleConfig, *, needs: Need | Iterable[Need] = "reward"
         from winnow.oracles.remote import RemoteOracle
 
         oracle = RemoteOracle.from_config(config.remote)
+        if config.remote.pairwise:
+            from winnow.oracles.pairwise import ServedPairwiseOracle
+
+            return ServedPairwiseOracle(oracle)
     else:
         oracle = _rule_oracle(config)
     if "compare" in needs:

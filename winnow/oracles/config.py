@@ -4,6 +4,7 @@
     --oracle.kind remote        --oracle.remote.url http://127.0.0.1:8000 (a `winnow serve-oracle` service)
     --oracle.kind reward_model  --oracle.reward-model.path DIR (a sequence-classification model)
     --oracle.kind judge         --oracle.judge.model gpt-4o-mini (an OpenAI-compatible chat API)
+    --oracle.kind pairwise      --oracle.pairwise.path DIR (a pairwise preference model: `winnow train rm --kind pairwise`)
 
 Only the chosen kind's settings are used. A setting of another kind that differs from the command's default
 is a mistake (the run would silently ignore it), and `check_oracle_config` says so before anything loads.
@@ -20,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Iterable, Literal
 
-OracleKind = Literal["rule", "remote", "reward_model", "judge"]
-ORACLE_KINDS: tuple[str, ...] = ("rule", "remote", "reward_model", "judge")
+OracleKind = Literal["rule", "remote", "reward_model", "judge", "pairwise"]
+ORACLE_KINDS: tuple[str, ...] = ("rule", "remote", "reward_model", "judge", "pairwise")
 """the values of `OracleConfig.kind`"""
 
 Need = Literal["reward", "compare"]
@@ -31,7 +32,11 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
     "remote": ("reward", "compare"),        # compare: Bradley-Terry on the served rewards
     "reward_model": ("reward", "compare"),  # compare: Bradley-Terry on the model's scores
     "judge": ("compare",),                  # a pairwise verdict, no scalar
+    "pairwise": ("compare",),               # P(a beats b) read off both responses at once, no scalar
 }
+SERVED_PAIRWISE = "served_pairwise"
+"""the capabilities' name for kind=remote with --oracle.remote.pairwise (a served pairwise model): compare only"""
+CAPABILITIES[SERVED_PAIRWISE] = ("compare",)
 
 
 @dataclass
@@ -77,6 +82,9 @@ class RemoteOracleConfig:
     """requests to the service in flight at once"""
     request_batch_size: int = 64
     """completions per request; the service batches requests from all clients on top of this"""
+    pairwise: bool = False
+    """the service serves a pairwise preference model (`winnow serve-oracle --oracle.kind pairwise`): pairs are
+    compared on the service (POST /compare), and it gives no rewards"""
 
     def problems(self) -> list[str]:
         problems = []
@@ -130,8 +138,27 @@ class JudgeOracleConfig:
         return problems
 
 
+@dataclass
+class PairwiseOracleConfig:
+    """kind=pairwise: a pairwise preference model in the actor's process (`winnow.oracles.pairwise`): it reads the
+    prompt and both responses and gives P(a beats b), symmetric by construction."""
+
+    path: str | None = None
+    """a directory saved by `winnow train rm --kind pairwise` (a sequence-classification model and its tokenizer)"""
+    batch_size: int = 32
+    """rows (one pair in one order) per forward pass; each comparison reads its pair in both orders"""
+    max_length: int = 512
+    """tokens of one (prompt, a [SEP] b) row the model reads; longer rows are truncated"""
+
+    def problems(self) -> list[str]:
+        if self.batch_size < 1 or self.max_length < 1:
+            return [f"pairwise.batch_size={self.batch_size} and pairwise.max_length={self.max_length} must be >= 1"]
+        return []
+
+
 KIND_CONFIGS: dict[str, type] = {"rule": RuleOracleConfig, "remote": RemoteOracleConfig,
-                                 "reward_model": RewardModelOracleConfig, "judge": JudgeOracleConfig}
+                                 "reward_model": RewardModelOracleConfig, "judge": JudgeOracleConfig,
+                                 "pairwise": PairwiseOracleConfig}
 """each kind's nested config; `OracleConfig` holds one of each, under the kind's name"""
 
 
@@ -154,6 +181,8 @@ class OracleConfig:
     """kind=reward_model: a sequence-classification model in the actor's process"""
     judge: JudgeOracleConfig = field(default_factory=JudgeOracleConfig)
     """kind=judge: an LLM judge over an OpenAI-compatible API"""
+    pairwise: PairwiseOracleConfig = field(default_factory=PairwiseOracleConfig)
+    """kind=pairwise: a pairwise preference model in the actor's process"""
 
     config_aliases: ClassVar[dict[str, str]] = {
         "rewards": "rule.rewards", "reward_weights": "rule.reward_weights",
@@ -183,6 +212,8 @@ class OracleConfig:
             problems.append("kind='remote' needs --oracle.remote.url (the service, e.g. http://127.0.0.1:8000)")
         if self.kind == "reward_model" and not self.reward_model.path:
             problems.append("kind='reward_model' needs --oracle.reward-model.path (a sequence-classification model)")
+        if self.kind == "pairwise" and not self.pairwise.path:
+            problems.append("kind='pairwise' needs --oracle.pairwise.path (a model from winnow train rm --kind pairwise)")
         if problems:
             raise ValueError("invalid OracleConfig: " + "; ".join(problems))
 
@@ -204,7 +235,7 @@ def unused_oracle_settings(config: OracleConfig, default: OracleConfig) -> list[
 def check_oracle_config(config: OracleConfig, *, default: OracleConfig, needs: Need | Iterable[Need]) -> None:
     """Raise ValueError, naming the flags, when the oracle can't do what the command `needs`, or when the config
     sets another kind's settings (see `unused_oracle_settings`). Command builders call it before loading anything."""
-    check_capability(config.kind, needs)
+    check_capability(capability_kind(config), needs)
     unused = _unused(config, default)
     if unused:
         old_names = {f"--oracle.{_flag(new)}": f"--oracle.{_flag(old)}"
@@ -227,6 +258,12 @@ def _unused(config: OracleConfig, default: OracleConfig) -> list[tuple[str, str,
     return unused
 
 
+def capability_kind(config: OracleConfig) -> str:
+    """The key of `CAPABILITIES` that says what `config`'s oracle can do: its kind, except that a remote oracle
+    serving a pairwise model (--oracle.remote.pairwise) compares only."""
+    return SERVED_PAIRWISE if config.kind == "remote" and config.remote.pairwise else config.kind
+
+
 def check_capability(kind: str, needs: Need | Iterable[Need]) -> None:
     """Raise ValueError when an oracle of `kind` can't give what the caller `needs`."""
     needs = (needs,) if isinstance(needs, str) else tuple(needs)
@@ -235,9 +272,13 @@ def check_capability(kind: str, needs: Need | Iterable[Need]) -> None:
             raise ValueError(f"needs={need!r}: an oracle gives a 'reward' or can 'compare'")
     if "reward" in needs and "reward" not in CAPABILITIES[kind]:
         raise ValueError(
-            f"--oracle.kind {kind} only compares responses; this run needs a scalar reward per response (RL, "
+            f"--oracle.kind {_kind_flag(kind)} only compares responses; this run needs a scalar reward per response (RL, "
             f"--pairs.selection best_vs_worst, accuracy): use --oracle.kind rule, remote or reward_model (or, for "
             f"dpo/ipo/slic/simpo, --pairs.selection random)")
+
+
+def _kind_flag(kind: str) -> str:
+    return "remote --oracle.remote.pairwise" if kind == SERVED_PAIRWISE else kind
 
 
 def _flag(dotted: str) -> str:

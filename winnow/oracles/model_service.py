@@ -1,5 +1,6 @@
-"""The Mosec stages that serve a reward model (`winnow serve-oracle --oracle.kind reward_model`), and
-`pack_by_token_budget`, the forward's batching, testable without a server.
+"""The Mosec stages that serve a reward model (`winnow serve-oracle --oracle.kind reward_model`) or a pairwise
+preference model (`--oracle.kind pairwise`), and `pack_by_token_budget`, the forward's batching, testable without a
+server.
 
     POST /reward, /compare ─► ModelRewardIngress / ModelCompareIngress (CPU: check, tokenise; one request each)
                            ─► RewardModelWorker × num_workers (dynamic batching of requests, then token packing)
@@ -10,6 +11,11 @@ pools every row of every request, and runs the forward in *packs* chosen by `pac
 by length, each pack padded to a multiple of `pad_bucket` tokens and holding at most `token_budget` padded tokens,
 so one long row never pads a pack of short ones and the activation memory of a forward is bounded whatever the
 requests look like. One row longer than the budget runs alone, padded to its own length.
+
+A pairwise model (`winnow.oracles.pairwise`) runs on the same worker: its compare ingress tokenises each pair in
+both orders, (prompt, a SEP b) then (prompt, b SEP a), and the worker's compare reply, sigmoid((s_first_half -
+s_second_half) / T), is then exactly the pairwise model's P(a beats b). Its /reward route refuses every request
+(422): a pairwise model gives no scalar reward.
 
 On GPUs each worker loads the model in bf16 on its own GPU (data parallel: `serve` gives worker i GPU i mod the
 GPU count). A model larger than one GPU: `--gpus-per-worker K` gives each worker K GPUs and `layer_device_map`
@@ -24,11 +30,11 @@ import logging
 import time
 from typing import Any
 
-from mosec import Worker
+from mosec import ValidationError, Worker
 from mosec.mixin import MsgpackMixin
 
 from winnow.oracles.service import CompareIngress, RewardIngress
-from winnow.oracles.service_config import load_config_from_env
+from winnow.oracles.service_config import load_config_from_env, served_model
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +136,20 @@ class _TokenizingIngress:
 
     def __init__(self) -> None:
         super().__init__()
-        config = load_config_from_env().oracle.reward_model
+        config = served_model(load_config_from_env().oracle)
         self.tokenizer, self.max_length = _load_tokenizer(config.path), config.max_length
 
     def forward(self, data: Any) -> dict[str, Any]:
+        request = super().forward(data)
+        request["input_ids"] = self.encode(request)
+        return request
+
+    def encode(self, request: dict[str, Any]) -> list[list[int]]:
+        """The rows the worker scores: each side's (prompt, completion) pairs, side after side."""
         from winnow.oracles.reward_model import encode_pairs
 
-        request = super().forward(data)
-        request["input_ids"] = [ids for side in self.sides
-                                for ids in encode_pairs(self.tokenizer, request["prompts"], request[side],
-                                                        self.max_length)]
-        return request
+        return [ids for side in self.sides
+                for ids in encode_pairs(self.tokenizer, request["prompts"], request[side], self.max_length)]
 
 
 class ModelRewardIngress(_TokenizingIngress, RewardIngress):
@@ -149,6 +158,26 @@ class ModelRewardIngress(_TokenizingIngress, RewardIngress):
 
 class ModelCompareIngress(_TokenizingIngress, CompareIngress):
     sides = ("completions_a", "completions_b")
+
+
+class PairwiseCompareIngress(ModelCompareIngress):
+    """Each pair in both orders (`encode_both_orders`): the worker's compare reply is the pairwise model's P."""
+
+    def encode(self, request: dict[str, Any]) -> list[list[int]]:
+        from winnow.oracles.pairwise import encode_both_orders
+
+        return encode_both_orders(self.tokenizer, request["prompts"], request["completions_a"],
+                                  request["completions_b"], self.max_length)
+
+
+class PairwiseRewardIngress(RewardIngress):
+    """/reward on a pairwise model: refused (422) after the usual checks; the model only compares."""
+
+    def forward(self, data: Any) -> dict[str, Any]:
+        super().forward(data)
+        raise ValidationError("this service serves a pairwise preference model: it compares (POST /compare) and "
+                              "gives no rewards; a client sets --oracle.remote.pairwise and uses it for preference "
+                              "runs with --pairs.selection random")
 
 
 class RewardModelWorker(MsgpackMixin, Worker):
@@ -160,7 +189,7 @@ class RewardModelWorker(MsgpackMixin, Worker):
         from transformers import AutoModelForSequenceClassification
 
         self.config = load_config_from_env()
-        rm = self.config.oracle.reward_model
+        rm = served_model(self.config.oracle)
         is_gpu = torch.cuda.is_available()
         dtype = torch.bfloat16 if is_gpu else torch.float32
         self.device = torch.device("cuda:0" if is_gpu else "cpu")  # where the inputs go (the first stage)
@@ -172,7 +201,8 @@ class RewardModelWorker(MsgpackMixin, Worker):
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.pad_token_id
         self.model = model.eval().requires_grad_(False)
-        self.info = {"rewards": ["reward_model"], "reward_model": rm.path}
+        self.info = {"rewards": [] if self.config.oracle.kind == "pairwise" else ["reward_model"],
+                     self.config.oracle.kind: rm.path}
 
     def forward(self, data: list[dict[str, Any]] | dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
         if isinstance(data, dict):  # max_batch_size=1: Mosec hands over the request itself

@@ -18,6 +18,9 @@ from winnow.types import PreferenceResult, RewardResult
 
 torch = lazy_import("torch")
 
+KIND_KEY = "winnow_reward_kind"
+"""the config.json key saying which kind of reward model a directory holds ("pairwise"; absent: scalar)"""
+
 
 class RewardModelOracle:
     """Scores responses with a sequence-classification model; a `RewardOracle` and a `PreferenceOracle`."""
@@ -47,6 +50,9 @@ class RewardModelOracle:
             tokenizer = load_reward_tokenizer(path)
         except OSError as e:
             raise ValueError(f"cannot load a reward model from {path!r} (--oracle.reward-model.path): {e}") from e
+        if getattr(model.config, KIND_KEY, None) == "pairwise":
+            raise ValueError(f"{path} is a pairwise preference model (it reads both responses and only compares): "
+                             f"use --oracle.kind pairwise --oracle.pairwise.path {path}")
         return cls(model, tokenizer, **kwargs)
 
     def scores(self, prompts: list[str], completions: list[str]) -> list[float]:

@@ -44,7 +44,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from winnow.oracles.service_config import CONFIG_ENV, ServeConfig
+from winnow.oracles.service_config import CONFIG_ENV, MODEL_KINDS, ServeConfig, served_model
 
 __all__ = ["ServeConfig", "num_visible_gpus", "pipeline_health", "serve", "start_health_responder"]
 
@@ -92,7 +92,7 @@ def serve(config: ServeConfig) -> None:
         log.warning("no token in $%s: %s:%d answers %s; export %s=<secret> on the server and its clients to "
                     "require one", config.token_env, config.host, config.port, where, config.token_env)
     num_gpus = num_visible_gpus()
-    k = config.gpus_per_worker if config.oracle.kind == "reward_model" else 1
+    k = config.gpus_per_worker if config.oracle.kind in MODEL_KINDS else 1
     num_workers = config.num_workers or max(1, num_gpus // k)
     env = [{"CUDA_VISIBLE_DEVICES": ",".join(str((i * k + j) % num_gpus) for j in range(k))}
            for i in range(num_workers)] if num_gpus else None
@@ -113,7 +113,7 @@ def serve(config: ServeConfig) -> None:
         "/compare": [Runtime(stages["compare"]), oracle_stage],
         "/health": [Runtime(service.HealthIngress), oracle_stage],
     })
-    served = config.oracle.rule.rewards if config.oracle.kind == "rule" else config.oracle.reward_model.path
+    served = config.oracle.rule.rewards if config.oracle.kind == "rule" else served_model(config.oracle).path
     log.info("serving %s on http://%s:%d with %d oracle worker(s) (%d GPU(s)), batches of up to %d requests "
              "waiting %d ms", served, config.host, config.port, num_workers, num_gpus, config.max_batch_size,
              config.max_wait_ms)
@@ -183,10 +183,15 @@ def _loopback(host: str) -> str:
 
 
 def _stages(kind: str) -> dict:
-    """The ingress and worker classes of `kind`: reward functions (`service`) or a reward model (`model_service`,
-    which tokenises in the ingress and packs the forward by a token budget)."""
+    """The ingress and worker classes of `kind`: reward functions (`service`), a reward model or a pairwise model
+    (`model_service`, which tokenises in the ingress and packs the forward by a token budget)."""
     from winnow.oracles import service
 
+    if kind == "pairwise":
+        from winnow.oracles import model_service
+
+        return {"reward": model_service.PairwiseRewardIngress, "compare": model_service.PairwiseCompareIngress,
+                "worker": model_service.RewardModelWorker}
     if kind == "reward_model":
         from winnow.oracles import model_service
 

@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 
 from winnow.oracles.config import OracleConfig, unused_oracle_settings
 
+SERVED_KINDS = ("rule", "reward_model", "pairwise")
+"""the oracle kinds a service can run in its workers"""
+MODEL_KINDS = ("reward_model", "pairwise")
+"""the served kinds that hold a model (tokenised in the ingress, packed by a token budget in the worker)"""
+
 CONFIG_ENV = "WINNOW_SERVE_CONFIG"
 """the environment variable that carries the resolved ServeConfig (JSON) to Mosec's worker processes"""
 
@@ -19,8 +24,9 @@ class ServeConfig:
     """An oracle service: which oracle it serves, where, and how it batches."""
 
     oracle: OracleConfig = field(default_factory=OracleConfig)
-    """the oracle each worker runs in-process: the rule kind (--oracle.rule.rewards, weights, math grader) or the
-    reward_model kind (--oracle.reward-model.path, a sequence-classification model)"""
+    """the oracle each worker runs in-process: the rule kind (--oracle.rule.rewards, weights, math grader), the
+    reward_model kind (--oracle.reward-model.path, a sequence-classification model) or the pairwise kind
+    (--oracle.pairwise.path, a pairwise preference model: /compare only)"""
     host: str = "127.0.0.1"
     """address to bind; 127.0.0.1 serves this machine only, 0.0.0.0 every interface (set a token then)"""
     port: int = 8000
@@ -49,22 +55,23 @@ class ServeConfig:
     compare_temperature: float = 1.0
     """/compare returns sigmoid((r_a - r_b) / compare_temperature), Bradley-Terry on the served rewards"""
     token_budget: int = 16384
-    """reward_model kind: the most padded tokens (rows x padded length) in one forward of the model; a worker's
+    """reward_model and pairwise kinds: the most padded tokens (rows x padded length) in one forward of the model; a worker's
     batch of requests runs in as many forwards as this needs (see `winnow.oracles.model_service`)"""
     pad_bucket: int = 16
-    """reward_model kind: each forward pads its rows to a multiple of this many tokens"""
+    """reward_model and pairwise kinds: each forward pads its rows to a multiple of this many tokens"""
     gpus_per_worker: int = 1
-    """reward_model kind: GPUs per worker; more than 1 places the model's layers over them (pipeline parallel)"""
+    """reward_model and pairwise kinds: GPUs per worker; more than 1 places the model's layers over them (pipeline parallel)"""
     log_level: str = "info"
     """Mosec's log level: debug, info, warning or error"""
 
     def __post_init__(self) -> None:
         problems = []
-        if self.oracle.kind not in ("rule", "reward_model"):
+        if self.oracle.kind not in SERVED_KINDS:
             problems.append(f"--oracle.kind {self.oracle.kind}: a service serves the rule kind (reward functions in "
-                            f"its workers) or the reward_model kind (--oracle.reward-model.path); name its rewards "
-                            f"with --oracle.rule.rewards and leave --oracle.kind and --oracle.url "
-                            f"(--oracle.remote.url) unset, or serve a model with --oracle.kind reward_model")
+                            f"its workers), the reward_model kind (--oracle.reward-model.path) or the pairwise kind "
+                            f"(--oracle.pairwise.path); name its rewards with --oracle.rule.rewards and leave "
+                            f"--oracle.kind and --oracle.url (--oracle.remote.url) unset, or serve a model with "
+                            f"--oracle.kind reward_model or pairwise")
         else:
             unused = unused_oracle_settings(self.oracle, OracleConfig())
             if unused:
@@ -83,6 +90,11 @@ class ServeConfig:
             problems.append(f"log_level={self.log_level!r}: use debug, info, warning or error")
         if problems:
             raise ValueError("invalid ServeConfig: " + "; ".join(problems))
+
+
+def served_model(oracle: OracleConfig):
+    """The settings (path, max_length) of the model a reward_model or pairwise service serves."""
+    return oracle.pairwise if oracle.kind == "pairwise" else oracle.reward_model
 
 
 def load_config_from_env() -> ServeConfig:

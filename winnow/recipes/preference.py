@@ -80,6 +80,10 @@ class PreferenceTrainConfig(OnlineRunConfig, Generic[AlgoT]):
             problems.append(f"winnow train {self.algo.name} needs --pairs.selection {own}, not {self.pairs.selection}")
         if self.pairs.selection.startswith("apl") and not getattr(self.algo, "needs_reference", False):
             problems.append(f"--pairs.selection {self.pairs.selection} needs a reference policy: use dpo, ipo or slic")
+        if self.eval.best_of_n and (self.eval.best_of_n < 2 or not self.pairs.selection.startswith("sea")):
+            problems.append(f"--eval.best-of-n {self.eval.best_of_n}: best-of-N evaluation chooses with SEA's reward "
+                            f"model among >= 2 samples: give n >= 2 and --pairs.selection sea-ee, sea-bai, "
+                            f"sea-uncertainty, sea-passive or sea-greedy (0 turns it off)")
         if problems:
             raise ValueError("invalid preference config: " + "; ".join(problems))
 

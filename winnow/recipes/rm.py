@@ -9,12 +9,20 @@ the head starts fresh). Each iteration is one optimizer step on `batch_size` pai
 The model reads each side as the text pair (prompt text, response text), truncated to `max_length` tokens: the
 tokenisation `RewardModelOracle` and the served model use, so the scores it learns are the scores it serves.
 Saved with `save_pretrained` to RUN_DIR/final (with its tokenizer): `--oracle.reward-model.path RUN_DIR/final`.
+
+`--kind pairwise` trains a pairwise preference model instead (`winnow.oracles.pairwise`): the same head reads
+(prompt, a SEP b), and a pair's two rows are (chosen SEP rejected) and (rejected SEP chosen), so the same
+Bradley-Terry loss trains f(x, chosen, rejected) - f(x, rejected, chosen), the log-odds the pairwise oracle
+reports, and the held-out accuracy is the share of pairs it prefers the right way. Use it with
+`--oracle.kind pairwise --oracle.pairwise.path RUN_DIR/final` (or serve it with `winnow serve-oracle --oracle.kind
+pairwise`).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from winnow.lazy import lazy_import
 from winnow.data import DataConfig, load_prompts
@@ -24,7 +32,8 @@ from winnow.learner.lora import LoraConfig, apply_lora
 from winnow.logging import LoggingConfig
 from winnow.loops.base import Loop
 from winnow.loops.reward_model import RewardModelFamily, ScoredPair, sequence_scores
-from winnow.oracles.reward_model import encode_pairs
+from winnow.oracles.pairwise import pairwise_texts
+from winnow.oracles.reward_model import KIND_KEY, encode_pairs
 from winnow.recipes.base import RunConfig, finish, open_run, run_loop
 from winnow.setup import ModelConfig, load_tokenizer, resolve_device, setup_process
 from winnow.types import Prompt
@@ -36,6 +45,9 @@ torch = lazy_import("torch")
 class RewardModelTrainConfig(RunConfig):
     """A reward-model run: `winnow train rm`."""
 
+    kind: Literal["scalar", "pairwise"] = "scalar"
+    """scalar: a score per (prompt, response), for --oracle.kind reward_model (RL rewards and comparisons);
+    pairwise: P(a beats b) read off (prompt, a SEP b) in both orders, for --oracle.kind pairwise (comparisons only)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     """the backbone: a causal LM or an encoder; a sequence-classification head with one output goes on top"""
     data: DataConfig = field(default_factory=lambda: DataConfig(answer_column=None))
@@ -68,6 +80,8 @@ class RewardModelTrainConfig(RunConfig):
                              f"{self.max_length} must be >= 1")
         if self.centring_coef < 0:
             raise ValueError(f"centring_coef={self.centring_coef} must be >= 0")
+        if self.kind not in ("scalar", "pairwise"):
+            raise ValueError(f"kind={self.kind!r} must be scalar or pairwise (--kind)")
 
 
 def reward_pairs(prompts: list[Prompt], tokenizer, config: RewardModelTrainConfig, source: str) -> list[ScoredPair]:
@@ -92,9 +106,11 @@ def reward_pairs(prompts: list[Prompt], tokenizer, config: RewardModelTrainConfi
             margin = float(value)
         margins.append(margin)
     texts = [p.text for p in prompts]
-    chosen = encode_pairs(tokenizer, texts, sides[config.chosen_column], config.max_length)
-    rejected = encode_pairs(tokenizer, texts, sides[config.rejected_column], config.max_length)
-    return list(zip(chosen, rejected, margins))
+    chosen, rejected = sides[config.chosen_column], sides[config.rejected_column]
+    if config.kind == "pairwise":  # the two orders of the pair (module doc)
+        chosen, rejected = pairwise_texts(tokenizer, chosen, rejected), pairwise_texts(tokenizer, rejected, chosen)
+    return list(zip(encode_pairs(tokenizer, texts, chosen, config.max_length),
+                    encode_pairs(tokenizer, texts, rejected, config.max_length), margins))
 
 
 def load_reward_backbone(config: RewardModelTrainConfig):
@@ -125,6 +141,8 @@ def train_reward_model(config: RewardModelTrainConfig, model=None, tokenizer=Non
     device = resolve_device(config.device)
     if model is None:
         model, tokenizer = load_reward_backbone(config)
+    if config.kind == "pairwise":  # saved into config.json: the oracles tell the two kinds apart by it
+        setattr(model.config, KIND_KEY, "pairwise")
     data = config.data
     train = reward_pairs(load_prompts(data, tokenizer, "train"), tokenizer, config, data.train)
     held_out = reward_pairs(load_prompts(data, tokenizer, "eval"), tokenizer, config, data.eval or data.train)
