@@ -292,6 +292,19 @@ def test_unsupported_version_is_refused_with_the_fix(monkeypatch):
         VLLMEngine("unused", None)
 
 
+def tiny_model_and_length_reward(tmp_path):
+    """The untrained tiny model on the arithmetic task's characters, and a reward file rewarding length (an
+    untrained model never answers right: every group would be flat and nothing would train)."""
+    from winnow.data.tasks import make_task
+
+    task = make_task("arithmetic", seed=0)
+    tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
+    model_dir = save_tiny(build_tiny_model(tokenizer, seed=0), tokenizer, tmp_path / "init")
+    (tmp_path / "rewards.py").write_text("def length(prompts, completions, **_):\n"
+                                         "    return [float(len(c)) for c in completions]\n")
+    return model_dir, f"{tmp_path / 'rewards.py'}:length"
+
+
 def test_grpo_runs_end_to_end_on_the_vllm_engine(tmp_path):
     """`winnow train grpo --engine-backend vllm` (a subprocess: its own vLLM, beside the module's): samples,
     trains and syncs every iteration, and its eval runs on the synced weights."""
@@ -299,17 +312,10 @@ def test_grpo_runs_end_to_end_on_the_vllm_engine(tmp_path):
     import subprocess
     import sys
 
-    from winnow.data.tasks import make_task
-
-    task = make_task("arithmetic", seed=0)
-    tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
-    model_dir = save_tiny(build_tiny_model(tokenizer, seed=0), tokenizer, tmp_path / "init")
-    # An untrained model never answers right (every group flat, nothing would train): reward the length instead.
-    (tmp_path / "rewards.py").write_text("def length(prompts, completions, **_):\n"
-                                         "    return [float(len(c)) for c in completions]\n")
+    model_dir, reward = tiny_model_and_length_reward(tmp_path)
     subprocess.run(
         [sys.executable, "-m", "winnow.cli", "train", "grpo", "--model.path", str(model_dir),
-         "--oracle.rule.rewards", f"{tmp_path / 'rewards.py'}:length",
+         "--oracle.rule.rewards", reward,
          "--engine-backend", "vllm", "--vllm-engine.dtype", "float32", "--vllm-engine.enforce-eager",
          "--rollout.prompts-per-iteration", "8", "--rollout.num-samples", "4", "--rollout.max-tokens", "8",
          "--eval.every", "0", "--eval.k", "0", "--eval.max-prompts", "16", "--logging.no-progress",
@@ -332,16 +338,10 @@ def test_grpo_on_ray_splits_generation_over_vllm_replicas(tmp_path):
     import subprocess
     import sys
 
-    from winnow.data.tasks import make_task
-
-    task = make_task("arithmetic", seed=0)
-    tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
-    model_dir = save_tiny(build_tiny_model(tokenizer, seed=0), tokenizer, tmp_path / "init")
-    (tmp_path / "rewards.py").write_text("def length(prompts, completions, **_):\n"
-                                         "    return [float(len(c)) for c in completions]\n")
+    model_dir, reward = tiny_model_and_length_reward(tmp_path)
     subprocess.run(
         [sys.executable, "-m", "winnow.cli", "train", "grpo", "--model.path", str(model_dir),
-         "--oracle.rule.rewards", f"{tmp_path / 'rewards.py'}:length",
+         "--oracle.rule.rewards", reward,
          "--engine-backend", "vllm", "--vllm-engine.dtype", "float32", "--vllm-engine.enforce-eager",
          "--runtime", "ray", "--ray.placement", "split", "--ray.num-replicas", "2", "--ray.num-learner-ranks", "1",
          "--ray.cpus-per-worker", "0.5", "--sync.check-sync",
@@ -364,19 +364,13 @@ def test_online_dpo_and_eval_run_on_the_vllm_engine(tmp_path):
     import subprocess
     import sys
 
-    from winnow.data.tasks import make_task
-
-    task = make_task("arithmetic", seed=0)
-    tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
-    model_dir = save_tiny(build_tiny_model(tokenizer, seed=0), tokenizer, tmp_path / "init")
+    # An untrained model's answers are all equally far from the sums; a length reward labels every pair that differs.
+    model_dir, reward = tiny_model_and_length_reward(tmp_path)
     vllm_flags = ["--model.path", str(model_dir), "--engine-backend", "vllm", "--vllm-engine.dtype", "float32",
                   "--vllm-engine.enforce-eager", "--device", "cpu"]
-    # An untrained model's answers are all equally far from the sums; a length reward labels every pair that differs.
-    (tmp_path / "rewards.py").write_text("def length(prompts, completions, **_):\n"
-                                         "    return [float(len(c)) for c in completions]\n")
     subprocess.run(
         [sys.executable, "-m", "winnow.cli", "train", "dpo", *vllm_flags, "--sync.check-sync",
-         "--oracle.rule.rewards", f"{tmp_path / 'rewards.py'}:length",
+         "--oracle.rule.rewards", reward,
          "--rollout.prompts-per-iteration", "8", "--rollout.num-samples", "4", "--rollout.max-tokens", "8",
          "--learner.micro-batch-size", "8", "--eval.every", "0", "--eval.max-prompts", "8", "--logging.no-progress",
          "--num-iterations", "2", "--output-dir", str(tmp_path), "--run-name", "dpo", "--no-save-final"],
