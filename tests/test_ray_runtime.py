@@ -224,12 +224,38 @@ def test_start_up_refusals_name_the_flag(model_dir, tmp_path, capsys):
     assert stop.value.code == 2 and "--learner.strategy fsdp2" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         main(["train", "ppo", "--model.path", str(model_dir), "--output-dir", str(tmp_path), "--runtime", "ray",
-              "--ray.num-learner-ranks", "1"])
-    assert stop.value.code == 2 and "--runtime local" in capsys.readouterr().err
+              "--ray.num-learner-ranks", "2", "--learner.strategy", "fsdp2"])
+    assert stop.value.code == 2 and "--ray.num-learner-ranks 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         main(["train", "dpo", "--model.path", str(model_dir), "--output-dir", str(tmp_path), "--runtime", "ray",
               "--ray.num-learner-ranks", "1", "--pairs.selection", "apl"])
     assert stop.value.code == 2 and "--pairs.selection apl needs the policy" in capsys.readouterr().err
+
+
+def test_ppo_on_ray_gives_the_local_runtimes_numbers(model_dir, tmp_path):
+    """PPO on Ray (split: 2 replicas generate, 1 learner rank trains the policy and, after each policy step, its
+    critic beside it): the local run's rewards, policy and critic losses, iteration by iteration; the critic is
+    saved with the run."""
+    ppo = dict(algo=OBJECTIVES["ppo"](), num_iterations=3, save_final=True,
+               rollout=RolloutConfig(prompts_per_iteration=8, num_samples=2, max_tokens=6))
+    local = read_metrics(train(config(model_dir, tmp_path, "ppo-local", **ppo)))
+    on_ray = dict(runtime="ray", sync=SyncConfig(check_sync=True), checkpoint=CheckpointConfig(every=2),
+                  ray=RayConfig(placement="split", num_replicas=2, num_learner_ranks=1), **ppo)
+    run_dir = train(config(model_dir, tmp_path, "ppo-ray", **on_ray))
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [r["step"] for r in local] == [0, 1, 2, 3]
+    for got, want in zip(rows[1:], local[1:]):
+        assert got["reward/mean"] == want["reward/mean"], got["step"]
+        for key in ("train/loss", "train/critic/value_loss"):
+            assert math.isclose(got[key], want[key], rel_tol=1e-4, abs_tol=1e-6), (got["step"], key)
+        assert got["sync/logprob_diff_mean"] < 1e-4
+    assert local[-1]["train/critic/value_loss"] != local[1]["train/critic/value_loss"]  # the critic trained
+    assert (run_dir / "critic").is_dir() and (run_dir / "final").is_dir()
+    # resumed from iteration 2's checkpoint (the critic's included), iteration 3 is the uninterrupted run's
+    shutil.rmtree(run_dir / "checkpoints" / "iter_00003", ignore_errors=True)
+    resumed = read_metrics(train(config(model_dir, tmp_path, "ppo-ray", resume=str(run_dir), **on_ray)))
+    assert resumed[3]["reward/mean"] == rows[3]["reward/mean"]
+    assert math.isclose(resumed[3]["train/critic/value_loss"], rows[3]["train/critic/value_loss"], rel_tol=1e-5)
 
 
 def test_online_dpo_on_ray_gives_the_local_runtimes_numbers(model_dir, tmp_path):

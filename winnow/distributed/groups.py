@@ -72,15 +72,24 @@ class RayLearnerGroup:
 
     def train_policy(self, batch: TrainBatch, loss_fn, needs_reference: bool = False, on_mini_batch=None,
                      rows_per_unit: int = 1) -> dict[str, float]:
-        if on_mini_batch is not None:
-            raise ValueError("--runtime ray trains objectives without a critic: PPO's value model trains beside "
-                             "the policy in one process; use --runtime local for ppo")
         import ray
 
+        # PPO's critic step (`CriticStep`) runs on each rank with that rank's critic: only its loss travels.
+        value_loss = None if on_mini_batch is None else on_mini_batch.value_loss
         batch_ref = ray.put(batch.to("cpu"))
-        results = self._call("train", batch_ref, loss_fn, needs_reference, rows_per_unit)
+        results = self._call("train", batch_ref, loss_fn, needs_reference, rows_per_unit, value_loss)
         metrics, self.num_steps = results[0]
         return metrics
+
+    def logprobs(self, model, batch: TrainBatch) -> torch.Tensor:
+        """Per-token logprobs of `batch` under the ranks' policy [B, T] (`model` is this group's skeleton, which
+        stands for it: the weights live on the ranks)."""
+        if model is not self.model:
+            raise ValueError("the Ray learner group computes logprobs under its ranks' policy only")
+        return self._call("policy_logprobs", batch.to("cpu"), False)[0]
+
+    def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        return self._call("policy_logprobs", batch.to("cpu"), True)[0]
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         raise TypeError("the Ray learner group's weights stay on its ranks: the actor group syncs them")
@@ -109,6 +118,32 @@ class RayLearnerGroup:
             return get_all([getattr(rank, method).remote(*args) for rank in self.runtime.ranks])
         except WorkerDied as e:
             raise LearnerRankDiedError(e.index, e.cause) from e
+
+
+class RayCriticGroup:
+    """PPO's critic on Ray: each learner rank holds a critic beside its policy (built by the worker) and trains
+    it after each of its policy steps (`RayLearnerGroup.train_policy`); this handle values batches and saves
+    the critics for the loop."""
+
+    def __init__(self, learners: RayLearnerGroup):
+        self.learners = learners
+        self.model = learners.model  # for the checkpoint's free-space estimate: the policy's size
+        self.device = torch.device("cpu")
+
+    def predict(self, batch: TrainBatch) -> torch.Tensor:
+        return self.learners._call("critic_values", batch.to("cpu"))[0]
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.learners._call("save_critic_checkpoint", str(path))
+        return Path(path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        self.learners._call("load_critic_checkpoint", str(path))
+
+    def save(self, path: str | Path) -> Path:
+        self.learners._call("save_critic", str(path))
+        return Path(path)
 
 
 class RayActorGroup:

@@ -33,6 +33,8 @@ class WorkerSpec:
     """(a copy of the policy the engine may keep, tokenizer, device) -> the replica's `Engine`"""
     make_learner: Callable[[torch.nn.Module, torch.device], Any]
     """(the policy, device) -> the rank's `Learner` (its strategy joins the ranks' world)"""
+    make_critic: Callable[[torch.nn.Module, torch.device], Any] | None = None
+    """(the policy, device) -> PPO's critic `Learner`, built beside the learner rank; None without a critic"""
     seed: int = 0
     """the run's seed: every worker seeds its generators with it, as a local run does"""
     num_threads: int | None = None
@@ -46,7 +48,7 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
-        self.engine = self.learner = self.tokenizer = None
+        self.engine = self.learner = self.critic = self.tokenizer = None
         self.broadcast: BroadcastGroup | None = None
         self.learner_rank: int | None = None
 
@@ -76,6 +78,8 @@ class Worker:
             if num_learner_ranks > 1:
                 os.environ.update(RANK=str(learner_rank), WORLD_SIZE=str(num_learner_ranks), LOCAL_RANK="0",
                                   MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
+            if self.spec.make_critic is not None:  # before the learner: a sharded strategy splits the policy
+                self.critic = self.spec.make_critic(policy, device)
             self.learner = self.spec.make_learner(policy, device)
 
     # ------------------------------------------------------------------ engine
@@ -91,13 +95,38 @@ class Worker:
 
     # ------------------------------------------------------------------ learner
 
-    def train(self, batch: TrainBatch, loss_fn, needs_reference: bool, rows_per_unit: int) -> tuple[dict, int]:
+    def train(self, batch: TrainBatch, loss_fn, needs_reference: bool, rows_per_unit: int,
+              value_loss=None) -> tuple[dict, int]:
         """This rank's share of the iteration's optimizer steps: its rows of the whole batch (`Learner.shard`),
-        trained with the global normalisers. Returns the steps' metrics (the same on every rank: they are
-        all-reduced) and the learner's step count."""
+        trained with the global normalisers, each step followed by a step of this rank's critic when
+        `value_loss` is given (PPO). Returns the steps' metrics (the same on every rank: they are all-reduced)
+        and the learner's step count."""
+        from winnow.loops.rl import CriticStep
+
+        critic_step = CriticStep(self.critic, value_loss) if value_loss is not None else None
         metrics = self.learner.train_policy(self.learner.shard(batch, rows_per_unit), loss_fn, needs_reference,
-                                            rows_per_unit=rows_per_unit)
+                                            on_mini_batch=critic_step, rows_per_unit=rows_per_unit)
         return metrics, self.learner.num_steps
+
+    def policy_logprobs(self, batch: TrainBatch, reference: bool) -> torch.Tensor:
+        """Per-token logprobs of `batch` under this rank's policy (or its reference), on CPU [B, T]."""
+        batch = batch.to(self.learner.device)
+        if reference:
+            return self.learner.reference_logprobs(batch).cpu()
+        return self.learner.logprobs(self.learner.model, batch).cpu()
+
+    def critic_values(self, batch: TrainBatch) -> torch.Tensor:
+        """This rank's critic's values of `batch`, on CPU [B, T]."""
+        return self.critic.predict(batch.to(self.critic.device)).cpu()
+
+    def save_critic_checkpoint(self, path: str) -> None:
+        self.critic.save_checkpoint(Path(path))
+
+    def load_critic_checkpoint(self, path: str) -> None:
+        self.critic.load_checkpoint(Path(path))
+
+    def save_critic(self, path: str) -> None:
+        self.critic.save(Path(path))
 
     def save_checkpoint(self, path: str) -> None:
         """The learner's own checkpoint format (sharded under FSDP2 and DeepSpeed) and this rank's generators."""

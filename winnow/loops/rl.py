@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from winnow.lazy import lazy_import
 from winnow.algorithms.objectives import PolicyObjective
@@ -198,9 +198,25 @@ class RLFamily:
         batch.old_values = self.critic.predict(batch)  # [B, T]
         return batch
 
-    def train_critic(self, mini_batch: TrainBatch) -> dict[str, float]:
-        """One critic optimizer step on the policy step's mini-batch; its metrics as `critic/...`."""
-        metrics = self.critic.train_step(mini_batch, self.objective.value_loss)
+    @property
+    def train_critic(self) -> "CriticStep":
+        """The critic's optimizer step on each policy step's mini-batch (`train_policy`'s `on_mini_batch`)."""
+        return CriticStep(self.critic, self.objective.value_loss)
+
+
+@dataclass(frozen=True)
+class CriticStep:
+    """One critic optimizer step on a mini-batch; its metrics as `critic/...`. A value rather than a bound
+    method, so a distributed learner can rebuild it where its critic lives (`winnow.distributed`: a learner rank
+    holds the critic beside the policy) with the same `value_loss`."""
+
+    critic: Any
+    """the critic's `Learner` (or a handle standing for the critics of remote learner ranks)"""
+    value_loss: Callable
+    """the objective's value loss"""
+
+    def __call__(self, mini_batch: TrainBatch) -> dict[str, float]:
+        metrics = self.critic.train_step(mini_batch, self.value_loss)
         return {f"critic/{key}": value for key, value in metrics.items()}
 
 

@@ -1,4 +1,4 @@
-"""`winnow train grpo|dr-grpo|rloo|dpo|ipo|slic|simpo ... --runtime ray`: the same loops, their parts in Ray workers.
+"""`winnow train grpo|dr-grpo|rloo|ppo|dpo|ipo|slic|simpo ... --runtime ray`: the same loops, their parts in Ray workers.
 
 The driver (this process) holds no model: it loads the tokenizer, the prompts and the oracle, runs `Loop` with
 `RLFamily` (or `PreferenceFamily`), and talks to the workers through the seam (`winnow.distributed.groups`). Each worker loads the
@@ -15,17 +15,18 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from winnow.data import batches
-from winnow.distributed.groups import LearnerRankDiedError, RayActorGroup, RayLearnerGroup
+from winnow.distributed.groups import LearnerRankDiedError, RayActorGroup, RayCriticGroup, RayLearnerGroup
 from winnow.distributed.oracle_pool import RayOraclePool
 from winnow.distributed.runtime import RayRuntime, connect
 from winnow.distributed.worker import WorkerSpec
 from winnow.engines import make_engine
+from winnow.learner.critic import make_critic
 from winnow.loops.base import Loop
 from winnow.loops.checkpoint import latest_checkpoint
 from winnow.loops.rl import RLFamily
 from winnow.oracles import make_oracle
 from winnow.recipes.base import OnlineRunConfig, build_learner, check_answers, finish, load_splits, open_run, run_loop
-from winnow.recipes.resume import resume_command
+from winnow.recipes.resume import finish_atomically, resume_command
 from winnow.setup import load_policy, load_tokenizer, setup_process
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,9 @@ def check_ray_config(config: OnlineRunConfig, objective) -> None:
         import ray  # noqa: F401
     except ImportError:
         raise ValueError('--runtime ray needs Ray: pip install "winnow[ray]"') from None
-    if getattr(objective, "needs_critic", False):
-        raise ValueError(f"--runtime ray trains objectives without a critic; {objective.name}'s value model trains "
-                         "beside the policy in one process: use --runtime local")
+    if getattr(objective, "needs_critic", False) and config.ray.num_learner_ranks > 1:
+        raise ValueError(f"{objective.name}'s critic trains with the 'single' strategy only so far, so on Ray it "
+                         f"needs one learner rank: --ray.num-learner-ranks 1 (the replicas still split generation)")
     if config.ray.num_learner_ranks > 1 and config.learner.strategy == "single":
         raise ValueError(f"--ray.num-learner-ranks {config.ray.num_learner_ranks} needs a sharded learner: "
                          "--learner.strategy fsdp2 or deepspeed (or --ray.num-learner-ranks 1)")
@@ -51,12 +52,12 @@ def train_on_ray(config: OnlineRunConfig, objective) -> Path:
     """Run policy iteration with `--runtime ray`; returns the run directory (metrics, plots, final model)."""
     check_ray_config(config, objective)
 
-    def make_family(actor, learner, oracle, tokenizer, train_prompts, eval_prompts) -> RLFamily:
+    def make_family(actor, learner, critic, oracle, tokenizer, train_prompts, eval_prompts) -> RLFamily:
         return RLFamily(
             actor=actor, learner=learner, oracle=oracle, objective=objective, rollout=config.rollout,
             eval_config=config.eval, prompts=batches(train_prompts, config.rollout.prompts_per_iteration,
                                                      seed=config.seed),
-            eval_prompts=eval_prompts, seed=config.seed, pad_token_id=tokenizer.pad_token_id)
+            eval_prompts=eval_prompts, seed=config.seed, pad_token_id=tokenizer.pad_token_id, critic=critic)
 
     return _train(config, objective, "reward", make_family, check_answers_of_prompts=True)
 
@@ -87,7 +88,7 @@ def train_preference_on_ray(config, oracle_needs) -> Path:
                                                                             device="cpu")}
     selector = make_selector(selection, seed=config.seed, **context)
 
-    def make_family(actor, learner, oracle, tokenizer, train_prompts, eval_prompts) -> PreferenceFamily:
+    def make_family(actor, learner, critic, oracle, tokenizer, train_prompts, eval_prompts) -> PreferenceFamily:
         return PreferenceFamily(
             actor=actor, learner=learner, oracle=oracle, objective=objective, selector=selector,
             rollout=config.rollout, eval_config=config.eval,
@@ -133,6 +134,7 @@ def worker_spec(config: OnlineRunConfig, objective) -> WorkerSpec:
         load_policy=partial(load_policy, config.model),
         make_engine=partial(_make_engine, config),
         make_learner=partial(_make_learner, config, objective.needs_reference, config.rollout.temperature),
+        make_critic=partial(_make_critic, config, objective) if getattr(objective, "needs_critic", False) else None,
         seed=config.seed, num_threads=config.num_threads, device=config.device)
 
 
@@ -148,6 +150,10 @@ def _make_learner(config: OnlineRunConfig, needs_reference: bool, temperature: f
                          temperature=temperature, device=device)
 
 
+def _make_critic(config: OnlineRunConfig, objective, policy: torch.nn.Module, device: torch.device):
+    return make_critic(policy, config.learner, lr=objective.critic_lr, total_steps=config.total_steps, device=device)
+
+
 def skeleton(config: OnlineRunConfig) -> torch.nn.Module:
     """The policy's shapes on the meta device: no memory, no weights (the driver holds no model)."""
     model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
@@ -158,6 +164,7 @@ def skeleton(config: OnlineRunConfig) -> torch.nn.Module:
 def _run(config, objective, runtime: RayRuntime, tokenizer, train_prompts, eval_prompts, make_family) -> Path:
     actor = RayActorGroup(runtime)
     learner = RayLearnerGroup(runtime, skeleton(config), config.learner, config.rollout.temperature)
+    critic = RayCriticGroup(learner) if getattr(objective, "needs_critic", False) else None
     run_dir = open_run(config, objective.name, True)
     log.info("run %s on Ray (%s): %d train / %d eval prompts, %d samples per iteration over %d engine replicas, "
              "%d learner ranks", run_dir, config.ray.placement, len(train_prompts), len(eval_prompts),
@@ -165,15 +172,18 @@ def _run(config, objective, runtime: RayRuntime, tokenizer, train_prompts, eval_
     probe = [p.token_ids for p in (eval_prompts or train_prompts)]
 
     def make_loop(logger, bar) -> Loop:
-        family = make_family(actor, learner)
+        family = make_family(actor, learner, critic)
         return Loop(family, learner=learner, actor=actor, num_iterations=config.num_iterations,
                     eval_every=config.eval.every, sync=config.sync, probe=probe, seed=config.seed, logger=logger,
                     run_dir=run_dir, progress=bar, max_idle_iterations=config.rollout.max_idle_iterations)
 
     try:
-        run_loop(config, run_dir, learner, make_loop, total=config.num_iterations, desc=objective.name)
+        run_loop(config, run_dir, learner, make_loop, total=config.num_iterations, desc=objective.name,
+                 critic=critic)
     except LearnerRankDiedError as e:
         raise LearnerRankDiedError(e.rank, e.__cause__ or e, advice=resume_advice(run_dir)) from e
+    if config.save_final and critic is not None:
+        finish_atomically(run_dir / "critic", critic.save, critic.model)
     return finish(config, run_dir, learner, tokenizer)
 
 
