@@ -285,16 +285,24 @@ def test_quickstart_refuses_a_used_output_dir(tmp_path):
     check_output_dir(QuickstartConfig(output_dir=str(tmp_path), overwrite=True))
 
 
+def cut_back(full: Path, last_iteration: int) -> Path:
+    """A copy of the finished run `full` as it stood before its last checkpoint: that checkpoint and `final/`
+    removed, so a resume redoes the iterations after the one before it."""
+    import shutil
+
+    cut = full.parent / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / f"iter_{last_iteration:05d}")
+    shutil.rmtree(cut / "final")
+    return cut
+
+
 def test_sft_resumes_exactly(model_dir, tmp_path):
     args = ["sft", "--model.path", str(model_dir), "--device", "cpu", "--num-threads", "1", "--batch-size", "8",
             "--num-steps", "4", "--checkpoint.every", "2", "--learner.lr", "1e-3", "--eval.max-prompts", "4",
             "--eval.every", "2", "--max-tokens", "6", "--logging.no-progress", "--output-dir", str(tmp_path)]
     main([*args, "--run-name", "full"])
-    import shutil
-
-    shutil.copytree(tmp_path / "full", tmp_path / "cut")
-    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "iter_00004")
-    shutil.rmtree(tmp_path / "cut" / "final")
+    cut_back(tmp_path / "full", 4)
     main([*args, "--run-name", "cut", "--resume", str(tmp_path / "cut")])
     got, want = read_metrics(tmp_path / "cut"), read_metrics(tmp_path / "full")
     assert [r["step"] for r in got] == [0, 1, 2, 3, 4]
@@ -303,13 +311,9 @@ def test_sft_resumes_exactly(model_dir, tmp_path):
 
 def test_lora_grpo_with_a_kl_to_its_reference_resumes_exactly(model_dir, tmp_path):
     """LoRA: the checkpoint holds the adapters (and the frozen base), the reference is the adapters off."""
-    import shutil
-
     args = flags("grpo", model_dir, tmp_path, "full", "--lora-rank", "4", "--algo.kl-coef", "0.1")
     main(args)
-    shutil.copytree(tmp_path / "full", tmp_path / "cut")
-    shutil.rmtree(tmp_path / "cut" / "checkpoints" / f"iter_{2 * N:05d}")
-    shutil.rmtree(tmp_path / "cut" / "final")
+    cut_back(tmp_path / "full", 2 * N)
     main([*flags("grpo", model_dir, tmp_path, "cut", "--lora-rank", "4", "--algo.kl-coef", "0.1"),
           "--resume", str(tmp_path / "cut")])
     assert_same_run(tmp_path / "cut", tmp_path / "full")
@@ -317,8 +321,6 @@ def test_lora_grpo_with_a_kl_to_its_reference_resumes_exactly(model_dir, tmp_pat
 
 
 def test_offline_dpo_resumes_exactly(model_dir, tmp_path):
-    import shutil
-
     rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}
             for a in range(10, 20) for b in range(10, 13)]
     data = tmp_path / "pairs.jsonl"
@@ -328,9 +330,7 @@ def test_offline_dpo_resumes_exactly(model_dir, tmp_path):
             "--checkpoint.every", "2", "--learner.lr", "1e-3", "--learner.micro-batch-size", "16",
             "--eval.every", "2", "--logging.no-progress", "--output-dir", str(tmp_path)]
     main([*args, "--run-name", "full"])
-    shutil.copytree(tmp_path / "full", tmp_path / "cut")
-    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "iter_00004")
-    shutil.rmtree(tmp_path / "cut" / "final")
+    cut_back(tmp_path / "full", 4)
     main([*args, "--run-name", "cut", "--resume", str(tmp_path / "cut")])
     got, want = read_metrics(tmp_path / "cut"), read_metrics(tmp_path / "full")
     assert [r["step"] for r in got] == [0, 1, 2, 3, 4]
@@ -408,16 +408,11 @@ def test_deepspeed_on_two_processes_resumed_from_its_checkpoint_is_bitwise(model
     directory, cut back to its iteration-N checkpoint (what a kill after that checkpoint leaves; the kill itself is
     covered above for every strategy's loop), resumes to the same numbers, samples and weights, bitwise."""
     pytest.importorskip("deepspeed")
-    import shutil
-
     args = flags("grpo", model_dir, tmp_path, "full", "--learner.strategy", "deepspeed",
                  "--learner.sharding.zero-stage", "2", "--learner.micro-batch-size", "4")
     full = run_killed(args, "0:none", torchrun=2)
     assert full.returncode == 0, full.stderr[-3000:]
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "full", cut)
-    shutil.rmtree(cut / "checkpoints" / f"iter_{2 * N:05d}")
-    shutil.rmtree(cut / "final")
+    cut = cut_back(tmp_path / "full", 2 * N)
     assert sorted(p.name for p in (latest_checkpoint(cut) / "policy").rglob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     resumed = run_killed([*args, "--resume", str(cut)], "0:none", torchrun=2)
