@@ -151,6 +151,12 @@ class FakeChatServer:
                 try:
                     text, delay = server.answer(content, attempt)
                     time.sleep(delay)
+                finally:
+                    # Out of flight once the answer is ready, before its bytes go out: the client may send its
+                    # next request the moment it reads them, before this thread would get to count down.
+                    with server.lock:
+                        server.in_flight -= 1
+                try:
                     payload = json.dumps({
                         "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                         "choices": [{"index": 0, "finish_reason": "stop",
@@ -164,9 +170,6 @@ class FakeChatServer:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and left
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
 
             def log_message(self, *args):
                 pass
