@@ -9,6 +9,8 @@ folder this script writes, runs its engine core in its own process (vLLM's defau
 handles, `winnow/engines/vllm_sync.py`), bf16, all 512 sequences in one batch (`max_num_seqs`), and sleeps
 (level 1) while the learner trains. After the measured iterations it also records: the engine-vs-learner
 logprob gap on a fresh probe, the sync with vLLM's layerwise reload against a direct copy, and sleep level 2.
+`--vllm-tp 2` shards vLLM's model over GPUs 0 and 1 (tensor parallel; the learner stays on GPU 0): each of
+vLLM's two workers opens the same CUDA IPC handle per bucket and loads its own shard of it.
 
 It drives `winnow.loops.Loop.step` with the RL family (generate -> score -> advantages -> train -> sync, each
 phase timed by the runtime's own PhaseTimer, which synchronises CUDA at the end of each phase) with:
@@ -97,7 +99,7 @@ def start_vllm(model, tokenizer, workload: common.Workload, args):
         dtype="float32" if cpu else "bfloat16", gpu_memory_utilization=args.vllm_memory, seed=0,
         max_model_len=workload.prompt_len + workload.new_tokens, max_num_seqs=workload.num_sequences,
         enable_sleep_mode=not cpu, sleep_level=1, multiprocessing=not args.vllm_in_process, enforce_eager=cpu,
-        kv_cache_space_gib=1 if cpu else None)
+        kv_cache_space_gib=1 if cpu else None, tensor_parallel_size=args.vllm_tp)
     start = time.perf_counter()
     engine = VLLMEngine(path, tokenizer, config)
     seconds = time.perf_counter() - start
@@ -166,6 +168,8 @@ def main() -> None:
     parser.add_argument("--vllm-in-process", action="store_true",
                         help="vllm engine core in this process (sync by reference) instead of its own")
     parser.add_argument("--vllm-memory", type=float, default=0.3, help="vLLM's gpu_memory_utilization")
+    parser.add_argument("--vllm-tp", type=int, default=1,
+                        help="vLLM's tensor_parallel_size (its workers on GPUs 0..N-1, the learner on GPU 0)")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
@@ -200,6 +204,10 @@ def main() -> None:
         result["versions"]["vllm"] = engine.version
         result["vllm"] = {"features": dataclasses.asdict(engine.features), "in_process": engine.is_in_process,
                           "config": dataclasses.asdict(engine.config)}
+        if not cpu:
+            result["vllm"]["gpu_memory_used_gib_after_start"] = [
+                round((lambda free, total: (total - free) / 2**30)(*torch.cuda.mem_get_info(i)), 2)
+                for i in range(torch.cuda.device_count())]
     else:
         engine = HFEngine(model, tokenizer, HFEngineConfig(max_batch_size=workload.num_sequences,
                                                            compile_decode=workload.engine_compile), device=device)

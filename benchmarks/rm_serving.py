@@ -143,7 +143,8 @@ def forward_probe(oracle: RewardModelOracle, num_params: int, token_budget: int,
             "matmul_tflops": flops / 1e12, "ceiling_tokens_per_s": ceiling, "fraction_of_ceiling": tokens_per_s / ceiling}
 
 
-def start_server(model_dir: Path, port: int, args, tmp: Path) -> subprocess.Popen:
+def start_server(model_dir: Path, port: int, args, tmp: Path, num_workers: int | None = None,
+                 gpus_per_worker: int = 1) -> subprocess.Popen:
     # the repository first, then whatever the caller put on the path (e.g. wheels installed with --target)
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "MOSEC_PATH": str(tmp / "ipc"), "WINNOW_ORACLE_TOKEN": ""}
@@ -153,7 +154,8 @@ def start_server(model_dir: Path, port: int, args, tmp: Path) -> subprocess.Pope
          "--oracle.reward-model.path", str(model_dir), "--oracle.reward-model.max-length", str(args.max_length),
          "--port", str(port), "--max-batch-size", "64", "--max-wait-ms", str(args.max_wait_ms),
          "--token-budget", str(args.token_budget), "--log-level", "warning",
-         *(["--num-workers", str(args.num_workers)] if args.num_workers else [])],
+         "--gpus-per-worker", str(gpus_per_worker),
+         *(["--num-workers", str(num_workers)] if num_workers else [])],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     client, deadline = RemoteOracle(f"http://127.0.0.1:{port}", timeout_s=5), time.monotonic() + 600
     while True:
@@ -173,7 +175,10 @@ def main() -> None:
     parser.add_argument("--token-budget", type=int, default=None)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--max-wait-ms", type=int, default=5)
-    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--layouts", default=None,
+                        help="served layouts, WORKERSxGPUS_PER_WORKER comma-separated (e.g. 1x1,2x1,1x2: one GPU, "
+                             "data parallel over two, one model's layers over two); default: 1x1, and on 2+ GPUs "
+                             "also 2x1 and 1x2")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     gpu = args.mode == "gpu"
@@ -200,24 +205,33 @@ def main() -> None:
 
         rows = [{"where": "in-process", **run_cell(in_process, i, c, seconds, response_chars)} for i, c in grid]
         del oracle
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = start_server(model_dir, port, args, tmp)
-        try:
-            remote = RemoteOracle(f"http://127.0.0.1:{port}", request_batch_size=1024, max_in_flight=64, timeout_s=120)
-            for items, concurrency in grid:
-                rows.append({"where": "served", **run_cell(
-                    lambda p, c: remote.reward(p, c, [None] * len(p)), items, concurrency, seconds, response_chars)})
-            remote.close()
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
+        num_gpus = torch.cuda.device_count() if gpu else 0
+        layouts = args.layouts or ("1x1,2x1,1x2" if num_gpus >= 2 else "1x1")
+        for layout in layouts.split(","):
+            workers, gpus_per_worker = (int(x) for x in layout.split("x"))
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            started = time.perf_counter()
+            server = start_server(model_dir, port, args, tmp, workers, gpus_per_worker)
+            start_s = time.perf_counter() - started
+            try:
+                remote = RemoteOracle(f"http://127.0.0.1:{port}", request_batch_size=1024, max_in_flight=64,
+                                      timeout_s=120)
+                for items, concurrency in grid:
+                    rows.append({"where": f"served {layout}", "server_start_s": start_s, **run_cell(
+                        lambda p, c: remote.reward(p, c, [None] * len(p)), items, concurrency, seconds,
+                        response_chars)})
+                remote.close()
+            finally:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(timeout=60)
     result = {"mode": args.mode, "date": datetime.now(timezone.utc).isoformat(), "machine": platform.node(),
               "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
               "gpu": torch.cuda.get_device_name(0) if gpu else None, "torch": torch.__version__,
               "transformers": version("transformers"), "mosec": version("mosec"), "parameters": num_params,
-              "token_budget": args.token_budget, "seconds_per_cell": seconds, "response_chars": response_chars, "forward": probe, "cells": rows}
+              "token_budget": args.token_budget, "seconds_per_cell": seconds, "response_chars": response_chars,
+              "num_gpus": num_gpus, "layouts": layouts, "forward": probe, "cells": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rm_serving_{args.mode}.json").write_text(json.dumps(result, indent=2))
@@ -226,6 +240,8 @@ def main() -> None:
              f"Forward: {probe['tokens_per_s']:,.0f} tokens/s on packs of {probe['rows']} x {probe['row_tokens']} "
              f"tokens; matmul {probe['matmul_tflops']:.2f} TFLOP/s gives a ceiling of "
              f"{probe['ceiling_tokens_per_s']:,.0f} tokens/s ({100 * probe['fraction_of_ceiling']:.0f}% of it).", "",
+             "`served WxG`: W Mosec workers of G GPUs each (2x1: data parallel over two GPUs; 1x2: one model's "
+             "layers placed over two GPUs, pipeline parallel).", "",
              "| where | items/request | concurrency | requests | pairs/s | p50 ms | p99 ms |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['where']} | {r['items']} | {r['concurrency']} | {r['requests']} | {r['pairs_per_s']:,.1f} | "

@@ -2,6 +2,14 @@
 
     python benchmarks/trl_grpo_iteration.py --out trl.json           # GPU: the Qwen2.5-0.5B-shape workload
     python benchmarks/trl_grpo_iteration.py --cpu --out trl.json     # CPU: tiny Qwen2, seconds (smoke test)
+    python benchmarks/trl_grpo_iteration.py --vllm-colocate --out trl_vllm.json   # GPU: TRL sampling with vLLM
+
+`--vllm-colocate` is the setup a TRL user with one GPU runs: use_vllm = True, vllm_mode = "colocate" (vLLM in
+the trainer's process, TRL's own weight push before each generation, counted in its generate phase), bf16
+vLLM loading the same random init (saved as a bf16 checkpoint, as published models are), generation_kwargs
+{"min_tokens": 512} so EOS cannot end a response, vllm_max_model_length = prompt + response; TRL's defaults
+otherwise (vllm_gpu_memory_utilization 0.3, no sleep mode, importance-sampling correction on, which adds the
+old-logprobs pass).
 
 Needs trl (1.16.0 was measured; it is no dependency of winnow) and datasets. Same model config, same random
 init (seed 0, float32 master weights), same tokenizer, prompts and reward as `grpo_iteration.py`
@@ -37,6 +45,7 @@ from pathlib import Path
 import torch
 
 import grpo_common as common
+from winnow.data.tiny import save_tokenizer
 
 
 def parity_reward(prompts, completions, **kwargs):
@@ -72,9 +81,12 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (seconds; a smoke test)")
     parser.add_argument("--out", default="trl_grpo.json")
     parser.add_argument("--iterations", type=int, default=None, help="measured iterations (default: 3 GPU, 2 CPU)")
+    parser.add_argument("--vllm-colocate", action="store_true",
+                        help="TRL's use_vllm=True, vllm_mode='colocate' (needs vLLM on the GPU)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop after the step that would leave too little time for another (>= 1 measured)")
     args = parser.parse_args()
+    script_start = time.perf_counter()
 
     import trl
     from datasets import Dataset
@@ -99,6 +111,18 @@ def main() -> None:
     assert all(len(tokenizer(t)["input_ids"]) == workload.prompt_len for t in texts[:4])
     dataset = Dataset.from_dict({"prompt": texts})
 
+    vllm_kwargs = {"use_vllm": False, "generation_kwargs": {"min_new_tokens": workload.new_tokens}}
+    if args.vllm_colocate:
+        import copy
+
+        checkpoint = Path(tempfile.mkdtemp()) / "policy"
+        copy.deepcopy(model).to(torch.bfloat16).save_pretrained(checkpoint)
+        save_tokenizer(tokenizer, checkpoint)  # a tokenizer class every transformers version loads
+        model.name_or_path = model.config._name_or_path = str(checkpoint)
+        vllm_kwargs = {"use_vllm": True, "vllm_mode": "colocate",
+                       "vllm_max_model_length": workload.prompt_len + workload.new_tokens,
+                       "generation_kwargs": {"min_tokens": workload.new_tokens}}
+        result["framework"] = "trl+vllm-colocate"
     accumulation = workload.num_sequences // workload.micro_batch_size
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(),
@@ -108,9 +132,8 @@ def main() -> None:
         num_generations=workload.num_samples,
         num_iterations=1,
         max_completion_length=workload.new_tokens,
-        generation_kwargs={"min_new_tokens": workload.new_tokens},
         temperature=workload.temperature, top_p=1.0, top_k=0,
-        use_vllm=False,
+        **vllm_kwargs,
         beta=0.0, epsilon=0.2, loss_type="grpo", scale_rewards="group",
         learning_rate=workload.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=workload.max_grad_norm,
@@ -129,6 +152,7 @@ def main() -> None:
         def on_train_begin(self, args_, state_, control, **kwargs):
             common.sync(device)
             state["last"] = state["start"] = time.perf_counter()
+            result["setup_s"] = state["start"] - script_start  # imports, model, trainer (and vLLM's start-up)
 
         def on_step_end(self, args_, state_, control, **kwargs):
             common.sync(device)
