@@ -236,6 +236,18 @@ def test_serve_config_refuses_serving_a_remote_oracle():
         ServeConfig(oracle=OracleConfig(reward_model=RewardModelOracleConfig(path="rm")))
 
 
+def test_a_mosec_without_its_server_binary_is_named_before_serving(monkeypatch):
+    """`pip install --target DIR mosec` puts the binary in DIR/bin, where Mosec never looks: say so at start."""
+    import mosec.utils
+
+    from winnow.oracles.serve import _check_mosec_binary
+
+    _check_mosec_binary()  # this environment's Mosec has its binary
+    monkeypatch.setattr(mosec.utils, "get_mosec_path", lambda: None)
+    with pytest.raises(SystemExit, match="binary `mosec` is not in this Python's scripts directory"):
+        _check_mosec_binary()
+
+
 def test_oracle_url_flag_makes_a_remote_oracle(monkeypatch):
     from winnow.algorithms import GRPO
     from winnow.config import parse

@@ -210,7 +210,15 @@ def receive(payload: dict[str, Any], device: torch.device) -> Bucket:
     if kind == ByReference.name:
         return list(payload["tensors"])
     if kind == CudaIpc.name:
-        return tensor_views(open_cuda_ipc(payload["handle"]), payload["layout"])
+        buffer = open_cuda_ipc(payload["handle"])
+        if buffer.device != device:
+            # A tensor-parallel worker on another GPU than the learner's: one peer copy of the whole bucket onto
+            # this worker's GPU, so vLLM's weight loaders copy within one device. On an H200 pair, copying into
+            # vLLM's parameters straight from the other GPU's buffer failed with "CUDA error: invalid argument"
+            # once the engine had synced without sleeping in between.
+            buffer = buffer.to(device)
+            torch.cuda.synchronize(device)  # done before the handle closes and the sender frees its buffer
+        return tensor_views(buffer, payload["layout"])
     if kind == SharedMemory.name:
         buffer = torch.from_file(payload["path"], shared=False, size=payload["num_bytes"], dtype=torch.uint8)
         # Copied out (onto the worker's device) so nothing maps the file once this returns: a layerwise reload

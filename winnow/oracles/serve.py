@@ -86,6 +86,7 @@ def serve(config: ServeConfig) -> None:
         from winnow.oracles import service
     except ImportError as e:
         raise SystemExit(f"winnow serve-oracle needs Mosec and msgpack ({e}); pip install 'winnow[serve]'") from e
+    _check_mosec_binary()
     if not os.environ.get(config.token_env):
         where = "anyone who can reach it" if config.host in ("127.0.0.1", "localhost", "::1") else \
             "ANY MACHINE that can reach it"
@@ -118,6 +119,22 @@ def serve(config: ServeConfig) -> None:
              "waiting %d ms", served, config.host, config.port, num_workers, num_gpus, config.max_batch_size,
              config.max_wait_ms)
     server.run()
+
+
+def _check_mosec_binary() -> None:
+    """Mosec starts its server binary from this Python's scripts directory only; a Mosec installed elsewhere
+    (`pip install --target DIR`, which puts the binary in DIR/bin) would fail later with a bare "No such file or
+    directory: 'None'"."""
+    try:
+        from mosec.utils import get_mosec_path
+    except ImportError:  # another Mosec layout: let it find its binary its own way
+        return
+    if get_mosec_path() is None:
+        import sysconfig
+
+        raise SystemExit("winnow serve-oracle: Mosec's server binary `mosec` is not in this Python's scripts "
+                         f"directory ({sysconfig.get_path('scripts')}), the only place Mosec looks for it; install "
+                         "mosec with pip into this environment (not with --target), or copy its bin/mosec there")
 
 
 def start_health_responder(config: ServeConfig) -> ThreadingHTTPServer | None:
