@@ -76,9 +76,10 @@ def main() -> None:
     log = open(out / "runs" / "first.log", "w")
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    first_row_s = None
+    first_row_s = None  # when iteration 1's row lands (the row of step 0 comes before the loop starts)
     while process.poll() is None and time.perf_counter() - start < args.timeout:
-        if first_row_s is None and metrics.exists() and metrics.read_text().strip():
+        if first_row_s is None and metrics.exists() and any(
+                json.loads(line).get("step", 0) >= 1 for line in metrics.read_text().splitlines() if line.strip()):
             first_row_s = time.perf_counter() - start
         time.sleep(0.1)
     if process.poll() is None:
@@ -87,7 +88,7 @@ def main() -> None:
     if process.returncode != 0 or first_row_s is None:
         raise SystemExit(f"the run failed (exit {process.returncode}):\n" + (out / "runs" / "first.log").read_text()[-3000:])
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    first, second = rows[0], rows[1]
+    first, second = (next(r for r in rows if r.get("step") == step) for step in (1, 2))
     phases = lambda row: {p: row.get(f"time/{p}", 0.0) for p in PHASES}  # noqa: E731
     one = phases(first)
     result = {

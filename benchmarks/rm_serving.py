@@ -9,7 +9,7 @@ For each cell (items per request x concurrent clients), `concurrency` threads ea
 the same way (one model, calls serialised by a lock: a process holds one copy of the model). Reported: pairs
 scored per second and request latency p50/p99. The forward
 probe runs the model on packs of `--token-budget` tokens and compares tokens/s with the ceiling set by the
-measured bf16 (fp32 on CPU) matmul rate: tokens/s <= matmul FLOP/s / (2 x parameters).
+measured bf16 (fp32 on CPU) matmul rate: tokens/s <= matmul FLOP/s / (2 x parameters outside the embedding table).
 
 Writes `rm_serving_<mode>.json` (machine, versions, every cell) and `rm_serving_<mode>.md` (the tables) to --out.
 
@@ -19,7 +19,10 @@ Python (3.12) and install them beside the repository first, in one command:
     pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
         -d .whl mosec==0.9.8 msgspec defspec msgpack    # here, once: 5 wheels with offapi (.whl/ is ignored)
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+        cp /tmp/site/bin/mosec "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/" && \
         PYTHONPATH=/tmp/site:$PWD python3 benchmarks/rm_serving.py --mode gpu --out $OUT    # there
+
+(Mosec looks for its server binary in the Python's scripts directory only: a `--target` install needs the copy.)
 """
 from __future__ import annotations
 
@@ -75,7 +78,8 @@ def build_model(shape: str, out: Path) -> tuple[Path, int]:
 
 def texts(items: int, response_chars: int, seed: int) -> tuple[list[str], list[str]]:
     prompts = [f"{(seed + i) % 97}+{i % 89}= " for i in range(items)]
-    completions = [("the answer is " + str(seed + i) * 50)[: response_chars - (i % 7) * 3] for i in range(items)]
+    completions = [(("the answer is " + str(seed + i) + " ") * response_chars)[: response_chars - (i % 7) * 3]
+                   for i in range(items)]
     return prompts, completions
 
 
@@ -138,7 +142,9 @@ def forward_probe(oracle: RewardModelOracle, num_params: int, token_budget: int,
     sync(device)
     tokens_per_s = reps * len(rows) * row_tokens / (time.perf_counter() - start)
     flops = matmul_flops(device, next(oracle.model.parameters()).dtype)
-    ceiling = flops / (2 * num_params)
+    # 2 FLOPs per parameter per token, the embedding table aside (a lookup; the score head is a [hidden, 1] matmul)
+    flop_params = num_params - oracle.model.get_input_embeddings().weight.numel()
+    ceiling = flops / (2 * flop_params)
     return {"rows": len(rows), "row_tokens": row_tokens, "tokens_per_s": tokens_per_s,
             "matmul_tflops": flops / 1e12, "ceiling_tokens_per_s": ceiling, "fraction_of_ceiling": tokens_per_s / ceiling}
 
@@ -197,6 +203,9 @@ def main() -> None:
         if gpu:
             oracle.model.to(torch.bfloat16)
         probe = forward_probe(oracle, num_params, args.token_budget, 512 if gpu else 32)
+        sample_prompts, sample_completions = texts(256, response_chars, seed=0)
+        mean_row_tokens = statistics.mean(len(oracle.tokenizer(p + c)["input_ids"])
+                                          for p, c in zip(sample_prompts, sample_completions))
         lock = threading.Lock()
 
         def in_process(prompts, completions):
@@ -231,6 +240,7 @@ def main() -> None:
               "gpu": torch.cuda.get_device_name(0) if gpu else None, "torch": torch.__version__,
               "transformers": version("transformers"), "mosec": version("mosec"), "parameters": num_params,
               "token_budget": args.token_budget, "seconds_per_cell": seconds, "response_chars": response_chars,
+              "mean_row_tokens": mean_row_tokens,
               "num_gpus": num_gpus, "layouts": layouts, "forward": probe, "cells": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,6 +252,7 @@ def main() -> None:
              f"{probe['ceiling_tokens_per_s']:,.0f} tokens/s ({100 * probe['fraction_of_ceiling']:.0f}% of it).", "",
              "`served WxG`: W Mosec workers of G GPUs each (2x1: data parallel over two GPUs; 1x2: one model's "
              "layers placed over two GPUs, pipeline parallel).", "",
+             f"Each pair (prompt, response) is about {mean_row_tokens:.0f} tokens.", "",
              "| where | items/request | concurrency | requests | pairs/s | p50 ms | p99 ms |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['where']} | {r['items']} | {r['concurrency']} | {r['requests']} | {r['pairs_per_s']:,.1f} | "
