@@ -10,7 +10,7 @@ Reads (from --results):
                                 DeepSpeed ZeRO-3 x2, c split 1 engine GPU + 1 learner GPU
     grpo_benchmark.json         0.5B shape, one GRPO iteration on one H200 (local runtime)
     gen_matrix_winnow_v2.json   7B shape, generation alone on one H200 (no 7B learner step was measured)
-Writes ray_projection.json, ray_projection.md (and ray_projection.png where matplotlib imports) to --out.
+Writes ray_projection.json, ray_projection.md and (unless --no-plot, with matplotlib) ray_projection.png to --out.
 
 The design projected is the one `winnow/distributed/` runs: a synchronous loop whose driver sends each engine
 replica a contiguous shard of the prompts, gathers every completion, scores them and computes the advantages,
@@ -424,6 +424,9 @@ UNMEASURED = [
     {"piece": "4 and 8 GPUs in one node", "assumed": "NVLink 450 GB/s per direction at 0.8 efficiency; the "
      "per-tensor gather cost measured at 2 ranks plus 3 us per extra ring step",
      "measure": "ray_scaling.py on one host with 4 or 8 H200s (none was available)"},
+    {"piece": "ZeRO-3's extra seconds per step at more ranks", "assumed": "constant: ds_extra_train_s as measured at "
+     "2 ranks (its unfused AdamW over 1/N of the parameters would shrink it; more ranks' gathers could grow it)",
+     "measure": "ray_scaling.py's b_ds on one host with 4 or 8 H200s, with DeepSpeed's wall_clock_breakdown"},
     {"piece": "the driver's per-sample costs at 16,384 samples", "assumed": "linear in the samples, as measured "
      "at 512 (gather, score, advantages)", "measure": "the driver alone on 16,384 synthetic completions (CPU)"},
 ]
