@@ -450,8 +450,8 @@ def markdown(result: dict) -> str:
         "*linear*: the design's smallest unit (colocated: 1 GPU; split: 1 engine + 1 learner GPU) times the GPUs, "
         "projected by the same formulas with nothing to communicate and a driver handling only that unit's "
         "samples; *efficiency* = linear's iteration time / the projected one (at 7B the unit is a reference only: "
-        "its 113.5 GiB of learner state does not fit one GPU beside its engine and activations). *vs 1-GPU run*: against the GPUs times the measured local run "
-        "on one GPU (512 rows per engine; at 1.5B the 2-GPU run reached 0.84 of it, mostly because a replica's 256 "
+        "its 113.5 GiB of learner state does not fit one GPU beside its engine and activations). *vs 1-GPU "
+        "run*: against the GPUs times the measured local run on one GPU (512 rows per engine; at 1.5B the 2-GPU run reached 0.84 of it, mostly because a replica's 256 "
         "rows take 69% of 512 rows' time). *shortfall*: seconds lost against linear, by where they are lost: the "
         "driver (gathering, scoring, advantages), the learner's step, the sync.", "",
         *row_table(headline), "", *design_section(result), "", *calibration_table(result["calibration"]), "",
@@ -507,8 +507,8 @@ def formulas_section(result: dict) -> list[str]:
              "plus the sharding traffic per step and rank, (micro-batches x 2 bf16 all-gathers of each layer, x 1 of "
              "the root unit, + one reduce-scatter, fp32 under FSDP2, bf16 under ZeRO-3) x params x (n-1)/n over "
              "NVLink inside a node, the NIC across nodes: the decoder layers' share is prefetched under compute "
-             "(only the excess counts), the root unit's (embedding, head) is not; plus the whole batch (24 B per token) sent by Ray's object store to "
-             "every other node; plus `ds_extra_train_s` for ZeRO-3.",
+             "(only the excess counts), the root unit's (embedding, head) is not; plus the whole batch (24 B per "
+             "token) sent by Ray's object store to every other node; plus `ds_extra_train_s` for ZeRO-3.",
              "- **sync**, colocated: every rank gathers every parameter in turn (`<learner>_gather_s_per_tensor` x "
              "tensors, + a ring step per extra rank, + bytes x (n-1)/n over the slowest link), then copies them into "
              "its engine (`copy_s_per_byte` x bytes) and wakes it (`wake_s`). Split: the same gather over the "
@@ -595,8 +595,8 @@ def design_section(result: dict) -> list[str]:
               "local. With colocated placement each rank would then train the rows its own replica sampled "
               "(today `Learner.shard` takes every world_size-th row of the whole batch; the step is the same "
               "either way, since the loss normalisers are all-reduced over the ranks), so the batch never leaves "
-              "the worker and the driver receives only metrics. The reward pool (`--ray.num-oracle-workers`) already spreads the reward functions, but "
-              "the texts still pass through the driver. Projected 64-GPU efficiency with the change: " +
+              "the worker and the driver receives only metrics. The reward pool (`--ray.num-oracle-workers`) "
+              "already spreads the reward functions, but the texts still pass through the driver. Projected 64-GPU efficiency with the change: " +
               ", ".join(f"{s} {n['efficiency_as_built']:.2f} -> {n['efficiency_driver_in_replicas']:.2f}"
                         for s, n in notes.items()) + ".",
               "2. **The weight sync** (colocated FSDP2, 64 GPUs). Every rank gathers the fp32 weights (4 bytes per "
