@@ -451,9 +451,10 @@ def markdown(result: dict) -> str:
         "projected by the same formulas with nothing to communicate and a driver handling only that unit's "
         "samples; *efficiency* = linear's iteration time / the projected one (at 7B the unit is a reference only: "
         "its 113.5 GiB of learner state does not fit one GPU beside its engine and activations). *vs 1-GPU "
-        "run*: against the GPUs times the measured local run on one GPU (512 rows per engine; at 1.5B the 2-GPU run reached 0.84 of it, mostly because a replica's 256 "
-        "rows take 69% of 512 rows' time). *shortfall*: seconds lost against linear, by where they are lost: the "
-        "driver (gathering, scoring, advantages), the learner's step, the sync.", "",
+        "run*: against the GPUs times the measured local run on one GPU (512 rows per engine; at 1.5B the "
+        "2-GPU run reached 0.84 of it, mostly because a replica's 256 rows take 69% of 512 rows' time). "
+        "*shortfall*: seconds lost against linear, by where they are lost: the driver (gathering, scoring, "
+        "advantages), the learner's step, the sync.", "",
         *row_table(headline), "", *design_section(result), "", *calibration_table(result["calibration"]), "",
         *formulas_section(result), "", *pieces_table(result["pieces"]), "", *links_table(result["links"]), "",
         *unmeasured_table(result["unmeasured"]), "", "<details><summary>Every projected row (three shapes, 2, 8 "
@@ -596,7 +597,8 @@ def design_section(result: dict) -> list[str]:
               "(today `Learner.shard` takes every world_size-th row of the whole batch; the step is the same "
               "either way, since the loss normalisers are all-reduced over the ranks), so the batch never leaves "
               "the worker and the driver receives only metrics. The reward pool (`--ray.num-oracle-workers`) "
-              "already spreads the reward functions, but the texts still pass through the driver. Projected 64-GPU efficiency with the change: " +
+              "already spreads the reward functions, but the texts still pass through the driver. Projected "
+              "64-GPU efficiency with the change: " +
               ", ".join(f"{s} {n['efficiency_as_built']:.2f} -> {n['efficiency_driver_in_replicas']:.2f}"
                         for s, n in notes.items()) + ".",
               "2. **The weight sync** (colocated FSDP2, 64 GPUs). Every rank gathers the fp32 weights (4 bytes per "
