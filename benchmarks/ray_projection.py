@@ -411,12 +411,14 @@ def projection(results: Path, links: Links) -> dict:
 UNMEASURED = [
     {"piece": "7B learner step", "assumed": "the 1.5B run's 324 TFLOP/s per GPU (ray_scaling a) at micro-batch 32, "
      "no activation checkpointing; 7B may need checkpointing (+1/3 compute) to fit beside its engine",
-     "measure": "ray_scaling.py at the 7B shape, colocated FSDP2 on one host with 2 H200s"},
+     "measure": "ray_scaling.py at the 7B shape (it builds the 1.5B shape today: it needs a shape option), "
+     "colocated FSDP2 on one host with 2 H200s"},
     {"piece": "7B generation inside the loop", "assumed": "the engine alone (gen_matrix_winnow_v2: 9.65 s for 512 "
      "rows); at 1.5B the loop's generate (ray_scaling a, 5.58 s) took 1.4x the engine alone (4.01 s)",
      "measure": "the same 7B ray_scaling.py run"},
     {"piece": "a replica's 256 rows at 0.5B and 7B", "assumed": "the 1.5B ratio rows_256_over_512 (0.69)",
-     "measure": "generate_shapes.py with 32 prompts x 8 at 0.5B and 7B on one H200"},
+     "measure": "generate_shapes.py at 0.5B and 7B with 32 prompts x 8 (its workload is fixed at 64 x 8 today) "
+     "on one H200"},
     {"piece": "anything across nodes", "assumed": "Links: InfiniBand 50 GB/s per GPU at 0.8 efficiency, "
      "10 us per ring step; Ray moving the batch between nodes at 2 GB/s",
      "measure": "two 8-GPU nodes: nccl-tests all_gather and broadcast, a 1 GB ray.get across the nodes, and "
