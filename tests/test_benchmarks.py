@@ -1,5 +1,6 @@
 """The GRPO-iteration benchmark's CPU mode runs end to end (issue 5, item 5): a smoke test that keeps the
-benchmark script working as the code under it changes. It asserts what the run did, never how fast."""
+benchmark script working as the code under it changes. It asserts what the run did, never how fast. The Ray
+projection (issue 18) must give back the 2-GPU measurement it was calibrated on."""
 from __future__ import annotations
 
 import json
@@ -28,3 +29,69 @@ def test_grpo_benchmark_cpu_mode_runs(tmp_path):
     assert phases["end_to_end"] >= phases["generate"] + phases["train"]
     assert result["floors"]["train_s"] > 0 and result["floors"]["generate_s"] > 0
     assert len(result["phases_per_iteration_s"]) == 1
+
+
+@pytest.fixture(scope="module")
+def ray_projection(tmp_path_factory) -> dict:
+    """`benchmarks/ray_projection.py` run once on the committed measurements; its JSON."""
+    out = tmp_path_factory.mktemp("ray_projection")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ray_projection.py"), "--out", str(out), "--no-plot"],
+                   check=True, timeout=120, env=env, cwd=ROOT, capture_output=True)
+    assert (out / "ray_projection.md").read_text().startswith("# The Ray runtime's GRPO design projected")
+    return json.loads((out / "ray_projection.json").read_text())
+
+
+def test_ray_projection_gives_back_the_two_gpu_measurement(ray_projection):
+    """`benchmarks/ray_projection.py` (issue 18, item 3) projects the Ray runtime to 8 and 64 GPUs from the
+    committed 1- and 2-GPU measurements. Its formulas, evaluated at 2 GPUs and the 1.5B shape, must give back
+    what the 2 H200s measured (`ray_scaling.json`): every phase within 10% (or 0.01 s) and samples/s within 3%.
+    Some phases are fitted on the case itself (a piece is read from it); the others are predictions from other
+    cases, and those are what make this more than a round trip: b's and c's train from the 1-GPU run a (FSDP2
+    halves the per-rank work, its traffic hidden under compute), every score and advantages phase from a's
+    per-sample cost, b_ds's generate from b's."""
+    result = ray_projection
+
+    measured = {c["case"]: c for c in json.loads(
+        (ROOT / "benchmarks" / "results" / "ray_scaling.json").read_text())["cases"]}
+    calibration = result["calibration"]
+    assert set(calibration) == {"b", "b_ds", "c"}
+    for name, case in calibration.items():
+        for phase, projected in case["projected_s"].items():
+            actual = measured[name]["phases_median_s"][phase]
+            assert abs(projected - actual) <= max(0.10 * actual, 0.01), (name, phase, projected, actual)
+        assert case["projected_samples_per_s"] == pytest.approx(measured[name]["samples_per_s"], rel=0.03), name
+    predicted = {name: set(c["projected_s"]) - set(c["fitted_on_this_case"]) for name, c in calibration.items()}
+    assert predicted["b"] >= {"train", "score", "advantages"} and predicted["c"] >= {"train"}
+    assert "generate" in predicted["b_ds"]
+    # b's train is a's halved: the projection does not read b's train
+    a_train = measured["a"]["phases_median_s"]["train"]
+    assert calibration["b"]["projected_s"]["train"] == pytest.approx(a_train / 2, rel=0.02)
+
+
+def test_ray_projection_grows_as_its_formulas_say(ray_projection):
+    """The projected rows at 8 and 64 GPUs: at fixed work per GPU a replica's decode and a rank's compute stay
+    constant, so what grows is what the formulas put there: the driver's per-sample work (linear in the GPUs),
+    the sync (more ranks, then InfiniBand), and the batch's trip between nodes; efficiency never exceeds 1."""
+    result = ray_projection
+    per_sample = sum(result["pieces"][f"{k}_s_per_sample"]["value"] for k in ("gather", "score", "advantages"))
+
+    def row(shape, gpus, placement="colocated", strategy="fsdp2", in_replicas=False):
+        return next(r for r in result["rows"] if (r["shape"], r["num_gpus"], r["placement"], r["strategy"],
+                                                   r["driver_in_replicas"]) == (shape, gpus, placement, strategy,
+                                                                                in_replicas))
+
+    for r in result["rows"]:
+        assert 0 < r["efficiency"] <= 1 + 1e-9, r
+    for shape in ("0.5b", "7b"):
+        r8, r64 = row(shape, 8), row(shape, 64)
+        assert r64["num_samples"] == 8 * r8["num_samples"] == 64 * 256
+        # the driver's seconds are its per-sample cost times every sample of the iteration
+        assert r64["driver_s"] == pytest.approx(per_sample * 64 * 256)
+        assert r64["shortfall_s"]["driver"] == pytest.approx(per_sample * 63 * 256)
+        assert r64["largest_shortfall"] == "driver"
+        assert r64["phases_s"]["sync"] > r8["phases_s"]["sync"]
+        # moving the driver's work into the replicas leaves it one replica's samples
+        assert row(shape, 64, in_replicas=True)["driver_s"] == pytest.approx(per_sample * 256)
+        assert row(shape, 64, in_replicas=True)["efficiency"] > r64["efficiency"]
+    assert result["driver_ceiling_samples_per_s"] == pytest.approx(1 / per_sample)
