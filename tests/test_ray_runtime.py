@@ -206,6 +206,37 @@ def test_a_dead_learner_rank_stops_the_run_naming_the_rank(split_runtime):
         learner.train_policy(batch, partial(run.algo.loss, max_tokens=4))
 
 
+def test_the_broadcast_sends_weights_in_the_engines_dtype():
+    """Split placement's broadcast (gloo, two members in two threads): with the engines' dtype given, floating
+    tensors travel cast to it (half the bytes for bf16 engines), integer ones as they are, in bucket order."""
+    import torch
+
+    from winnow.distributed.broadcast import BroadcastGroup, free_address
+
+    host, port = free_address()
+    weights = [("a", torch.arange(6, dtype=torch.float32).reshape(2, 3) / 3), ("b", torch.tensor([7, 8])),
+               ("c", torch.full((4,), 1 / 7))]
+    members, received = [None, None], []
+
+    def join(rank):
+        members[rank] = BroadcastGroup(host, port, rank, 2, "gloo", torch.device("cpu"))
+
+    threads = [threading.Thread(target=join, args=(rank,)) for rank in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    receiver = threading.Thread(target=lambda: received.extend(b for bucket, _ in members[1].receive() for b in bucket))
+    receiver.start()
+    metrics = members[0].send(iter(weights), bucket_bytes=16, dtype=torch.bfloat16)
+    receiver.join()
+    assert [name for name, _ in received] == ["a", "b", "c"]
+    assert [t.dtype for _, t in received] == [torch.bfloat16, torch.int64, torch.bfloat16]
+    for (_, sent), (_, got) in zip(weights, received):
+        expected = sent.to(torch.bfloat16) if sent.is_floating_point() else sent
+        assert torch.equal(got, expected)
+    assert metrics["sync/bytes"] == 6 * 2 + 2 * 8 + 4 * 2 and metrics["sync/num_buckets"] == 3
+    [m.close() for m in members]
+
+
 def test_oracle_slices_merge_in_order_counts_summed_latencies_the_slowest():
     from winnow.distributed.oracle_pool import merge_results
     from winnow.types import RewardResult

@@ -68,11 +68,16 @@ class BroadcastGroup:
 
     # ------------------------------------------------------------------ rank 0
 
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> dict[str, float]:
-        """Broadcast `named_tensors` bucket by bucket (rank 0). Returns `sync/seconds`, `sync/num_buckets`,
-        `sync/bytes` (bytes sent once; every replica receives them)."""
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+             dtype: torch.dtype | None = None) -> dict[str, float]:
+        """Broadcast `named_tensors` bucket by bucket (rank 0). `dtype` casts every floating-point tensor before it
+        is sent: the engines' dtype (bf16 halves an fp32 learner's bytes; the engines would cast on loading
+        anyway, so they end with the same weights). Returns `sync/seconds`, `sync/num_buckets`, `sync/bytes`
+        (bytes sent once; every replica receives them)."""
         start = time.perf_counter()
         num_buckets = num_bytes = 0
+        if dtype is not None:
+            named_tensors = ((name, t.to(dtype) if t.is_floating_point() else t) for name, t in named_tensors)
         pending = None  # one bucket of look-ahead, so the last header can say it is the last
         for bucket in iter_buckets(named_tensors, bucket_bytes):
             if pending is not None:

@@ -157,6 +157,7 @@ class RayActorGroup:
         self.num_restarts = 0
         self._sync_config: SyncConfig | None = None
         self._broadcast_ready = False
+        self._engine_dtype: str | None = None
 
     @property
     def replicas(self) -> list:
@@ -225,7 +226,7 @@ class RayActorGroup:
         """Split placement: learner rank 0 broadcasts to every replica (the other ranks join the gather)."""
         ranks = self.runtime.ranks
         self._join_broadcast()
-        sends = [rank.send_weights.remote(config.bucket_mb) for rank in ranks]
+        sends = [rank.send_weights.remote(config.bucket_mb, self._engine_dtype) for rank in ranks]
         receives = [replica.receive_weights.remote() for replica in self.replicas]
         try:
             return get_all(sends + receives)[0]
@@ -245,6 +246,9 @@ class RayActorGroup:
             backend = "nccl" if self.runtime.config.gpus_per_worker > 0 else "gloo"
         members = [ranks[0]] + self.replicas
         get_all([m.join_broadcast.remote(host, port, i, world_size, backend) for i, m in enumerate(members)])
+        # Weights travel in the engines' dtype when every replica holds them in the same one.
+        dtypes = set(get_all([replica.engine_weight_dtype.remote() for replica in self.replicas]))
+        self._engine_dtype = dtypes.pop() if len(dtypes) == 1 else None
         self._broadcast_ready = True
 
     def _leave_broadcast(self) -> None:

@@ -169,15 +169,20 @@ class Worker:
             self.broadcast.close()
         self.broadcast = None
 
-    def send_weights(self, bucket_mb: float) -> dict[str, float]:
+    def send_weights(self, bucket_mb: float, dtype: str | None = None) -> dict[str, float]:
         """Split placement, on every learner rank: gather the full weights (a collective); rank 0 broadcasts
-        them to the replicas."""
+        them to the replicas, cast to `dtype` (the replicas' engine dtype) when given."""
         weights = self.learner.named_weights()
         if self.learner_rank != 0:
             for _ in weights:  # take part in the gather; rank 0 sends
                 pass
             return {}
-        return self.broadcast.send(weights, int(bucket_mb * 2**20))
+        return self.broadcast.send(weights, int(bucket_mb * 2**20), getattr(torch, dtype) if dtype else None)
+
+    def engine_weight_dtype(self) -> str | None:
+        """The dtype this replica's engine holds its weights in ("bfloat16", ...), or None if it does not say."""
+        dtype = getattr(self.engine, "engine_dtype", None) or getattr(self.engine, "dtype", None)
+        return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else None
 
     def receive_weights(self) -> int:
         """Split placement, on a replica: load every bucket learner rank 0 broadcasts; returns the bucket count."""
