@@ -317,7 +317,8 @@ class VLLMEngine:
             if self._tied_head is not None:
                 # Tied embeddings: the learner has no lm_head.weight, and vLLM's layerwise reload re-creates the
                 # embedding's tensor, leaving the LM head on the old one (its layer logs "Failed to load weights"
-                # and keeps its previous kernel tensors). Sending the head under its own name reloads it too.
+                # and keeps its previous kernel tensors). Sending the head under its own name reloads it too
+                # (the worker loads it itself where the model's load_weights skips it: `load_skipped_head`).
                 head, embedding = self._tied_head
                 bucket += [(head, tensor) for name, tensor in bucket if name == embedding]
             if bucket:
