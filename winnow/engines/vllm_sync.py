@@ -227,6 +227,31 @@ def receive(payload: dict[str, Any], device: torch.device) -> Bucket:
     raise ValueError(f"unknown weight-sync payload kind {kind!r}")
 
 
+TIED_HEAD = "lm_head.weight"
+
+
+def load_skipped_head(model: Any, bucket: Bucket, loaded: set[str]) -> None:
+    """Load the LM head through its own weight loader when the bucket carries it and the model's `load_weights`
+    skipped it.
+
+    Models that tie the head to the embedding either make them one module or give the head its own module that
+    shares the embedding's Parameter; some of the latter skip `lm_head.*` in `load_weights` (vLLM 0.28's Qwen2),
+    so the head's layer is never re-processed. Where the backend derives kernels from the
+    weight when it loads (the CPU build packs it into a oneDNN handle), the head would then keep computing
+    logits from the old weights while the shared Parameter holds the new ones."""
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    if weight is None or TIED_HEAD in loaded:
+        return
+    for name, tensor in bucket:
+        if name == TIED_HEAD:
+            weight_loader = getattr(weight, "weight_loader", None)
+            if weight_loader is None:
+                weight.data.copy_(tensor)
+            else:
+                weight_loader(weight, tensor)
+
+
 class WorkerExtension:
     """Methods added to every vLLM worker (`LLM(worker_extension_cls=WORKER_EXTENSION)`), called through
     `LLM.collective_rpc`. `self` is vLLM's worker: `self.model_runner.get_model()`, `self.device` and
@@ -250,8 +275,10 @@ class WorkerExtension:
     def winnow_load_weights(self, payload: dict[str, Any]) -> int:
         """Load one bucket; returns the number of tensors received."""
         bucket = receive(payload, self.device)
+        model = self.model_runner.get_model()
         with torch.device(self.device):
-            self.model_runner.get_model().load_weights(iter(bucket))
+            loaded = model.load_weights(iter(bucket)) or set()
+            load_skipped_head(model, bucket, loaded)
         return len(bucket)
 
     def winnow_end_weight_sync(self) -> None:
