@@ -95,7 +95,8 @@ class RLFamily:
             return EvalResult({}, [])
         cfg = self.eval_config
         return evaluate_accuracy(
-            self.actor, self.gold or self.oracle, self.eval_prompts, max_tokens=cfg.max_tokens or self.rollout.max_tokens,
+            self.actor, self.gold or self.oracle, self.eval_prompts,
+            max_tokens=cfg.max_tokens or self.rollout.max_tokens,
             greedy=cfg.greedy, k=cfg.k, temperature=cfg.temperature, correct_threshold=cfg.correct_threshold,
             seed=self.seed, stop=list(self.rollout.stop),
         )
@@ -147,8 +148,8 @@ class RLFamily:
                      scores: list[float | None]) -> dict[str, float]:
         """The gold oracle's reward of each sample, per function (`gold/<name>`), and how often the run's oracle
         orders two samples as the gold verifier (its first function) does (`gold/oracle_pair_accuracy`)."""
-        gold = self.gold.reward([p.text for p in prompts], [c.text for c in completions], [p.reference for p in prompts],
-                                columns)
+        gold = self.gold.reward([p.text for p in prompts], [c.text for c in completions],
+                                [p.reference for p in prompts], columns)
         metrics = {f"gold/{name}": _mean([s for s in v if s is not None]) for name, v in gold.components.items()}
         verifier = next(iter(gold.components.values()), gold.scores)
         agreement = pair_agreement(scores, verifier)
