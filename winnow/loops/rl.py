@@ -9,6 +9,7 @@ split: that costs generation time, not correctness; splitting it belongs to a di
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -49,14 +50,20 @@ class RLFamily:
     """Policy-gradient RL with a reward oracle.
 
     With an objective that `needs_critic` (PPO), `critic` is its value model: the advantages phase values the
-    batch with it, and each policy step is followed by a critic step on the same mini-batch."""
+    batch with it, and each policy step is followed by a critic step on the same mini-batch.
+
+    `gold`, when given, is the task's true reward beside a proxy `oracle` (a reward model): it scores every
+    sample too, logged as `gold/...` and never trained on, and it judges held-out accuracy in the oracle's place.
+    That is how a run sees whether raising the proxy raises the truth (reward over-optimisation)."""
 
     def __init__(self, *, actor: Actor, learner: Learner, oracle: RewardOracle, objective: PolicyObjective,
                  rollout: RolloutConfig, eval_config: EvalConfig, prompts: Iterator[list[Prompt]],
-                 eval_prompts: list[Prompt], seed: int, pad_token_id: int, critic: Learner | None = None):
+                 eval_prompts: list[Prompt], seed: int, pad_token_id: int, critic: Learner | None = None,
+                 gold: RewardOracle | None = None):
         if objective.needs_critic and critic is None:
             raise ValueError(f"{objective.name} trains a critic: build one (winnow.learner.critic.make_critic)")
         self.actor, self.learner, self.oracle, self.objective = actor, learner, oracle, objective
+        self.gold = gold
         self.rollout, self.eval_config, self.prompts, self.eval_prompts = rollout, eval_config, prompts, eval_prompts
         self.seed, self.pad_token_id, self.critic = seed, pad_token_id, critic
         self.counters = RolloutCounters()
@@ -88,7 +95,8 @@ class RLFamily:
             return EvalResult({}, [])
         cfg = self.eval_config
         return evaluate_accuracy(
-            self.actor, self.oracle, self.eval_prompts, max_tokens=cfg.max_tokens or self.rollout.max_tokens,
+            self.actor, self.gold or self.oracle, self.eval_prompts,
+            max_tokens=cfg.max_tokens or self.rollout.max_tokens,
             greedy=cfg.greedy, k=cfg.k, temperature=cfg.temperature, correct_threshold=cfg.correct_threshold,
             seed=self.seed, stop=list(self.rollout.stop),
         )
@@ -132,7 +140,22 @@ class RLFamily:
             "oracle/unscored": float(result.num_failed),
             **result.metrics,
         }
+        if self.gold is not None:
+            metrics.update(self.gold_metrics(repeated, completions, columns, result.scores))
         return groups, metrics
+
+    def gold_metrics(self, prompts: list[Prompt], completions: list[Completion], columns: dict[str, list[Any]],
+                     scores: list[float | None]) -> dict[str, float]:
+        """The gold oracle's reward of each sample, per function (`gold/<name>`), and how often the run's oracle
+        orders two samples as the gold verifier (its first function) does (`gold/oracle_pair_accuracy`)."""
+        gold = self.gold.reward([p.text for p in prompts], [c.text for c in completions],
+                                [p.reference for p in prompts], columns)
+        metrics = {f"gold/{name}": _mean([s for s in v if s is not None]) for name, v in gold.components.items()}
+        verifier = next(iter(gold.components.values()), gold.scores)
+        agreement = pair_agreement(scores, verifier)
+        if agreement is not None:
+            metrics["gold/oracle_pair_accuracy"] = agreement
+        return metrics
 
     def advantages(self, groups: list[Group]) -> tuple[TrainBatch | None, dict[str, float]]:
         """The batch of scored samples with the objective's advantages. Unscored samples leave their group
@@ -218,6 +241,23 @@ class CriticStep:
     def __call__(self, mini_batch: TrainBatch) -> dict[str, float]:
         metrics = self.critic.train_step(mini_batch, self.value_loss)
         return {f"critic/{key}": value for key, value in metrics.items()}
+
+
+def pair_agreement(scores: list[float | None], truth: list[float | None]) -> float | None:
+    """Over every pair of samples whose `truth` differs (both scored by both), the fraction that `scores` orders
+    the same way, a tie counting half: 1 is perfect, 0.5 is chance (for a 0/1 truth, the AUC of `scores`).
+    None when no pair differs in truth."""
+    rows = [(t, s) for s, t in zip(scores, truth) if s is not None and t is not None]
+    agree = num_pairs = 0.0
+    lower: list[float] = []  # the sorted scores of the samples whose truth is below the current level
+    for level in sorted({t for t, _ in rows}):
+        level_scores = [s for t, s in rows if t == level]
+        for s in level_scores:
+            below, not_above = bisect.bisect_left(lower, s), bisect.bisect_right(lower, s)
+            agree += below + 0.5 * (not_above - below)
+            num_pairs += len(lower)
+        lower = sorted(lower + level_scores)
+    return agree / num_pairs if num_pairs else None
 
 
 def _mean(values) -> float:

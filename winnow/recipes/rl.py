@@ -12,7 +12,7 @@ from winnow.lazy import lazy_function
 from winnow.loops.base import Loop
 from winnow.loops.config import EvalConfig
 from winnow.loops.rl import RLFamily
-from winnow.oracles import check_oracle_config, make_oracle
+from winnow.oracles import OracleConfig, RuleOracleConfig, check_oracle_config, make_oracle
 from winnow.recipes.base import (
     OnlineRunConfig,
     build_actor,
@@ -41,6 +41,10 @@ class TrainConfig(OnlineRunConfig, EnvOptions, Generic[AlgoT]):
     algo: AlgoT
     """the objective: advantages and loss"""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    gold_rewards: list[str] = field(default_factory=list)
+    """the task's true reward when the oracle is a proxy (a reward model): reward functions as --oracle.rule.rewards
+    names them, scoring every sample beside the oracle (logged as gold/NAME with gold/oracle_pair_accuracy, never
+    trained on) and judging held-out accuracy in its place (the first is the verifier); empty: none"""
 
 
 def train(config: TrainConfig) -> Path:
@@ -51,6 +55,9 @@ def train(config: TrainConfig) -> Path:
         raise ValueError(f"--rollout.num-samples {config.rollout.num_samples} with {config.algo.name}, whose "
                          f"baseline is the group's mean: every advantage would be 0 and nothing would train; "
                          f"use --rollout.num-samples 2 or more (or `winnow train ppo`, whose critic is the baseline)")
+    if config.gold_rewards and (config.env is not None or config.runtime == "ray"):
+        raise ValueError("--gold-rewards scores prompt datasets in the local runtime only: drop it, or use --data "
+                         "with --runtime local")
     if config.env is not None:
         if config.runtime == "ray":
             raise ValueError("--env runs multi-turn episodes in the local runtime only: use --runtime local")
@@ -68,11 +75,16 @@ def train(config: TrainConfig) -> Path:
     policy, tokenizer = load_policy(config.model)
     train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
     oracle = make_oracle(config.oracle, needs="reward")
+    gold = None
     try:
-        check_answers(oracle, train_prompts, config.data.train)
-        check_answers(oracle, eval_prompts, config.data.eval or config.data.train)
+        if config.gold_rewards:
+            gold = make_oracle(OracleConfig(rule=RuleOracleConfig(rewards=config.gold_rewards)))
+        for judge in (oracle, gold):
+            if judge is not None:
+                check_answers(judge, train_prompts, config.data.train)
+                check_answers(judge, eval_prompts, config.data.eval or config.data.train)
     except ValueError:
-        oracle.close()
+        close_all(oracle, gold)
         raise
     engine_model = engine_copy(config, policy)
     # PPO's value model: a copy of the policy's backbone, made before a sharded learner splits `policy` (and
@@ -95,7 +107,7 @@ def train(config: TrainConfig) -> Path:
             eval_config=config.eval, prompts=batches(train_prompts, config.rollout.prompts_per_iteration,
                                                      seed=config.seed),
             eval_prompts=eval_prompts if learner.is_main else [], seed=config.seed,
-            pad_token_id=tokenizer.pad_token_id, critic=critic)
+            pad_token_id=tokenizer.pad_token_id, critic=critic, gold=gold)
         return Loop(family, learner=learner, actor=actor, num_iterations=config.num_iterations,
                     eval_every=config.eval.every, sync=config.sync, probe=probe, seed=config.seed, logger=logger,
                     run_dir=run_dir, progress=bar, max_idle_iterations=config.rollout.max_idle_iterations)
@@ -104,7 +116,14 @@ def train(config: TrainConfig) -> Path:
         run_loop(config, run_dir, learner, make_loop, total=config.num_iterations, desc=objective.name,
                  critic=critic)
     finally:
-        oracle.close()
+        close_all(oracle, gold)
     if config.save_final and critic is not None:
         finish_atomically(run_dir / "critic", critic.save, critic.model)
     return finish(config, run_dir, learner, tokenizer)
+
+
+def close_all(*oracles) -> None:
+    """Close each oracle that was made (None: not made)."""
+    for oracle in oracles:
+        if oracle is not None:
+            oracle.close()
