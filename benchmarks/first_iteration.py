@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import grpo_common as common  # noqa: E402
-from ray_scaling import REWARD, ROOT, write_policy  # noqa: E402
+from ray_scaling import ROOT, grpo_command, write_policy  # noqa: E402
 
 PHASES = ("generate", "score", "advantages", "train", "sync")
 
@@ -58,19 +58,9 @@ def main() -> None:
     policy, data = write_policy(out, args.cpu, workload, 2)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     imports_s = time_imports(env)
-    command = [sys.executable, "-m", "winnow.cli", "train", "grpo", "--model.path", str(policy),
-               "--model.tokenizer", str(policy.parent / "tokenizer"),
-               "--data.train", str(data), "--data.answer-column", "None", "--data.eval-fraction", "0",
-               "--oracle.rule.rewards", REWARD, "--rollout.prompts-per-iteration", str(workload.num_prompts),
-               "--rollout.num-samples", str(workload.num_samples), "--rollout.max-tokens", str(workload.new_tokens),
-               "--data.max-prompt-tokens", str(workload.prompt_len),
-               "--learner.micro-batch-size", str(workload.micro_batch_size), "--learner.lr", "1e-6",
-               "--engine.max-batch-size", str(workload.num_sequences), "--num-iterations", "2",
-               "--eval.every", "0", "--eval.max-prompts", "0", "--rollout.max-idle-iterations", "3",
-               "--output-dir", str(out / "runs"), "--run-name", "first", "--overwrite", "--no-save-final",
-               "--logging.no-progress",
-               *(["--device", "cpu", "--num-threads", "1"] if args.cpu else
-                 ["--engine.compile-decode", "--learner.compile", "--learner.no-gradient-checkpointing"])]
+    command = grpo_command(policy, data, out, workload, 2, "first", args.cpu)
+    if not args.cpu:
+        command += ["--engine.compile-decode", "--learner.compile", "--learner.no-gradient-checkpointing"]
     metrics = out / "runs" / "first" / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     log = open(out / "runs" / "first.log", "w")

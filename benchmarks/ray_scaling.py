@@ -116,19 +116,24 @@ class GpuMemory:
             self._thread.join()
 
 
+def grpo_command(policy: Path, data: Path, out: Path, workload, iterations: int, run_name: str, cpu: bool) -> list[str]:
+    """`winnow train grpo` on the benchmark's workload (the policy and prompts `write_policy` wrote)."""
+    return [sys.executable, "-m", "winnow.cli", "train", "grpo", "--model.path", str(policy),
+            "--model.tokenizer", str(policy.parent / "tokenizer"),
+            "--data.train", str(data), "--data.answer-column", "None", "--data.eval-fraction", "0",
+            "--oracle.rule.rewards", REWARD, "--rollout.prompts-per-iteration", str(workload.num_prompts),
+            "--rollout.num-samples", str(workload.num_samples), "--rollout.max-tokens", str(workload.new_tokens),
+            "--data.max-prompt-tokens", str(workload.prompt_len),
+            "--learner.micro-batch-size", str(workload.micro_batch_size), "--learner.lr", "1e-6",
+            "--engine.max-batch-size", str(workload.num_sequences), "--num-iterations", str(iterations),
+            "--eval.every", "0", "--eval.max-prompts", "0", "--rollout.max-idle-iterations", str(iterations + 1),
+            "--output-dir", str(out / "runs"), "--run-name", run_name, "--overwrite", "--no-save-final",
+            "--logging.no-progress", *(["--device", "cpu", "--num-threads", "1"] if cpu else [])]
+
+
 def run_case(case: str, flags: list[str], policy: Path, data: Path, out: Path, args, workload) -> dict:
     iterations = args.warmup + args.iterations
-    command = [sys.executable, "-m", "winnow.cli", "train", "grpo", "--model.path", str(policy),
-               "--model.tokenizer", str(policy.parent / "tokenizer"),
-               "--data.train", str(data), "--data.answer-column", "None", "--data.eval-fraction", "0",
-               "--oracle.rule.rewards", REWARD, "--rollout.prompts-per-iteration", str(workload.num_prompts),
-               "--rollout.num-samples", str(workload.num_samples), "--rollout.max-tokens", str(workload.new_tokens),
-               "--data.max-prompt-tokens", str(workload.prompt_len),
-               "--learner.micro-batch-size", str(workload.micro_batch_size), "--learner.lr", "1e-6",
-               "--engine.max-batch-size", str(workload.num_sequences), "--num-iterations", str(iterations),
-               "--eval.every", "0", "--eval.max-prompts", "0", "--rollout.max-idle-iterations", str(iterations + 1),
-               "--output-dir", str(out / "runs"), "--run-name", case, "--overwrite", "--no-save-final",
-               "--logging.no-progress", *(["--device", "cpu", "--num-threads", "1"] if args.cpu else []), *flags]
+    command = [*grpo_command(policy, data, out, workload, iterations, case, args.cpu), *flags]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     print(f"--- case {case}: {' '.join(flags)}", flush=True)
