@@ -17,6 +17,16 @@ metrics.jsonl and notes when the first row lands. Parts:
     first train      its one-off part: iteration 1's train - iteration 2's (the compiled decoder layers)
     steady iteration iteration 2's phases
 
+Variants (`--variants`, run one after another on the same machine, each a fresh process):
+
+    fresh   compiled decode glue and learner layers, PyTorch's compile caches empty (TORCHINDUCTOR_CACHE_DIR is
+            a new folder under OUT)
+    warm    the same command again with the caches `fresh` filled: a user's second launch on the machine
+    eager   neither compiled (the defaults): no compile at start-up, slower steady iterations
+
+The run's own "start-up" log line splits loading and building into its parts (load, data and oracle, engine
+copy, learner, engine).
+
 Writes OUT/first_iteration.json and OUT/first_iteration.md.
 """
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -46,60 +57,97 @@ def time_imports(env: dict) -> float:
                                 check=True).stdout.strip())
 
 
+COMPILE_FLAGS = ["--engine.compile-decode", "--learner.compile"]
+VARIANTS = {"fresh": COMPILE_FLAGS, "warm": COMPILE_FLAGS, "eager": []}
+
+
+def startup_parts(log_text: str) -> dict[str, float]:
+    """The parts of the run's "start-up 12.3 s: load 4.1 s, engine copy 0.2 s, ..." log line."""
+    match = re.search(r"start-up [\d.]+ s: (.*)", log_text)
+    if match is None:
+        return {}
+    return {name.strip(): float(seconds) for name, seconds in re.findall(r"([a-z ]+?) ([\d.]+) s(?:,|$)", match.group(1).strip())}
+
+
+def launch(command: list[str], env: dict, out: Path, name: str, timeout: float) -> tuple[float, list[dict], str]:
+    """Run the CLI once; seconds from launch until iteration 1's metrics row lands, the rows, and the log."""
+    metrics = out / "runs" / "first" / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    log_path = out / "runs" / f"{name}.log"
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        first_row_s = None  # when iteration 1's row lands (the row of step 0 comes before the loop starts)
+        while process.poll() is None and time.perf_counter() - start < timeout:
+            if first_row_s is None and metrics.exists() and any(
+                    json.loads(line).get("step", 0) >= 1 for line in metrics.read_text().splitlines() if line.strip()):
+                first_row_s = time.perf_counter() - start
+            time.sleep(0.1)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log_path.read_text()
+    if process.returncode != 0 or first_row_s is None:
+        raise SystemExit(f"the {name} run failed (exit {process.returncode}):\n" + text[-3000:])
+    return first_row_s, [json.loads(line) for line in metrics.read_text().splitlines()], text
+
+
+def measure(name: str, first_row_s: float, rows: list[dict], log_text: str, imports_s: float) -> dict:
+    first, second = (next(r for r in rows if r.get("step") == step) for step in (1, 2))
+    phases = lambda row: {p: row.get(f"time/{p}", 0.0) for p in PHASES}  # noqa: E731
+    one, two = phases(first), phases(second)
+    return {
+        "variant": name, "time_to_first_iteration_s": first_row_s,
+        "parts_s": {
+            "imports": imports_s,
+            "load_and_build": first_row_s - imports_s - sum(one.values()),
+            "first_generate_one_off": one["generate"] - two["generate"],
+            "first_train_one_off": one["train"] - two["train"],
+            "steady_iteration": sum(two.values()),
+        },
+        "startup_log_s": startup_parts(log_text),
+        "first_iteration_phases_s": one, "second_iteration_phases_s": two,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (a dry run)")
-    parser.add_argument("--timeout", type=float, default=420)
+    parser.add_argument("--variants", nargs="+", default=["fresh", "warm", "eager"], choices=list(VARIANTS))
+    parser.add_argument("--timeout", type=float, default=420, help="seconds per launch")
     args = parser.parse_args()
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     workload = common.CPU_WORKLOAD if args.cpu else common.GPU_WORKLOAD
     policy, data = write_policy(out, args.cpu, workload, 2)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cache = out / "compile_cache"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     imports_s = time_imports(env)
-    command = grpo_command(policy, data, out, workload, 2, "first", args.cpu)
-    if not args.cpu:
-        command += ["--engine.compile-decode", "--learner.compile", "--learner.no-gradient-checkpointing"]
-    metrics = out / "runs" / "first" / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-    log = open(out / "runs" / "first.log", "w")
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    first_row_s = None  # when iteration 1's row lands (the row of step 0 comes before the loop starts)
-    while process.poll() is None and time.perf_counter() - start < args.timeout:
-        if first_row_s is None and metrics.exists() and any(
-                json.loads(line).get("step", 0) >= 1 for line in metrics.read_text().splitlines() if line.strip()):
-            first_row_s = time.perf_counter() - start
-        time.sleep(0.1)
-    if process.poll() is None:
-        process.kill()
-    wall_s = time.perf_counter() - start
-    if process.returncode != 0 or first_row_s is None:
-        raise SystemExit(f"the run failed (exit {process.returncode}):\n" + (out / "runs" / "first.log").read_text()[-3000:])
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    first, second = (next(r for r in rows if r.get("step") == step) for step in (1, 2))
-    phases = lambda row: {p: row.get(f"time/{p}", 0.0) for p in PHASES}  # noqa: E731
-    one = phases(first)
+    base = grpo_command(policy, data, out, workload, 2, "first", args.cpu) + ["--learner.no-gradient-checkpointing"]
+    results = []
+    for name in args.variants:
+        command = base + ([] if args.cpu else VARIANTS[name])
+        first_row_s, rows, text = launch(command, env, out, name, args.timeout)
+        results.append({**measure(name, first_row_s, rows, text, imports_s), "command": command[3:]})
+        print(f"{name}: {first_row_s:.1f} s", flush=True)
     result = {
         **common.environment(torch.device("cpu" if args.cpu else "cuda")),
         "shape": "tiny" if args.cpu else "1.5b", "workload": common.workload_dict(workload),
-        "command": command[3:], "time_to_first_iteration_s": first_row_s, "wall_s": wall_s,
-        "parts_s": {
-            "imports": imports_s,
-            "load_and_build": first_row_s - imports_s - sum(one.values()),
-            "first_generate_one_off": one["generate"] - second["time/generate"],
-            "first_train_one_off": one["train"] - second["time/train"],
-            "steady_iteration": sum(phases(second).values()),
-        },
-        "first_iteration_phases_s": one, "second_iteration_phases_s": phases(second),
-        "target_s": 30.0,
+        "variants": results, "target_s": 30.0,
     }
     (out / "first_iteration.json").write_text(json.dumps(result, indent=2))
+    names = [r["variant"] for r in results]
     lines = [f"# Time to first iteration: `winnow train grpo`, {result['shape']} shape, {result['device']}", "",
-             f"Launch to the end of iteration 1: **{first_row_s:.1f} s** (target 30 s).", "",
-             "| part | seconds |", "|---|---:|"]
-    lines += [f"| {k.replace('_', ' ')} | {v:.1f} |" for k, v in result["parts_s"].items()]
+             "| part | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names),
+             "| **launch to the end of iteration 1** | " + " | ".join(
+                 f"**{r['time_to_first_iteration_s']:.1f}**" for r in results) + " |"]
+    for part in results[0]["parts_s"]:
+        lines.append(f"| {part.replace('_', ' ')} | " + " | ".join(f"{r['parts_s'][part]:.1f}" for r in results) + " |")
+    for part in results[0]["startup_log_s"]:
+        lines.append(f"| start-up: {part} | " + " | ".join(
+            f"{r['startup_log_s'].get(part, float('nan')):.1f}" for r in results) + " |")
     (out / "first_iteration.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

@@ -95,3 +95,23 @@ def test_ray_projection_grows_as_its_formulas_say(ray_projection):
         assert row(shape, 64, in_replicas=True)["driver_s"] == pytest.approx(per_sample * 256)
         assert row(shape, 64, in_replicas=True)["efficiency"] > r64["efficiency"]
     assert result["driver_ceiling_samples_per_s"] == pytest.approx(1 / per_sample)
+
+
+def test_the_start_up_line_reads_back_as_its_parts(caplog):
+    """The run's one start-up log line (recipes.base.log_startup) is what first_iteration.py splits the load
+    and build time by: the parts it reads back are the ones timed, in order, to the line's 0.1 s."""
+    import logging
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from first_iteration import startup_parts
+    from winnow.loops.base import PhaseTimer
+    from winnow.recipes.base import log_startup
+
+    timer = PhaseTimer(seconds={"load": 8.24, "data and oracle": 0.31, "engine copy": 1.2, "learner": 12.06})
+    with caplog.at_level(logging.INFO, logger="winnow.recipes.base"):
+        log_startup(timer)
+    line = caplog.records[-1].getMessage()
+    assert line == "start-up 21.8 s: load 8.2 s, data and oracle 0.3 s, engine copy 1.2 s, learner 12.1 s"
+    assert startup_parts("2026-11-30 INFO winnow.recipes.base: " + line + "\nnext line") == {
+        "load": 8.2, "data and oracle": 0.3, "engine copy": 1.2, "learner": 12.1}
+    assert startup_parts("no such line") == {}

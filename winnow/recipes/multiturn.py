@@ -46,7 +46,7 @@ def train_on_env(config) -> Path:
     if config.env_format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("--env-format chat needs a tokenizer with a chat template; this one has none: use "
                          "--env-format plain")
-    engine_model = engine_copy(config, policy)
+    engine_model = engine_copy(config, policy, device)
     critic = (make_critic(policy, config.learner, lr=objective.critic_lr, total_steps=config.total_steps,
                           device=device) if objective.needs_critic else None)
     learner = build_learner(policy, config, total_steps=config.total_steps, needs_reference=objective.needs_reference,

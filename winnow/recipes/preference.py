@@ -107,7 +107,7 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
                                                        and config.pairs.sea.features == "policy")
     frozen = copy.deepcopy(policy) if needs_frozen else None
     oracle = make_oracle(config.oracle, needs=_oracle_needs(config))
-    engine_model = engine_copy(config, policy)
+    engine_model = engine_copy(config, policy, device)
     learner = build_learner(policy, config, total_steps=config.total_steps, needs_reference=config.algo.needs_reference,
                             temperature=config.rollout.temperature, device=device)
     actor = build_actor(config, engine_model, tokenizer, learner.device)

@@ -9,7 +9,7 @@ from typing import Generic, TypeVar
 from winnow.data import batches
 from winnow.envs.config import EnvOptions
 from winnow.lazy import lazy_function
-from winnow.loops.base import Loop
+from winnow.loops.base import Loop, PhaseTimer
 from winnow.loops.config import EvalConfig
 from winnow.loops.rl import RLFamily
 from winnow.oracles import OracleConfig, RuleOracleConfig, check_oracle_config, make_oracle
@@ -22,6 +22,7 @@ from winnow.recipes.base import (
     engine_copy,
     finish,
     load_splits,
+    log_startup,
     open_run,
     run_loop,
 )
@@ -72,9 +73,12 @@ def train(config: TrainConfig) -> Path:
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
     objective = config.algo
-    policy, tokenizer = load_policy(config.model)
-    train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
-    oracle = make_oracle(config.oracle, needs="reward")
+    startup = PhaseTimer()
+    with startup("load"):
+        policy, tokenizer = load_policy(config.model)
+    with startup("data and oracle"):
+        train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
+        oracle = make_oracle(config.oracle, needs="reward")
     gold = None
     try:
         if config.gold_rewards:
@@ -86,14 +90,19 @@ def train(config: TrainConfig) -> Path:
     except ValueError:
         close_all(oracle, gold)
         raise
-    engine_model = engine_copy(config, policy)
-    # PPO's value model: a copy of the policy's backbone, made before a sharded learner splits `policy` (and
-    # before LoRA wraps it: the critic trains in full).
-    critic = (make_critic(policy, config.learner, lr=objective.critic_lr, total_steps=config.total_steps,
-                          device=device) if objective.needs_critic else None)
-    learner = build_learner(policy, config, total_steps=config.total_steps, needs_reference=objective.needs_reference,
-                            temperature=config.rollout.temperature, device=device)
-    actor = build_actor(config, engine_model, tokenizer, learner.device)
+    with startup("engine copy"):
+        engine_model = engine_copy(config, policy, device)
+    with startup("learner"):
+        # PPO's value model: a copy of the policy's backbone, made before a sharded learner splits `policy` (and
+        # before LoRA wraps it: the critic trains in full).
+        critic = (make_critic(policy, config.learner, lr=objective.critic_lr, total_steps=config.total_steps,
+                              device=device) if objective.needs_critic else None)
+        learner = build_learner(policy, config, total_steps=config.total_steps,
+                                needs_reference=objective.needs_reference, temperature=config.rollout.temperature,
+                                device=device)
+    with startup("engine"):
+        actor = build_actor(config, engine_model, tokenizer, learner.device)
+    log_startup(startup)
     run_dir = open_run(config, objective.name, learner.is_main)
     log.info("run %s: %d train / %d eval prompts, %d samples per iteration, %d optimizer steps per iteration",
              run_dir, len(train_prompts), len(eval_prompts), config.rollout.samples_per_iteration,
