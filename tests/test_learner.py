@@ -129,16 +129,19 @@ def test_sft_learns_to_copy(tiny_model, tiny_tokenizer):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_linear_logprobs_equals_the_full_head_forward_and_backward():
-    # The chunked head must give the same logprobs and the same gradients as log_softmax over full logits.
+@pytest.mark.parametrize("compile_", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_linear_logprobs_equals_the_full_head_forward_and_backward(compile_):
+    # The chunked head must give the same logprobs and the same gradients as log_softmax over full logits,
+    # eagerly and with its log-softmax and gradient compiled (whose label test is a compare, not a scatter).
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = 8 if compile_ else 7  # compiled: equal chunks, one compile per direction
+    hidden = torch.randn(rows, 5, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 11, (7,), generator=g)
-    upstream = torch.randn(7, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 11, (rows,), generator=g)
+    upstream = torch.randn(rows, generator=g, dtype=torch.float64)
     want = torch.log_softmax(hidden @ weight.T / 0.7, -1).gather(-1, labels[:, None]).squeeze(-1)
     want_grads = torch.autograd.grad((want * upstream).sum(), (hidden, weight))
-    got = linear_logprobs(hidden, weight, labels, temperature=0.7, chunk_rows=3)
+    got = linear_logprobs(hidden, weight, labels, temperature=0.7, chunk_rows=4 if compile_ else 3, compile=compile_)
     got_grads = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
     torch.testing.assert_close(got, want.float())
     for a, b in zip(got_grads, want_grads):

@@ -1,6 +1,8 @@
 """Per-token log-probabilities of a TrainBatch under a model: the quantity every loss in winnow starts from."""
 from __future__ import annotations
 
+import functools
+
 from winnow.lazy import lazy_import
 from winnow.types import TrainBatch
 
@@ -22,6 +24,33 @@ def selective_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: i
     return out
 
 
+def _chunk_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """One chunk's picked log-probability and log-normaliser, float32: logits [c, V] (the head's output, any float
+    dtype), labels [c] -> ([c], [c])."""
+    z = logits.float() / temperature
+    log_norm = torch.logsumexp(z, dim=-1)
+    return z.gather(-1, labels[:, None]).squeeze(-1) - log_norm, log_norm
+
+
+def _chunk_grad_logits(logits: torch.Tensor, labels: torch.Tensor, log_norm: torch.Tensor, grad_out: torch.Tensor,
+                       temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """d(grad_out . logp[label]) / d logits for one chunk: (1[v = label] - softmax(z)_v) * grad_out / T, in `dtype`."""
+    z = logits.float() / temperature
+    scale = grad_out[:, None] / temperature
+    if torch.compiler.is_compiling():  # one fused pass: the label test is an elementwise compare
+        hit = torch.arange(z.shape[-1], device=z.device) == labels[:, None]
+        return ((hit.to(z.dtype) - torch.exp(z - log_norm[:, None])) * scale).to(dtype)
+    grad = torch.exp(z - log_norm[:, None]).mul_(-scale)  # eagerly: no [c, V] mask, a scatter of c values
+    grad.scatter_add_(-1, labels[:, None], scale)
+    return grad.to(dtype)
+
+
+@functools.cache
+def _compiled(fn):
+    """`fn` compiled once per process (shapes it has not seen recompile; a second new shape makes it dynamic)."""
+    return torch.compile(fn, fullgraph=True)
+
+
 class _LinearLogprobs(torch.autograd.Function):
     """log softmax(hidden @ weight.T / T)[label] a chunk of rows at a time, forward and backward.
 
@@ -29,55 +58,55 @@ class _LinearLogprobs(torch.autograd.Function):
     backward recomputes each chunk's logits (one extra head matmul, ~1/3 of the head's training FLOPs) and
     turns them into gradients at once: d logp / d z_v = (1[v = label] - softmax(z)_v) / T.
     Matmuls run in `compute_dtype` (bf16 under autocast) with float32 softmax statistics and a float32
-    weight-gradient accumulator.
+    weight-gradient accumulator. With `compile`, the work between the matmuls (the float32 log-softmax and its
+    gradient, ~10 elementwise kernels over every logit eagerly) runs as one compiled kernel per direction.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_rows, compute_dtype):
+    def forward(ctx, hidden, weight, labels, temperature, chunk_rows, compute_dtype, compile):
+        stats = _compiled(_chunk_logprobs) if compile else _chunk_logprobs
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
             out = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
             log_norm = torch.empty_like(out)
             for start in range(0, h.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                logits = (h[rows] @ w.T).float() / temperature  # [c, V]
-                log_norm[rows] = torch.logsumexp(logits, dim=-1)
-                out[rows] = logits.gather(-1, labels[rows, None]).squeeze(-1) - log_norm[rows]
+                out[rows], log_norm[rows] = stats(h[rows] @ w.T, labels[rows], temperature)  # [c, V] logits
         ctx.save_for_backward(hidden, weight, labels, log_norm)
-        ctx.temperature, ctx.chunk_rows, ctx.compute_dtype = temperature, chunk_rows, compute_dtype
+        ctx.temperature, ctx.chunk_rows, ctx.compute_dtype, ctx.compile = temperature, chunk_rows, compute_dtype, compile
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, labels, log_norm = ctx.saved_tensors
         temperature, chunk_rows, dtype = ctx.temperature, ctx.chunk_rows, ctx.compute_dtype
+        grad_logits_of = _compiled(_chunk_grad_logits) if ctx.compile else _chunk_grad_logits
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             grad_hidden = torch.empty_like(h)
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             for start in range(0, h.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                logits = (h[rows] @ w.T).float() / temperature
-                grad_logits = -torch.exp(logits - log_norm[rows, None])  # -softmax
-                grad_logits.scatter_add_(-1, labels[rows, None], torch.ones_like(log_norm[rows, None]))
-                grad_logits = (grad_logits * (grad_out[rows, None] / temperature)).to(dtype)
+                grad_logits = grad_logits_of(h[rows] @ w.T, labels[rows], log_norm[rows], grad_out[rows],
+                                             temperature, dtype)
                 grad_hidden[rows] = grad_logits @ w
                 grad_weight += (grad_logits.T @ h[rows]).float()
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None
 
 
 def linear_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-    chunk_rows: int = 2048,
+    chunk_rows: int = 2048, compile: bool = False,
 ) -> torch.Tensor:
     """log softmax(hidden @ weight.T / temperature)[labels] without materialising the [N, V] logits.
 
     hidden: [N, H]; weight: [V, H] (the LM head); labels: [N] long. Returns [N] float32, differentiable in
-    hidden and weight. Under autocast the matmuls run in the autocast dtype.
+    hidden and weight. Under autocast the matmuls run in the autocast dtype. `compile` fuses the log-softmax
+    and its gradient into one kernel per direction (torch.compile; the first call pays the compile).
     """
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else hidden.dtype
-    return _LinearLogprobs.apply(hidden, weight, labels, float(temperature), chunk_rows, dtype)
+    return _LinearLogprobs.apply(hidden, weight, labels, float(temperature), chunk_rows, dtype, compile)
 
 
 def can_fuse_head(model: torch.nn.Module) -> bool:
@@ -96,7 +125,8 @@ def can_fuse_head(model: torch.nn.Module) -> bool:
 
 
 def sequence_logprobs(
-    model: torch.nn.Module, batch: TrainBatch, temperature: float = 1.0, fused_head: bool = False
+    model: torch.nn.Module, batch: TrainBatch, temperature: float = 1.0, fused_head: bool = False,
+    compile_head: bool = False,
 ) -> torch.Tensor:
     """Log-probability of each token of `batch.input_ids` given the tokens before it, [B, T] float32.
 
@@ -105,7 +135,8 @@ def sequence_logprobs(
     result is comparable with the engine's logprobs (which are taken under logits / temperature).
     Only the columns from the first response token on are projected to the vocabulary. With `fused_head`
     (and a model `can_fuse_head` accepts) the decoder runs alone and `linear_logprobs` projects its hidden
-    states chunk by chunk, so no [B, T, V] logits exist in forward or backward.
+    states chunk by chunk, so no [B, T, V] logits exist in forward or backward; `compile_head` fuses each chunk's
+    log-softmax and its gradient into one compiled kernel per direction.
     """
     input_ids, mask = batch.input_ids, batch.response_mask
     # The first column any row needs a logit for: one before its first response token.
@@ -123,7 +154,7 @@ def sequence_logprobs(
         hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                              use_cache=False).last_hidden_state[:, first:-1]  # [B, T - 1 - first, H]
         picked = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, labels.reshape(-1),
-                                 temperature).view(labels.shape)
+                                 temperature, compile=compile_head).view(labels.shape)
         out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
         out[:, first + 1 :] = picked
         return out * mask
