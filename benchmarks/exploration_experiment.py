@@ -157,8 +157,24 @@ def run_arm(job: dict) -> dict:
     shutil.rmtree(Path(job["out"]) / config.run_name, ignore_errors=True)  # a rerun starts a fresh log
     start = time.perf_counter()
     train_preference(config)
-    return {**collect(Path(job["out"]) / config.run_name, s["budget"]), "arm": job["arm"], "seed": job["seed"],
-            "wall_s": time.perf_counter() - start}
+    run_dir = Path(job["out"]) / config.run_name
+    result = {**collect(run_dir, s["budget"]), "arm": job["arm"], "seed": job["seed"],
+              "wall_s": time.perf_counter() - start}
+    (run_dir / RESULT_FILE).write_text(json.dumps(result, allow_nan=False))  # --report-only reads it back
+    return result
+
+
+RESULT_FILE = "experiment_result.json"
+"""a finished run's curve, numbers and wall time, in its run directory"""
+
+
+def finished_run(work: Path, arm: str, seed: int, settings: dict) -> dict:
+    """A finished run's result from its run directory: the one it wrote, or else rebuilt from its metrics (without
+    its wall time)."""
+    run_dir = work / run_name(arm, seed, settings["reward"], settings["task"])
+    if (run_dir / RESULT_FILE).exists():
+        return json.loads((run_dir / RESULT_FILE).read_text())
+    return {**collect(run_dir, settings["budget"]), "arm": arm, "seed": seed}
 
 
 def run_name(arm: str, seed: int, reward: str, task: str = "arithmetic-pref") -> str:
@@ -238,6 +254,25 @@ def verdict(runs: list[dict], budget: float) -> dict:
     return out
 
 
+def paired(runs: list[dict]) -> dict:
+    """Per arm, paired by seed against random: the mean of (arm - random) in final win rate and AUC, its bootstrap
+    95% interval, and in how many seeds the arm was higher."""
+    passive = {r["seed"]: r for r in runs if r["arm"] == "random"}
+    out = {}
+    for arm in dict.fromkeys(r["arm"] for r in runs if r["arm"] != "random"):
+        rs = [r for r in runs if r["arm"] == arm and r["seed"] in passive]
+        if not rs:
+            continue
+        row = {"seeds": len(rs)}
+        for key in ("final", "auc"):
+            diffs = [r[key] - passive[r["seed"]][key] for r in rs]
+            row[f"{key}_minus_random_mean"] = statistics.fmean(diffs)
+            row[f"{key}_minus_random_ci95"] = list(bootstrap(diffs, stat=statistics.fmean)) if len(diffs) > 1 else None
+            row[f"{key}_higher_in"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+        out[arm] = row
+    return out
+
+
 def table(runs: list[dict]) -> dict:
     """Per arm: means over seeds (None where a run did not reach the target is left out and counted)."""
     out = {}
@@ -285,7 +320,7 @@ def train_all(plan: dict, seeds: list[int], work: Path, settings: dict, args) ->
         models = dict(zip(seeds, pool.starmap(sft_model, [(work, s, settings["sft_steps"], sft_task) for s in seeds])))
         jobs = [{"arm": arm, "seed": s, "model": str(models[s]), "out": str(work), "settings": settings}
                 for arm, ss in plan.items() for s in ss]
-        return pool.map(run_arm, jobs)
+        return pool.map(run_arm, jobs, chunksize=1)  # in the plan's order: the first arms finish first
 
 
 def main() -> None:
@@ -333,15 +368,14 @@ def main() -> None:
 
     seeds = sorted({s for ss in plan.values() for s in ss})
     if args.report_only:
-        runs = [{**collect(work / run_name(arm, s, args.reward, task), args.budget), "arm": arm, "seed": s}
-                for arm, ss in plan.items() for s in ss]
+        runs = [finished_run(work, arm, s, settings) for arm, ss in plan.items() for s in ss]
     else:
         runs = train_all(plan, seeds, work, settings, args)
-    result.update(runs=runs, table=table(runs), verdict=verdict(runs, args.budget))
+    result.update(runs=runs, table=table(runs), verdict=verdict(runs, args.budget), paired_against_random=paired(runs))
     result_path.write_text(json.dumps(result, indent=1, allow_nan=False, default=str))
     plot(runs, out.with_suffix(".png"),
          f"{args.label} {task}, {args.reward} oracle, {args.prompts} prompts/iteration".strip())
-    print(json.dumps({"table": result["table"], "verdict": result["verdict"]}, indent=1))
+    print(json.dumps({k: result[k] for k in ("table", "paired_against_random", "verdict")}, indent=1))
 
 
 if __name__ == "__main__":
