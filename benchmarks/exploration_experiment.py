@@ -14,7 +14,11 @@ The success criterion is written into the results before any run starts (`CRITER
 samples and a random pair is usually two wrong answers, a tie that teaches nothing. That is where choosing which
 pair to ask about should pay, if anywhere. An iteration whose pairs all tie is a cost of the task there, not a
 fault: the runs do not stop on idle iterations (150 SFT steps were tried first: 0.5% greedy accuracy, 99% of
-queries tied, and the runs stopped within 5-13 iterations).
+queries tied, and the runs stopped within 5-13 iterations). A fixed number of SFT steps gives warm starts of
+very different accuracy from seed to seed (500 steps: 3%, 4% and 83%), so `--sft-accuracy-band 0.10 0.20`
+controls it instead: per seed, SFT is evaluated every `--sft-eval-every` steps on the first 200 held-out prompts
+and stops at the first evaluation whose greedy accuracy is in the band (`pick_warm_start`); the chosen step and
+accuracy of each seed are written into the results (`warm_starts`).
 
 Usage (a pilot on 2 cores; the full run needs ~16 cores: every run is one process with one thread):
 
@@ -126,6 +130,75 @@ def sft_model(out: Path, seed: int, steps: int, task_name: str = "arithmetic") -
         eval=EvalConfig(every=0, k=0, max_prompts=200), batch_size=128, num_steps=steps, max_tokens=8,
         run_name=name, seed=seed, device="cpu", output_dir=str(out), num_threads=1))
     return run / "final"
+
+
+def pick_warm_start(evaluations: list[tuple[int, float]], band: tuple[float, float], is_last: bool) -> dict | None:
+    """The SFT step to start from, given the held-out greedy accuracy at each evaluation so far, in order: the first
+    inside `band` (inclusive). Once an evaluation overshoots the band, or at the last one, the nearer to the band of
+    the last two (only those two checkpoints are kept), marked out of band. None: train on."""
+    step, accuracy = evaluations[-1]
+    low, high = band
+    if low <= accuracy <= high:
+        return {"step": step, "accuracy": accuracy, "in_band": True}
+    if accuracy < low and not is_last:
+        return None
+    step, accuracy = min(evaluations[-2:], key=lambda e: max(low - e[1], e[1] - high))  # ties: the earlier
+    return {"step": step, "accuracy": accuracy, "in_band": False}
+
+
+def band_run_name(task_name: str, band: tuple[float, float], every: int, seed: int) -> str:
+    return f"sft_{task_name}_band{band[0]:g}-{band[1]:g}_every{every}_seed{seed}"
+
+
+def sft_model_in_band(out: Path, seed: int, task_name: str, band: tuple[float, float], every: int,
+                      max_steps: int) -> tuple[Path, dict]:
+    """The SFT warm start of `seed` whose held-out greedy accuracy lies in `band`: SFT evaluated every `every`
+    steps (on the task's first 200 held-out prompts), stopped at the first evaluation inside the band
+    (`pick_warm_start`). Returns the model's path and the choice (step, accuracy, every evaluation)."""
+    import torch
+
+    from winnow.data import DataConfig, make_task
+    from winnow.data.tiny import build_tiny_model, load_tiny, save_tiny, train_char_tokenizer
+    from winnow.learner.learner import LearnerConfig
+    from winnow.logging import LoggingConfig, read_metrics
+    from winnow.loops.checkpoint import CheckpointConfig
+    from winnow.loops.config import EvalConfig
+    from winnow.oracles import OracleConfig, RuleOracleConfig
+    from winnow.recipes.sft import SFTConfig, train_sft
+    from winnow.setup import ModelConfig
+
+    name = band_run_name(task_name, band, every, seed)
+    run_dir, chosen = out / name, out / name / "warm_start"
+    if (chosen / "choice.json").exists():
+        return chosen, json.loads((chosen / "choice.json").read_text())
+    task = make_task(task_name, seed=0)
+    tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
+    init = save_tiny(build_tiny_model(tokenizer, seed=seed), tokenizer, out / f"init_{name}")
+    evaluations: list[tuple[int, float]] = []
+    for steps in range(every, max_steps + 1, every):
+        # Each segment resumes the last one's checkpoint exactly (weights, AdamW state, data stream): one SFT run,
+        # evaluated at its end. Only num_steps differs from the checkpoint's config, and under the constant
+        # schedule (after 10 warm-up steps) it changes nothing the run computes, hence resume_force.
+        train_sft(SFTConfig(
+            model=ModelConfig(path=str(init)), data=DataConfig(train=task_name),
+            oracle=OracleConfig(rule=RuleOracleConfig(rewards=["exact"])), logging=LoggingConfig(progress=False),
+            learner=LearnerConfig(lr=1e-3, warmup_steps=10, micro_batch_size=128),
+            eval=EvalConfig(every=0, k=0, max_prompts=200), batch_size=128, num_steps=steps, max_tokens=8,
+            checkpoint=CheckpointConfig(every=every, keep=2), save_final=False,
+            resume=str(run_dir) if evaluations else None, resume_force=True, overwrite=not evaluations,
+            run_name=name, seed=seed, device="cpu", output_dir=str(out), num_threads=1))
+        evaluations.append((steps, read_metrics(run_dir)[-1]["eval/greedy_accuracy"]))
+        choice = pick_warm_start(evaluations, band, is_last=steps + every > max_steps)
+        if choice is not None:
+            break
+    model, tokenizer = load_tiny(init)
+    state = torch.load(run_dir / "checkpoints" / f"iter_{choice['step']:05d}" / "policy" / "checkpoint.pt",
+                       map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    save_tiny(model, tokenizer, chosen)
+    choice = {**choice, "seed": seed, "evaluations": evaluations}
+    (chosen / "choice.json").write_text(json.dumps(choice))
+    return chosen, choice
 
 
 def run_arm(job: dict) -> dict:
@@ -313,14 +386,25 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def train_all(plan: dict, seeds: list[int], work: Path, settings: dict, args) -> list[dict]:
-    """The SFT start of every seed, then every (arm, seed) run, `args.workers` processes at a time."""
+def warm_starts(pool, seeds: list[int], work: Path, settings: dict, sft_task: str) -> dict[int, tuple[Path, dict | None]]:
+    """seed -> (the SFT warm start, its choice when its accuracy is controlled, else None)."""
+    band = settings.get("sft_accuracy_band")
+    if band is None:
+        paths = pool.starmap(sft_model, [(work, s, settings["sft_steps"], sft_task) for s in seeds])
+        return {s: (p, None) for s, p in zip(seeds, paths)}
+    args = [(work, s, sft_task, tuple(band), settings["sft_eval_every"], settings["sft_max_steps"]) for s in seeds]
+    return dict(zip(seeds, pool.starmap(sft_model_in_band, args)))
+
+
+def train_all(plan: dict, seeds: list[int], work: Path, settings: dict, args) -> tuple[list[dict], dict]:
+    """The SFT start of every seed, then every (arm, seed) run, `args.workers` processes at a time. Returns the
+    runs and, when the warm starts' accuracy is controlled, each seed's choice."""
     with mp.get_context("spawn").Pool(args.workers) as pool:
-        sft_task = TASKS[args.task][1]
-        models = dict(zip(seeds, pool.starmap(sft_model, [(work, s, settings["sft_steps"], sft_task) for s in seeds])))
-        jobs = [{"arm": arm, "seed": s, "model": str(models[s]), "out": str(work), "settings": settings}
+        starts = warm_starts(pool, seeds, work, settings, TASKS[args.task][1])
+        jobs = [{"arm": arm, "seed": s, "model": str(starts[s][0]), "out": str(work), "settings": settings}
                 for arm, ss in plan.items() for s in ss]
-        return pool.map(run_arm, jobs, chunksize=1)  # in the plan's order: the first arms finish first
+        runs = pool.map(run_arm, jobs, chunksize=1)  # in the plan's order: the first arms finish first
+    return runs, {s: choice for s, (_, choice) in starts.items() if choice is not None}
 
 
 def main() -> None:
@@ -337,6 +421,11 @@ def main() -> None:
                         help="the oracle's rule: closeness (graded: most random pairs carry a label) or exact "
                              "(only right beats wrong: informative pairs are rare, the case exploration is for)")
     parser.add_argument("--sft-steps", type=int, default=None, help="default: 250 (pref), 500 (rare)")
+    parser.add_argument("--sft-accuracy-band", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
+                        help="per seed, the SFT warm start whose held-out greedy accuracy is first in [LOW, HIGH] "
+                             "(evaluated every --sft-eval-every steps up to --sft-max-steps; replaces --sft-steps)")
+    parser.add_argument("--sft-eval-every", type=int, default=25)
+    parser.add_argument("--sft-max-steps", type=int, default=2000)
     parser.add_argument("--task", choices=list(TASKS), default="pref",
                         help="pref: the built-in preference task; rare: arithmetic-pref-rare with the exact rule, "
                              "where right answers are rare among samples (module docstring)")
@@ -360,6 +449,9 @@ def main() -> None:
                 "eval_prompts": args.eval_prompts, "lr": args.lr,
                 "sft_steps": args.sft_steps or default_sft_steps, "task": task, "reward": args.reward,
                 "oracle": f"{args.reward} rule (Bradley-Terry on the two scores)"}
+    if args.sft_accuracy_band:
+        settings.update(sft_steps=None, sft_accuracy_band=args.sft_accuracy_band, sft_eval_every=args.sft_eval_every,
+                        sft_max_steps=args.sft_max_steps)
     plan = ({arm: list(range(n)) for arm, n in FULL_ARMS.items()} if args.full
             else {arm: list(args.seeds) for arm in args.arms})
     result_path = out.with_suffix(".json")
@@ -369,8 +461,11 @@ def main() -> None:
     seeds = sorted({s for ss in plan.values() for s in ss})
     if args.report_only:
         runs = [finished_run(work, arm, s, settings) for arm, ss in plan.items() for s in ss]
+        band = args.sft_accuracy_band
+        result["warm_starts"] = {s: json.loads((work / band_run_name(TASKS[args.task][1], band, args.sft_eval_every, s)
+                                                / "warm_start" / "choice.json").read_text()) for s in seeds} if band else {}
     else:
-        runs = train_all(plan, seeds, work, settings, args)
+        runs, result["warm_starts"] = train_all(plan, seeds, work, settings, args)
     result.update(runs=runs, table=table(runs), verdict=verdict(runs, args.budget), paired_against_random=paired(runs))
     result_path.write_text(json.dumps(result, indent=1, allow_nan=False, default=str))
     plot(runs, out.with_suffix(".png"),

@@ -438,3 +438,15 @@ def test_the_rare_task_labels_only_pairs_that_hold_the_exact_sum():
     assert all(answer in (c.a.text, c.b.text) for c in labelled)
     experiment = _experiment_module()
     assert experiment.TASKS["rare"][:3] == ("arithmetic-pref-rare", "arithmetic-3digit", "exact")
+
+
+def test_the_warm_start_is_the_first_evaluation_inside_the_accuracy_band():
+    pick = _experiment_module().pick_warm_start
+    band = (0.10, 0.20)
+    assert pick([(25, 0.02), (50, 0.06)], band, is_last=False) is None  # below the band: train on
+    assert pick([(25, 0.02), (50, 0.10)], band, is_last=False) == {"step": 50, "accuracy": 0.10, "in_band": True}
+    # overshot from 0.08 to 0.35: 0.08 is 0.02 below the band, 0.35 is 0.15 above, so step 25, out of band
+    assert pick([(25, 0.08), (50, 0.35)], band, is_last=False) == {"step": 25, "accuracy": 0.08, "in_band": False}
+    assert pick([(25, 0.02), (50, 0.21)], band, is_last=False) == {"step": 50, "accuracy": 0.21, "in_band": False}
+    # the last evaluation, still below: the nearer of the last two (0.07 is 0.03 below, 0.05 is 0.05 below)
+    assert pick([(25, 0.07), (50, 0.05)], band, is_last=True) == {"step": 25, "accuracy": 0.07, "in_band": False}
