@@ -161,7 +161,7 @@ def sft_model_in_band(out: Path, seed: int, task_name: str, band: tuple[float, f
     from winnow.data.tiny import build_tiny_model, load_tiny, save_tiny, train_char_tokenizer
     from winnow.learner.learner import LearnerConfig
     from winnow.logging import LoggingConfig, read_metrics
-    from winnow.loops.checkpoint import CheckpointConfig
+    from winnow.loops.checkpoint import CheckpointConfig, latest_checkpoint
     from winnow.loops.config import EvalConfig
     from winnow.oracles import OracleConfig, RuleOracleConfig
     from winnow.recipes.sft import SFTConfig, train_sft
@@ -174,8 +174,14 @@ def sft_model_in_band(out: Path, seed: int, task_name: str, band: tuple[float, f
     task = make_task(task_name, seed=0)
     tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
     init = save_tiny(build_tiny_model(tokenizer, seed=seed), tokenizer, out / f"init_{name}")
-    evaluations: list[tuple[int, float]] = []
-    for steps in range(every, max_steps + 1, every):
+    last = latest_checkpoint(run_dir)  # an interrupted search goes on from its last segment
+    done = int(last.name.removeprefix("iter_")) if last else 0
+    evaluations = [(r["step"], r["eval/greedy_accuracy"]) for r in (read_metrics(run_dir) if last else [])
+                   if 0 < r["step"] <= done and "eval/greedy_accuracy" in r]
+    choice = pick_warm_start(evaluations, band, is_last=done + every > max_steps) if evaluations else None
+    for steps in range(done + every, max_steps + 1, every):
+        if choice is not None:
+            break
         # Each segment resumes the last one's checkpoint exactly (weights, AdamW state, data stream): one SFT run,
         # evaluated at its end. Only num_steps differs from the checkpoint's config, and under the constant
         # schedule (after 10 warm-up steps) it changes nothing the run computes, hence resume_force.
@@ -189,8 +195,6 @@ def sft_model_in_band(out: Path, seed: int, task_name: str, band: tuple[float, f
             run_name=name, seed=seed, device="cpu", output_dir=str(out), num_threads=1))
         evaluations.append((steps, read_metrics(run_dir)[-1]["eval/greedy_accuracy"]))
         choice = pick_warm_start(evaluations, band, is_last=steps + every > max_steps)
-        if choice is not None:
-            break
     model, tokenizer = load_tiny(init)
     state = torch.load(run_dir / "checkpoints" / f"iter_{choice['step']:05d}" / "policy" / "checkpoint.pt",
                        map_location="cpu", weights_only=False)
@@ -214,6 +218,9 @@ def run_arm(job: dict) -> dict:
     from winnow.setup import ModelConfig
 
     arm, s = make_arm(job["arm"]), job["settings"]
+    finished = Path(job["out"]) / run_name(job["arm"], job["seed"], s["reward"], s["task"]) / RESULT_FILE
+    if job.get("reuse_finished") and finished.exists():
+        return json.loads(finished.read_text())
     per_iteration = s["prompts"] * arm.oracle_fraction
     num_iterations = math.ceil(s["budget"] / per_iteration) + (10 if arm.sea.get("mixed") else 0)
     config = PreferenceTrainConfig(
@@ -401,8 +408,8 @@ def train_all(plan: dict, seeds: list[int], work: Path, settings: dict, args) ->
     runs and, when the warm starts' accuracy is controlled, each seed's choice."""
     with mp.get_context("spawn").Pool(args.workers) as pool:
         starts = warm_starts(pool, seeds, work, settings, TASKS[args.task][1])
-        jobs = [{"arm": arm, "seed": s, "model": str(starts[s][0]), "out": str(work), "settings": settings}
-                for arm, ss in plan.items() for s in ss]
+        jobs = [{"arm": arm, "seed": s, "model": str(starts[s][0]), "out": str(work), "settings": settings,
+                 "reuse_finished": args.reuse_finished} for arm, ss in plan.items() for s in ss]
         runs = pool.map(run_arm, jobs, chunksize=1)  # in the plan's order: the first arms finish first
     return runs, {s: choice for s, (_, choice) in starts.items() if choice is not None}
 
@@ -435,6 +442,9 @@ def main() -> None:
                         help="run directories and SFT models (reused: an SFT model of a seed is built once)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild OUT.json and OUT.png from the run directories in --work, training nothing")
+    parser.add_argument("--reuse-finished", action="store_true",
+                        help="a run whose directory in --work holds its result is not run again (to finish an "
+                             "interrupted experiment)")
     parser.add_argument("--label", default="", help="a label written into the results and the plot's title (e.g. PILOT)")
     parser.add_argument("--note", default="", help="a longer note written into the results (e.g. how the scale was cut)")
     args = parser.parse_args()
