@@ -478,8 +478,12 @@ def main() -> None:
         runs, result["warm_starts"] = train_all(plan, seeds, work, settings, args)
     result.update(runs=runs, table=table(runs), verdict=verdict(runs, args.budget), paired_against_random=paired(runs))
     result_path.write_text(json.dumps(result, indent=1, allow_nan=False, default=str))
-    plot(runs, out.with_suffix(".png"),
-         f"{args.label} {task}, {args.reward} oracle, {args.prompts} prompts/iteration".strip())
+    title = f"{args.label} {task}, {args.reward} oracle, {args.prompts} prompts/iteration".strip()
+    plot(runs, out.with_suffix(".png"), title)
+    shared = set.intersection(*(set(ss) for ss in plan.values()))
+    if shared != set(seeds):  # arms of fewer seeds: every arm again on the seeds they all have, like for like
+        plot([r for r in runs if r["seed"] in shared], out.with_name(f"{out.name}_{len(shared)}seed.png"),
+             f"{title}, seeds {min(shared)}-{max(shared)}")
     print(json.dumps({k: result[k] for k in ("table", "paired_against_random", "verdict")}, indent=1))
 
 
