@@ -450,3 +450,16 @@ def test_the_warm_start_is_the_first_evaluation_inside_the_accuracy_band():
     assert pick([(25, 0.02), (50, 0.21)], band, is_last=False) == {"step": 50, "accuracy": 0.21, "in_band": False}
     # the last evaluation, still below: the nearer of the last two (0.07 is 0.03 below, 0.05 is 0.05 below)
     assert pick([(25, 0.07), (50, 0.05)], band, is_last=True) == {"step": 25, "accuracy": 0.07, "in_band": False}
+
+
+def test_paired_differences_against_random_by_hand():
+    paired = _experiment_module().paired
+    runs = [{"arm": "random", "seed": s, "final": f, "auc": 0.5} for s, f in enumerate([0.5, 0.6, 0.7])]
+    runs += [{"arm": "sea-ee", "seed": s, "final": f, "auc": a} for s, (f, a) in enumerate([(0.6, 0.5), (0.6, 0.6),
+                                                                                          (0.9, 0.7)])]
+    row = paired(runs)["sea-ee"]
+    # final: 0.1, 0.0, 0.2 -> mean 0.1, higher in 2 of 3; AUC: 0.0, 0.1, 0.2 -> mean 0.1, higher in 2 of 3
+    assert row["seeds"] == 3 and row["final_minus_random_mean"] == pytest.approx(0.1)
+    assert row["final_higher_in"] == "2/3" and row["auc_higher_in"] == "2/3"
+    low, high = row["final_minus_random_ci95"]
+    assert 0.0 <= low <= 0.1 <= high <= 0.2 + 1e-9  # a bootstrap of means of {0.1, 0.0, 0.2} stays in [0, 0.2]
