@@ -14,7 +14,11 @@ The success criterion is written into the results before any run starts (`CRITER
 samples and a random pair is usually two wrong answers, a tie that teaches nothing. That is where choosing which
 pair to ask about should pay, if anywhere. An iteration whose pairs all tie is a cost of the task there, not a
 fault: the runs do not stop on idle iterations (150 SFT steps were tried first: 0.5% greedy accuracy, 99% of
-queries tied, and the runs stopped within 5-13 iterations).
+queries tied, and the runs stopped within 5-13 iterations). A fixed number of SFT steps gives warm starts of
+very different accuracy from seed to seed (500 steps: 3%, 4% and 83%), so `--sft-accuracy-band 0.10 0.20`
+controls it instead: per seed, SFT is evaluated every `--sft-eval-every` steps on the first 200 held-out prompts
+and stops at the first evaluation whose greedy accuracy is in the band (`pick_warm_start`); the chosen step and
+accuracy of each seed are written into the results (`warm_starts`).
 
 Usage (a pilot on 2 cores; the full run needs ~16 cores: every run is one process with one thread):
 
@@ -128,6 +132,79 @@ def sft_model(out: Path, seed: int, steps: int, task_name: str = "arithmetic") -
     return run / "final"
 
 
+def pick_warm_start(evaluations: list[tuple[int, float]], band: tuple[float, float], is_last: bool) -> dict | None:
+    """The SFT step to start from, given the held-out greedy accuracy at each evaluation so far, in order: the first
+    inside `band` (inclusive). Once an evaluation overshoots the band, or at the last one, the nearer to the band of
+    the last two (only those two checkpoints are kept), marked out of band. None: train on."""
+    step, accuracy = evaluations[-1]
+    low, high = band
+    if low <= accuracy <= high:
+        return {"step": step, "accuracy": accuracy, "in_band": True}
+    if accuracy < low and not is_last:
+        return None
+    step, accuracy = min(evaluations[-2:], key=lambda e: max(low - e[1], e[1] - high))  # ties: the earlier
+    return {"step": step, "accuracy": accuracy, "in_band": False}
+
+
+def band_run_name(task_name: str, band: tuple[float, float], every: int, seed: int) -> str:
+    return f"sft_{task_name}_band{band[0]:g}-{band[1]:g}_every{every}_seed{seed}"
+
+
+def sft_model_in_band(out: Path, seed: int, task_name: str, band: tuple[float, float], every: int,
+                      max_steps: int) -> tuple[Path, dict]:
+    """The SFT warm start of `seed` whose held-out greedy accuracy lies in `band`: SFT evaluated every `every`
+    steps (on the task's first 200 held-out prompts), stopped at the first evaluation inside the band
+    (`pick_warm_start`). Returns the model's path and the choice (step, accuracy, every evaluation)."""
+    import torch
+
+    from winnow.data import DataConfig, make_task
+    from winnow.data.tiny import build_tiny_model, load_tiny, save_tiny, train_char_tokenizer
+    from winnow.learner.learner import LearnerConfig
+    from winnow.logging import LoggingConfig, read_metrics
+    from winnow.loops.checkpoint import CheckpointConfig, latest_checkpoint
+    from winnow.loops.config import EvalConfig
+    from winnow.oracles import OracleConfig, RuleOracleConfig
+    from winnow.recipes.sft import SFTConfig, train_sft
+    from winnow.setup import ModelConfig
+
+    name = band_run_name(task_name, band, every, seed)
+    run_dir, chosen = out / name, out / name / "warm_start"
+    if (chosen / "choice.json").exists():
+        return chosen, json.loads((chosen / "choice.json").read_text())
+    task = make_task(task_name, seed=0)
+    tokenizer = train_char_tokenizer([q + a for split in ("train", "eval") for q, a in task.examples(split)])
+    init = save_tiny(build_tiny_model(tokenizer, seed=seed), tokenizer, out / f"init_{name}")
+    last = latest_checkpoint(run_dir)  # an interrupted search goes on from its last segment
+    done = int(last.name.removeprefix("iter_")) if last else 0
+    evaluations = [(r["step"], r["eval/greedy_accuracy"]) for r in (read_metrics(run_dir) if last else [])
+                   if 0 < r["step"] <= done and "eval/greedy_accuracy" in r]
+    choice = pick_warm_start(evaluations, band, is_last=done + every > max_steps) if evaluations else None
+    for steps in range(done + every, max_steps + 1, every):
+        if choice is not None:
+            break
+        # Each segment resumes the last one's checkpoint exactly (weights, AdamW state, data stream): one SFT run,
+        # evaluated at its end. Only num_steps differs from the checkpoint's config, and under the constant
+        # schedule (after 10 warm-up steps) it changes nothing the run computes, hence resume_force.
+        train_sft(SFTConfig(
+            model=ModelConfig(path=str(init)), data=DataConfig(train=task_name),
+            oracle=OracleConfig(rule=RuleOracleConfig(rewards=["exact"])), logging=LoggingConfig(progress=False),
+            learner=LearnerConfig(lr=1e-3, warmup_steps=10, micro_batch_size=128),
+            eval=EvalConfig(every=0, k=0, max_prompts=200), batch_size=128, num_steps=steps, max_tokens=8,
+            checkpoint=CheckpointConfig(every=every, keep=2), save_final=False,
+            resume=str(run_dir) if evaluations else None, resume_force=True, overwrite=not evaluations,
+            run_name=name, seed=seed, device="cpu", output_dir=str(out), num_threads=1))
+        evaluations.append((steps, read_metrics(run_dir)[-1]["eval/greedy_accuracy"]))
+        choice = pick_warm_start(evaluations, band, is_last=steps + every > max_steps)
+    model, tokenizer = load_tiny(init)
+    state = torch.load(run_dir / "checkpoints" / f"iter_{choice['step']:05d}" / "policy" / "checkpoint.pt",
+                       map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    save_tiny(model, tokenizer, chosen)
+    choice = {**choice, "seed": seed, "evaluations": evaluations}
+    (chosen / "choice.json").write_text(json.dumps(choice))
+    return chosen, choice
+
+
 def run_arm(job: dict) -> dict:
     """Train one arm on one seed up to the budget; its win-rate curve against oracle queries and its numbers."""
     from winnow.algorithms import PREFERENCE_OBJECTIVES
@@ -141,6 +218,9 @@ def run_arm(job: dict) -> dict:
     from winnow.setup import ModelConfig
 
     arm, s = make_arm(job["arm"]), job["settings"]
+    finished = Path(job["out"]) / run_name(job["arm"], job["seed"], s["reward"], s["task"]) / RESULT_FILE
+    if job.get("reuse_finished") and finished.exists():
+        return json.loads(finished.read_text())
     per_iteration = s["prompts"] * arm.oracle_fraction
     num_iterations = math.ceil(s["budget"] / per_iteration) + (10 if arm.sea.get("mixed") else 0)
     config = PreferenceTrainConfig(
@@ -157,8 +237,24 @@ def run_arm(job: dict) -> dict:
     shutil.rmtree(Path(job["out"]) / config.run_name, ignore_errors=True)  # a rerun starts a fresh log
     start = time.perf_counter()
     train_preference(config)
-    return {**collect(Path(job["out"]) / config.run_name, s["budget"]), "arm": job["arm"], "seed": job["seed"],
-            "wall_s": time.perf_counter() - start}
+    run_dir = Path(job["out"]) / config.run_name
+    result = {**collect(run_dir, s["budget"]), "arm": job["arm"], "seed": job["seed"],
+              "wall_s": time.perf_counter() - start}
+    (run_dir / RESULT_FILE).write_text(json.dumps(result, allow_nan=False))  # --report-only reads it back
+    return result
+
+
+RESULT_FILE = "experiment_result.json"
+"""a finished run's curve, numbers and wall time, in its run directory"""
+
+
+def finished_run(work: Path, arm: str, seed: int, settings: dict) -> dict:
+    """A finished run's result from its run directory: the one it wrote, or else rebuilt from its metrics (without
+    its wall time)."""
+    run_dir = work / run_name(arm, seed, settings["reward"], settings["task"])
+    if (run_dir / RESULT_FILE).exists():
+        return json.loads((run_dir / RESULT_FILE).read_text())
+    return {**collect(run_dir, settings["budget"]), "arm": arm, "seed": seed}
 
 
 def run_name(arm: str, seed: int, reward: str, task: str = "arithmetic-pref") -> str:
@@ -238,6 +334,25 @@ def verdict(runs: list[dict], budget: float) -> dict:
     return out
 
 
+def paired(runs: list[dict]) -> dict:
+    """Per arm, paired by seed against random: the mean of (arm - random) in final win rate and AUC, its bootstrap
+    95% interval, and in how many seeds the arm was higher."""
+    passive = {r["seed"]: r for r in runs if r["arm"] == "random"}
+    out = {}
+    for arm in dict.fromkeys(r["arm"] for r in runs if r["arm"] != "random"):
+        rs = [r for r in runs if r["arm"] == arm and r["seed"] in passive]
+        if not rs:
+            continue
+        row = {"seeds": len(rs)}
+        for key in ("final", "auc"):
+            diffs = [r[key] - passive[r["seed"]][key] for r in rs]
+            row[f"{key}_minus_random_mean"] = statistics.fmean(diffs)
+            row[f"{key}_minus_random_ci95"] = list(bootstrap(diffs, stat=statistics.fmean)) if len(diffs) > 1 else None
+            row[f"{key}_higher_in"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+        out[arm] = row
+    return out
+
+
 def table(runs: list[dict]) -> dict:
     """Per arm: means over seeds (None where a run did not reach the target is left out and counted)."""
     out = {}
@@ -278,14 +393,25 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def train_all(plan: dict, seeds: list[int], work: Path, settings: dict, args) -> list[dict]:
-    """The SFT start of every seed, then every (arm, seed) run, `args.workers` processes at a time."""
+def warm_starts(pool, seeds: list[int], work: Path, settings: dict, sft_task: str) -> dict[int, tuple[Path, dict | None]]:
+    """seed -> (the SFT warm start, its choice when its accuracy is controlled, else None)."""
+    band = settings.get("sft_accuracy_band")
+    if band is None:
+        paths = pool.starmap(sft_model, [(work, s, settings["sft_steps"], sft_task) for s in seeds])
+        return {s: (p, None) for s, p in zip(seeds, paths)}
+    args = [(work, s, sft_task, tuple(band), settings["sft_eval_every"], settings["sft_max_steps"]) for s in seeds]
+    return dict(zip(seeds, pool.starmap(sft_model_in_band, args)))
+
+
+def train_all(plan: dict, seeds: list[int], work: Path, settings: dict, args) -> tuple[list[dict], dict]:
+    """The SFT start of every seed, then every (arm, seed) run, `args.workers` processes at a time. Returns the
+    runs and, when the warm starts' accuracy is controlled, each seed's choice."""
     with mp.get_context("spawn").Pool(args.workers) as pool:
-        sft_task = TASKS[args.task][1]
-        models = dict(zip(seeds, pool.starmap(sft_model, [(work, s, settings["sft_steps"], sft_task) for s in seeds])))
-        jobs = [{"arm": arm, "seed": s, "model": str(models[s]), "out": str(work), "settings": settings}
-                for arm, ss in plan.items() for s in ss]
-        return pool.map(run_arm, jobs)
+        starts = warm_starts(pool, seeds, work, settings, TASKS[args.task][1])
+        jobs = [{"arm": arm, "seed": s, "model": str(starts[s][0]), "out": str(work), "settings": settings,
+                 "reuse_finished": args.reuse_finished} for arm, ss in plan.items() for s in ss]
+        runs = pool.map(run_arm, jobs, chunksize=1)  # in the plan's order: the first arms finish first
+    return runs, {s: choice for s, (_, choice) in starts.items() if choice is not None}
 
 
 def main() -> None:
@@ -302,6 +428,11 @@ def main() -> None:
                         help="the oracle's rule: closeness (graded: most random pairs carry a label) or exact "
                              "(only right beats wrong: informative pairs are rare, the case exploration is for)")
     parser.add_argument("--sft-steps", type=int, default=None, help="default: 250 (pref), 500 (rare)")
+    parser.add_argument("--sft-accuracy-band", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
+                        help="per seed, the SFT warm start whose held-out greedy accuracy is first in [LOW, HIGH] "
+                             "(evaluated every --sft-eval-every steps up to --sft-max-steps; replaces --sft-steps)")
+    parser.add_argument("--sft-eval-every", type=int, default=25)
+    parser.add_argument("--sft-max-steps", type=int, default=2000)
     parser.add_argument("--task", choices=list(TASKS), default="pref",
                         help="pref: the built-in preference task; rare: arithmetic-pref-rare with the exact rule, "
                              "where right answers are rare among samples (module docstring)")
@@ -311,6 +442,9 @@ def main() -> None:
                         help="run directories and SFT models (reused: an SFT model of a seed is built once)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild OUT.json and OUT.png from the run directories in --work, training nothing")
+    parser.add_argument("--reuse-finished", action="store_true",
+                        help="a run whose directory in --work holds its result is not run again (to finish an "
+                             "interrupted experiment)")
     parser.add_argument("--label", default="", help="a label written into the results and the plot's title (e.g. PILOT)")
     parser.add_argument("--note", default="", help="a longer note written into the results (e.g. how the scale was cut)")
     args = parser.parse_args()
@@ -325,6 +459,9 @@ def main() -> None:
                 "eval_prompts": args.eval_prompts, "lr": args.lr,
                 "sft_steps": args.sft_steps or default_sft_steps, "task": task, "reward": args.reward,
                 "oracle": f"{args.reward} rule (Bradley-Terry on the two scores)"}
+    if args.sft_accuracy_band:
+        settings.update(sft_steps=None, sft_accuracy_band=args.sft_accuracy_band, sft_eval_every=args.sft_eval_every,
+                        sft_max_steps=args.sft_max_steps)
     plan = ({arm: list(range(n)) for arm, n in FULL_ARMS.items()} if args.full
             else {arm: list(args.seeds) for arm in args.arms})
     result_path = out.with_suffix(".json")
@@ -333,15 +470,21 @@ def main() -> None:
 
     seeds = sorted({s for ss in plan.values() for s in ss})
     if args.report_only:
-        runs = [{**collect(work / run_name(arm, s, args.reward, task), args.budget), "arm": arm, "seed": s}
-                for arm, ss in plan.items() for s in ss]
+        runs = [finished_run(work, arm, s, settings) for arm, ss in plan.items() for s in ss]
+        band = args.sft_accuracy_band
+        result["warm_starts"] = {s: json.loads((work / band_run_name(TASKS[args.task][1], band, args.sft_eval_every, s)
+                                                / "warm_start" / "choice.json").read_text()) for s in seeds} if band else {}
     else:
-        runs = train_all(plan, seeds, work, settings, args)
-    result.update(runs=runs, table=table(runs), verdict=verdict(runs, args.budget))
+        runs, result["warm_starts"] = train_all(plan, seeds, work, settings, args)
+    result.update(runs=runs, table=table(runs), verdict=verdict(runs, args.budget), paired_against_random=paired(runs))
     result_path.write_text(json.dumps(result, indent=1, allow_nan=False, default=str))
-    plot(runs, out.with_suffix(".png"),
-         f"{args.label} {task}, {args.reward} oracle, {args.prompts} prompts/iteration".strip())
-    print(json.dumps({"table": result["table"], "verdict": result["verdict"]}, indent=1))
+    title = f"{args.label} {task}, {args.reward} oracle, {args.prompts} prompts/iteration".strip()
+    plot(runs, out.with_suffix(".png"), title)
+    shared = set.intersection(*(set(ss) for ss in plan.values()))
+    if shared != set(seeds):  # arms of fewer seeds: every arm again on the seeds they all have, like for like
+        plot([r for r in runs if r["seed"] in shared], out.with_name(f"{out.name}_{len(shared)}seed.png"),
+             f"{title}, seeds {min(shared)}-{max(shared)}")
+    print(json.dumps({k: result[k] for k in ("table", "paired_against_random", "verdict")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -438,3 +438,28 @@ def test_the_rare_task_labels_only_pairs_that_hold_the_exact_sum():
     assert all(answer in (c.a.text, c.b.text) for c in labelled)
     experiment = _experiment_module()
     assert experiment.TASKS["rare"][:3] == ("arithmetic-pref-rare", "arithmetic-3digit", "exact")
+
+
+def test_the_warm_start_is_the_first_evaluation_inside_the_accuracy_band():
+    pick = _experiment_module().pick_warm_start
+    band = (0.10, 0.20)
+    assert pick([(25, 0.02), (50, 0.06)], band, is_last=False) is None  # below the band: train on
+    assert pick([(25, 0.02), (50, 0.10)], band, is_last=False) == {"step": 50, "accuracy": 0.10, "in_band": True}
+    # overshot from 0.08 to 0.35: 0.08 is 0.02 below the band, 0.35 is 0.15 above, so step 25, out of band
+    assert pick([(25, 0.08), (50, 0.35)], band, is_last=False) == {"step": 25, "accuracy": 0.08, "in_band": False}
+    assert pick([(25, 0.02), (50, 0.21)], band, is_last=False) == {"step": 50, "accuracy": 0.21, "in_band": False}
+    # the last evaluation, still below: the nearer of the last two (0.07 is 0.03 below, 0.05 is 0.05 below)
+    assert pick([(25, 0.07), (50, 0.05)], band, is_last=True) == {"step": 25, "accuracy": 0.07, "in_band": False}
+
+
+def test_paired_differences_against_random_by_hand():
+    paired = _experiment_module().paired
+    runs = [{"arm": "random", "seed": s, "final": f, "auc": 0.5} for s, f in enumerate([0.5, 0.6, 0.7])]
+    runs += [{"arm": "sea-ee", "seed": s, "final": f, "auc": a} for s, (f, a) in enumerate([(0.6, 0.5), (0.6, 0.6),
+                                                                                          (0.9, 0.7)])]
+    row = paired(runs)["sea-ee"]
+    # final: 0.1, 0.0, 0.2 -> mean 0.1, higher in 2 of 3; AUC: 0.0, 0.1, 0.2 -> mean 0.1, higher in 2 of 3
+    assert row["seeds"] == 3 and row["final_minus_random_mean"] == pytest.approx(0.1)
+    assert row["final_higher_in"] == "2/3" and row["auc_higher_in"] == "2/3"
+    low, high = row["final_minus_random_ci95"]
+    assert 0.0 <= low <= 0.1 <= high <= 0.2 + 1e-9  # a bootstrap of means of {0.1, 0.0, 0.2} stays in [0, 0.2]
