@@ -31,6 +31,24 @@ def test_grpo_benchmark_cpu_mode_runs(tmp_path):
     assert len(result["phases_per_iteration_s"]) == 1
 
 
+@pytest.mark.slow
+def test_learner_profile_cpu_mode_runs(tmp_path):
+    """`benchmarks/learner_profile.py` on a tiny model: one timed step; MFU is the benchmark's formula
+    (6 * parameters * trained tokens / step / peak), re-derived here from the JSON's own fields."""
+    out = tmp_path / "learner.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learner_profile.py"), "--cpu", "--steps", "1",
+                    "--variants", "mb32_eager", "--out", str(out)], check=True, timeout=600, env=env, cwd=ROOT,
+                   capture_output=True)
+    result = json.loads(out.read_text())
+    row = result["variants"]["mb32_eager"]
+    peak = result["ceilings"]["matmul_tflops"] * 1e12
+    tokens = result["workload"]["trained_tokens"]
+    assert row["step_s"] > 0 and len(row["steps_s"]) == 1
+    assert row["mfu"] == pytest.approx(6 * result["num_params"] * tokens / row["step_s"] / peak)
+    assert row["tokens_per_s"] == pytest.approx(tokens / row["step_s"])
+
+
 @pytest.fixture(scope="module")
 def ray_projection(tmp_path_factory) -> dict:
     """`benchmarks/ray_projection.py` run once on the committed measurements; its JSON."""
