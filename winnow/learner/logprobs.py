@@ -73,7 +73,8 @@ class _LinearLogprobs(torch.autograd.Function):
                 rows = slice(start, start + chunk_rows)
                 out[rows], log_norm[rows] = stats(h[rows] @ w.T, labels[rows], temperature)  # [c, V] logits
         ctx.save_for_backward(hidden, weight, labels, log_norm)
-        ctx.temperature, ctx.chunk_rows, ctx.compute_dtype, ctx.compile = temperature, chunk_rows, compute_dtype, compile
+        ctx.temperature, ctx.chunk_rows, ctx.compute_dtype = temperature, chunk_rows, compute_dtype
+        ctx.compile = compile
         return out
 
     @staticmethod

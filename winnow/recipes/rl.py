@@ -70,6 +70,11 @@ def train(config: TrainConfig) -> Path:
         from winnow.recipes.on_ray import train_on_ray
 
         return train_on_ray(config, config.algo)
+    return _train_local(config)
+
+
+def _train_local(config: TrainConfig) -> Path:
+    """The local runtime: build the parts (timed, one start-up log line), run the loop, save."""
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
     objective = config.algo
@@ -78,8 +83,41 @@ def train(config: TrainConfig) -> Path:
         policy, tokenizer = load_policy(config.model)
     with startup("data and oracle"):
         train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
-        oracle = make_oracle(config.oracle, needs="reward")
-    gold = None
+        oracle, gold = _make_oracles(config, train_prompts, eval_prompts)
+    try:
+        actor, learner, critic = _build_parts(config, policy, tokenizer, device, startup)
+        log_startup(startup)
+        run_dir = open_run(config, objective.name, learner.is_main)
+        log.info("run %s: %d train / %d eval prompts, %d samples per iteration, %d optimizer steps per iteration",
+                 run_dir, len(train_prompts), len(eval_prompts), config.rollout.samples_per_iteration,
+                 config.learner.num_mini_batches * config.learner.num_epochs)
+        # Rank 0 alone evaluates; the sync check's probe is the held-out prompts, else the first training prompts.
+        probe = [p.token_ids for p in (eval_prompts or train_prompts)]
+
+        def make_loop(logger, bar) -> Loop:
+            family = RLFamily(
+                actor=actor, learner=learner, oracle=oracle, objective=objective, rollout=config.rollout,
+                eval_config=config.eval, prompts=batches(train_prompts, config.rollout.prompts_per_iteration,
+                                                         seed=config.seed),
+                eval_prompts=eval_prompts if learner.is_main else [], seed=config.seed,
+                pad_token_id=tokenizer.pad_token_id, critic=critic, gold=gold)
+            return Loop(family, learner=learner, actor=actor, num_iterations=config.num_iterations,
+                        eval_every=config.eval.every, sync=config.sync, probe=probe, seed=config.seed, logger=logger,
+                        run_dir=run_dir, progress=bar, max_idle_iterations=config.rollout.max_idle_iterations)
+
+        run_loop(config, run_dir, learner, make_loop, total=config.num_iterations, desc=objective.name,
+                 critic=critic)
+    finally:  # the oracles' worker processes end whether building the parts or the loop failed
+        close_all(oracle, gold)
+    if config.save_final and critic is not None:
+        finish_atomically(run_dir / "critic", critic.save, critic.model)
+    return finish(config, run_dir, learner, tokenizer)
+
+
+def _make_oracles(config: TrainConfig, train_prompts, eval_prompts):
+    """The run's oracle and, with --gold-rewards, the gold verifier (else None), each checked against the prompts'
+    reference answers; both closed again if a check fails."""
+    oracle, gold = make_oracle(config.oracle, needs="reward"), None
     try:
         if config.gold_rewards:
             gold = make_oracle(OracleConfig(rule=RuleOracleConfig(rewards=config.gold_rewards)))
@@ -90,6 +128,13 @@ def train(config: TrainConfig) -> Path:
     except ValueError:
         close_all(oracle, gold)
         raise
+    return oracle, gold
+
+
+def _build_parts(config: TrainConfig, policy, tokenizer, device, startup: PhaseTimer):
+    """The actor (on the engine's own copy of the policy), the learner and PPO's critic (None for the other
+    objectives), each part timed into `startup`."""
+    objective = config.algo
     with startup("engine copy"):
         engine_model = engine_copy(config, policy, device)
     with startup("learner"):
@@ -102,33 +147,7 @@ def train(config: TrainConfig) -> Path:
                                 device=device)
     with startup("engine"):
         actor = build_actor(config, engine_model, tokenizer, learner.device)
-    log_startup(startup)
-    run_dir = open_run(config, objective.name, learner.is_main)
-    log.info("run %s: %d train / %d eval prompts, %d samples per iteration, %d optimizer steps per iteration",
-             run_dir, len(train_prompts), len(eval_prompts), config.rollout.samples_per_iteration,
-             config.learner.num_mini_batches * config.learner.num_epochs)
-    # Rank 0 alone evaluates; the sync check's probe is the held-out prompts, else the first training prompts.
-    probe = [p.token_ids for p in (eval_prompts or train_prompts)]
-
-    def make_loop(logger, bar) -> Loop:
-        family = RLFamily(
-            actor=actor, learner=learner, oracle=oracle, objective=objective, rollout=config.rollout,
-            eval_config=config.eval, prompts=batches(train_prompts, config.rollout.prompts_per_iteration,
-                                                     seed=config.seed),
-            eval_prompts=eval_prompts if learner.is_main else [], seed=config.seed,
-            pad_token_id=tokenizer.pad_token_id, critic=critic, gold=gold)
-        return Loop(family, learner=learner, actor=actor, num_iterations=config.num_iterations,
-                    eval_every=config.eval.every, sync=config.sync, probe=probe, seed=config.seed, logger=logger,
-                    run_dir=run_dir, progress=bar, max_idle_iterations=config.rollout.max_idle_iterations)
-
-    try:
-        run_loop(config, run_dir, learner, make_loop, total=config.num_iterations, desc=objective.name,
-                 critic=critic)
-    finally:
-        close_all(oracle, gold)
-    if config.save_final and critic is not None:
-        finish_atomically(run_dir / "critic", critic.save, critic.model)
-    return finish(config, run_dir, learner, tokenizer)
+    return actor, learner, critic
 
 
 def close_all(*oracles) -> None:
