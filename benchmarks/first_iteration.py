@@ -66,7 +66,8 @@ def startup_parts(log_text: str) -> dict[str, float]:
     match = re.search(r"start-up [\d.]+ s: (.*)", log_text)
     if match is None:
         return {}
-    return {name.strip(): float(seconds) for name, seconds in re.findall(r"([a-z ]+?) ([\d.]+) s(?:,|$)", match.group(1).strip())}
+    parts = (part.rsplit(" ", 2) for part in match.group(1).strip().split(", "))  # "data and oracle", "0.3", "s"
+    return {name: float(seconds) for name, seconds, _ in parts}
 
 
 def launch(command: list[str], env: dict, out: Path, name: str, timeout: float) -> tuple[float, list[dict], str]:

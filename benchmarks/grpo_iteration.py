@@ -157,7 +157,7 @@ def vllm_sync_variants(engine, learner: Learner, prompts: list[Prompt], workload
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (seconds; a smoke test)")
     parser.add_argument("--out", default="winnow_grpo.json")
@@ -170,47 +170,38 @@ def main() -> None:
     parser.add_argument("--vllm-memory", type=float, default=0.3, help="vLLM's gpu_memory_utilization")
     parser.add_argument("--vllm-tp", type=int, default=1,
                         help="vLLM's tensor_parallel_size (its workers on GPUs 0..N-1, the learner on GPU 0)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
-    cpu = device.type == "cpu"
-    workload = common.CPU_WORKLOAD if cpu else common.GPU_WORKLOAD
-    if args.iterations:
-        workload.measured_iterations = args.iterations
-    if args.no_compile:
-        workload.engine_compile = workload.learner_compile = False
-    if cpu:
-        torch.set_num_threads(1)
-    framework = "winnow" if args.engine == "winnow" else "winnow+vllm"
-    result = {"framework": framework, **common.environment(device), "workload": common.workload_dict(workload)}
-    t0 = time.perf_counter()
-    result["ceilings"] = common.measure_ceilings(device)
-    print("ceilings", result["ceilings"], f"({time.perf_counter() - t0:.1f}s)", flush=True)
 
-    model = common.build_model(cpu, device)
-    cfg = model.config
-    num_params = sum(p.numel() for p in model.parameters())
-    tokenizer = common.build_tokenizer(cfg.vocab_size, cfg.eos_token_id)
+def make_prompts(tokenizer, workload, cfg) -> list[Prompt]:
+    """Every iteration's prompts, each exactly `workload.prompt_len` tokens."""
     total_iterations = workload.warmup_iterations + workload.measured_iterations
-    texts = common.prompt_texts(workload, cfg.vocab_size, cfg.eos_token_id, total_iterations)
     prompts = []
-    for i, text in enumerate(texts):
+    for i, text in enumerate(common.prompt_texts(workload, cfg.vocab_size, cfg.eos_token_id, total_iterations)):
         ids = tokenizer(text)["input_ids"]
         assert len(ids) == workload.prompt_len, (len(ids), workload.prompt_len)
         prompts.append(Prompt(text=text, token_ids=ids, index=i))
+    return prompts
 
-    if args.engine == "vllm":
-        engine, result["engine_start_s"] = start_vllm(model, tokenizer, workload, args)
-        result["versions"]["vllm"] = engine.version
-        result["vllm"] = {"features": dataclasses.asdict(engine.features), "in_process": engine.is_in_process,
-                          "config": dataclasses.asdict(engine.config)}
-        if not cpu:
-            result["vllm"]["gpu_memory_used_gib_after_start"] = [
-                round((lambda free, total: (total - free) / 2**30)(*torch.cuda.mem_get_info(i)), 2)
-                for i in range(torch.cuda.device_count())]
-    else:
-        engine = HFEngine(model, tokenizer, HFEngineConfig(max_batch_size=workload.num_sequences,
-                                                           compile_decode=workload.engine_compile), device=device)
+
+def make_engine(args, model, tokenizer, workload, device: torch.device, result: dict):
+    """The engine under test; vLLM's start time, version, features and config go into `result`."""
+    if args.engine != "vllm":
+        return HFEngine(model, tokenizer, HFEngineConfig(max_batch_size=workload.num_sequences,
+                                                         compile_decode=workload.engine_compile), device=device)
+    engine, result["engine_start_s"] = start_vllm(model, tokenizer, workload, args)
+    result["versions"]["vllm"] = engine.version
+    result["vllm"] = {"features": dataclasses.asdict(engine.features), "in_process": engine.is_in_process,
+                      "config": dataclasses.asdict(engine.config)}
+    if device.type == "cuda":
+        result["vllm"]["gpu_memory_used_gib_after_start"] = [
+            round((lambda free, total: (total - free) / 2**30)(*torch.cuda.mem_get_info(i)), 2)
+            for i in range(torch.cuda.device_count())]
+    return engine
+
+
+def make_loop(model, engine, tokenizer, prompts, workload, device) -> tuple[Learner, Loop]:
+    """The learner and winnow's loop over the RL family, as the benchmark's docstring describes."""
     oracle = FunctionOracle([("parity", parity_reward, 1.0)])
     learner_config = LearnerConfig(lr=workload.lr, max_grad_norm=workload.max_grad_norm,
                                    micro_batch_size=workload.micro_batch_size,
@@ -226,12 +217,16 @@ def main() -> None:
     family = RLFamily(actor=actor, learner=learner, oracle=oracle, objective=GRPO(), rollout=rollout,
                       eval_config=None, prompts=_prompt_stream(prompts, workload.num_prompts), eval_prompts=[],
                       seed=0, pad_token_id=tokenizer.pad_token_id)
-    runtime = Loop(family, learner=learner, actor=actor, num_iterations=10**6, eval_every=0, sync=SyncConfig(),
-                   logger=_ListLogger(), run_dir=Path(tempfile.mkdtemp()))
+    return learner, Loop(family, learner=learner, actor=actor, num_iterations=10**6, eval_every=0,
+                         sync=SyncConfig(), logger=_ListLogger(), run_dir=Path(tempfile.mkdtemp()))
 
+
+def run_iterations(runtime: Loop, engine, workload, args, device: torch.device, result: dict) -> list[dict]:
+    """The warm-up and measured iterations; the measured ones' phase seconds (vLLM's sleep and sync details
+    go into `result`)."""
     rows = []
-    for iteration in range(1, total_iterations + 1):
-        if iteration == workload.warmup_iterations + 1 and not cpu:
+    for iteration in range(1, workload.warmup_iterations + workload.measured_iterations + 1):
+        if iteration == workload.warmup_iterations + 1 and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         common.sync(device)
         start = time.perf_counter()
@@ -252,6 +247,35 @@ def main() -> None:
             if args.engine == "vllm":
                 result.setdefault("sleep_freed_gib", []).append(engine.last_sleep_freed_gib)
                 result.setdefault("sync_detail", []).append(dict(engine.last_sync))
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    cpu = device.type == "cpu"
+    workload = common.CPU_WORKLOAD if cpu else common.GPU_WORKLOAD
+    if args.iterations:
+        workload.measured_iterations = args.iterations
+    if args.no_compile:
+        workload.engine_compile = workload.learner_compile = False
+    if cpu:
+        torch.set_num_threads(1)
+    framework = "winnow" if args.engine == "winnow" else "winnow+vllm"
+    result = {"framework": framework, **common.environment(device), "workload": common.workload_dict(workload)}
+    t0 = time.perf_counter()
+    result["ceilings"] = common.measure_ceilings(device)
+    print("ceilings", result["ceilings"], f"({time.perf_counter() - t0:.1f}s)", flush=True)
+
+    model = common.build_model(cpu, device)
+    cfg = model.config
+    num_params = sum(p.numel() for p in model.parameters())
+    tokenizer = common.build_tokenizer(cfg.vocab_size, cfg.eos_token_id)
+    prompts = make_prompts(tokenizer, workload, cfg)
+    engine = make_engine(args, model, tokenizer, workload, device, result)
+    learner, runtime = make_loop(model, engine, tokenizer, prompts, workload, device)
+    rows = run_iterations(runtime, engine, workload, args, device, result)
+
     result["peak_memory_gib"] = None if cpu else torch.cuda.max_memory_allocated(device) / 2**30
     if not cpu:
         free, total = torch.cuda.mem_get_info(device)
@@ -318,9 +342,11 @@ def print_summary(result: dict, rows: list[dict]) -> None:
     for phase in ("generate", "score", "advantages", "logprobs", "train", "sync", "end_to_end"):
         floor = fl.get(f"{phase}_s")
         print(f"{phase:<12} {med.get(phase, 0.0):>9.3f} {'' if floor is None else f'{floor:9.3f}'}")
+    peak = result["peak_memory_gib"]
     print(f"generated tok/s {result.get('generated_tokens_per_s', 0):,.0f}; trained tok/s "
           f"{result.get('trained_tokens_per_s', 0):,.0f}; MFU {result.get('learner_mfu', 0):.1%}; "
-          f"peak mem {result['peak_memory_gib']} GiB; logprobs pass {result['logprobs_pass_s']:.3f}s")
+          + ("" if peak is None else f"peak mem {peak:.1f} GiB; ")
+          + f"logprobs pass {result['logprobs_pass_s']:.3f}s")
 
 
 if __name__ == "__main__":

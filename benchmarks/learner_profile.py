@@ -93,71 +93,70 @@ def kernel_breakdown(prof, step_s: float) -> dict:
             "top_kernels": [{"s": s, "name": n, "kind": k} for s, n, k in top[:25]]}
 
 
+def timed(device: torch.device, fn) -> float:
+    start = time.perf_counter()
+    fn()
+    common.sync(device)
+    return time.perf_counter() - start
+
+
+def measure_variant(name: str, policy, batch, workload, device: torch.device, peak: float, steps: int) -> dict:
+    """One warm-up step, `steps` timed ones and (on a GPU) one profiled one of the variant's learner."""
+    fields = VARIANTS[name] if device.type == "cuda" else {**VARIANTS[name], "compile": False}
+    learner = Learner(policy, LearnerConfig(lr=1e-6, **fields), total_steps=100, device=device)
+    loss_fn = lambda lp, mb, **kw: GRPO().loss(lp, mb, max_tokens=workload.new_tokens, **kw)  # noqa: E731
+    step = lambda: learner.train_policy(batch, loss_fn)  # noqa: E731
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    first_s = timed(device, step)
+    times = [timed(device, step) for _ in range(steps)]
+    step_s = common.median(times)
+    flops = 6 * sum(p.numel() for p in policy.parameters()) * workload.trained_tokens
+    row = {"fields": fields, "first_step_s": first_s, "step_s": step_s, "steps_s": times,
+           "mfu": flops / step_s / peak, "tokens_per_s": workload.trained_tokens / step_s}
+    if device.type == "cuda":  # kernels exist only there
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            profiled_s = timed(device, step)
+        row.update(peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30, profiled_step_s=profiled_s,
+                   **kernel_breakdown(prof, profiled_s))
+        matmul_s = row["kernel_seconds"]["matmul"]
+        row["mfu_if_only_matmuls"] = flops / matmul_s / peak if matmul_s > 0 else None
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["0.5b", "1.5b", "7b"], default="0.5b")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (after one warm-up)")
-    parser.add_argument("--cpu", action="store_true", help="tiny model on CPU: checks the script, times nothing")
+    parser.add_argument("--cpu", action="store_true", help="tiny model on CPU, uncompiled: checks the script")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device("cpu" if args.cpu else "cuda")
     workload = common.CPU_WORKLOAD if args.cpu else common.GPU_WORKLOAD
     ceilings = common.measure_ceilings(device)
-    peak = ceilings["matmul_tflops"] * 1e12
     result = {**common.environment(device), "shape": "tiny" if args.cpu else args.shape,
               "workload": common.workload_dict(workload), "ceilings": ceilings, "variants": {}}
-    loss_fn = lambda lp, mb, **kw: GRPO().loss(lp, mb, max_tokens=workload.new_tokens, **kw)  # noqa: E731
     batch = None
     for name in args.variants:
         policy = build_policy(args, device)
-        num_params = sum(p.numel() for p in policy.parameters())
-        if batch is None:
+        result["num_params"] = sum(p.numel() for p in policy.parameters())
+        if batch is None:  # one batch for every variant
             batch = make_batch(workload, policy.config.vocab_size)
-        fields = VARIANTS[name] if not args.cpu else {**VARIANTS[name], "compile": False}
-        learner = Learner(policy, LearnerConfig(lr=1e-6, **fields), total_steps=100, device=device)
-        torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
         try:
-            start = time.perf_counter()
-            learner.train_policy(batch, loss_fn)
-            common.sync(device)
-            first_s = time.perf_counter() - start
-            times = []
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                learner.train_policy(batch, loss_fn)
-                common.sync(device)
-                times.append(time.perf_counter() - start)
-            activities = [torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            with torch.profiler.profile(activities=activities) as prof:
-                start = time.perf_counter()
-                learner.train_policy(batch, loss_fn)
-                common.sync(device)
-                profiled_s = time.perf_counter() - start
+            row = measure_variant(name, policy, batch, workload, device, ceilings["matmul_tflops"] * 1e12, args.steps)
         except torch.OutOfMemoryError as error:
-            result["variants"][name] = {"oom": str(error)[:200]}
-            print(f"{name}: out of memory", flush=True)
-            continue
-        step_s = common.median(times)
-        flops = 6 * num_params * workload.trained_tokens
-        row = {"fields": fields, "first_step_s": first_s, "step_s": step_s, "steps_s": times,
-               "mfu": flops / step_s / peak, "tokens_per_s": workload.trained_tokens / step_s,
-               "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
-                                   else None),
-               "profiled_step_s": profiled_s, **kernel_breakdown(prof, profiled_s)}
-        matmul_s = row["kernel_seconds"]["matmul"]
-        row["mfu_if_only_matmuls"] = flops / matmul_s / peak if matmul_s > 0 else None
+            row = {"oom": str(error)[:200]}
         result["variants"][name] = row
-        print(f"{name}: step {step_s:.3f} s, MFU {row['mfu']:.3f}, kernels "
-              + ", ".join(f"{k} {v:.3f}" for k, v in row["kernel_seconds"].items()) + f", idle {row['idle_s']:.3f}",
-              flush=True)
+        print(f"{name}: " + ("out of memory" if "oom" in row else f"step {row['step_s']:.3f} s, MFU {row['mfu']:.3f}")
+              + "".join(f", {k} {v:.3f} s" for k, v in row.get("kernel_seconds", {}).items()), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
-        del learner, policy
+        del policy
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result["num_params"] = num_params
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    if all("oom" in row for row in result["variants"].values()):
+        raise SystemExit(f"every variant ran out of memory: nothing measured ({args.out} says which)")
 
 
 if __name__ == "__main__":
