@@ -76,7 +76,7 @@ class PhaseClock:
         setattr(obj, name, timed)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (seconds; a smoke test)")
     parser.add_argument("--out", default="trl_grpo.json")
@@ -85,44 +85,30 @@ def main() -> None:
                         help="TRL's use_vllm=True, vllm_mode='colocate' (needs vLLM on the GPU)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop after the step that would leave too little time for another (>= 1 measured)")
-    args = parser.parse_args()
-    script_start = time.perf_counter()
+    return parser.parse_args()
 
-    import trl
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
-    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
-    cpu = device.type == "cpu"
-    workload = common.CPU_WORKLOAD if cpu else common.GPU_WORKLOAD
-    if args.iterations:
-        workload.measured_iterations = args.iterations
-    if cpu:
-        torch.set_num_threads(1)
-    result = {"framework": "trl", **common.environment(device), "workload": common.workload_dict(workload)}
+def vllm_settings(args, model, tokenizer, workload, result: dict) -> dict:
+    """GRPOConfig's generation settings: TRL's own `model.generate`, or vLLM colocated (which loads the policy
+    from a checkpoint this writes)."""
+    if not args.vllm_colocate:
+        return {"use_vllm": False, "generation_kwargs": {"min_new_tokens": workload.new_tokens}}
+    import copy
 
-    model = common.build_model(cpu, device)
-    cfg = model.config
-    num_params = sum(p.numel() for p in model.parameters())
-    tokenizer = common.build_tokenizer(cfg.vocab_size, cfg.eos_token_id)
-    total_iterations = workload.warmup_iterations + workload.measured_iterations
-    texts = common.prompt_texts(workload, cfg.vocab_size, cfg.eos_token_id, total_iterations)
-    assert all(len(tokenizer(t)["input_ids"]) == workload.prompt_len for t in texts[:4])
-    dataset = Dataset.from_dict({"prompt": texts})
+    checkpoint = Path(tempfile.mkdtemp()) / "policy"
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(checkpoint)
+    save_tokenizer(tokenizer, checkpoint)  # a tokenizer class every transformers version loads
+    model.name_or_path = model.config._name_or_path = str(checkpoint)
+    result["framework"] = "trl+vllm-colocate"
+    return {"use_vllm": True, "vllm_mode": "colocate",
+            "vllm_max_model_length": workload.prompt_len + workload.new_tokens,
+            "generation_kwargs": {"min_tokens": workload.new_tokens}}
 
-    vllm_kwargs = {"use_vllm": False, "generation_kwargs": {"min_new_tokens": workload.new_tokens}}
-    if args.vllm_colocate:
-        import copy
 
-        checkpoint = Path(tempfile.mkdtemp()) / "policy"
-        copy.deepcopy(model).to(torch.bfloat16).save_pretrained(checkpoint)
-        save_tokenizer(tokenizer, checkpoint)  # a tokenizer class every transformers version loads
-        model.name_or_path = model.config._name_or_path = str(checkpoint)
-        vllm_kwargs = {"use_vllm": True, "vllm_mode": "colocate",
-                       "vllm_max_model_length": workload.prompt_len + workload.new_tokens,
-                       "generation_kwargs": {"min_tokens": workload.new_tokens}}
-        result["framework"] = "trl+vllm-colocate"
+def grpo_config(workload, cpu: bool, generation: dict):
+    """TRL's GRPOConfig for the benchmark's workload: one optimizer step over all samples per generation."""
+    from trl import GRPOConfig
+
     accumulation = workload.num_sequences // workload.micro_batch_size
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(),
@@ -133,19 +119,26 @@ def main() -> None:
         num_iterations=1,
         max_completion_length=workload.new_tokens,
         temperature=workload.temperature, top_p=1.0, top_k=0,
-        **vllm_kwargs,
+        **generation,
         beta=0.0, epsilon=0.2, loss_type="grpo", scale_rewards="group",
         learning_rate=workload.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=workload.max_grad_norm,
         gradient_checkpointing=workload.gradient_checkpointing,
         bf16=not cpu, use_cpu=cpu,
-        max_steps=total_iterations, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
-        seed=common.SEED, dataloader_num_workers=0,
+        max_steps=workload.warmup_iterations + workload.measured_iterations, logging_steps=1, report_to="none",
+        save_strategy="no", disable_tqdm=True, seed=common.SEED, dataloader_num_workers=0,
     )
     assert config.generation_batch_size == workload.num_sequences, config.generation_batch_size
+    return config
 
-    clock = PhaseClock(device)
-    rows: list[dict[str, float]] = []
+
+def step_timer(clock: PhaseClock, workload, budget_s: float, script_start: float, result: dict,
+               rows: list[dict[str, float]]):
+    """A TrainerCallback that closes each optimizer step's phases (the measured ones into `rows`) and stops
+    training when `budget_s` would not fit another step."""
+    from transformers import TrainerCallback
+
+    device = clock.device
     state = {"last": None, "start": None, "step_times": []}
 
     class StepTimer(TrainerCallback):
@@ -172,18 +165,20 @@ def main() -> None:
             state["step_times"].append(phases["end_to_end"])
             if kind == "measured":
                 rows.append(phases)
-            if step == workload.warmup_iterations and not cpu:
+            if step == workload.warmup_iterations and device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            remaining = args.budget_s - (now - state["start"])
+            remaining = budget_s - (now - state["start"])
             if kind == "measured" and remaining < 1.1 * max(state["step_times"]):
                 print(f"stopping after step {step}: {remaining:.0f}s of budget left", flush=True)
                 control.should_training_stop = True
 
-    trainer = GRPOTrainer(model=model, reward_funcs=[parity_reward], args=config, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[StepTimer()])
+    return StepTimer()
+
+
+def instrument(trainer, clock: PhaseClock) -> None:
+    """Time the trainer's own generate, reward, generate-and-score and no-grad logprobs methods (docstring)."""
     clock.wrap(trainer, "_generate", "generate")
     clock.wrap(trainer, "_calculate_rewards", "score")
-
     original_gas = trainer._generate_and_score_completions
 
     def generate_and_score(*a, **kw):
@@ -198,7 +193,40 @@ def main() -> None:
     clock.wrap(trainer, "_get_per_token_logps_and_entropies", "logprobs",
                only_if=lambda: clock.in_generate_and_score and not torch.is_grad_enabled())
 
+
+def main() -> None:
+    args = parse_args()
+    script_start = time.perf_counter()
+
+    import trl
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    cpu = device.type == "cpu"
+    workload = common.CPU_WORKLOAD if cpu else common.GPU_WORKLOAD
+    if args.iterations:
+        workload.measured_iterations = args.iterations
+    if cpu:
+        torch.set_num_threads(1)
+    result = {"framework": "trl", **common.environment(device), "workload": common.workload_dict(workload)}
+
+    model = common.build_model(cpu, device)
+    cfg = model.config
+    num_params = sum(p.numel() for p in model.parameters())
+    tokenizer = common.build_tokenizer(cfg.vocab_size, cfg.eos_token_id)
+    total_iterations = workload.warmup_iterations + workload.measured_iterations
+    texts = common.prompt_texts(workload, cfg.vocab_size, cfg.eos_token_id, total_iterations)
+    assert all(len(tokenizer(t)["input_ids"]) == workload.prompt_len for t in texts[:4])
+    config = grpo_config(workload, cpu, vllm_settings(args, model, tokenizer, workload, result))
+    clock = PhaseClock(device)
+    rows: list[dict[str, float]] = []
+    trainer = GRPOTrainer(model=model, reward_funcs=[parity_reward], args=config,
+                          train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
+                          callbacks=[step_timer(clock, workload, args.budget_s, script_start, result, rows)])
+    instrument(trainer, clock)
     trainer.train()
+
     result["peak_memory_gib"] = None if cpu else torch.cuda.max_memory_allocated(device) / 2**30
     result["num_params"] = num_params
     # accelerate wraps the prepared model's forward in autocast and keeps `_original_forward`; TRL's generate
@@ -219,13 +247,17 @@ def main() -> None:
     result["config"]["optim"] = str(result["config"]["optim"])
     result["semantics"] = {"timing": __doc__.split("Phases are timed")[1].strip(), "trl_version": trl.__version__}
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
-    med = result["phases_median_s"]
+    print_summary(result, rows)
+
+
+def print_summary(result: dict, rows: list[dict]) -> None:
+    med, peak = result["phases_median_s"], result["peak_memory_gib"]
     print(f"\nTRL GRPOTrainer, one GRPO iteration ({result['device']}), median of {len(rows)}:")
     for phase in ("generate", "score", "advantages", "logprobs", "train", "sync", "end_to_end"):
         print(f"{phase:<12} {med.get(phase, 0.0):>9.3f}")
     print(f"generated tok/s {result.get('generated_tokens_per_s', 0):,.0f}; trained tok/s "
-          f"{result.get('trained_tokens_per_s', 0):,.0f}; peak mem {result['peak_memory_gib']} GiB; "
-          f"logprobs pass {result['logprobs_pass_s']:.3f}s")
+          f"{result.get('trained_tokens_per_s', 0):,.0f}; " + ("" if peak is None else f"peak mem {peak:.1f} GiB; ")
+          + f"logprobs pass {result['logprobs_pass_s']:.3f}s")
 
 
 def time_logprobs_pass(trainer, workload: common.Workload, vocab: int, device, repeats: int = 2) -> float:
