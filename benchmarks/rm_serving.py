@@ -174,7 +174,7 @@ def start_server(model_dir: Path, port: int, args, tmp: Path, num_workers: int |
             time.sleep(1)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--seconds-per-cell", type=float, default=None)
@@ -186,7 +186,53 @@ def main() -> None:
                              "data parallel over two, one model's layers over two); default: 1x1, and on 2+ GPUs "
                              "also 2x1 and 1x2")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def served_cells(model_dir: Path, layout: str, args, tmp: Path, grid, seconds: float, response_chars: int) -> list:
+    """Every grid cell against a Mosec server of `layout` (WORKERSxGPUS_PER_WORKER) on 127.0.0.1."""
+    workers, gpus_per_worker = (int(x) for x in layout.split("x"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.perf_counter()
+    server = start_server(model_dir, port, args, tmp, workers, gpus_per_worker)
+    start_s = time.perf_counter() - started
+    try:
+        remote = RemoteOracle(f"http://127.0.0.1:{port}", request_batch_size=1024, max_in_flight=64, timeout_s=120)
+        rows = [{"where": f"served {layout}", "server_start_s": start_s, **run_cell(
+            lambda p, c: remote.reward(p, c, [None] * len(p)), items, concurrency, seconds, response_chars)}
+            for items, concurrency in grid]
+        remote.close()
+        return rows
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def write_report(result: dict, out: Path) -> None:
+    """rm_serving_MODE.json and a markdown table of the cells beside it."""
+    probe, rows, mode = result["forward"], result["cells"], result["mode"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rm_serving_{mode}.json").write_text(json.dumps(result, indent=2))
+    lines = [f"# Reward-model serving ({mode}, {result['parameters'] / 1e6:.1f}M parameters, token budget "
+             f"{result['token_budget']})", "",
+             f"Forward: {probe['tokens_per_s']:,.0f} tokens/s on packs of {probe['rows']} x {probe['row_tokens']} "
+             f"tokens; matmul {probe['matmul_tflops']:.2f} TFLOP/s gives a ceiling of "
+             f"{probe['ceiling_tokens_per_s']:,.0f} tokens/s ({100 * probe['fraction_of_ceiling']:.0f}% of it).", "",
+             "`served WxG`: W Mosec workers of G GPUs each (2x1: data parallel over two GPUs; 1x2: one model's "
+             "layers placed over two GPUs, pipeline parallel).", "",
+             f"Each pair (prompt, response) is about {result['mean_row_tokens']:.0f} tokens.", "",
+             "| where | items/request | concurrency | requests | pairs/s | p50 ms | p99 ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['where']} | {r['items']} | {r['concurrency']} | {r['requests']} | {r['pairs_per_s']:,.1f} | "
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |" for r in rows]
+    (out / f"rm_serving_{mode}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    args = parse_args()
     gpu = args.mode == "gpu"
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--mode gpu needs a CUDA GPU; --mode cpu runs the tiny model")
@@ -194,12 +240,13 @@ def main() -> None:
     args.token_budget = args.token_budget or (65536 if gpu else 2048)
     grid = [(1, 1), (1, 32), (16, 1), (16, 16), (64, 4), (256, 4)] if gpu else [(1, 1), (1, 8), (8, 4), (32, 2)]
     response_chars = 512 if gpu else 48
+    num_gpus = torch.cuda.device_count() if gpu else 0
+    layouts = args.layouts or ("1x1,2x1,1x2" if num_gpus >= 2 else "1x1")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model_dir, num_params = build_model("1.5b" if gpu else "tiny", tmp / "rm")
-        device = "cuda" if gpu else "cpu"
         oracle = RewardModelOracle.from_pretrained(str(model_dir), batch_size=64, max_length=args.max_length,
-                                                   device=device)
+                                                   device="cuda" if gpu else "cpu")
         if gpu:
             oracle.model.to(torch.bfloat16)
         probe = forward_probe(oracle, num_params, args.token_budget, 512 if gpu else 32)
@@ -214,51 +261,15 @@ def main() -> None:
 
         rows = [{"where": "in-process", **run_cell(in_process, i, c, seconds, response_chars)} for i, c in grid]
         del oracle
-        num_gpus = torch.cuda.device_count() if gpu else 0
-        layouts = args.layouts or ("1x1,2x1,1x2" if num_gpus >= 2 else "1x1")
         for layout in layouts.split(","):
-            workers, gpus_per_worker = (int(x) for x in layout.split("x"))
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            started = time.perf_counter()
-            server = start_server(model_dir, port, args, tmp, workers, gpus_per_worker)
-            start_s = time.perf_counter() - started
-            try:
-                remote = RemoteOracle(f"http://127.0.0.1:{port}", request_batch_size=1024, max_in_flight=64,
-                                      timeout_s=120)
-                for items, concurrency in grid:
-                    rows.append({"where": f"served {layout}", "server_start_s": start_s, **run_cell(
-                        lambda p, c: remote.reward(p, c, [None] * len(p)), items, concurrency, seconds,
-                        response_chars)})
-                remote.close()
-            finally:
-                os.killpg(server.pid, signal.SIGTERM)
-                server.wait(timeout=60)
-    result = {"mode": args.mode, "date": datetime.now(timezone.utc).isoformat(), "machine": platform.node(),
-              "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-              "gpu": torch.cuda.get_device_name(0) if gpu else None, "torch": torch.__version__,
-              "transformers": version("transformers"), "mosec": version("mosec"), "parameters": num_params,
-              "token_budget": args.token_budget, "seconds_per_cell": seconds, "response_chars": response_chars,
-              "mean_row_tokens": mean_row_tokens,
-              "num_gpus": num_gpus, "layouts": layouts, "forward": probe, "cells": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"rm_serving_{args.mode}.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# Reward-model serving ({args.mode}, {num_params / 1e6:.1f}M parameters, token budget "
-             f"{args.token_budget})", "",
-             f"Forward: {probe['tokens_per_s']:,.0f} tokens/s on packs of {probe['rows']} x {probe['row_tokens']} "
-             f"tokens; matmul {probe['matmul_tflops']:.2f} TFLOP/s gives a ceiling of "
-             f"{probe['ceiling_tokens_per_s']:,.0f} tokens/s ({100 * probe['fraction_of_ceiling']:.0f}% of it).", "",
-             "`served WxG`: W Mosec workers of G GPUs each (2x1: data parallel over two GPUs; 1x2: one model's "
-             "layers placed over two GPUs, pipeline parallel).", "",
-             f"Each pair (prompt, response) is about {mean_row_tokens:.0f} tokens.", "",
-             "| where | items/request | concurrency | requests | pairs/s | p50 ms | p99 ms |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['where']} | {r['items']} | {r['concurrency']} | {r['requests']} | {r['pairs_per_s']:,.1f} | "
-              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |" for r in rows]
-    (out / f"rm_serving_{args.mode}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            rows += served_cells(model_dir, layout, args, tmp, grid, seconds, response_chars)
+    write_report({"mode": args.mode, "date": datetime.now(timezone.utc).isoformat(), "machine": platform.node(),
+                  "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+                  "gpu": torch.cuda.get_device_name(0) if gpu else None, "torch": torch.__version__,
+                  "transformers": version("transformers"), "mosec": version("mosec"), "parameters": num_params,
+                  "token_budget": args.token_budget, "seconds_per_cell": seconds, "response_chars": response_chars,
+                  "mean_row_tokens": mean_row_tokens, "num_gpus": num_gpus, "layouts": layouts, "forward": probe,
+                  "cells": rows}, Path(args.out))
 
 
 if __name__ == "__main__":
