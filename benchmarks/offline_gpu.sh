@@ -22,15 +22,19 @@ vllm_env() {
 }
 case $cmd in
   stash)
-    mkdir -p $STASH && for d in "$@"; do cp "$d"/b.* $STASH/; done; ls -l $STASH ;;
+    mkdir -p $STASH || exit 1
+    for d in "$@"; do cp "$d"/b.* $STASH/ || exit 1; done; ls -l $STASH ;;
   wheels)
+    # the pieces so far may end inside a later member: tar's complaint about that is expected, gw/ comes first
     mkdir -p $STASH/x && (cat $STASH/b.* | tar -x -C $STASH/x gw 2>/dev/null || true)
-    python3 -m pip install -q --no-deps --target /root/wsite $STASH/x/gw/*.whl 2>&1 | tail -2
+    ls $STASH/x/gw/*.whl > /dev/null || { echo "no wheels in the pieces under $STASH"; exit 1; }
+    python3 -m pip install -q --no-deps --target /root/wsite $STASH/x/gw/*.whl || exit 1
     scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
-    [ -f /root/wsite/bin/mosec ] && cp /root/wsite/bin/mosec "$scripts"/ ; ls /root/wsite | head -40 | tr '\n' ' '; echo ;;
+    if [ -f /root/wsite/bin/mosec ]; then cp /root/wsite/bin/mosec "$scripts"/ || exit 1; fi
+    ls /root/wsite | tr '\n' ' '; echo ;;
   unpack)
     v=$1; mkdir -p $STASH/x /root/site
-    cat $STASH/b.* | tar -x -C $STASH/x "v$v.tar.xz"
+    cat $STASH/b.* | tar -x -C $STASH/x "v$v.tar.xz" || exit 1
     xz -T0 -dc $STASH/x/v$v.tar.xz | tar -x -C /root/site && ls /root/site ;;
   env)
     vllm_env "$1" ;;
