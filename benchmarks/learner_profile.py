@@ -17,7 +17,6 @@ import argparse
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -93,13 +92,6 @@ def kernel_breakdown(prof, step_s: float) -> dict:
             "top_kernels": [{"s": s, "name": n, "kind": k} for s, n, k in top[:25]]}
 
 
-def timed(device: torch.device, fn) -> float:
-    start = time.perf_counter()
-    fn()
-    common.sync(device)
-    return time.perf_counter() - start
-
-
 def measure_variant(name: str, policy, batch, workload, device: torch.device, peak: float, steps: int) -> dict:
     """One warm-up step, `steps` timed ones and (on a GPU) one profiled one of the variant's learner."""
     fields = VARIANTS[name] if device.type == "cuda" else {**VARIANTS[name], "compile": False}
@@ -108,8 +100,8 @@ def measure_variant(name: str, policy, batch, workload, device: torch.device, pe
     step = lambda: learner.train_policy(batch, loss_fn)  # noqa: E731
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    first_s = timed(device, step)
-    times = [timed(device, step) for _ in range(steps)]
+    first_s, _ = common.timed(device, step)
+    times = [common.timed(device, step)[0] for _ in range(steps)]
     step_s = common.median(times)
     flops = 6 * sum(p.numel() for p in policy.parameters()) * workload.trained_tokens
     row = {"fields": fields, "first_step_s": first_s, "step_s": step_s, "steps_s": times,
@@ -117,7 +109,7 @@ def measure_variant(name: str, policy, batch, workload, device: torch.device, pe
     if device.type == "cuda":  # kernels exist only there
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
-            profiled_s = timed(device, step)
+            profiled_s, _ = common.timed(device, step)
         row.update(peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30, profiled_step_s=profiled_s,
                    **kernel_breakdown(prof, profiled_s))
         matmul_s = row["kernel_seconds"]["matmul"]

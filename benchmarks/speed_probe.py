@@ -36,14 +36,6 @@ LEARNER_VARIANTS = [  # (name, gradient checkpointing, micro-batch, fused head, 
 ]
 
 
-def timed(device, fn):
-    common.sync(device)
-    start = time.perf_counter()
-    out = fn()
-    common.sync(device)
-    return time.perf_counter() - start, out
-
-
 def engine_checks(model, tokenizer, prompts, device) -> dict:
     out = {}
     small = prompts[:8]
@@ -97,7 +89,7 @@ def main() -> None:
     gen = {}
     for name, chunk in (("first", prompts[: workload.num_prompts]), ("second", prompts[workload.num_prompts :]),
                         ("third", prompts[: workload.num_prompts])):
-        seconds, completions = timed(device, lambda: engine.generate(chunk, params))
+        seconds, completions = common.timed(device, lambda: engine.generate(chunk, params))
         gen[name] = seconds
         print(f"generate {name}: {seconds:.2f}s, {workload.generated_tokens / seconds:,.0f} tok/s "
               f"(capture {engine.decoder.last_capture_seconds:.2f}s)", flush=True)
@@ -125,8 +117,8 @@ def main() -> None:
         loss_fn = lambda lp, mb, **kw: GRPO().loss(lp, mb, max_tokens=workload.new_tokens, **kw)  # noqa: E731
         torch.cuda.reset_peak_memory_stats(device)
         try:
-            first, _ = timed(device, lambda: learner.train_policy(batch, loss_fn))
-            second, metrics = timed(device, lambda: learner.train_policy(batch, loss_fn))
+            first, _ = common.timed(device, lambda: learner.train_policy(batch, loss_fn))
+            second, metrics = common.timed(device, lambda: learner.train_policy(batch, loss_fn))
         except torch.OutOfMemoryError as error:
             print(f"{name}: out of memory ({error})", flush=True)
             result["learner"][name] = {"oom": True}
