@@ -11,7 +11,8 @@ import inspect
 import pytest
 import torch
 
-from winnow.engines.sampling import Sampler, hash_pair, inverse_cdf, mix64, prompt_seeds, row_keys, uniforms
+from winnow.engines.sampling import (Sampler, chunk_width, hash_pair, inverse_cdf, mix64, prompt_seeds, row_keys,
+                                    two_level_draw, uniforms)
 from winnow.types import SamplingParams
 
 MASK = (1 << 64) - 1
@@ -71,6 +72,40 @@ def test_inverse_cdf_by_hand():
     # A token of probability 0 is never drawn, even with u right at the boundary before it.
     zeroed = torch.tensor([[0.5, 0.0, 0.5]]).expand(4, 3)
     assert inverse_cdf(zeroed, torch.tensor([1e-7, 0.4999, 0.5, 0.9999999])).tolist() == [0, 0, 0, 2]
+
+
+def test_two_level_draw_by_hand():
+    # weights [1, 2, 3, 4 | 0, 6, 0, 4] over chunks of 4: chunk masses 10 and 10, total 20.
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 6.0, 0.0, 4.0])
+    logits = weights.log().expand(6, 8).contiguous()  # log 0 = -inf: probability 0
+    u = torch.tensor([0.01, 0.1, 0.5, 0.5000001, 0.75, 1.0])
+    # u * 20 = 0.2 -> chunk 0, token 0; 2 -> chunk 0, cumsum [1, 3, ...] -> token 1; 10 -> chunk 0's end, token 3;
+    # just above 10 -> chunk 1 with a remainder near 0: token 5 (token 4 has probability 0); 15 -> remainder 5
+    # in chunk 1's cumsum [0, 6, 6, 10] -> token 5; 20 -> the last token of positive probability, 7.
+    tokens, logprobs = two_level_draw(logits, u, width=4)
+    assert tokens.tolist() == [0, 1, 3, 5, 5, 7]
+    assert torch.allclose(logprobs, (weights / 20).log()[tokens], atol=1e-6)
+    # The same draw with one chunk over the whole vocabulary, and with inverse_cdf over the softmax.
+    assert two_level_draw(logits, u, width=8)[0].tolist() == [0, 1, 3, 5, 5, 7]
+    assert inverse_cdf(torch.softmax(logits, -1), u).tolist() == [0, 1, 3, 5, 5, 7]
+
+
+def test_two_level_draw_matches_the_full_inverse_cdf():
+    # Qwen's vocabulary (151,936 = 64 chunks of 2,374) and a prime one (padded chunks of 2,048), with whole
+    # chunks of -inf: the same tokens as the one-level draw except within float32 rounding of a boundary.
+    assert chunk_width(151_936) == 2374 and chunk_width(10_007) == 2048 and chunk_width(1000) == 1000
+    generator = torch.Generator().manual_seed(0)
+    for vocab in (151_936, 10_007):
+        logits = torch.randn(64, vocab, generator=generator) * 4
+        logits[:8, : vocab // 2] = float("-inf")
+        u = uniforms(row_keys(list(range(64)), n=1), 0)
+        tokens, logprobs = two_level_draw(logits, u)
+        want = inverse_cdf(torch.softmax(logits, -1), u)
+        assert int((tokens != want).sum()) <= 1, vocab
+        assert bool(torch.isfinite(logits.gather(-1, tokens[:, None])).all())  # never a token of probability 0
+        # against float64 (float32's own log_softmax is off by ~5e-5 here; the chunked sums by ~1e-6)
+        want_logprobs = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None])[:, 0]
+        torch.testing.assert_close(logprobs.double(), want_logprobs, atol=5e-6, rtol=0)
 
 
 def test_sampler_draws_from_the_softmax():
