@@ -14,7 +14,7 @@ replaces only the glue around them:
   replayed with no host work or sync per token;
 - attention is grouped-query by reshaping queries to [B, H_kv, G, D] (no K/V expansion) and reads only the
   cache columns up to a length bucket (a multiple of `bucket` tokens; one graph per bucket), so early
-  tokens do not pay for the whole cache;
+  tokens do not pay for the whole cache; on a GPU it is one flash-decoding kernel (`kernels.decode_attention`);
 - sampling is the engine's one sampler (`sampling.Sampler`, also used by the `hf` path, so one seed gives
   the same tokens on both): an inverse-CDF draw from softmax(logits/T) with one keyed uniform per row, a
   fixed-shape, sync-free computation; the row keys are a buffer (they move with their rows when rows are
@@ -29,9 +29,11 @@ On CPU the same step runs eagerly (no graphs): the tests check it against the tr
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from winnow.lazy import inference_mode, lazy_import
+from winnow.engines import kernels
 from winnow.engines.sampling import Sampler
 from winnow.types import SamplingParams
 
@@ -75,7 +77,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, *, use_graphs: bool, bucket: int = 128, check_every: int = 16,
-                 compile: bool = False, min_rows: int | None = 32):
+                 compile: bool = False, min_rows: int | None = 32, attention_kernel: bool | None = None):
         if reason := unsupported_reason(model):
             raise ValueError(f"static decode cannot run this model: {reason}; use decode='hf'")
         self.model, self.body = model, model.model
@@ -95,11 +97,20 @@ class StaticDecoder:
         # The decode step's per-layer glue around attention (norms, projections, RoPE, MLP, residuals) is
         # ~35 small kernels per layer eagerly; compiled, it fuses to a few. Prefill stays eager (its shapes
         # change with every prompt length).
-        self._layer_in = torch.compile(_layer_in, dynamic=False) if compile else _layer_in
-        self._layer_out = torch.compile(_layer_out, dynamic=False) if compile else _layer_out
-        # Attention's softmax glue (scale, mask, fp32 softmax, cast back) fused into one kernel between the two
-        # batched matmuls; dynamic, since its shapes change with every attention width and active row count.
-        self._attend = torch.compile(_attend, dynamic=True) if compile else _attend
+        # Static shapes first; a second row count (compaction) compiles once more with the rows symbolic, which
+        # then serves every later row count and model shape (not one compile each, which would reach dynamo's
+        # recompile limit and fall back to eager).
+        self._layer_in = torch.compile(_layer_in, dynamic=None) if compile else _layer_in
+        self._layer_out = torch.compile(_layer_out, dynamic=None) if compile else _layer_out
+        # Attention: on a GPU with Triton, one flash-decoding kernel (`kernels.decode_attention`); otherwise two
+        # batched matmuls with the softmax glue (scale, mask, fp32 softmax, cast back) between them, compiled into one
+        # kernel when asked (dynamic: its shapes change with every attention width and active row count).
+        if attention_kernel is None:
+            attention_kernel = kernels.available(self.device) and _power_of_two(self.head_dim)
+        if attention_kernel:
+            self._attend = kernels.decode_attention
+        else:
+            self._attend = torch.compile(_attend, dynamic=True) if compile else _attend
 
     # ------------------------------------------------------------------ public
 
@@ -118,7 +129,8 @@ class StaticDecoder:
         max_tokens = params.max_tokens
         cache_len = _round_up(prompt_len + max_tokens, self.bucket)
         stops = tuple(sorted(set(stop_ids)))
-        self._prepare(batch_size, cache_len, max_tokens, Sampler.of(params), stops, pad_token_id)
+        sampler = dataclasses.replace(Sampler.of(params), fused=True)  # the Triton kernel where one runs
+        self._prepare(batch_size, cache_len, max_tokens, sampler, stops, pad_token_id)
         self._reset()
         self.row_keys.copy_(row_keys)
         if self.use_graphs:
@@ -406,6 +418,10 @@ def _scaling(layer, head_dim: int) -> float:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _power_of_two(value: int) -> bool:
+    return value >= 16 and value & (value - 1) == 0
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -1,0 +1,104 @@
+"""The static decoder's Triton kernels (`engines/kernels.py`), run by Triton's interpreter on CPU: the same
+kernel source a GPU compiles. Decode attention: values worked out by hand, agreement with the decoder's matmul
+path over splits of the width, left padding and splits that see nothing, and the decoder's tokens with the
+kernel in its place. The sampler's chunk mass: agreement with the torch function, chunks of -inf included. (On a
+GPU, `benchmarks/attention_decode.py` checks the compiled attention against float64 and times it.)
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Before Triton's first import: its language functions are made for the interpreter or for a GPU then.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+from winnow.engines import kernels as kernel  # noqa: E402
+from winnow.engines.sampling import chunk_mass  # noqa: E402
+from winnow.engines.hf import HFEngine, HFEngineConfig  # noqa: E402
+from winnow.engines.static_decode import _attend  # noqa: E402
+from winnow.types import SamplingParams  # noqa: E402
+
+
+@pytest.fixture
+def interpreted():
+    """The kernel runs on CUDA tensors where a GPU is, else in Triton's interpreter on CPU tensors."""
+    if DEVICE == "cpu":
+        from triton import knobs
+
+        assert knobs.runtime.interpret, "Triton was imported before TRITON_INTERPRET was set"
+
+
+def test_attention_by_hand(interpreted):
+    # One row, one head, head dim 16 (scale 1/4). Key 0 is zeros (score 0); key 1 is 4 ln 3 along axis 0 (score
+    # ln 3); key 2 would score 100 but is not visible. Weights 1/4 and 3/4: values 4 and 8 give 1 + 6 = 7.
+    q = torch.zeros(1, 1, 1, 16)
+    q[..., 0] = 1.0
+    keys = torch.zeros(1, 1, 3, 16)
+    keys[0, 0, 1, 0], keys[0, 0, 2, 0] = 4 * math.log(3), 400.0
+    values = torch.stack([torch.full((16,), 4.0), torch.full((16,), 8.0), torch.full((16,), -50.0)])[None, None]
+    visible = torch.tensor([[True, True, False]])
+    q, keys, values, visible = (t.to(DEVICE) for t in (q, keys, values, visible))
+    for splits in (1, 2):
+        out = kernel.decode_attention(q, keys, values, visible, 0.25, splits=splits)
+        torch.testing.assert_close(out.cpu(), torch.full((1, 1, 1, 16), 7.0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rows,kv_heads,groups,head_dim,width,splits", [
+    (4, 2, 7, 64, 200, 1),   # Qwen2.5-0.5B's grouping, a width that is no multiple of the tile
+    (3, 2, 6, 128, 130, 2),  # Qwen2.5-1.5B's, split in two
+    (2, 4, 7, 64, 256, 4),   # four splits, row 1 seeing only the last of them
+])
+def test_attention_matches_the_matmul_path(interpreted, rows, kv_heads, groups, head_dim, width, splits):
+    generator = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, rows, kv_heads, 256, head_dim, generator=generator)
+    keys, values = cache[0, :, :, :width], cache[1, :, :, :width]  # strided views into a longer cache
+    q = torch.randn(rows, kv_heads, groups, head_dim, generator=generator)
+    visible = torch.ones(rows, width, dtype=torch.bool)
+    visible[0, :50] = False  # left padding
+    visible[:, width - 3:] = False  # columns not reached yet
+    visible[1, : width - 64] = False  # with 4 splits, row 1's first three see nothing
+    cache, q, visible = cache.to(DEVICE), q.to(DEVICE), visible.to(DEVICE)
+    keys, values = cache[0, :, :, :width], cache[1, :, :, :width]
+    out = kernel.decode_attention(q, keys, values, visible, head_dim**-0.5, splits=splits)
+    torch.testing.assert_close(out, _attend(q, keys, values, visible, head_dim**-0.5), atol=1e-5, rtol=0)
+
+
+def test_splits_keep_about_four_programs_per_multiprocessor():
+    assert kernel.num_splits(programs=1024, width=512, block=64, num_sms=132) == 1  # 512 rows x 2 heads: plenty
+    assert kernel.num_splits(programs=64, width=640, block=64, num_sms=132) == 8  # 32 rows after compaction
+    assert kernel.num_splits(programs=2, width=128, block=64, num_sms=132) == 2  # never more splits than tiles
+
+
+def test_the_decoder_samples_the_same_tokens_with_the_kernel(interpreted, tiny_model, tiny_tokenizer):
+    prompts = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("12+34=", "5+7=", "9")]
+    params = SamplingParams(temperature=1.0, max_tokens=6, n=2, seed=3, ignore_eos=True)
+    config = HFEngineConfig(decode="static", attention_bucket=4, dtype="float32")
+    matmul = HFEngine(tiny_model, tiny_tokenizer, config, device=DEVICE)
+    matmul.decoder._attend = _attend
+    fused = HFEngine(tiny_model, tiny_tokenizer, config, device=DEVICE)
+    fused.decoder._attend = functools.partial(kernel.decode_attention, splits=2)
+    want, got = matmul.generate(prompts, params), fused.generate(prompts, params)
+    assert [c.response_ids for c in got] == [c.response_ids for c in want]
+    for a, b in zip(got, want):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_chunk_mass_matches_the_torch_function(interpreted):
+    # by hand for one row: chunks [0, ln 3 | -inf, -inf | ln 2, ln 2]: the row's top is ln 3; the masses
+    # sum(exp(x - ln 3)) are (1 + 3) / 3, 0 and (2 + 2) / 3.
+    logits = torch.tensor([[0.0, math.log(3), float("-inf"), float("-inf"), math.log(2), math.log(2)]])
+    top, mass = kernel.chunk_mass(logits.to(DEVICE).view(1, 3, 2))
+    torch.testing.assert_close(top.cpu(), torch.tensor([[math.log(3)]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(mass.cpu(), torch.tensor([[4 / 3, 0.0, 4 / 3]]), atol=1e-6, rtol=0)
+    # and the torch function's values on random bf16 logits over a chunk width that is no power of two
+    logits = (torch.randn(8, 5 * 300, generator=torch.Generator().manual_seed(1)) * 4).bfloat16().to(DEVICE)
+    logits[0, :600] = float("-inf")
+    for got, want in zip(kernel.chunk_mass(logits.view(8, 5, 300)), chunk_mass(logits.view(8, 5, 300))):
+        torch.testing.assert_close(got.cpu(), want.cpu(), atol=0, rtol=1e-5)

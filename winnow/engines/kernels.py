@@ -1,0 +1,180 @@
+"""The static decoder's Triton kernels on a GPU: grouped-query decode attention, and the pass of the sampler's
+two-level draw over the logits.
+
+**Decode attention.** The decoder's other way (`static_decode._attend`) runs two batched matmuls with a softmax
+between them: the scores make a round trip through memory in float32, and the matmuls see a "matrix" of G
+query heads (7 for Qwen2.5), far from what their tiles are made for. `decode_attention` is flash-decoding for
+that layout: one program per (row, K/V head, split of the cache width) loads the row's G query heads once,
+streams the width's keys and values tile by tile with an online softmax (float32 statistics, products into a
+float32 accumulator), and never writes the scores. When rows are few (after compaction) the width is split
+across programs so the GPU stays busy, and a second small kernel merges the splits' partial results. It takes
+what `_attend` takes: q [b, H_kv, G, D], keys and values [b, H_kv, W, D] (views into the cache: any strides,
+the last dimension contiguous), visible [b, W] bool; it returns [b, H_kv, G, D] in q's dtype.
+
+**Chunk mass.** `chunk_mass(chunks)` computes `sampling.chunk_mass`: per row of logits cut into chunks
+[B, C, K], each chunk's maximum and sum of exp(x - maximum), one program per chunk reading it once.
+
+Both capture into CUDA graphs (no host work but the launch).
+"""
+from __future__ import annotations
+
+import functools
+
+from winnow.lazy import lazy_import
+
+torch = lazy_import("torch")
+
+
+def available(device) -> bool:
+    """Whether the kernel can run on `device`: a CUDA device and an importable Triton."""
+    if getattr(device, "type", device) != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def attend(q_ptr, k_ptr, v_ptr, visible_ptr, out_ptr, part_acc_ptr, part_stat_ptr,
+               stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_kw, stride_vb, stride_vh, stride_vw,
+               stride_visible, stride_ob, stride_oh, stride_og,
+               kv_heads, groups, width, split_len, scale,
+               G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+               PRECISION: tl.constexpr):
+        pid, split = tl.program_id(0), tl.program_id(1)
+        row, head = pid // kv_heads, pid % kv_heads
+        g, d = tl.arange(0, G_PAD), tl.arange(0, D)
+        q = tl.load(q_ptr + row * stride_qb + head * stride_qh + g[:, None] * stride_qg + d[None, :],
+                    mask=g[:, None] < groups, other=0.0)
+        k_base = k_ptr + row * stride_kb + head * stride_kh
+        v_base = v_ptr + row * stride_vb + head * stride_vh
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        start = split * split_len
+        end = tl.minimum(start + split_len, width)
+        for offset in range(0, split_len, BLOCK_N):  # the last split's tiles past the width load nothing
+            n = start + offset + tl.arange(0, BLOCK_N)
+            in_range = n < end
+            k = tl.load(k_base + n[:, None] * stride_kw + d[None, :], mask=in_range[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G_PAD, BLOCK_N] float32
+            seen = tl.load(visible_ptr + row * stride_visible + n, mask=in_range, other=0) != 0
+            scores = tl.where(seen[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: no NaN
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(scores - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + n[:, None] * stride_vw + d[None, :], mask=in_range[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        if SPLIT:
+            part = (pid * tl.num_programs(1) + split)
+            tl.store(part_acc_ptr + part * G_PAD * D + g[:, None] * D + d[None, :], acc)
+            tl.store(part_stat_ptr + part * 2 * G_PAD + g, m_i)
+            tl.store(part_stat_ptr + part * 2 * G_PAD + G_PAD + g, l_i)
+        else:
+            out = acc / l_i[:, None]
+            tl.store(out_ptr + row * stride_ob + head * stride_oh + g[:, None] * stride_og + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=g[:, None] < groups)
+
+    @triton.jit
+    def merge(part_acc_ptr, part_stat_ptr, out_ptr, stride_ob, stride_oh, stride_og, kv_heads, groups,
+              G_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
+        pid = tl.program_id(0)
+        row, head = pid // kv_heads, pid % kv_heads
+        g, d, s = tl.arange(0, G_PAD), tl.arange(0, D), tl.arange(0, SPLITS)
+        stats = part_stat_ptr + (pid * SPLITS + s[:, None]) * 2 * G_PAD + g[None, :]
+        m = tl.load(stats)  # [SPLITS, G_PAD]
+        l = tl.load(stats + G_PAD)
+        top = tl.max(m, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        weight = tl.exp(m - top[None, :])  # a split that saw nothing weighs 0
+        total = tl.sum(l * weight, 0)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        for i in range(SPLITS):
+            w = tl.sum(tl.where(s[:, None] == i, weight, 0.0), 0)  # [G_PAD]
+            part = tl.load(part_acc_ptr + (pid * SPLITS + i) * G_PAD * D + g[:, None] * D + d[None, :])
+            acc += part * w[:, None]
+        out = acc / total[:, None]
+        tl.store(out_ptr + row * stride_ob + head * stride_oh + g[:, None] * stride_og + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g[:, None] < groups)
+
+    @triton.jit
+    def chunk_mass(x_ptr, peak_ptr, local_ptr, stride_row, num_chunks, width, BLOCK: tl.constexpr):
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        offsets = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_row + chunk * width + offsets, mask=offsets < width,
+                    other=float("-inf")).to(tl.float32)
+        peak = tl.maximum(tl.max(x, 0), -3.4028234663852886e38)  # a chunk of -inf: no NaN
+        local = tl.sum(tl.exp(x - peak), 0)
+        tl.store(peak_ptr + row * num_chunks + chunk, peak)
+        tl.store(local_ptr + row * num_chunks + chunk, local)
+
+    return attend, merge, chunk_mass
+
+
+def num_splits(programs: int, width: int, block: int, num_sms: int) -> int:
+    """How many programs share one (row, head)'s width: enough programs for ~4 per SM, at most one per tile,
+    a power of two (the merge kernel's constexpr)."""
+    splits = 1
+    while programs * splits < 4 * num_sms and splits * 2 * block <= width:
+        splits *= 2
+    return splits
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
+                     scale: float, *, splits: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, masked by `visible`) v for one token per row; shapes as the module says."""
+    rows, kv_heads, groups, head_dim = q.shape
+    width = keys.shape[2]
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"decode_attention needs a power-of-two head dimension of at least 16, not {head_dim}")
+    attend, merge, _ = _kernels()
+    g_pad = max(16, 1 << (groups - 1).bit_length())
+    block = 64
+    programs = rows * kv_heads
+    if splits is None:
+        splits = num_splits(programs, width, block, torch.cuda.get_device_properties(q.device).multi_processor_count)
+    split_len = -(-width // (splits * block)) * block
+    out = torch.empty_like(q)
+    visible = visible.view(torch.uint8) if visible.dtype == torch.bool else visible
+    if splits > 1:
+        part_acc = torch.empty(programs * splits * g_pad * head_dim, dtype=torch.float32, device=q.device)
+        part_stat = torch.empty(programs * splits * 2 * g_pad, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_stat = out  # unused
+    attend[(programs, splits)](
+        q, keys, values, visible, out, part_acc, part_stat,
+        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), visible.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        kv_heads, groups, width, split_len, scale,
+        G_PAD=g_pad, D=head_dim, BLOCK_N=block, SPLIT=splits > 1,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)  # float32: no TF32 rounding
+    if splits > 1:
+        merge[(programs,)](part_acc, part_stat, out, out.stride(0), out.stride(1), out.stride(2), kv_heads, groups,
+                           G_PAD=g_pad, D=head_dim, SPLITS=splits, num_warps=4)
+    return out
+
+
+def chunk_mass(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sampling.chunk_mass` for chunks [B, C, K] (a view of contiguous [B, C * K] logits): the row's largest
+    logit [B, 1] and each chunk's mass [B, C], float32."""
+    batch_size, num_chunks, width = chunks.shape
+    if chunks.stride(2) != 1 or chunks.stride(1) != width:
+        raise ValueError("chunk_mass needs each row's chunks back to back in memory")
+    peak = torch.empty(batch_size, num_chunks, dtype=torch.float32, device=chunks.device)
+    local = torch.empty_like(peak)
+    block = max(16, 1 << (width - 1).bit_length())
+    _kernels()[2][(batch_size, num_chunks)](chunks, peak, local, chunks.stride(0), num_chunks, width, BLOCK=block,
+                                            num_warps=8 if block >= 4096 else 4)
+    top = peak.amax(dim=-1, keepdim=True)
+    return top, local * torch.exp(peak - top)
