@@ -27,9 +27,11 @@ def role(name: str) -> str:
     lowered = name.lower()
     if any(k in lowered for k in ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul")):
         return "matmul"
+    if any(k in lowered for k in ("attend", "merge")):  # winnow's decode attention kernel
+        return "attention (kernel)"
     if any(k in lowered for k in ("softmax", "masked_fill")):
         return "attention (softmax/mask)"
-    if any(k in lowered for k in ("cumsum", "scan", "sort", "topk")):
+    if any(k in lowered for k in ("cumsum", "scan", "sort", "topk", "amax", "searchsorted")):
         return "sampling"
     return "other (elementwise, norms, copies)"
 

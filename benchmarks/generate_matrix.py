@@ -195,6 +195,7 @@ def main() -> None:
     for shape in args.shapes.split(","):
         if shape != "tiny" and shape not in SHAPES and shape != "0.5b":
             parser.error(f"unknown shape {shape!r}: choose from 0.5b, {', '.join(SHAPES)}")
+        torch._dynamo.reset()  # each shape compiles from scratch, as a run of that model alone would
         rows.extend(run_shape(args, shape, device, ceilings))
         # Written after every shape, so a command stopped at its time limit keeps what finished.
         result = {**common.environment(device), "ceilings": ceilings, "stop_fraction": STOP_FRACTION, "rows": rows}

@@ -49,6 +49,20 @@ def test_learner_profile_cpu_mode_runs(tmp_path):
     assert row["tokens_per_s"] == pytest.approx(tokens / row["step_s"])
 
 
+def test_attention_decode_cpu_mode_checks_every_way(tmp_path):
+    """`benchmarks/attention_decode.py` on CPU: each way it can run there agrees with float64 attention."""
+    out = tmp_path / "attention.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_decode.py"), "--cpu", "--shapes", "0.5b",
+                    "--widths", "256", "--out", str(out)], check=True, timeout=300, env=env, cwd=ROOT,
+                   capture_output=True)
+    (row,) = json.loads(out.read_text())["results"]
+    ran = {name: way for name, way in row["ways"].items() if "us" in way}
+    assert {"matmul_glue_eager", "sdpa_math"} <= set(ran)
+    assert all(way["max_abs_error"] < 1e-5 and way["us"] > 0 for way in ran.values())
+    assert row["floor_us"] > 0
+
+
 @pytest.fixture(scope="module")
 def ray_projection(tmp_path_factory) -> dict:
     """`benchmarks/ray_projection.py` run once on the committed measurements; its JSON."""
