@@ -6,10 +6,13 @@ kernel, at the Qwen2.5-0.5B or -1.5B shape on one GPU.
     PYTHONPATH=$PWD python benchmarks/learner_profile.py --cpu --out /tmp/learner_cpu.json   # a dry run
 
 Each variant builds a fresh random-init policy (float32 master weights, bf16 autocast), trains one warm-up step
-(the compile, when on) and then `--steps` timed ones. MFU is 6·N·(trained tokens) over the measured bf16 matmul
-peak, the benchmark's definition. The profiled step's CUDA kernels are summed by kind (matmul, attention,
-compiled elementwise, the head's log-softmax, optimizer, copies, other), so the table says how far the matmuls
-alone would take MFU (`mfu_if_only_matmuls`) and how much is idle time between kernels.
+(the compile, when on: `first_step_s`) and then `--steps` timed ones. `--lengths varied` gives the responses
+long-tailed lengths, so the micro-batches have different widths (what decides how often a compile repeats:
+`mb32_compiled` compiles with symbolic shapes, `mb32_compiled_static` for the first width, then again).
+MFU is 6·N·(trained tokens) over the measured bf16 matmul peak, the benchmark's definition. The profiled
+step's CUDA kernels are summed by kind (matmul, attention, compiled elementwise, the head's log-softmax,
+optimizer, copies, other), so the table says how far the matmuls alone would take MFU (`mfu_if_only_matmuls`)
+and how much is idle time between kernels.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ VARIANTS = {  # name: LearnerConfig fields
     "mb64_compiled": dict(micro_batch_size=64, compile=True),
     "mb16_compiled": dict(micro_batch_size=16, compile=True),
     "mb32_eager": dict(micro_batch_size=32, compile=False),
+    "mb32_compiled_static": dict(micro_batch_size=32, compile=True, compile_dynamic=False),
 }
 KINDS = [  # (kind, kernel-name pattern), first match wins
     ("attention", r"flash|fmha|attention|attn"),
@@ -59,12 +63,18 @@ def build_policy(args, device):
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(device)
 
 
-def make_batch(workload, vocab_size: int):
+def make_batch(workload, vocab_size: int, varied: bool = False):
+    """The benchmark's batch: every response `new_tokens` long, or (`varied`) long-tailed lengths (exponential,
+    mean new_tokens / 4, cut at new_tokens), so micro-batches have different widths."""
     generator = torch.Generator().manual_seed(0)
     completions = []
     for i in range(workload.num_sequences):
         prompt = torch.randint(3, vocab_size, (workload.prompt_len,), generator=generator).tolist()
-        response = torch.randint(3, vocab_size, (workload.new_tokens,), generator=generator).tolist()
+        length = workload.new_tokens
+        if varied:
+            draw = -torch.log(torch.rand(1, generator=generator)).item() * workload.new_tokens / 4
+            length = max(1, min(workload.new_tokens, int(draw)))
+        response = torch.randint(3, vocab_size, (length,), generator=generator).tolist()
         completions.append(Completion(prompt_ids=prompt, response_ids=response, logprobs=[-1.0] * len(response),
                                       finish_reason="length", text=""))
     batch = make_train_batch(completions, torch.zeros(len(completions)), pad_token_id=0)
@@ -98,14 +108,16 @@ def measure_variant(name: str, policy, batch, workload, device: torch.device, pe
     learner = Learner(policy, LearnerConfig(lr=1e-6, **fields), total_steps=100, device=device)
     loss_fn = lambda lp, mb, **kw: GRPO().loss(lp, mb, max_tokens=workload.new_tokens, **kw)  # noqa: E731
     step = lambda: learner.train_policy(batch, loss_fn)  # noqa: E731
+    torch._dynamo.reset()  # each variant compiles from scratch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     first_s, _ = common.timed(device, step)
     times = [common.timed(device, step)[0] for _ in range(steps)]
     step_s = common.median(times)
-    flops = 6 * sum(p.numel() for p in policy.parameters()) * workload.trained_tokens
-    row = {"fields": fields, "first_step_s": first_s, "step_s": step_s, "steps_s": times,
-           "mfu": flops / step_s / peak, "tokens_per_s": workload.trained_tokens / step_s}
+    tokens = int(batch.attention_mask.sum())
+    flops = 6 * sum(p.numel() for p in policy.parameters()) * tokens
+    row = {"fields": fields, "first_step_s": first_s, "step_s": step_s, "steps_s": times, "trained_tokens": tokens,
+           "mfu": flops / step_s / peak, "tokens_per_s": tokens / step_s}
     if device.type == "cuda":  # kernels exist only there
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
@@ -123,25 +135,29 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (after one warm-up)")
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU, uncompiled: checks the script")
+    parser.add_argument("--lengths", choices=["fixed", "varied"], default="fixed",
+                        help="responses all new_tokens long, or long-tailed (micro-batches of different widths)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device("cpu" if args.cpu else "cuda")
     workload = common.CPU_WORKLOAD if args.cpu else common.GPU_WORKLOAD
     ceilings = common.measure_ceilings(device)
     result = {**common.environment(device), "shape": "tiny" if args.cpu else args.shape,
-              "workload": common.workload_dict(workload), "ceilings": ceilings, "variants": {}}
+              "workload": common.workload_dict(workload), "lengths": args.lengths, "ceilings": ceilings,
+              "variants": {}}
     batch = None
     for name in args.variants:
         policy = build_policy(args, device)
         result["num_params"] = sum(p.numel() for p in policy.parameters())
         if batch is None:  # one batch for every variant
-            batch = make_batch(workload, policy.config.vocab_size)
+            batch = make_batch(workload, policy.config.vocab_size, varied=args.lengths == "varied")
         try:
             row = measure_variant(name, policy, batch, workload, device, ceilings["matmul_tflops"] * 1e12, args.steps)
         except torch.OutOfMemoryError as error:
             row = {"oom": str(error)[:200]}
         result["variants"][name] = row
         print(f"{name}: " + ("out of memory" if "oom" in row else f"step {row['step_s']:.3f} s, MFU {row['mfu']:.3f}")
+              + ("" if "oom" in row else f", first step {row['first_step_s']:.1f} s")
               + "".join(f", {k} {v:.3f} s" for k, v in row.get("kernel_seconds", {}).items()), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
         del policy

@@ -6,7 +6,8 @@ each loaded as the learner's float32 model on the host or straight onto the GPU,
     PYTHONPATH=$PWD python benchmarks/load_probe.py --cpu --out /tmp/load_probe.json  # tiny model, a dry run
 
 Each case's process times `import torch`, `import transformers`, the modules `from_pretrained` imports on its
-first call (the model's code, torch's compiler and DTensor), CUDA's first touch (one allocation), the load, and for a host load the move to the GPU; the slowest functions of one host load are
+first call (the model's code, torch's compiler and DTensor), CUDA's first touch (one allocation), the load, and
+for a host load the move to the GPU; the slowest functions of one host load are
 listed (cProfile, cumulative seconds), to say whether the bytes or the Python around them cost.
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ path, target, profile = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 row = {"import_torch_s": imports_torch, "import_transformers_s": imports_transformers,
        "import_model_code_s": imports_model_code}
 if torch.cuda.is_available():
-    t = time.perf_counter(); torch.zeros(1, device="cuda"); torch.cuda.synchronize(); row["cuda_init_s"] = time.perf_counter() - t
+    t = time.perf_counter(); torch.zeros(1, device="cuda"); torch.cuda.synchronize()
+    row["cuda_init_s"] = time.perf_counter() - t
 kwargs = {"dtype": torch.float32} | ({"device_map": target} if target != "cpu" else {})
 profiler = cProfile.Profile() if profile else None
 t = time.perf_counter()

@@ -89,6 +89,11 @@ class LearnerConfig:
     """torch.compile each decoder layer (fuses norms, RoPE and activations) and, with fused_logprobs, the head's
     log-softmax and its gradient (single strategy): the first steps pay the compile (about 10-15 s on a GPU),
     the learner then runs ~1.3x faster"""
+    compile_dynamic: bool = False
+    """with compile: symbolic batch and length dimensions from the first step. False (the default) compiles the
+    first micro-batch width for its exact shape, and again with a symbolic length at the next width. Measured at
+    0.5B on one H200 (`benchmarks/learner_profile.py`): on long-tailed response lengths, True made the step
+    1.36 s against 1.58 s for +3.6 s of first-step compile; on fixed lengths it made it 2.56 s against 2.42 s"""
     fused_logprobs: bool = True
     """project hidden states to token logprobs a chunk of rows at a time (forward and backward), never
     holding [B, T, vocab] logits; Llama-family models on the single strategy (else the model's forward)"""
@@ -108,6 +113,9 @@ class LearnerConfig:
         if self.compile and self.strategy != "single":
             raise ValueError(f"learner.compile works with strategy 'single', not {self.strategy!r}: "
                              "drop --learner.compile or train on one device")
+        if self.compile_dynamic and not self.compile:
+            raise ValueError("--learner.compile-dynamic sets how --learner.compile compiles: add --learner.compile "
+                             "or drop --learner.compile-dynamic")
 
 
 def _schedule(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -159,7 +167,7 @@ class Learner:
             if self.is_lora:  # the frozen embeddings' output needs grad, or checkpointed blocks get none
                 model.enable_input_require_grads()
         if config.compile:
-            _compile_layers(model)
+            _compile_layers(model, config.compile_dynamic)
         factor = _schedule(config.lr_schedule, config.warmup_steps, total_steps, config.min_lr_ratio)
         self.model, self.optimizer, self.scheduler = self.strategy.setup(
             model, self._make_optimizer, lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
@@ -176,7 +184,8 @@ class Learner:
         self.fused_head = config.fused_logprobs and config.strategy == "single"
         # What the trained model computes per token: the policy's logprobs, or a critic's values.
         self.forward: ForwardFn = forward or partial(sequence_logprobs, temperature=temperature,
-                                                     fused_head=self.fused_head, compile_head=config.compile)
+                                                     fused_head=self.fused_head, compile_head=config.compile,
+                                                     compile_dynamic=config.compile_dynamic)
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         c = self.config
@@ -318,7 +327,8 @@ class Learner:
         """Per-token logprobs of `batch` under `model` without gradients, [B, T]."""
         return self._no_grad_forward(model, batch, partial(sequence_logprobs, temperature=self.temperature,
                                                            fused_head=self.fused_head,
-                                                           compile_head=self.config.compile))
+                                                           compile_head=self.config.compile,
+                                                           compile_dynamic=self.config.compile_dynamic))
 
     @no_grad
     def _no_grad_forward(self, model: torch.nn.Module, batch: TrainBatch, forward: ForwardFn) -> torch.Tensor:
@@ -423,16 +433,17 @@ def _unit_rows(units: torch.Tensor, rows_per_unit: int) -> torch.Tensor:
     return (units[:, None] * rows_per_unit + torch.arange(rows_per_unit, device=units.device)).reshape(-1)
 
 
-def _compile_layers(model: torch.nn.Module) -> None:
+def _compile_layers(model: torch.nn.Module, dynamic: bool) -> None:
     """torch.compile every decoder layer in place. Layers share one compiled graph (torch inlines module
-    parameters as inputs), so 24 layers cost one compile per input shape, not 24."""
+    parameters as inputs), so 24 layers cost one compile (`dynamic`: for every shape; else per shape until a
+    second one makes it dynamic), not 24."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise ValueError(f"learner.compile: {type(model).__name__} has no decoder layer list "
                          "(model.get_decoder().layers); drop --learner.compile")
     for layer in layers:
-        layer.compile()
+        layer.compile(dynamic=True if dynamic else None)
 
 
 def _used_width(batch: TrainBatch) -> int:

@@ -46,9 +46,10 @@ def _chunk_grad_logits(logits: torch.Tensor, labels: torch.Tensor, log_norm: tor
 
 
 @functools.cache
-def _compiled(fn):
-    """`fn` compiled once per process (shapes it has not seen recompile; a second new shape makes it dynamic)."""
-    return torch.compile(fn, fullgraph=True)
+def _compiled(fn, dynamic: bool):
+    """`fn` compiled once per process: with symbolic shapes (`dynamic`: one compile for every chunk size), or
+    for the first shape, compiling again (dynamically) at the next."""
+    return torch.compile(fn, fullgraph=True, dynamic=True if dynamic else None)
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -63,8 +64,8 @@ class _LinearLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_rows, compute_dtype, compile):
-        stats = _compiled(_chunk_logprobs) if compile else _chunk_logprobs
+    def forward(ctx, hidden, weight, labels, temperature, chunk_rows, compute_dtype, compile, dynamic):
+        stats = _compiled(_chunk_logprobs, dynamic) if compile else _chunk_logprobs
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
             out = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
@@ -74,14 +75,14 @@ class _LinearLogprobs(torch.autograd.Function):
                 out[rows], log_norm[rows] = stats(h[rows] @ w.T, labels[rows], temperature)  # [c, V] logits
         ctx.save_for_backward(hidden, weight, labels, log_norm)
         ctx.temperature, ctx.chunk_rows, ctx.compute_dtype = temperature, chunk_rows, compute_dtype
-        ctx.compile = compile
+        ctx.compile, ctx.dynamic = compile, dynamic
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, labels, log_norm = ctx.saved_tensors
         temperature, chunk_rows, dtype = ctx.temperature, ctx.chunk_rows, ctx.compute_dtype
-        grad_logits_of = _compiled(_chunk_grad_logits) if ctx.compile else _chunk_grad_logits
+        grad_logits_of = _compiled(_chunk_grad_logits, ctx.dynamic) if ctx.compile else _chunk_grad_logits
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             grad_hidden = torch.empty_like(h)
@@ -92,22 +93,23 @@ class _LinearLogprobs(torch.autograd.Function):
                                              temperature, dtype)
                 grad_hidden[rows] = grad_logits @ w
                 grad_weight += (grad_logits.T @ h[rows]).float()
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None, None
 
 
 def linear_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-    chunk_rows: int = 2048, compile: bool = False,
+    chunk_rows: int = 2048, compile: bool = False, dynamic: bool = False,
 ) -> torch.Tensor:
     """log softmax(hidden @ weight.T / temperature)[labels] without materialising the [N, V] logits.
 
     hidden: [N, H]; weight: [V, H] (the LM head); labels: [N] long. Returns [N] float32, differentiable in
     hidden and weight. Under autocast the matmuls run in the autocast dtype. `compile` fuses the log-softmax
-    and its gradient into one kernel per direction (torch.compile; the first call pays the compile).
+    and its gradient into one kernel per direction (torch.compile; the first call pays the compile), for the
+    first chunk size and again with symbolic shapes at the next, or (`dynamic`) with symbolic shapes at once.
     """
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else hidden.dtype
-    return _LinearLogprobs.apply(hidden, weight, labels, float(temperature), chunk_rows, dtype, compile)
+    return _LinearLogprobs.apply(hidden, weight, labels, float(temperature), chunk_rows, dtype, compile, dynamic)
 
 
 def can_fuse_head(model: torch.nn.Module) -> bool:
@@ -127,7 +129,7 @@ def can_fuse_head(model: torch.nn.Module) -> bool:
 
 def sequence_logprobs(
     model: torch.nn.Module, batch: TrainBatch, temperature: float = 1.0, fused_head: bool = False,
-    compile_head: bool = False,
+    compile_head: bool = False, compile_dynamic: bool = False,
 ) -> torch.Tensor:
     """Log-probability of each token of `batch.input_ids` given the tokens before it, [B, T] float32.
 
@@ -137,7 +139,7 @@ def sequence_logprobs(
     Only the columns from the first response token on are projected to the vocabulary. With `fused_head`
     (and a model `can_fuse_head` accepts) the decoder runs alone and `linear_logprobs` projects its hidden
     states chunk by chunk, so no [B, T, V] logits exist in forward or backward; `compile_head` fuses each chunk's
-    log-softmax and its gradient into one compiled kernel per direction.
+    log-softmax and its gradient into one compiled kernel per direction (`compile_dynamic`: symbolic shapes).
     """
     input_ids, mask = batch.input_ids, batch.response_mask
     # The first column any row needs a logit for: one before its first response token.
@@ -155,7 +157,7 @@ def sequence_logprobs(
         hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                              use_cache=False).last_hidden_state[:, first:-1]  # [B, T - 1 - first, H]
         picked = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, labels.reshape(-1),
-                                 temperature, compile=compile_head).view(labels.shape)
+                                 temperature, compile=compile_head, dynamic=compile_dynamic).view(labels.shape)
         out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
         out[:, first + 1 :] = picked
         return out * mask
