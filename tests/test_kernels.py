@@ -70,6 +70,17 @@ def test_attention_matches_the_matmul_path(interpreted, rows, kv_heads, groups, 
     torch.testing.assert_close(out, _attend(q, keys, values, visible, head_dim**-0.5), atol=1e-5, rtol=0)
 
 
+def test_attention_takes_any_layout_of_the_head_dimension(interpreted):
+    # Queries whose head dimension is not the innermost in memory give what their contiguous copy gives.
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 2, 16, 7, generator=generator).transpose(-1, -2).to(DEVICE)  # [2, 2, 7, 16], stride(-1) 7
+    keys, values = (torch.randn(2, 2, 40, 16, generator=generator).to(DEVICE) for _ in range(2))
+    visible = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
+    got = kernel.decode_attention(q, keys, values, visible, 0.25, splits=1)
+    torch.testing.assert_close(got, kernel.decode_attention(q.contiguous(), keys, values, visible, 0.25, splits=1))
+    torch.testing.assert_close(got, _attend(q, keys, values, visible, 0.25), atol=1e-5, rtol=0)
+
+
 def test_splits_keep_about_four_programs_per_multiprocessor():
     assert kernel.num_splits(programs=1024, width=512, block=64, num_sms=132) == 1  # 512 rows x 2 heads: plenty
     assert kernel.num_splits(programs=64, width=640, block=64, num_sms=132) == 8  # 32 rows after compaction

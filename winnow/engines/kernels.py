@@ -135,6 +135,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """softmax(q k^T * scale, masked by `visible`) v for one token per row; shapes as the module says."""
     rows, kv_heads, groups, head_dim = q.shape
     width = keys.shape[2]
+    # The kernel walks the head dimension with unit stride (the decoder's tensors have it; anything else is copied).
+    q, keys, values = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, keys, values))
     if head_dim & (head_dim - 1) or head_dim < 16:
         raise ValueError(f"decode_attention needs a power-of-two head dimension of at least 16, not {head_dim}")
     attend, merge, _ = _kernels()
