@@ -23,6 +23,21 @@ def test_selective_logprobs_equals_log_softmax_gather():
     torch.testing.assert_close(selective_logprobs(logits.bfloat16(), labels), expected, atol=0.05, rtol=0)
 
 
+def test_train_batch_by_hand():
+    # Rows [prompt | response]: [5 6 | 7 8 9], [4 | ], [1 2 3 | 10]: right-padded with 0 to the longest (5).
+    completions = [Completion([5, 6], [7, 8, 9], [-0.5, -1.5, -2.5], "stop", ""),
+                   Completion([4], [], [], "stop", ""),
+                   Completion([1, 2, 3], [10], [-3.0], "length", "")]
+    batch = make_train_batch(completions, torch.tensor([1.0, 0.0, -1.0]), torch.tensor([2.0, 0.0, 1.0]), 0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [4, 0, 0, 0, 0], [1, 2, 3, 10, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]]
+    assert batch.response_mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, 0], [0, 0, 0, 1, 0]]
+    assert batch.engine_logprobs.tolist() == [[0, 0, -0.5, -1.5, -2.5], [0] * 5, [0, 0, 0, -3.0, 0]]
+    assert batch.advantages.tolist() == [1.0, 0.0, -1.0] and batch.rewards.tolist() == [2.0, 0.0, 1.0]
+    assert (batch.input_ids.dtype, batch.attention_mask.dtype, batch.response_mask.dtype) == (
+        torch.long, torch.long, torch.float32)
+
+
 def test_sequence_logprobs_by_hand(tiny_model):
     # Two rows, prompt lengths 2 and 1, responses of 2 and 3 tokens (right-padded to 4).
     completions = [

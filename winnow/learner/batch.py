@@ -1,9 +1,12 @@
 """Turning sampled completions into a padded `TrainBatch`."""
 from __future__ import annotations
 
+from itertools import chain
+
 from winnow.lazy import lazy_import
 from winnow.types import Completion, Episode, PreferencePair, TrainBatch
 
+np = lazy_import("numpy")
 torch = lazy_import("torch")
 
 
@@ -25,18 +28,22 @@ def make_train_batch(
         advantages = torch.zeros(len(completions))
     if len(completions) != len(advantages):
         raise ValueError(f"{len(completions)} completions but {len(advantages)} advantages")
-    length = max(len(c.prompt_ids) + len(c.response_ids) for c in completions)
-    batch_size = len(completions)
+    # One tensor per field from the rows' tokens laid end to end, placed by masks: no per-row tensor (a
+    # per-row loop cost ~0.2 ms a sample, most of a 512-sample iteration's "advantages" phase).
+    prompt_lens = torch.tensor([len(c.prompt_ids) for c in completions])
+    ends = prompt_lens + torch.tensor([len(c.response_ids) for c in completions])
+    batch_size, length = len(completions), int(ends.max())
+    columns = torch.arange(length)
+    attention_mask = (columns < ends[:, None]).long()
+    is_response = (columns >= prompt_lens[:, None]) & attention_mask.bool()
+    num_tokens, num_response_tokens = int(ends.sum()), int((ends - prompt_lens).sum())
+    tokens = chain.from_iterable(chain(c.prompt_ids, c.response_ids) for c in completions)
+    logprobs = chain.from_iterable(c.logprobs for c in completions)
     input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-    response_mask = torch.zeros((batch_size, length), dtype=torch.float32)
+    input_ids[attention_mask.bool()] = torch.from_numpy(np.fromiter(tokens, np.int64, count=num_tokens))
     engine_logprobs = torch.zeros((batch_size, length), dtype=torch.float32)
-    for row, c in enumerate(completions):
-        p, r = len(c.prompt_ids), len(c.response_ids)
-        input_ids[row, : p + r] = torch.tensor(c.prompt_ids + c.response_ids)
-        attention_mask[row, : p + r] = 1
-        response_mask[row, p : p + r] = 1.0
-        engine_logprobs[row, p : p + r] = torch.tensor(c.logprobs, dtype=torch.float32)
+    engine_logprobs[is_response] = torch.from_numpy(np.fromiter(logprobs, np.float32, count=num_response_tokens))
+    response_mask = is_response.float()
     return TrainBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
