@@ -62,19 +62,23 @@ def make_episode_batch(episodes: list[Episode], pad_token_id: int = 0, *,
     returns; `turn_rewards` [B, T] put each turn's reward on its last policy token."""
     if not episodes:
         raise ValueError("make_episode_batch got no episodes")
-    length = max(len(e.token_ids) for e in episodes)
-    batch_size = len(episodes)
-    input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-    response_mask = torch.zeros((batch_size, length), dtype=torch.float32)
-    engine_logprobs = torch.zeros((batch_size, length), dtype=torch.float32)
+    ends = torch.tensor([len(e.token_ids) for e in episodes])
+    batch_size, length, num_tokens = len(episodes), int(ends.max()), int(ends.sum())
+    attention_mask = (torch.arange(length) < ends[:, None]).long()
+    filled = attention_mask.bool()
+
+    def rows(values, dtype) -> torch.Tensor:  # each episode's per-token values laid end to end, into the rows
+        flat = torch.from_numpy(np.fromiter(chain.from_iterable(values), dtype, count=num_tokens))
+        out = flat.new_zeros((batch_size, length))
+        out[filled] = flat
+        return out
+
+    input_ids = rows((e.token_ids for e in episodes), np.int64)
+    input_ids[~filled] = pad_token_id
+    response_mask = rows((e.policy_mask for e in episodes), np.float32)
+    engine_logprobs = rows((e.logprobs for e in episodes), np.float32)
     turn_rewards = torch.zeros((batch_size, length), dtype=torch.float32)
-    for row, e in enumerate(episodes):
-        n = len(e.token_ids)
-        input_ids[row, :n] = torch.tensor(e.token_ids)
-        attention_mask[row, :n] = 1
-        response_mask[row, :n] = torch.tensor(e.policy_mask, dtype=torch.float32)
-        engine_logprobs[row, :n] = torch.tensor(e.logprobs, dtype=torch.float32)
+    for row, e in enumerate(episodes):  # a few turns per episode
         for end, reward in zip(e.turn_ends, e.turn_rewards):
             turn_rewards[row, end] += reward
     return TrainBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
