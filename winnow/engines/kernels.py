@@ -26,9 +26,17 @@ torch = lazy_import("torch")
 
 
 def available(device) -> bool:
-    """Whether the kernel can run on `device`: a CUDA device and an importable Triton."""
-    if getattr(device, "type", device) != "cuda":
-        return False
+    """Whether the kernels can run on `device`: a CUDA device and an importable Triton."""
+    return getattr(device, "type", device) == "cuda" and _has_triton()
+
+
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether `decode_attention` takes this head dimension: a power of two of at least 16 (tl.dot's tiles)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+@functools.cache
+def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -36,8 +44,14 @@ def available(device) -> bool:
     return True
 
 
+def _pow2_at_least(value: int, floor: int = 16) -> int:
+    return max(floor, 1 << (value - 1).bit_length())
+
+
 @functools.cache
-def _kernels():
+def _attend_kernel():
+    """One (row, K/V head, split)'s attention: its G query heads over its share of the width, online softmax.
+    Without splits it writes the output; with them, the split's accumulator and (max, sum) for `_merge_kernel`."""
     import triton
     import triton.language as tl
 
@@ -85,6 +99,15 @@ def _kernels():
             tl.store(out_ptr + row * stride_ob + head * stride_oh + g[:, None] * stride_og + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=g[:, None] < groups)
 
+    return attend
+
+
+@functools.cache
+def _merge_kernel():
+    """One (row, K/V head)'s output from its splits' partial results, each weighed by exp(its max - the max)."""
+    import triton
+    import triton.language as tl
+
     @triton.jit
     def merge(part_acc_ptr, part_stat_ptr, out_ptr, stride_ob, stride_oh, stride_og, kv_heads, groups,
               G_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
@@ -107,6 +130,15 @@ def _kernels():
         tl.store(out_ptr + row * stride_ob + head * stride_oh + g[:, None] * stride_og + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g[:, None] < groups)
 
+    return merge
+
+
+@functools.cache
+def _chunk_mass_kernel():
+    """One chunk of one row of logits: its maximum and its sum of exp(x - maximum), reading it once."""
+    import triton
+    import triton.language as tl
+
     @triton.jit
     def chunk_mass(x_ptr, peak_ptr, local_ptr, stride_row, num_chunks, width, BLOCK: tl.constexpr):
         row, chunk = tl.program_id(0), tl.program_id(1)
@@ -118,7 +150,7 @@ def _kernels():
         tl.store(peak_ptr + row * num_chunks + chunk, peak)
         tl.store(local_ptr + row * num_chunks + chunk, local)
 
-    return attend, merge, chunk_mass
+    return chunk_mass
 
 
 def num_splits(programs: int, width: int, block: int, num_sms: int) -> int:
@@ -137,11 +169,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     width = keys.shape[2]
     # The kernel walks the head dimension with unit stride (the decoder's tensors have it; anything else is copied).
     q, keys, values = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, keys, values))
-    if head_dim & (head_dim - 1) or head_dim < 16:
+    if not supports_head_dim(head_dim):
         raise ValueError(f"decode_attention needs a power-of-two head dimension of at least 16, not {head_dim}")
-    attend, merge, _ = _kernels()
-    g_pad = max(16, 1 << (groups - 1).bit_length())
-    block = 64
+    g_pad, block = _pow2_at_least(groups), 64
     programs = rows * kv_heads
     if splits is None:
         splits = num_splits(programs, width, block, torch.cuda.get_device_properties(q.device).multi_processor_count)
@@ -153,7 +183,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         part_stat = torch.empty(programs * splits * 2 * g_pad, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_stat = out  # unused
-    attend[(programs, splits)](
+    _attend_kernel()[(programs, splits)](
         q, keys, values, visible, out, part_acc, part_stat,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), visible.stride(0),
@@ -162,8 +192,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         G_PAD=g_pad, D=head_dim, BLOCK_N=block, SPLIT=splits > 1,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)  # float32: no TF32 rounding
     if splits > 1:
-        merge[(programs,)](part_acc, part_stat, out, out.stride(0), out.stride(1), out.stride(2), kv_heads, groups,
-                           G_PAD=g_pad, D=head_dim, SPLITS=splits, num_warps=4)
+        _merge_kernel()[(programs,)](part_acc, part_stat, out, out.stride(0), out.stride(1), out.stride(2),
+                                     kv_heads, groups, G_PAD=g_pad, D=head_dim, SPLITS=splits, num_warps=4)
     return out
 
 
@@ -175,8 +205,8 @@ def chunk_mass(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError("chunk_mass needs each row's chunks back to back in memory")
     peak = torch.empty(batch_size, num_chunks, dtype=torch.float32, device=chunks.device)
     local = torch.empty_like(peak)
-    block = max(16, 1 << (width - 1).bit_length())
-    _kernels()[2][(batch_size, num_chunks)](chunks, peak, local, chunks.stride(0), num_chunks, width, BLOCK=block,
-                                            num_warps=8 if block >= 4096 else 4)
+    block = _pow2_at_least(width)
+    _chunk_mass_kernel()[(batch_size, num_chunks)](chunks, peak, local, chunks.stride(0), num_chunks, width,
+                                                   BLOCK=block, num_warps=8 if block >= 4096 else 4)
     top = peak.amax(dim=-1, keepdim=True)
     return top, local * torch.exp(peak - top)

@@ -210,10 +210,10 @@ class Sampler:
     """run the untruncated draw's pass over the logits (`chunk_mass`) as one Triton kernel (GPU decode)"""
 
     @classmethod
-    def of(cls, params: SamplingParams) -> "Sampler":
+    def of(cls, params: SamplingParams, fused: bool = False) -> "Sampler":
         if params.is_greedy:  # truncation does not change the argmax: one greedy sampler for all
             return cls(temperature=0.0)
-        return cls(float(params.temperature), int(params.top_k), float(params.top_p))
+        return cls(float(params.temperature), int(params.top_k), float(params.top_p), fused)
 
     @property
     def is_greedy(self) -> bool:

@@ -29,7 +29,6 @@ On CPU the same step runs eagerly (no graphs): the tests check it against the tr
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from winnow.lazy import inference_mode, lazy_import
@@ -106,7 +105,7 @@ class StaticDecoder:
         # batched matmuls with the softmax glue (scale, mask, fp32 softmax, cast back) between them, compiled into one
         # kernel when asked (dynamic: its shapes change with every attention width and active row count).
         if attention_kernel is None:
-            attention_kernel = kernels.available(self.device) and _power_of_two(self.head_dim)
+            attention_kernel = kernels.available(self.device) and kernels.supports_head_dim(self.head_dim)
         if attention_kernel:
             self._attend = kernels.decode_attention
         else:
@@ -129,7 +128,7 @@ class StaticDecoder:
         max_tokens = params.max_tokens
         cache_len = _round_up(prompt_len + max_tokens, self.bucket)
         stops = tuple(sorted(set(stop_ids)))
-        sampler = dataclasses.replace(Sampler.of(params), fused=True)  # the Triton kernel where one runs
+        sampler = Sampler.of(params, fused=True)  # its pass over the logits as a Triton kernel where one runs
         self._prepare(batch_size, cache_len, max_tokens, sampler, stops, pad_token_id)
         self._reset()
         self.row_keys.copy_(row_keys)
@@ -418,10 +417,6 @@ def _scaling(layer, head_dim: int) -> float:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _power_of_two(value: int) -> bool:
-    return value >= 16 and value & (value - 1) == 0
 
 
 def _round_up(value: int, multiple: int) -> int:
