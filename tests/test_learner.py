@@ -36,6 +36,8 @@ def test_train_batch_by_hand():
     assert batch.advantages.tolist() == [1.0, 0.0, -1.0] and batch.rewards.tolist() == [2.0, 0.0, 1.0]
     assert (batch.input_ids.dtype, batch.attention_mask.dtype, batch.response_mask.dtype) == (
         torch.long, torch.long, torch.float32)
+    with pytest.raises(ValueError, match="different number of logprobs than response tokens"):
+        make_train_batch([Completion([1], [2, 3], [-1.0], "stop", "")])
 
 
 def test_sequence_logprobs_by_hand(tiny_model):
