@@ -137,6 +137,10 @@ def main() -> None:
             cells = ", ".join(f"{n} {w['us']:.1f}" if "us" in w else f"{n} -" for n, w in row["ways"].items())
             print(f"{shape} width {width}: floor {floor_us:.1f} us; {cells}", flush=True)
     Path(args.out).write_text(json.dumps({**common.environment(device), "results": results}, indent=1))
+    failed = sorted({name for row in results for name, way in row["ways"].items()
+                     if "error" in way and (name == "kernel" or not any("us" in w for w in row["ways"].values()))})
+    if failed:  # the decoder's own kernel, or every way of a cell: nothing to compare against
+        raise SystemExit(f"{', '.join(failed)} failed ({args.out} holds the errors)")
 
 
 if __name__ == "__main__":
