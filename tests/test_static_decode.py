@@ -122,6 +122,27 @@ def test_weight_sync_reaches_the_static_decoder(tiny_model, tiny_tokenizer):
     assert after.logprobs == pytest.approx(hf.generate(prompts, params)[0].logprobs, abs=2e-5)
 
 
+def test_fused_projections_share_the_parameters_and_follow_a_replacement(tiny_model, tiny_tokenizer):
+    hf, static = engines(tiny_model, tiny_tokenizer)
+    layer, fused = static.decoder.body.layers[0], static.decoder._fused[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    # q, k, v (with their biases) and gate, up are views of one buffer each: no second copy of the weights.
+    q_rows, k_rows = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+    assert fused.qkv_sizes == (q_rows, k_rows, attn.v_proj.weight.shape[0])
+    assert attn.k_proj.weight.data_ptr() == fused.qkv_weight[q_rows].data_ptr()
+    assert attn.v_proj.bias.data_ptr() == fused.qkv_bias[q_rows + k_rows].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == fused.gate_up_weight[mlp.gate_proj.weight.shape[0]].data_ptr()
+    # A parameter given a new tensor (not copied into) leaves the buffer: the next call fuses again, so the
+    # static path keeps computing what the model's modules compute.
+    prompts = encode(tiny_tokenizer, "12+34=", "7*8=")
+    with torch.no_grad():
+        attn.k_proj.weight.data = attn.k_proj.weight + 0.3 * torch.randn_like(attn.k_proj.weight)
+        mlp.up_proj.weight.data = mlp.up_proj.weight.flip(0).clone()
+        hf.model.load_state_dict(static.model.state_dict())
+    assert_same_greedy(hf, static, prompts, max_tokens=6, ignore_eos=True)
+    assert attn.k_proj.weight.data_ptr() == static.decoder._fused[0].qkv_weight[q_rows].data_ptr()
+
+
 def test_unsupported_models_fall_back_or_fail_clearly(tiny_tokenizer):
     from transformers import GPT2Config
 

@@ -12,6 +12,8 @@ replaces only the glue around them:
 - one decode step reads every input from preallocated buffers and advances them itself (the token to feed,
   its position, the cache column, the output column), so it can be captured once as a CUDA graph and
   replayed with no host work or sync per token;
+- projections that read the same input run as one matmul: q/k/v, and the MLP's gate/up (the parameters become
+  views of one buffer per layer, so an in-place weight sync reaches the fused matmuls and nothing is stored twice);
 - attention is grouped-query by reshaping queries to [B, H_kv, G, D] (no K/V expansion) and reads only the
   cache columns up to a length bucket (a multiple of `bucket` tokens; one graph per bucket), so early
   tokens do not pay for the whole cache; on a GPU it is one flash-decoding kernel (`kernels.decode_attention`);
@@ -30,6 +32,7 @@ On CPU the same step runs eagerly (no graphs): the tests check it against the tr
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from winnow.lazy import inference_mode, lazy_import
 from winnow.engines import kernels
@@ -99,6 +102,9 @@ class StaticDecoder:
         # Static shapes first; a second row count (compaction) compiles once more with the rows symbolic, which
         # then serves every later row count and model shape (not one compile each, which would reach dynamo's
         # recompile limit and fall back to eager).
+        # q/k/v and gate/up as one matmul each: at decode's few hundred rows the separate k and v projections
+        # (N = 128 for Qwen2.5-0.5B) are launches that barely use the GPU.
+        self._fused = [_fuse_layer(layer) for layer in self.body.layers]
         self._layer_in = torch.compile(_layer_in, dynamic=None) if compile else _layer_in
         self._layer_out = torch.compile(_layer_out, dynamic=None) if compile else _layer_out
         # Attention: on a GPU with Triton, one flash-decoding kernel (`kernels.decode_attention`); otherwise two
@@ -129,6 +135,7 @@ class StaticDecoder:
         cache_len = _round_up(prompt_len + max_tokens, self.bucket)
         stops = tuple(sorted(set(stop_ids)))
         sampler = Sampler.of(params, fused=True)  # its pass over the logits as a Triton kernel where one runs
+        self._refuse_replaced()
         self._prepare(batch_size, cache_len, max_tokens, sampler, stops, pad_token_id)
         self._reset()
         self.row_keys.copy_(row_keys)
@@ -167,6 +174,16 @@ class StaticDecoder:
             self.__dict__.pop(name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _refuse_replaced(self) -> None:
+        """Fuse again any layer whose projections no longer live in its fused buffers (something assigned new
+        tensors to them, e.g. `model.to()`): an in-place weight sync keeps them there, an assignment would leave
+        the fused matmuls on stale weights."""
+        for index, layer in enumerate(self.body.layers):
+            if not _fuse_intact(layer, self._fused[index]):
+                with torch.inference_mode(False), torch.no_grad():
+                    self._fused[index] = _fuse_layer(layer)
+                self._graphs.clear()  # captured graphs read the old buffers
 
     # ------------------------------------------------------------------ buffers
 
@@ -229,13 +246,13 @@ class StaticDecoder:
         mask = (causal & is_real_first[:, None, None, :]) | torch.eye(prompt_len, dtype=torch.bool, device=self.device)
         cos, sin = self.cos_table[positions_first][:, None], self.sin_table[positions_first][:, None]  # [U, 1, S, D]
         hidden = self.body.embed_tokens(ids)
-        for index, layer in enumerate(self.body.layers):
-            q, k, v = _layer_in(layer, hidden, cos, sin, self.head_dim)
+        for index, (layer, fused) in enumerate(zip(self.body.layers, self._fused)):
+            q, k, v = _layer_in(layer, hidden, cos, sin, self.head_dim, fused)
             self.k_cache[index, :, :, :prompt_len] = k[inverse]
             self.v_cache[index, :, :, :prompt_len] = v[inverse]
             k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=_scaling(layer, self.head_dim))
-            hidden = _layer_out(layer, hidden, attn.transpose(1, 2).reshape(len(first), prompt_len, -1))
+            hidden = _layer_out(layer, hidden, attn.transpose(1, 2).reshape(len(first), prompt_len, -1), fused)
         logits = self.model.lm_head(self.body.norm(hidden[:, -1]))[inverse]
         self.position.copy_(positions[:, -1] + 1)
         self.column.fill_(prompt_len)
@@ -251,8 +268,8 @@ class StaticDecoder:
         sin = self.sin_table[position][:, None, None]
         visible = self.key_valid[:rows, :width] & (self.columns[:width] <= self.column)  # [b, W]
         hidden = self.body.embed_tokens(self.feed[:rows, None])  # [b, 1, H]
-        for index, layer in enumerate(self.body.layers):
-            q, k, v = self._layer_in(layer, hidden, cos, sin, self.head_dim)  # [b, h, 1, D]
+        for index, (layer, fused) in enumerate(zip(self.body.layers, self._fused)):
+            q, k, v = self._layer_in(layer, hidden, cos, sin, self.head_dim, fused)  # [b, h, 1, D]
             k_cache, v_cache = self.k_cache[index, :rows], self.v_cache[index, :rows]
             k_cache.index_copy_(2, self.column, k)
             v_cache.index_copy_(2, self.column, v)
@@ -260,7 +277,7 @@ class StaticDecoder:
             # Grouped-query attention without expanding K/V: query heads j*G .. j*G+G-1 share K/V head j.
             q = q.view(rows, self.num_kv_heads, self.groups, self.head_dim)
             attn = self._attend(q, keys, values, visible, _scaling(layer, self.head_dim))  # [b, H_kv, G, D]
-            hidden = self._layer_out(layer, hidden, attn.reshape(rows, 1, -1))
+            hidden = self._layer_out(layer, hidden, attn.reshape(rows, 1, -1), fused)
         logits = self.model.lm_head(self.body.norm(hidden[:, 0]))
         position.add_(1)
         self.column.add_(1)
@@ -366,12 +383,76 @@ class StaticDecoder:
         self.lengths.copy_(lengths)
 
 
-def _qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+class _Fused(NamedTuple):
+    """A layer's projections that read the same input, as one weight each (None: the layer's own modules)."""
+    qkv_weight: torch.Tensor | None = None
+    qkv_bias: torch.Tensor | None = None
+    qkv_sizes: tuple[int, ...] = ()
+    gate_up_weight: torch.Tensor | None = None
+    gate_up_bias: torch.Tensor | None = None
+
+
+def _fuse_layer(layer) -> _Fused:
+    """q/k/v and gate/up of `layer` fused where they are plain `nn.Linear`s of one dtype and device (adapters or
+    quantized layers keep their own modules)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+    gate_up = _fuse_linears([mlp.gate_proj, mlp.up_proj]) if hasattr(mlp, "act_fn") else None
+    sizes = tuple(linear.weight.shape[0] for linear in (attn.q_proj, attn.k_proj, attn.v_proj))
+    return _Fused(*(qkv or (None, None)), sizes if qkv else (), *(gate_up or (None, None)))
+
+
+def _fuse_linears(linears: list) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One weight [sum of N, K] (and bias) for `linears`, or None when they cannot share one. Each linear's
+    parameters become views into it: a weight sync, which copies into the parameters in place, writes the fused
+    weight too, and no memory is spent twice."""
+    weights = [getattr(linear, "weight", None) for linear in linears]
+    if not all(type(linear) is torch.nn.Linear for linear in linears) or len(
+            {(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+        return None
+    with torch.no_grad():
+        weight = torch.cat([w.detach() for w in weights])
+        bias = None
+        if any(linear.bias is not None for linear in linears):
+            bias = torch.cat([linear.bias.detach() if linear.bias is not None else w.new_zeros(w.shape[0])
+                              for linear, w in zip(linears, weights)])
+    start = 0
+    for linear, w in zip(linears, weights):
+        end = start + w.shape[0]
+        linear.weight.data = weight[start:end]
+        if linear.bias is not None:
+            linear.bias.data = bias[start:end]
+        start = end
+    return weight, bias
+
+
+def _fuse_intact(layer, fused: _Fused) -> bool:
+    """Whether the layer's fused projections still read their parameters' storage."""
+    pairs = []
+    if fused.qkv_weight is not None:
+        attn = layer.self_attn
+        pairs += [(linear, fused.qkv_weight, fused.qkv_bias) for linear in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    if fused.gate_up_weight is not None:
+        mlp = layer.mlp
+        pairs += [(linear, fused.gate_up_weight, fused.gate_up_bias) for linear in (mlp.gate_proj, mlp.up_proj)]
+    return all(_same_storage(linear.weight, weight) and (linear.bias is None or _same_storage(linear.bias, bias))
+               for linear, weight, bias in pairs)
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return b is not None and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, fused: _Fused = _Fused()):
     """Projected, normed (Qwen3) and rotated q [B, H, S, D], k and v [B, H_kv, S, D]."""
     attn, (batch_size, length, _) = layer.self_attn, x.shape
-    q = attn.q_proj(x).view(batch_size, length, -1, head_dim)
-    k = attn.k_proj(x).view(batch_size, length, -1, head_dim)
-    v = attn.v_proj(x).view(batch_size, length, -1, head_dim)
+    if fused.qkv_weight is not None:
+        q, k, v = F.linear(x, fused.qkv_weight, fused.qkv_bias).split(fused.qkv_sizes, dim=-1)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q = q.unflatten(-1, (-1, head_dim))
+    k = k.unflatten(-1, (-1, head_dim))
+    v = v.unflatten(-1, (-1, head_dim))
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -386,15 +467,21 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: 
     return torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)
 
 
-def _layer_in(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+def _layer_in(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
+              fused: _Fused = _Fused()):
     """A layer's work before attention: input norm, q/k/v, RoPE."""
-    return _qkv(layer, layer.input_layernorm(hidden), cos, sin, head_dim)
+    return _qkv(layer, layer.input_layernorm(hidden), cos, sin, head_dim, fused)
 
 
-def _layer_out(layer, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+def _layer_out(layer, hidden: torch.Tensor, attn: torch.Tensor, fused: _Fused = _Fused()) -> torch.Tensor:
     """A layer's work after attention: output projection, residual, MLP, residual."""
     hidden = hidden + layer.self_attn.o_proj(attn)
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    x = layer.post_attention_layernorm(hidden)
+    if fused.gate_up_weight is None:
+        return hidden + layer.mlp(x)
+    mlp = layer.mlp  # the Llama-family gated MLP: down(act(gate(x)) * up(x))
+    gate, up = F.linear(x, fused.gate_up_weight, fused.gate_up_bias).chunk(2, dim=-1)
+    return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def _distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
