@@ -96,7 +96,7 @@ class StaticDecoder:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (active rows, width) -> graph
         self._pool = None
         self.last_capture_seconds = 0.0
-        # The decode step's per-layer glue around attention (norms, projections, RoPE, MLP, residuals) is
+        # The decode step's per-layer glue around attention (norms, projections, RoPE, the K/V cache write, MLP, residuals) is
         # ~35 small kernels per layer eagerly; compiled, it fuses to a few. Prefill stays eager (its shapes
         # change with every prompt length).
         # Static shapes first; a second row count (compaction) compiles once more with the rows symbolic, which
@@ -105,7 +105,7 @@ class StaticDecoder:
         # q/k/v and gate/up as one matmul each: at decode's few hundred rows the separate k and v projections
         # (N = 128 for Qwen2.5-0.5B) are launches that barely use the GPU.
         self._fused = [_fuse_layer(layer) for layer in self.body.layers]
-        self._layer_in = torch.compile(_layer_in, dynamic=None) if compile else _layer_in
+        self._layer_in = torch.compile(_layer_in_cached, dynamic=None) if compile else _layer_in_cached
         self._layer_out = torch.compile(_layer_out, dynamic=None) if compile else _layer_out
         # Attention: on a GPU with Triton, one flash-decoding kernel (`kernels.decode_attention`); otherwise two
         # batched matmuls with the softmax glue (scale, mask, fp32 softmax, cast back) between them, compiled into one
@@ -269,10 +269,8 @@ class StaticDecoder:
         visible = self.key_valid[:rows, :width] & (self.columns[:width] <= self.column)  # [b, W]
         hidden = self.body.embed_tokens(self.feed[:rows, None])  # [b, 1, H]
         for index, (layer, fused) in enumerate(zip(self.body.layers, self._fused)):
-            q, k, v = self._layer_in(layer, hidden, cos, sin, self.head_dim, fused)  # [b, h, 1, D]
             k_cache, v_cache = self.k_cache[index, :rows], self.v_cache[index, :rows]
-            k_cache.index_copy_(2, self.column, k)
-            v_cache.index_copy_(2, self.column, v)
+            q = self._layer_in(layer, hidden, cos, sin, self.head_dim, fused, k_cache, v_cache, self.column)
             keys, values = k_cache[:, :, :width], v_cache[:, :, :width]  # [b, H_kv, W, D]
             # Grouped-query attention without expanding K/V: query heads j*G .. j*G+G-1 share K/V head j.
             q = q.view(rows, self.num_kv_heads, self.groups, self.head_dim)
@@ -471,6 +469,17 @@ def _layer_in(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               fused: _Fused = _Fused()):
     """A layer's work before attention: input norm, q/k/v, RoPE."""
     return _qkv(layer, layer.input_layernorm(hidden), cos, sin, head_dim, fused)
+
+
+def _layer_in_cached(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
+                     fused: _Fused, k_cache: torch.Tensor, v_cache: torch.Tensor, column: torch.Tensor):
+    """`_layer_in` for one decode token that writes its k and v into cache column `column` ([1] long) of
+    k_cache/v_cache [b, H_kv, L, D] and returns q [b, H, 1, D]. Compiled, the writes fuse into the RoPE kernel
+    (inductor scatters into the cache in place)."""
+    q, k, v = _layer_in(layer, hidden, cos, sin, head_dim, fused)
+    k_cache.index_copy_(2, column, k)
+    v_cache.index_copy_(2, column, v)
+    return q
 
 
 def _layer_out(layer, hidden: torch.Tensor, attn: torch.Tensor, fused: _Fused = _Fused()) -> torch.Tensor:
