@@ -96,9 +96,9 @@ class StaticDecoder:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (active rows, width) -> graph
         self._pool = None
         self.last_capture_seconds = 0.0
-        # The decode step's per-layer glue around attention (norms, projections, RoPE, the K/V cache write, MLP, residuals) is
-        # ~35 small kernels per layer eagerly; compiled, it fuses to a few. Prefill stays eager (its shapes
-        # change with every prompt length).
+        # The decode step's per-layer glue around attention (norms, projections, RoPE, the K/V cache write, MLP,
+        # residuals) is ~35 small kernels per layer eagerly; compiled, it fuses to a few. Prefill stays eager
+        # (its shapes change with every prompt length).
         # Static shapes first; a second row count (compaction) compiles once more with the rows symbolic, which
         # then serves every later row count and model shape (not one compile each, which would reach dynamo's
         # recompile limit and fall back to eager).
