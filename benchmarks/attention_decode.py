@@ -1,5 +1,6 @@
 """Decode attention alone (issue 15): one layer's grouped-query attention of one new token per row over a cache
-of a given width, the ways the static decoder could compute it, at the 0.5B, 1.5B and 7B shapes (512 rows).
+of a given width, the ways the static decoder could compute it, at the 0.5B, 1.5B and 7B shapes (512 rows, or
+--rows).
 
     PYTHONPATH=$PWD python benchmarks/attention_decode.py --out attention_decode.json
     PYTHONPATH=$PWD python benchmarks/attention_decode.py --cpu --out /tmp/attention_decode.json   # a dry run
@@ -15,13 +16,26 @@ Ways (each checked against float64 attention before it is timed):
                          (width 512 only: it compiles once per width)
     kernel               winnow's flash-decoding Triton kernel (`engines/kernels.py`), which the decoder
                          uses on a GPU
+    kernel_bounded       the same kernel given `last_column` = width - 65: a cache filled to 64 columns short
+                         of the width, as when the decoder's length bucket is rounded up (the columns past it
+                         not visible); it reads only the columns up to there (its floor: floor_bounded_us)
 
 Each way is captured in a CUDA graph of 20 calls and replayed (no launch overhead in the figure); the floor is
 reading the width's K and V once at the measured copy bandwidth.
+
+--sweep also times the kernel at each tile, block_n in (32, 64, 128) keys x num_warps in (2, 4, 8), on every
+shape and width; the JSON's `sweep` key holds each tile's time and error per cell, and the printed table names
+the fastest tile per cell beside the default's (`kernels._tile`). The splits follow block_n (`num_splits`):
+512 rows are programs enough for one split per row and K/V head, so the split path is timed with fewer rows,
+as after compaction (--rows 32).
+
+    PYTHONPATH=$PWD python benchmarks/attention_decode.py --sweep --out attention_decode_sweep.json
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -39,6 +53,8 @@ from winnow.engines.static_decode import _attend  # noqa: E402
 SHAPES = {"0.5b": (2, 7, 64), "1.5b": (2, 6, 128), "7b": (4, 7, 128)}  # H_kv, G, D
 BACKENDS = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "math": SDPBackend.MATH}
+BOUNDED_SHORT = 64  # kernel_bounded: the cache ends this many columns before the width (half a 128 bucket)
+SWEEP_BLOCKS, SWEEP_WARPS = (32, 64, 128), (2, 4, 8)
 
 
 def ways(compile_ok: bool) -> dict:
@@ -105,41 +121,117 @@ def inputs_for(shape: str, rows: int, width: int, cache_len: int, device, dtype)
     return q, keys, values, visible, head_dim**-0.5
 
 
+def floor_us(shape: str, rows: int, columns: int, element_size: int, bandwidth: float) -> float:
+    """Microseconds to read `columns` columns of K and V once at the copy bandwidth (bytes per second)."""
+    kv_heads, _, head_dim = SHAPES[shape]
+    return 1e6 * 2 * rows * kv_heads * columns * head_dim * element_size / bandwidth
+
+
+def measure(fn, inputs, want, device) -> dict:
+    """One way on one cell: its time and largest difference from float64 attention, or the error it raised."""
+    try:
+        error = (fn(*inputs).double() - want).abs().max().item()
+        return {"us": time_way(fn, inputs, device), "max_abs_error": error}
+    except Exception as exc:  # a backend that does not take this layout: say so, go on
+        return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+
+
+def bounded(inputs):
+    """kernel_bounded's call and inputs: the cache filled to BOUNDED_SHORT columns short of the width, the
+    columns past its end not visible (as the decoder's mask has them) and not read (`last_column`)."""
+    q, keys, values, visible, scale = inputs
+    width = keys.shape[2]
+    last_column = torch.full((1,), width - BOUNDED_SHORT - 1, dtype=torch.long, device=q.device)
+    visible = visible.clone()
+    visible[:, width - BOUNDED_SHORT:] = False
+    return functools.partial(kernels.decode_attention, last_column=last_column), (q, keys, values, visible, scale)
+
+
+def cell(shape: str, width: int, inputs, want, table: dict, device, bandwidth: float) -> dict:
+    """Every way of the table (and kernel_bounded where the kernel is one) at one shape and width."""
+    rows, element_size = inputs[0].shape[0], inputs[1].element_size()
+    row = {"shape": shape, "rows": rows, "width": width,
+           "floor_us": floor_us(shape, rows, width, element_size, bandwidth), "ways": {}}
+    for name, fn in table.items():
+        if name == "flex" and width != 512:  # one compile per width: measured at one
+            continue
+        row["ways"][name] = measure(fn, inputs, want, device)
+    if "kernel" in table and width > BOUNDED_SHORT:
+        fn, bounded_inputs = bounded(inputs)
+        row["ways"]["kernel_bounded"] = measure(fn, bounded_inputs, reference(*bounded_inputs), device)
+        row["floor_bounded_us"] = floor_us(shape, rows, width - BOUNDED_SHORT, element_size, bandwidth)
+    return row
+
+
+def sweep_cell(shape: str, width: int, inputs, want, device) -> dict:
+    """The kernel at every tile of the sweep on one cell: each tile's time and error, the fastest, the default."""
+    _, groups, head_dim = SHAPES[shape]
+    tiles = []
+    for block_n, num_warps in itertools.product(SWEEP_BLOCKS, SWEEP_WARPS):
+        fn = functools.partial(kernels.decode_attention, block_n=block_n, num_warps=num_warps)
+        tiles.append({"block_n": block_n, "num_warps": num_warps, **measure(fn, inputs, want, device)})
+    timed = [tile for tile in tiles if "us" in tile]
+    default = kernels._tile(head_dim, groups)
+    return {"shape": shape, "rows": inputs[0].shape[0], "width": width, "tiles": tiles,
+            "best": min(timed, key=lambda tile: tile["us"]) if timed else None,
+            "default": next((tile for tile in tiles if (tile["block_n"], tile["num_warps"]) == default), None)}
+
+
+def print_sweep(sweep: list[dict]) -> None:
+    """One line per (shape, width): the fastest tile and its time beside the default tile's."""
+    def name(tile):
+        if tile is None:
+            return "not in the sweep"
+        us = f"{tile['us']:.1f} us" if "us" in tile else "failed"
+        return f"{tile['block_n']} keys x {tile['num_warps']} warps {us}"
+    print("\ntile sweep (block_n x num_warps): the fastest per cell, then the default")
+    for entry in sweep:
+        best = name(entry["best"]) if entry["best"] else "every tile failed"
+        print(f"{entry['shape']:>5} width {entry['width']:>4}: best {best}; default {name(entry['default'])}")
+
+
+def failures(results: list[dict], sweep: list[dict]) -> list[str]:
+    """What makes the run fail: the decoder's kernel failing on a cell, every way of a cell failing, or every
+    tile of a sweep cell failing (nothing to compare against)."""
+    failed = {name for row in results for name, way in row["ways"].items()
+              if "error" in way and (name.startswith("kernel") or not any("us" in w for w in row["ways"].values()))}
+    failed |= {f"sweep {entry['shape']} width {entry['width']}" for entry in sweep if entry["best"] is None}
+    return sorted(failed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--shapes", default="0.5b,1.5b,7b")
     parser.add_argument("--widths", default="256,512,640")
+    parser.add_argument("--rows", type=int, default=None, help="rows per call (default 512; 16 with --cpu)")
+    parser.add_argument("--sweep", action="store_true", help="also time the kernel at each tile (GPU only)")
     args = parser.parse_args()
+    if args.sweep and args.cpu:
+        parser.error("--sweep times the compiled Triton kernel: it needs a GPU")
     device = torch.device("cpu" if args.cpu else "cuda")
     dtype = torch.float32 if args.cpu else torch.bfloat16
-    rows = 16 if args.cpu else 512
+    rows = args.rows or (16 if args.cpu else 512)
     bandwidth = common.measure_ceilings(device)["bandwidth_gbps"] * 1e9
-    table, results = ways(compile_ok=not args.cpu), []
+    table, results, sweep = ways(compile_ok=not args.cpu), [], []
     for shape in args.shapes.split(","):
         for width in map(int, args.widths.split(",")):
             inputs = inputs_for(shape, rows, width, 640, device, dtype)
             want = reference(*inputs)
-            kv_heads, _, head_dim = SHAPES[shape]
-            floor_us = 1e6 * 2 * rows * kv_heads * width * head_dim * inputs[1].element_size() / bandwidth
-            row = {"shape": shape, "rows": rows, "width": width, "floor_us": floor_us, "ways": {}}
-            for name, fn in table.items():
-                if name == "flex" and width != 512:  # one compile per width: measured at one
-                    continue
-                try:
-                    got = fn(*inputs)
-                    error = (got.double() - want).abs().max().item()
-                    row["ways"][name] = {"us": time_way(fn, inputs, device), "max_abs_error": error}
-                except Exception as exc:  # a backend that does not take this layout: say so, go on
-                    row["ways"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            row = cell(shape, width, inputs, want, table, device, bandwidth)
             results.append(row)
             cells = ", ".join(f"{n} {w['us']:.1f}" if "us" in w else f"{n} -" for n, w in row["ways"].items())
-            print(f"{shape} width {width}: floor {floor_us:.1f} us; {cells}", flush=True)
-    Path(args.out).write_text(json.dumps({**common.environment(device), "results": results}, indent=1))
-    failed = sorted({name for row in results for name, way in row["ways"].items()
-                     if "error" in way and (name == "kernel" or not any("us" in w for w in row["ways"].values()))})
-    if failed:  # the decoder's own kernel, or every way of a cell: nothing to compare against
+            bounded_floor = f" (bounded {row['floor_bounded_us']:.1f})" if "floor_bounded_us" in row else ""
+            print(f"{shape} width {width}: floor {row['floor_us']:.1f}{bounded_floor} us; {cells}", flush=True)
+            if args.sweep:
+                sweep.append(sweep_cell(shape, width, inputs, want, device))
+    if args.sweep:
+        print_sweep(sweep)
+    report = {**common.environment(device), "results": results, **({"sweep": sweep} if args.sweep else {})}
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    failed = failures(results, sweep)
+    if failed:
         raise SystemExit(f"{', '.join(failed)} failed ({args.out} holds the errors)")
 
 

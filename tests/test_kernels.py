@@ -81,6 +81,58 @@ def test_attention_takes_any_layout_of_the_head_dimension(interpreted):
     torch.testing.assert_close(got, _attend(q, keys, values, visible, 0.25), atol=1e-5, rtol=0)
 
 
+def _random_attention(seed: int, width: int = 200):
+    """Two rows, one K/V head of 3 query heads, head dim 16 (scale 1/4); row 0 left-padded by 3 columns."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 1, 3, 16, generator=generator)
+    keys, values = (torch.randn(2, 1, width, 16, generator=generator) for _ in range(2))
+    visible = torch.ones(2, width, dtype=torch.bool)
+    visible[0, :3] = False
+    return tuple(t.to(DEVICE) for t in (q, keys, values, visible))
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_attention_stops_at_the_last_column(interpreted, splits):
+    # Width 200 in tiles of 64; with 4 splits each split is one tile: [0, 64), [64, 128), [128, 192), [192, 200).
+    # The last columns: inside the first tile, the last of split 0, the first of split 1 and of split 2, the
+    # width's last. Columns past it are visible (as the decoder's key_valid marks them) but must not count.
+    q, keys, values, visible = _random_attention(seed=4)
+    columns = torch.arange(200, device=DEVICE)
+    for last in (5, 63, 64, 128, 199):
+        got = kernel.decode_attention(q, keys, values, visible, 0.25, splits=splits, block_n=64,
+                                      last_column=torch.tensor([last], device=DEVICE))
+        want = _attend(q, keys, values, visible & (columns <= last), 0.25)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=lambda m, last=last: f"last column {last}: {m}")
+
+
+def test_attention_reads_nothing_past_the_last_column(interpreted):
+    # Keys and values past column 70 are NaN: one read, even weighed 0, would make the output NaN (0 * NaN). The
+    # tile [64, 128) holds column 70; with 2 splits of 128 columns, split 1 [128, 200) starts past it.
+    q, keys, values, visible = _random_attention(seed=5)
+    want = _attend(q, keys[:, :, :71], values[:, :, :71], visible[:, :71], 0.25)
+    keys[:, :, 71:], values[:, :, 71:] = float("nan"), float("nan")
+    for splits in (1, 2):
+        got = kernel.decode_attention(q, keys, values, visible, 0.25, splits=splits, block_n=64,
+                                      last_column=torch.tensor([70], device=DEVICE))
+        assert got.isfinite().all()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_attention_is_the_same_for_every_tile(interpreted):
+    # The tile changes only the order of the sums (the interpreter ignores num_warps; a GPU compiles each).
+    q, keys, values, visible = _random_attention(seed=6)
+    want = _attend(q, keys, values, visible, 0.25)
+    for block_n, num_warps in ((32, 2), (64, 4), (128, 8)):
+        for splits in (1, 2):
+            got = kernel.decode_attention(q, keys, values, visible, 0.25, splits=splits, block_n=block_n,
+                                          num_warps=num_warps)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="block_n"):
+        kernel.decode_attention(q, keys, values, visible, 0.25, splits=1, block_n=48)
+    with pytest.raises(ValueError, match="one column"):
+        kernel.decode_attention(q, keys, values, visible, 0.25, splits=1, last_column=torch.tensor([3, 4]))
+
+
 def test_splits_keep_about_four_programs_per_multiprocessor():
     assert kernel.num_splits(programs=1024, width=512, block=64, num_sms=132) == 1  # 512 rows x 2 heads: plenty
     assert kernel.num_splits(programs=64, width=640, block=64, num_sms=132) == 8  # 32 rows after compaction

@@ -9,7 +9,12 @@ streams the width's keys and values tile by tile with an online softmax (float32
 float32 accumulator), and never writes the scores. When rows are few (after compaction) the width is split
 across programs so the GPU stays busy, and a second small kernel merges the splits' partial results. It takes
 what `_attend` takes: q [b, H_kv, G, D], keys and values [b, H_kv, W, D] (views into the cache: any strides,
-the last dimension contiguous), visible [b, W] bool; it returns [b, H_kv, G, D] in q's dtype.
+the last dimension contiguous), visible [b, W] bool; it returns [b, H_kv, G, D] in q's dtype. The decoder's
+width is a length bucket (one CUDA graph per bucket), rounded up past the cache's last written column; given
+`last_column`, a one-element device tensor the kernel reads at each launch (so a replayed graph sees its
+current value), the programs stop there: columns past it are neither read nor attended to, and a split that
+starts past it loads nothing. The tile (keys per tile, warps per program) can be set per call; `_tile` gives
+the default.
 
 **Chunk mass.** `chunk_mass(chunks)` computes `sampling.chunk_mass`: per row of logits cut into chunks
 [B, C, K], each chunk's maximum and sum of exp(x - maximum), one program per chunk reading it once.
@@ -56,12 +61,12 @@ def _attend_kernel():
     import triton.language as tl
 
     @triton.jit
-    def attend(q_ptr, k_ptr, v_ptr, visible_ptr, out_ptr, part_acc_ptr, part_stat_ptr,
+    def attend(q_ptr, k_ptr, v_ptr, visible_ptr, last_column_ptr, out_ptr, part_acc_ptr, part_stat_ptr,
                stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_kw, stride_vb, stride_vh, stride_vw,
                stride_visible, stride_ob, stride_oh, stride_og,
                kv_heads, groups, width, split_len, scale,
                G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-               PRECISION: tl.constexpr):
+               HAS_LAST_COLUMN: tl.constexpr, PRECISION: tl.constexpr):
         pid, split = tl.program_id(0), tl.program_id(1)
         row, head = pid // kv_heads, pid % kv_heads
         g, d = tl.arange(0, G_PAD), tl.arange(0, D)
@@ -74,8 +79,12 @@ def _attend_kernel():
         acc = tl.zeros([G_PAD, D], tl.float32)
         start = split * split_len
         end = tl.minimum(start + split_len, width)
-        for offset in range(0, split_len, BLOCK_N):  # the last split's tiles past the width load nothing
-            n = start + offset + tl.arange(0, BLOCK_N)
+        if HAS_LAST_COLUMN:  # read from memory, not baked in: a captured graph sees its value at each replay
+            end = tl.minimum(end, tl.load(last_column_ptr).to(tl.int32) + 1)
+        # A dynamic bound: a split that starts past the end runs no iteration (m -inf, l 0: the merge weighs it 0),
+        # and the tile that holds the end loads only up to it.
+        for offset in range(start, end, BLOCK_N):
+            n = offset + tl.arange(0, BLOCK_N)
             in_range = n < end
             k = tl.load(k_base + n[:, None] * stride_kw + d[None, :], mask=in_range[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G_PAD, BLOCK_N] float32
@@ -162,17 +171,35 @@ def num_splits(programs: int, width: int, block: int, num_sms: int) -> int:
     return splits
 
 
+def _tile(head_dim: int, groups: int) -> tuple[int, int]:
+    """`decode_attention`'s default tile for a shape: (keys per tile, warps per program). (64, 4) for every shape
+    until `benchmarks/attention_decode.py --sweep` has timed the alternatives per shape on a GPU."""
+    return 64, 4
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
-                     scale: float, *, splits: int | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale, masked by `visible`) v for one token per row; shapes as the module says."""
+                     scale: float, *, splits: int | None = None, last_column: torch.Tensor | None = None,
+                     block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, masked by `visible`) v for one token per row; shapes as the module says.
+
+    splits: programs per (row, K/V head), a power of two; None: `num_splits`'s choice for this GPU.
+    last_column: a one-element integer tensor on q's device; columns past it are neither read nor attended to.
+        The kernel reads it from memory, so a captured CUDA graph follows its value. None: the whole width.
+    block_n, num_warps: keys per tile (a power of two of at least 16) and warps per program; None: `_tile`'s.
+    """
     rows, kv_heads, groups, head_dim = q.shape
     width = keys.shape[2]
     # The kernel walks the head dimension with unit stride (the decoder's tensors have it; anything else is copied).
     q, keys, values = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, keys, values))
     if not supports_head_dim(head_dim):
         raise ValueError(f"decode_attention needs a power-of-two head dimension of at least 16, not {head_dim}")
-    g_pad, block = _pow2_at_least(groups), 64
-    programs = rows * kv_heads
+    default_block, default_warps = _tile(head_dim, groups)
+    block, num_warps = block_n or default_block, num_warps or default_warps
+    if _pow2_at_least(block) != block:  # tl.arange takes powers of two, tl.dot tiles of at least 16
+        raise ValueError(f"decode_attention needs block_n a power of two of at least 16, not {block}")
+    if last_column is not None and last_column.numel() != 1:
+        raise ValueError(f"last_column holds one column, not {last_column.numel()}")
+    g_pad, programs = _pow2_at_least(groups), rows * kv_heads
     if splits is None:
         splits = num_splits(programs, width, block, torch.cuda.get_device_properties(q.device).multi_processor_count)
     split_len = -(-width // (splits * block)) * block
@@ -184,13 +211,13 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     else:
         part_acc = part_stat = out  # unused
     _attend_kernel()[(programs, splits)](
-        q, keys, values, visible, out, part_acc, part_stat,
+        q, keys, values, visible, out if last_column is None else last_column, out, part_acc, part_stat,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), visible.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         kv_heads, groups, width, split_len, scale,
-        G_PAD=g_pad, D=head_dim, BLOCK_N=block, SPLIT=splits > 1,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)  # float32: no TF32 rounding
+        G_PAD=g_pad, D=head_dim, BLOCK_N=block, SPLIT=splits > 1, HAS_LAST_COLUMN=last_column is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)  # float32: no TF32 rounding
     if splits > 1:
         _merge_kernel()[(programs,)](part_acc, part_stat, out, out.stride(0), out.stride(1), out.stride(2),
                                      kv_heads, groups, G_PAD=g_pad, D=head_dim, SPLITS=splits, num_warps=4)
