@@ -16,7 +16,8 @@ replaces only the glue around them:
   views of one buffer per layer, so an in-place weight sync reaches the fused matmuls and nothing is stored twice);
 - attention is grouped-query by reshaping queries to [B, H_kv, G, D] (no K/V expansion) and reads only the
   cache columns up to a length bucket (a multiple of `bucket` tokens; one graph per bucket), so early
-  tokens do not pay for the whole cache; on a GPU it is one flash-decoding kernel (`kernels.decode_attention`);
+  tokens do not pay for the whole cache; on a GPU it is one flash-decoding kernel (`kernels.decode_attention`),
+  which reads the cache only up to the step's column (a device counter), not to the end of the bucket;
 - sampling is the engine's one sampler (`sampling.Sampler`, also used by the `hf` path, so one seed gives
   the same tokens on both): an inverse-CDF draw from softmax(logits/T) with one keyed uniform per row, a
   fixed-shape, sync-free computation; the row keys are a buffer (they move with their rows when rows are
@@ -112,6 +113,7 @@ class StaticDecoder:
         # kernel when asked (dynamic: its shapes change with every attention width and active row count).
         if attention_kernel is None:
             attention_kernel = kernels.available(self.device) and kernels.supports_head_dim(self.head_dim)
+        self.attention_kernel = attention_kernel  # it takes `last_column`: reads no cache column past it
         if attention_kernel:
             self._attend = kernels.decode_attention
         else:
@@ -268,13 +270,16 @@ class StaticDecoder:
         sin = self.sin_table[position][:, None, None]
         visible = self.key_valid[:rows, :width] & (self.columns[:width] <= self.column)  # [b, W]
         hidden = self.body.embed_tokens(self.feed[:rows, None])  # [b, 1, H]
+        # The kernel reads the cache only up to this step's column, not to the end of the width's bucket.
+        bound = {"last_column": self.column} if self.attention_kernel else {}
         for index, (layer, fused) in enumerate(zip(self.body.layers, self._fused)):
             k_cache, v_cache = self.k_cache[index, :rows], self.v_cache[index, :rows]
             q = self._layer_in(layer, hidden, cos, sin, self.head_dim, fused, k_cache, v_cache, self.column)
             keys, values = k_cache[:, :, :width], v_cache[:, :, :width]  # [b, H_kv, W, D]
             # Grouped-query attention without expanding K/V: query heads j*G .. j*G+G-1 share K/V head j.
             q = q.view(rows, self.num_kv_heads, self.groups, self.head_dim)
-            attn = self._attend(q, keys, values, visible, _scaling(layer, self.head_dim))  # [b, H_kv, G, D]
+            scale = _scaling(layer, self.head_dim)
+            attn = self._attend(q, keys, values, visible, scale, **bound)  # [b, H_kv, G, D]
             hidden = self._layer_out(layer, hidden, attn.reshape(rows, 1, -1), fused)
         logits = self.model.lm_head(self.body.norm(hidden[:, 0]))
         position.add_(1)
