@@ -4,6 +4,7 @@ seeding question).
     python benchmarks/generate_matrix.py --engine winnow --shapes 0.5b,1.5b,7b --out gen_matrix_winnow.json
     python benchmarks/generate_matrix.py --engine vllm --shapes 7b --seeding per-prompt,none --out gen_matrix_vllm_7b.json
     python benchmarks/generate_matrix.py --cpu --engine winnow --out /tmp/gen_matrix_cpu.json   # smoke test
+    python benchmarks/generate_matrix.py --engine winnow --shapes 1.5b --max-batch-size 256 --out chunked.json
 
 Workloads, on the GRPO benchmark's rollout (64 prompts x 8 samples, 128-token prompts, temperature 1, sampled-
 token logprobs; random weights):
@@ -85,7 +86,7 @@ def _count_at_most(ordered: list[int], value: int) -> int:
     return bisect.bisect_right(ordered, value)
 
 
-def build_engine(engine_name: str, cfg, tokenizer, workload, device, vllm_memory: float):
+def build_engine(engine_name: str, cfg, tokenizer, workload, device, vllm_memory: float, max_batch_size: int | None):
     if engine_name == "vllm":
         from winnow.engines.vllm import VLLMEngine, VLLMEngineConfig
 
@@ -104,7 +105,8 @@ def build_engine(engine_name: str, cfg, tokenizer, workload, device, vllm_memory
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    return HFEngine(model, tokenizer, HFEngineConfig(max_batch_size=workload.num_sequences,
+    batch = workload.num_sequences if max_batch_size is None else max_batch_size
+    return HFEngine(model, tokenizer, HFEngineConfig(max_batch_size=batch,
                                                      compile_decode=device.type == "cuda"),
                     device=device, copy_model=False)
 
@@ -117,7 +119,7 @@ def run_shape(args, shape: str, device, ceilings: dict) -> list[dict]:
     prompts = [tokenizer(text)["input_ids"] for text in
                common.prompt_texts(workload, cfg.vocab_size, cfg.eos_token_id, num_calls)]
     start = time.perf_counter()
-    engine = build_engine(args.engine, cfg, tokenizer, workload, device, args.vllm_memory)
+    engine = build_engine(args.engine, cfg, tokenizer, workload, device, args.vllm_memory, args.max_batch_size)
     start_s = time.perf_counter() - start
     num_params = sum(int(torch.Size(s).numel()) for s in _param_shapes(cfg))
     rows = []
@@ -145,6 +147,7 @@ def run_shape(args, shape: str, device, ceilings: dict) -> list[dict]:
             floors = [floor_for_lengths(cfg, num_params, workload.prompt_len, call, ceilings) for call in lengths]
             flat = sorted(n for call in lengths for n in call)
             row = {"engine": args.engine, "shape": shape, "workload": workload_name, "seeding": seeding,
+                   "max_batch_size": args.max_batch_size,
                    "start_s": start_s, "generate_s": times, "generate_median_s": statistics.median(times),
                    "tokens": [sum(call) for call in lengths],
                    "tokens_per_s": statistics.median(sum(c) / s for c, s in zip(lengths, times)),
@@ -183,6 +186,8 @@ def main() -> None:
     parser.add_argument("--seeding", default="per-prompt,none", help="vLLM only: per-prompt and/or none")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--vllm-memory", type=float, default=0.5)
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="winnow only: the engine's max_batch_size (default: the whole rollout; 0: auto)")
     parser.add_argument("--cpu", action="store_true", help="smoke test: the tiny shape on CPU")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

@@ -233,6 +233,28 @@ def test_compaction_does_not_change_sampled_responses(tiny_model, tiny_tokenizer
 
 
 @pytest.mark.slow
+def test_batch_size_chunks_evenly_and_the_row_estimate_covers_the_buffers(tiny_model, tiny_tokenizer):
+    engine = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="static"), device="cpu")
+    # auto (0) off a GPU: at most 256 a chunk, as equal as the count allows (600 -> 3 x 200: one shape of
+    # buffers and graphs serves every chunk); a set size splits the same way.
+    assert engine._chunk_size(600, 100) == 200 and engine._chunk_size(256, 100) == 256
+    engine.config.max_batch_size = 4
+    assert engine._chunk_size(9, 100) == 3 and engine._chunk_size(8, 100) == 4
+    engine.config.max_batch_size = -1
+    with pytest.raises(ValueError, match="--engine.max-batch-size"):
+        engine._chunk_size(9, 100)
+    # What auto sizing on a GPU divides the memory budget by: one row's buffers after a call of 3 prompts x 2
+    # samples must be at least the K/V cache and no more than the per-row estimate.
+    engine.config.max_batch_size = 0
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=")
+    engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=7, n=2, seed=0))
+    decoder, rows = engine.decoder, 6
+    cache = decoder.k_cache.numel() * decoder.k_cache.element_size() * 2
+    assert cache <= decoder.buffer_bytes() <= rows * decoder.bytes_per_row(max(map(len, prompts)) + 7)
+    decoder.release()
+    assert decoder.buffer_bytes() == 0
+
+
 def test_compiled_decode_gives_the_same_tokens(tiny_model, tiny_tokenizer):
     hf = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="hf"), device="cpu")
     compiled = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="static", compile_decode=True),
@@ -251,6 +273,24 @@ def gpu_engines(model, tokenizer):
     graph = HFEngine(model, tokenizer, HFEngineConfig(decode="graph", dtype="float32", attention_bucket=4),
                      device="cuda")
     return hf, graph
+
+
+@needs_cuda
+def test_auto_batch_size_fits_the_memory_budget_on_gpu(tiny_model, tiny_tokenizer):
+    # A budget that holds only a few rows' buffers: the call runs in equal chunks and samples what one batch
+    # samples (keyed draws), and a roomy budget takes the whole call at once.
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=", "1")
+    params = SamplingParams(temperature=1.0, max_tokens=12, n=4, seed=5, ignore_eos=True)
+    roomy = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="graph", dtype="float32"), device="cuda")
+    max_len = max(map(len, prompts)) + 12
+    assert roomy._chunk_size(16, max_len) == 16
+    tight = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="graph", dtype="float32"), device="cuda")
+    free, _ = torch.cuda.mem_get_info()
+    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    tight.config.kv_cache_memory = 5.5 * tight.decoder.bytes_per_row(max_len) / free  # 5 rows: 4 chunks of 4
+    assert tight._chunk_size(16, max_len) == 4
+    assert_same_samples(roomy.generate(prompts, params), tight.generate(prompts, params))
+    assert tight.decoder.out_tokens.shape[0] == 4
 
 
 @needs_cuda

@@ -177,6 +177,21 @@ class StaticDecoder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def bytes_per_row(self, max_len: int) -> int:
+        """An estimate of the device memory one row of a call takes, prompt and response `max_len` tokens:
+        its K/V cache, its share of the prefill's activations and of the step's logits and sampling."""
+        config, size = self.model.config, torch.finfo(self.dtype).bits // 8
+        cache_len = _round_up(max_len, self.bucket)
+        kv = 2 * len(self.body.layers) * self.num_kv_heads * self.head_dim * cache_len * size
+        prefill = max_len * (3 * config.intermediate_size + 6 * config.hidden_size) * size
+        logits = config.vocab_size * (size + 8)
+        return kv + prefill + logits + max_len * 16
+
+    def buffer_bytes(self) -> int:
+        """Device memory the decoder's buffers take now (0 when released)."""
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in _BUFFERS
+                   if name in self.__dict__)
+
     def _refuse_replaced(self) -> None:
         """Fuse again any layer whose projections no longer live in its fused buffers (something assigned new
         tensors to them, e.g. `model.to()`): an in-place weight sync keeps them there, an assignment would leave
