@@ -113,7 +113,6 @@ class StaticDecoder:
         # kernel when asked (dynamic: its shapes change with every attention width and active row count).
         if attention_kernel is None:
             attention_kernel = kernels.available(self.device) and kernels.supports_head_dim(self.head_dim)
-        self.attention_kernel = attention_kernel  # it takes `last_column`: reads no cache column past it
         if attention_kernel:
             self._attend = kernels.decode_attention
         else:
@@ -285,8 +284,6 @@ class StaticDecoder:
         sin = self.sin_table[position][:, None, None]
         visible = self.key_valid[:rows, :width] & (self.columns[:width] <= self.column)  # [b, W]
         hidden = self.body.embed_tokens(self.feed[:rows, None])  # [b, 1, H]
-        # The kernel reads the cache only up to this step's column, not to the end of the width's bucket.
-        bound = {"last_column": self.column} if self.attention_kernel else {}
         for index, (layer, fused) in enumerate(zip(self.body.layers, self._fused)):
             k_cache, v_cache = self.k_cache[index, :rows], self.v_cache[index, :rows]
             q = self._layer_in(layer, hidden, cos, sin, self.head_dim, fused, k_cache, v_cache, self.column)
@@ -294,7 +291,8 @@ class StaticDecoder:
             # Grouped-query attention without expanding K/V: query heads j*G .. j*G+G-1 share K/V head j.
             q = q.view(rows, self.num_kv_heads, self.groups, self.head_dim)
             scale = _scaling(layer, self.head_dim)
-            attn = self._attend(q, keys, values, visible, scale, **bound)  # [b, H_kv, G, D]
+            # The kernel reads the cache only up to this step's column, not to the end of the width's bucket.
+            attn = self._attend(q, keys, values, visible, scale, last_column=self.column)  # [b, H_kv, G, D]
             hidden = self._layer_out(layer, hidden, attn.reshape(rows, 1, -1), fused)
         logits = self.model.lm_head(self.body.norm(hidden[:, 0]))
         position.add_(1)
@@ -477,9 +475,11 @@ def _qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim:
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
 
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float):
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float,
+            last_column: torch.Tensor | None = None):
     """Grouped-query attention of one decode token: q [b, H_kv, G, D] over keys/values [b, H_kv, W, D], where
-    visible [b, W] says which cache columns a row may read. Scores and softmax in float32."""
+    visible [b, W] says which cache columns a row may read. Scores and softmax in float32. `last_column` is
+    the kernel's argument, unused here: `visible` already leaves out the columns past it."""
     scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     return torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)
