@@ -240,9 +240,10 @@ def test_batch_size_chunks_evenly_and_the_row_estimate_covers_the_buffers(tiny_m
     assert engine._chunk_size(600, 100) == 200 and engine._chunk_size(256, 100) == 256
     engine.config.max_batch_size = 4
     assert engine._chunk_size(9, 100) == 3 and engine._chunk_size(8, 100) == 4
-    engine.config.max_batch_size = -1
     with pytest.raises(ValueError, match="--engine.max-batch-size"):
-        engine._chunk_size(9, 100)
+        HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="static", max_batch_size=-1), device="cpu")
+    with pytest.raises(ValueError, match="--engine.kv-cache-memory"):
+        HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="static", kv_cache_memory=1.5), device="cpu")
     # What auto sizing on a GPU divides the memory budget by: one row's buffers after a call of 3 prompts x 2
     # samples must be at least the K/V cache and no more than the per-row estimate.
     engine.config.max_batch_size = 0

@@ -116,6 +116,12 @@ class HFEngine:
         if kv_cache not in ("static", "dynamic"):
             raise ValueError(f"kv_cache={self.config.kv_cache!r}: use 'auto', 'static' or 'dynamic'")
         self.kv_cache = kv_cache
+        if self.config.max_batch_size < 0:
+            raise ValueError(f"max_batch_size={self.config.max_batch_size}: use a positive number of sequences, or 0 "
+                             "for auto (--engine.max-batch-size)")
+        if not 0 < self.config.kv_cache_memory <= 1:
+            raise ValueError(f"kv_cache_memory={self.config.kv_cache_memory}: use a share of the GPU's free memory "
+                             "in (0, 1] (--engine.kv-cache-memory)")
         self.decoder = self._make_decoder()
 
     # ------------------------------------------------------------------ public API
@@ -143,9 +149,6 @@ class HFEngine:
         """Sequences per decode batch: at most `max_batch_size` (auto: what fits, `_rows_that_fit`), in chunks
         of equal size, so the static decoder's buffers and graphs made for the first serve them all."""
         limit = self.config.max_batch_size
-        if limit < 0:
-            raise ValueError(f"max_batch_size={limit}: use a positive number of sequences, or 0 for auto "
-                             "(--engine.max-batch-size)")
         if limit == 0:
             limit = self._rows_that_fit(max_len) if self.decoder is not None and self.device.type == "cuda" else 256
         num_chunks = -(-num_sequences // limit)
