@@ -235,6 +235,18 @@ def floors(cfg, num_params: int, workload: Workload, ceilings: dict) -> dict:
     }
 
 
+def over_floor(phases: dict, floor: dict) -> dict:
+    """Each phase's median seconds over its floor (phases with a device floor), and the iteration's over the sum
+    of the floors of its phases."""
+    out = {phase: phases[phase] / floor[f"{phase}_s"] for phase in ("generate", "train", "sync")
+           if phases.get(phase) and floor.get(f"{phase}_s")}
+    total = sum(floor[f"{phase}_s"] for phase in ("generate", "score", "logprobs", "train", "sync")
+                if phases.get(phase))
+    if phases.get("end_to_end") and total:
+        out["end_to_end"] = phases["end_to_end"] / total
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- environment
 
 

@@ -290,6 +290,7 @@ def main() -> None:
     result["weight_sync_s"] = result["phases_median_s"]["sync"]
     result["logprobs_pass_s"] = time_logprobs_pass(learner, workload, cfg.vocab_size, device)
     result["floors"] = common.floors(cfg, num_params, workload, result["ceilings"])
+    result["x_floor"] = common.over_floor(result["phases_median_s"], result["floors"])
     result["semantics"] = semantics(args, engine, workload)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print_summary(result, rows)

@@ -234,7 +234,12 @@ def main() -> None:
     unwrapped = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     result["generation_under_autocast"] = hasattr(unwrapped, "_original_forward")
     result["measured_iterations_run"] = len(rows)
-    result.update(common.summarize(rows, workload, num_params, {"matmul_tflops": float("nan")}))
+    # The device's ceilings measured here, after training, so this run records its own floors and MFU.
+    result["ceilings"] = common.measure_ceilings(device)
+    result.update(common.summarize(rows, workload, num_params, result["ceilings"]))
+    result["floors"] = common.floors(cfg, num_params, workload, result["ceilings"])
+    result["floors"]["sync_s"] = 0.0  # TRL generates with the training weights (vLLM colocate: see weight push)
+    result["x_floor"] = common.over_floor(result["phases_median_s"], result["floors"])
     result["weight_sync_s"] = 0.0
     result["logprobs_pass_s"] = time_logprobs_pass(trainer, workload, cfg.vocab_size, device)
     result["trl_logged"] = [{k: v for k, v in row.items() if isinstance(v, (int, float))}
@@ -258,6 +263,7 @@ def print_summary(result: dict, rows: list[dict]) -> None:
     print(f"generated tok/s {result.get('generated_tokens_per_s', 0):,.0f}; trained tok/s "
           f"{result.get('trained_tokens_per_s', 0):,.0f}; " + ("" if peak is None else f"peak mem {peak:.1f} GiB; ")
           + f"logprobs pass {result['logprobs_pass_s']:.3f}s")
+    print("x floor: " + ", ".join(f"{phase} {ratio:.2f}" for phase, ratio in result["x_floor"].items()))
 
 
 def time_logprobs_pass(trainer, workload: common.Workload, vocab: int, device, repeats: int = 2) -> float:

@@ -28,6 +28,10 @@ def test_grpo_benchmark_cpu_mode_runs(tmp_path):
         assert phases[phase] >= 0, phase
     assert phases["end_to_end"] >= phases["generate"] + phases["train"]
     assert result["floors"]["train_s"] > 0 and result["floors"]["generate_s"] > 0
+    floors, ratio = result["floors"], result["x_floor"]
+    assert ratio["train"] == pytest.approx(phases["train"] / floors["train_s"])
+    iteration_floor = sum(floors[f"{p}_s"] for p in ("generate", "score", "logprobs", "train", "sync"))
+    assert ratio["end_to_end"] == pytest.approx(phases["end_to_end"] / iteration_floor) and ratio["end_to_end"] > 1
     assert len(result["phases_per_iteration_s"]) == 1
 
 
