@@ -113,7 +113,7 @@ def measure(name: str, first_row_s: float, rows: list[dict], log_text: str, impo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="a directory: first_iteration.{json,md}, the runs and their logs")
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (a dry run)")
     parser.add_argument("--variants", nargs="+", default=["fresh", "warm", "eager"], choices=list(VARIANTS))
     parser.add_argument("--timeout", type=float, default=420, help="seconds per launch")
