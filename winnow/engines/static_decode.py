@@ -136,7 +136,7 @@ class StaticDecoder:
         cache_len = _round_up(prompt_len + max_tokens, self.bucket)
         stops = tuple(sorted(set(stop_ids)))
         sampler = Sampler.of(params, fused=True)  # its pass over the logits as a Triton kernel where one runs
-        self._refuse_replaced()
+        self._fuse_replaced_layers()
         self._prepare(batch_size, cache_len, max_tokens, sampler, stops, pad_token_id)
         self._reset()
         self.row_keys.copy_(row_keys)
@@ -191,7 +191,7 @@ class StaticDecoder:
         return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in _BUFFERS
                    if name in self.__dict__)
 
-    def _refuse_replaced(self) -> None:
+    def _fuse_replaced_layers(self) -> None:
         """Fuse again any layer whose projections no longer live in its fused buffers (something assigned new
         tensors to them, e.g. `model.to()`): an in-place weight sync keeps them there, an assignment would leave
         the fused matmuls on stale weights."""
