@@ -111,7 +111,7 @@ def build_engine(engine_name: str, cfg, tokenizer, workload, device, vllm_memory
                     device=device, copy_model=False)
 
 
-def run_shape(args, shape: str, device, ceilings: dict) -> list[dict]:
+def run_shape(args, shape: str, device, ceilings: dict, save) -> list[dict]:
     workload = common.CPU_WORKLOAD if args.cpu else common.GPU_WORKLOAD
     cfg = shape_config(shape, args.cpu)
     tokenizer = common.build_tokenizer(cfg.vocab_size, cfg.eos_token_id)
@@ -156,6 +156,7 @@ def run_shape(args, shape: str, device, ceilings: dict) -> list[dict]:
                    "floor_s": floors, "floor_median_s": statistics.median(floors),
                    "x_floor": statistics.median(s / f for s, f in zip(times, floors))}
             rows.append(row)
+            save(row)  # each row on disk once measured: a run stopped at its time limit keeps it
             print("ROW " + json.dumps({k: row[k] for k in ("engine", "shape", "workload", "seeding",
                                                            "generate_median_s", "tokens_per_s", "x_floor")}),
                   flush=True)
@@ -197,15 +198,18 @@ def main() -> None:
         args.shapes = "tiny"
     ceilings = common.measure_ceilings(device)
     rows = []
+
+    def save(row: dict) -> None:
+        rows.append(row)
+        result = {**common.environment(device), "ceilings": ceilings, "stop_fraction": STOP_FRACTION, "rows": rows}
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        Path(args.out).with_suffix(".md").write_text(markdown(rows))
+
     for shape in args.shapes.split(","):
         if shape != "tiny" and shape not in SHAPES and shape != "0.5b":
             parser.error(f"unknown shape {shape!r}: choose from 0.5b, {', '.join(SHAPES)}")
         torch._dynamo.reset()  # each shape compiles from scratch, as a run of that model alone would
-        rows.extend(run_shape(args, shape, device, ceilings))
-        # Written after every shape, so a command stopped at its time limit keeps what finished.
-        result = {**common.environment(device), "ceilings": ceilings, "stop_fraction": STOP_FRACTION, "rows": rows}
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        Path(args.out).with_suffix(".md").write_text(markdown(rows))
+        run_shape(args, shape, device, ceilings, save)
     print(markdown(rows), flush=True)
 
 
