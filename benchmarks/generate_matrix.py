@@ -111,7 +111,8 @@ def build_engine(engine_name: str, cfg, tokenizer, workload, device, vllm_memory
                     device=device, copy_model=False)
 
 
-def run_shape(args, shape: str, device, ceilings: dict, save) -> list[dict]:
+def run_shape(args, shape: str, device, ceilings: dict, save) -> None:
+    """Every workload (and seeding) on one shape; `save` gets each row as soon as it is measured."""
     workload = common.CPU_WORKLOAD if args.cpu else common.GPU_WORKLOAD
     cfg = shape_config(shape, args.cpu)
     tokenizer = common.build_tokenizer(cfg.vocab_size, cfg.eos_token_id)
@@ -122,7 +123,6 @@ def run_shape(args, shape: str, device, ceilings: dict, save) -> list[dict]:
     engine = build_engine(args.engine, cfg, tokenizer, workload, device, args.vllm_memory, args.max_batch_size)
     start_s = time.perf_counter() - start
     num_params = sum(int(torch.Size(s).numel()) for s in _param_shapes(cfg))
-    rows = []
     seedings = args.seeding.split(",") if args.engine == "vllm" else ["per-prompt"]
     for workload_name in args.workloads.split(","):
         base = SamplingParams(temperature=workload.temperature, max_tokens=workload.new_tokens, n=workload.num_samples,
@@ -155,8 +155,7 @@ def run_shape(args, shape: str, device, ceilings: dict, save) -> list[dict]:
                    "at_limit_fraction": sum(n == workload.new_tokens for n in flat) / len(flat),
                    "floor_s": floors, "floor_median_s": statistics.median(floors),
                    "x_floor": statistics.median(s / f for s, f in zip(times, floors))}
-            rows.append(row)
-            save(row)  # each row on disk once measured: a run stopped at its time limit keeps it
+            save(row)  # on disk once measured: a run stopped at its time limit keeps it
             print("ROW " + json.dumps({k: row[k] for k in ("engine", "shape", "workload", "seeding",
                                                            "generate_median_s", "tokens_per_s", "x_floor")}),
                   flush=True)
@@ -165,7 +164,6 @@ def run_shape(args, shape: str, device, ceilings: dict, save) -> list[dict]:
     del engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows
 
 
 def markdown(rows: list[dict]) -> str:

@@ -235,15 +235,18 @@ def floors(cfg, num_params: int, workload: Workload, ceilings: dict) -> dict:
     }
 
 
+def iteration_floor(floor: dict) -> float:
+    """The iteration's floor: the sum of its phases' floors."""
+    return sum(floor[f"{phase}_s"] for phase in ("generate", "score", "logprobs", "train", "sync"))
+
+
 def over_floor(phases: dict, floor: dict) -> dict:
-    """Each phase's median seconds over its floor (phases with a device floor), and the iteration's over the sum
-    of the floors of its phases."""
+    """Each phase's median seconds over its floor (the phases with a device floor), and the iteration's over
+    `iteration_floor`."""
     out = {phase: phases[phase] / floor[f"{phase}_s"] for phase in ("generate", "train", "sync")
-           if phases.get(phase) and floor.get(f"{phase}_s")}
-    total = sum(floor[f"{phase}_s"] for phase in ("generate", "score", "logprobs", "train", "sync")
-                if phases.get(phase))
-    if phases.get("end_to_end") and total:
-        out["end_to_end"] = phases["end_to_end"] / total
+           if phases.get(phase) and floor[f"{phase}_s"]}
+    if phases.get("end_to_end"):
+        out["end_to_end"] = phases["end_to_end"] / iteration_floor(floor)
     return out
 
 

@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+import grpo_common as common
+
 PHASES = ("generate", "score", "advantages", "logprobs", "train", "sync", "end_to_end")
 
 
@@ -75,7 +77,7 @@ def main() -> None:
     v = json.loads(Path(args.vllm).read_text()) if args.vllm and Path(args.vllm).exists() else None
     shapes = [json.loads(Path(f).read_text()) for f in args.shapes if Path(f).exists()]
     floors = w["floors"]
-    floor_e2e = sum(floors[f"{p}_s"] for p in ("generate", "score", "logprobs", "train", "sync"))
+    floor_e2e = common.iteration_floor(floors)
     rows = {}
     for phase in PHASES:
         ws = w["phases_median_s"].get(phase)

@@ -21,6 +21,7 @@ seed gives the same responses on both paths, however the prompts are batched or 
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass
 from typing import Iterable, TYPE_CHECKING
@@ -33,6 +34,7 @@ from winnow.types import Completion, SamplingParams
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+log = logging.getLogger(__name__)
 torch = lazy_import("torch")
 transformers = lazy_import("transformers")
 
@@ -123,6 +125,7 @@ class HFEngine:
             raise ValueError(f"kv_cache_memory={self.config.kv_cache_memory}: use a share of the GPU's free memory "
                              "in (0, 1] (--engine.kv-cache-memory)")
         self.decoder = self._make_decoder()
+        self._logged_chunk = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -149,10 +152,16 @@ class HFEngine:
         """Sequences per decode batch: at most `max_batch_size` (auto: what fits, `_rows_that_fit`), in chunks
         of equal size, so the static decoder's buffers and graphs made for the first serve them all."""
         limit = self.config.max_batch_size
+        is_sized = limit == 0 and self.decoder is not None and self.device.type == "cuda"
         if limit == 0:
-            limit = self._rows_that_fit(max_len) if self.decoder is not None and self.device.type == "cuda" else 256
+            limit = self._rows_that_fit(max_len) if is_sized else 256
         num_chunks = -(-num_sequences // limit)
-        return -(-num_sequences // num_chunks)
+        chunk = -(-num_sequences // num_chunks)
+        if is_sized and num_chunks > 1 and chunk != self._logged_chunk:  # slower than one batch: say why, once
+            log.info("engine: %d sequences in %d batches of %d, what fits in --engine.kv-cache-memory %.2f of the "
+                     "GPU's free memory", num_sequences, num_chunks, chunk, self.config.kv_cache_memory)
+            self._logged_chunk = chunk
+        return chunk
 
     def _rows_that_fit(self, max_len: int) -> int:
         """How many rows' decode buffers fit in `kv_cache_memory` of the GPU's free memory (the decoder's

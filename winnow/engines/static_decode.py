@@ -183,8 +183,9 @@ class StaticDecoder:
         cache_len = _round_up(max_len, self.bucket)
         kv = 2 * len(self.body.layers) * self.num_kv_heads * self.head_dim * cache_len * size
         prefill = max_len * (3 * config.intermediate_size + 6 * config.hidden_size) * size
-        logits = config.vocab_size * (size + 8)
-        return kv + prefill + logits + max_len * 16
+        logits = config.vocab_size * (size + 8)  # the step's logits and the sampler's float32 passes over them
+        outputs = max_len * 16  # out_tokens (int64) and out_logprobs (float32), rounded up
+        return kv + prefill + logits + outputs
 
     def buffer_bytes(self) -> int:
         """Device memory the decoder's buffers take now (0 when released)."""
@@ -461,7 +462,7 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor | None) -> bool:
 
 def _qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, fused: _Fused = _Fused()):
     """Projected, normed (Qwen3) and rotated q [B, H, S, D], k and v [B, H_kv, S, D]."""
-    attn, (batch_size, length, _) = layer.self_attn, x.shape
+    attn = layer.self_attn
     if fused.qkv_weight is not None:
         q, k, v = F.linear(x, fused.qkv_weight, fused.qkv_bias).split(fused.qkv_sizes, dim=-1)
     else:
