@@ -88,6 +88,23 @@ def test_micro_batch_size_does_not_change_the_update(tiny_model, tiny_tokenizer,
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_step_metrics_sum_over_micro_batches_as_floats(tiny_model, tiny_tokenizer):
+    """A loss function's metrics may be host floats or device tensors; the step sums both over micro-batches
+    (8 rows in micro-batches of 3: 3 + 3 + 2 rows) and returns floats."""
+    batch = _rl_batch(tiny_tokenizer)
+
+    def loss_fn(logprobs, micro, *, num_sequences, num_tokens):
+        rows = micro.batch_size
+        return (logprobs * micro.response_mask).sum() * 0.0, {"rows_float": float(rows),
+                                                                "rows_tensor": torch.tensor(rows / num_sequences)}
+
+    learner = Learner(copy.deepcopy(tiny_model), LearnerConfig(micro_batch_size=3), total_steps=1, device="cpu")
+    metrics = learner.train_step(batch, loss_fn)
+    assert metrics["rows_float"] == 8.0 and isinstance(metrics["rows_float"], float)
+    assert metrics["rows_tensor"] == pytest.approx(1.0) and isinstance(metrics["rows_tensor"], float)
+    assert metrics["loss"] == 0.0
+
+
 def test_learning_rate_schedules():
     def lrs(kind, warmup, total, min_ratio=0.0):
         factor = _schedule(kind, warmup, total, min_ratio)

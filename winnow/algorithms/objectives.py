@@ -218,6 +218,5 @@ def _surrogate_loss(
             loss = loss + objective.kl_coef * kl
         metrics["kl"] = kl.detach()
     metrics["policy_loss"] = policy_loss.detach()
-    # One device-to-host copy for all metrics, not one sync per .item().
-    values = torch.stack([v.float() for v in metrics.values()]).tolist()
-    return loss, dict(zip(metrics.keys(), values))
+    # 0-d tensors, left on the device: the learner copies a step's metrics to the host once
+    return loss, {key: value.detach().float() for key, value in metrics.items()}

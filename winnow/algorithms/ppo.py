@@ -143,8 +143,7 @@ class PPO:
         if batch.ref_logprobs is not None:  # reported only: the penalty is in the reward
             metrics["kl"] = masked_mean(kl_estimate(logprobs.detach(), batch.ref_logprobs, "k1"),
                                         batch.response_mask, num_tokens)
-        values = torch.stack([v.float() for v in metrics.values()]).tolist()
-        return loss, dict(zip(metrics, values))
+        return loss, {key: value.detach().float() for key, value in metrics.items()}  # on the device
 
     def value_loss(
         self, values: Tensor, batch: TrainBatch, *, num_sequences: int, num_tokens: float
@@ -155,5 +154,4 @@ class PPO:
         loss, metrics = clipped_value_loss(values, batch.old_values, batch.returns, batch.response_mask,
                                            self.value_clip, num_tokens=num_tokens)
         metrics["value_loss"] = loss.detach()
-        numbers = torch.stack([v.float() for v in metrics.values()]).tolist()
-        return loss, dict(zip(metrics, numbers))
+        return loss, {key: value.detach().float() for key, value in metrics.items()}  # on the device

@@ -164,8 +164,7 @@ class _PairedLoss:
                 "pref/rejected_logps": rejected.sum() / num_pairs,
             }
         loss = losses.sum() / num_pairs
-        values = torch.stack([v.float() for v in metrics.values()]).tolist()
-        return loss, dict(zip(metrics.keys(), values))
+        return loss, {key: value.float() for key, value in metrics.items()}  # on the device
 
 
 def _sequence_logps(logprobs: Tensor, mask: Tensor, length_average: bool) -> Tensor:
@@ -287,7 +286,7 @@ class XPO(DPO):
         policy = _sequence_logps(logprobs, batch.response_mask, False)  # [B]
         term = xpo_exploration_term(policy, batch.sampled_by_reference.to(policy.dtype), self.alpha).sum()
         num_pairs = num_sequences / 2
-        metrics["pref/xpo_reference_logps"] = float((policy.detach() * batch.sampled_by_reference).sum() / num_pairs)
+        metrics["pref/xpo_reference_logps"] = (policy.detach() * batch.sampled_by_reference).sum() / num_pairs
         return loss + term / num_pairs, metrics
 
 

@@ -15,4 +15,4 @@ def sft_loss(logprobs: Tensor, batch: TrainBatch, *, num_sequences: int, num_tok
     `target_tokens` counts the tokens this call trained on: summed over micro-batches and ranks, it is the
     step's (under torchrun, each rank trains only its rows)."""
     nll = -(logprobs * batch.response_mask).sum() / num_tokens
-    return nll, {"nll": float(nll.detach()), "target_tokens": float(batch.response_mask.sum())}
+    return nll, {"nll": nll.detach(), "target_tokens": batch.response_mask.sum()}  # on the device

@@ -43,9 +43,10 @@ class NonFiniteLossError(RuntimeError):
     """`max_bad_steps` optimizer steps in a row had a NaN/inf loss or gradient norm."""
 
 
-LossFn = Callable[..., tuple["torch.Tensor", dict[str, float]]]
+LossFn = Callable[..., tuple["torch.Tensor", dict[str, "float | torch.Tensor"]]]
 """`loss_fn(logprobs [b, T], micro_batch, *, num_sequences, num_tokens) -> (scalar loss, metrics)`; the
-normalisers are the whole mini-batch's, so micro-batch losses and metrics add up to the mini-batch's."""
+normalisers are the whole mini-batch's, so micro-batch losses and metrics add up to the mini-batch's. A metric
+may stay a 0-d tensor on the device: the learner sums them there and copies them to the host once per step."""
 
 ForwardFn = Callable[["torch.nn.Module", TrainBatch], "torch.Tensor"]
 """`forward(model, batch) -> [B, T]` per-token outputs of the trained model, aligned with `response_mask`:
@@ -232,7 +233,7 @@ class Learner:
         num_sequences, num_tokens = self.strategy.all_reduce_sum(counts).tolist()
         num_sequences, num_tokens = int(num_sequences), max(num_tokens, 1.0)
         batch = self._pad_to_global_max(batch)
-        totals: dict[str, float] = {}
+        totals: dict[str, float | torch.Tensor] = {}
         micro_batches = list(self._micro_batches(batch, rows_per_unit))
         for i, micro in enumerate(micro_batches):
             with self.autocast():
@@ -240,8 +241,8 @@ class Learner:
                 loss, metrics = loss_fn(outputs, micro, num_sequences=num_sequences, num_tokens=num_tokens)
             self.strategy.backward(loss, is_last_micro_batch=i == len(micro_batches) - 1)
             # Losses and metrics use the mini-batch's normalisers, so they add up across micro-batches.
-            for key, value in {"loss": float(loss.detach()), **metrics}.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
+            _add_metrics(totals, {"loss": loss, **metrics})
+        totals = _host_floats(totals)
         if self.strategy.world_size > 1:  # ... and across ranks: one all-reduce for all of them
             summed = self.strategy.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64))
             totals = dict(zip(totals, summed.tolist()))
@@ -424,6 +425,23 @@ class Learner:
         for start in range(0, batch.batch_size, self.config.micro_batch_size):
             micro = batch.select(order[start : start + self.config.micro_batch_size])
             yield _trim(micro, _used_width(micro))
+
+
+def _add_metrics(totals: dict[str, float | torch.Tensor], metrics: dict[str, float | torch.Tensor]) -> None:
+    """Add one micro-batch's metrics into `totals`; tensors stay on their device (float64), so a step pays one
+    host sync instead of one per micro-batch, each of which left the GPU idle while the host queued the next."""
+    for key, value in metrics.items():
+        value = value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else float(value)
+        totals[key] = totals.get(key, 0.0) + value
+
+
+def _host_floats(totals: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """`totals` as floats, its tensors copied to the host together."""
+    keys = [key for key, value in totals.items() if isinstance(value, torch.Tensor)]
+    if not keys:
+        return dict(totals)
+    values = torch.stack([totals[key].reshape(()).to(totals[keys[0]].device) for key in keys]).tolist()
+    return {**totals, **dict(zip(keys, values))}
 
 
 def _unit_rows(units: torch.Tensor, rows_per_unit: int) -> torch.Tensor:

@@ -87,5 +87,5 @@ def evaluate_pairs(learner: Learner, batch: TrainBatch, objective) -> dict[str, 
     logprobs = learner.logprobs(learner.model, batch)
     loss, metrics = objective.loss(logprobs, batch, num_sequences=batch.batch_size,
                                    num_tokens=max(batch.num_response_tokens, 1))
-    return {"eval/pair_loss": float(loss), "eval/reward_accuracy": metrics["pref/reward_accuracy"],
-            "eval/reward_margin": metrics["pref/reward_margin"]}
+    return {"eval/pair_loss": float(loss), "eval/reward_accuracy": float(metrics["pref/reward_accuracy"]),
+            "eval/reward_margin": float(metrics["pref/reward_margin"])}
