@@ -201,3 +201,39 @@ def test_progress_off_when_not_a_tty():
     with progress(4, "eval", enabled=True, file=stream) as bar:
         bar.update(4)
     assert bar.disable and stream.getvalue() == ""
+
+
+def test_an_iteration_that_compiles_logs_its_compile_seconds(tmp_path):
+    """time/compile: the seconds torch.compile took inside an iteration (the first one compiles, the second
+    reuses the graph and logs none), at most that iteration's wall time."""
+    import torch
+
+    from winnow.eval.accuracy import EvalResult
+    from winnow.loops.base import Counters, Loop
+
+    double = torch.compile(lambda x: x * 2 + 1, backend="eager")
+
+    class Family:
+        counters = Counters()
+
+        def collect(self, iteration, timer):
+            with timer("generate"):
+                double(torch.ones(3))
+            return None, {}
+
+        def evaluate(self):
+            return EvalResult({}, [])
+
+    class Learner:
+        num_steps, is_main = 0, True
+
+    class Logger:
+        def log(self, row, step):
+            pass
+
+    loop = Loop(Family(), learner=Learner(), actor=None, num_iterations=2, eval_every=0, logger=Logger(),
+                run_dir=tmp_path, max_idle_iterations=10)
+    torch._dynamo.reset()
+    first, second = loop.step(1), loop.step(2)
+    assert 0 < first["time/compile"] <= first["time/generate"]
+    assert "time/compile" not in second

@@ -169,6 +169,7 @@ class Loop:
         """One iteration: collect, train, sync, maybe evaluate, log."""
         self.counters.iteration = iteration
         timer = PhaseTimer()
+        compiled_before = compile_seconds()
         batch, metrics = self.family.collect(iteration, timer)
         self._check_idle(batch)
         if batch is not None:
@@ -184,6 +185,9 @@ class Loop:
         if iteration == self.num_iterations or (self.eval_every > 0 and iteration % self.eval_every == 0):
             with timer("eval"):
                 metrics.update(self.evaluate())
+        compiled = compile_seconds() - compiled_before
+        if compiled > 0:  # inside the phases' times, not added to them
+            metrics["time/compile"] = compiled
         return self.log(metrics, timer)
 
     def _check_idle(self, batch: TrainBatch | None) -> None:
@@ -236,6 +240,17 @@ class Loop:
         names = {"reward/mean": "reward", "train/loss": "loss"}
         shown = "  ".join(f"{names.get(k) or _short(k)} {v:.4g}" for k, v in row.items() if _is_shown(k))
         return f"iteration {self.counters.iteration}/{self.num_iterations}  {shown}".rstrip()
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in torch.compile so far: tracing and building the forward graphs' kernels,
+    and the backward graphs' (built at their first backward). 0 where torch does not keep the figures."""
+    utils = sys.modules.get("torch._dynamo.utils")  # never imported: nothing was compiled
+    metrics = getattr(utils, "compilation_time_metrics", {})
+    return sum(sum(metrics.get(key, ())) for key in _COMPILE_TIMERS)
+
+
+_COMPILE_TIMERS = ("_compile.compile_inner", "backward._backward_impl")
 
 
 class NothingTrainedError(RuntimeError):
