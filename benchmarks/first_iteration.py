@@ -19,10 +19,14 @@ metrics.jsonl and notes when the first row lands. Parts:
 
 Variants (`--variants`, run one after another on the same machine, each a fresh process):
 
-    fresh   compiled decode glue and learner layers, PyTorch's compile caches empty (TORCHINDUCTOR_CACHE_DIR is
-            a new folder under OUT)
-    warm    the same command again with the caches `fresh` filled: a user's second launch on the machine
-    eager   neither compiled (the defaults): no compile at start-up, slower steady iterations
+    fresh        compiled decode glue and learner layers, PyTorch's compile caches empty (TORCHINDUCTOR_CACHE_DIR
+                 and TRITON_CACHE_DIR are a new folder under OUT)
+    warm         the same command again with the caches `fresh` filled: a user's second launch on the machine
+    fresh_late   `fresh` with its own empty caches and torch's compile workers started at the first compile
+                 (TORCH_WARM_POOL=0), as before the run started them while it loads the model
+    eager        neither compiled (the defaults): no compile at start-up, slower steady iterations
+
+Each variant also records `time/compile` of iterations 1 and 2 (torch.compile's own seconds inside the phases).
 
 The run's own "start-up" log line splits loading and building into its parts (load, data and oracle, engine
 copy, learner, engine).
@@ -58,7 +62,12 @@ def time_imports(env: dict) -> float:
 
 
 COMPILE_FLAGS = ["--engine.compile-decode", "--learner.compile"]
-VARIANTS = {"fresh": COMPILE_FLAGS, "warm": COMPILE_FLAGS, "eager": []}
+VARIANTS = {  # name: (flags, compile cache folder, extra environment)
+    "fresh": (COMPILE_FLAGS, "compile_cache", {}),
+    "warm": (COMPILE_FLAGS, "compile_cache", {}),
+    "fresh_late": (COMPILE_FLAGS, "compile_cache_late", {"TORCH_WARM_POOL": "0"}),
+    "eager": ([], "compile_cache_eager", {}),
+}
 
 
 def startup_parts(log_text: str) -> dict[str, float]:
@@ -107,6 +116,7 @@ def measure(name: str, first_row_s: float, rows: list[dict], log_text: str, impo
             "steady_iteration": sum(two.values()),
         },
         "startup_log_s": startup_parts(log_text),
+        "compile_s": {"iteration_1": first.get("time/compile", 0.0), "iteration_2": second.get("time/compile", 0.0)},
         "first_iteration_phases_s": one, "second_iteration_phases_s": two,
     }
 
@@ -115,21 +125,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="a directory: first_iteration.{json,md}, the runs and their logs")
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (a dry run)")
-    parser.add_argument("--variants", nargs="+", default=["fresh", "warm", "eager"], choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["fresh", "warm", "fresh_late", "eager"],
+                        choices=list(VARIANTS))
     parser.add_argument("--timeout", type=float, default=420, help="seconds per launch")
     args = parser.parse_args()
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     workload = common.CPU_WORKLOAD if args.cpu else common.GPU_WORKLOAD
     policy, data = write_policy(out, args.cpu, workload, 2)
-    cache = out / "compile_cache"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "TORCHINDUCTOR_CACHE_DIR": str(cache)}
-    imports_s = time_imports(env)
+    base_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    imports_s = time_imports(base_env)
     base = grpo_command(policy, data, out, workload, 2, "first", args.cpu) + ["--learner.no-gradient-checkpointing"]
     results = []
     for name in args.variants:
-        command = base + ([] if args.cpu else VARIANTS[name])
+        flags, cache, extra = VARIANTS[name]
+        env = {**base_env, "TORCHINDUCTOR_CACHE_DIR": str(out / cache), "TRITON_CACHE_DIR": str(out / cache / "triton"),
+               **extra}
+        command = base + ([] if args.cpu else flags)
         first_row_s, rows, text = launch(command, env, out, name, args.timeout)
         results.append({**measure(name, first_row_s, rows, text, imports_s), "command": command[3:]})
         print(f"{name}: {first_row_s:.1f} s", flush=True)
@@ -146,6 +158,9 @@ def main() -> None:
                  f"**{r['time_to_first_iteration_s']:.1f}**" for r in results) + " |"]
     for part in results[0]["parts_s"]:
         lines.append(f"| {part.replace('_', ' ')} | " + " | ".join(f"{r['parts_s'][part]:.1f}" for r in results) + " |")
+    for part in ("iteration_1", "iteration_2"):
+        lines.append(f"| torch.compile in {part.replace('_', ' ')} | " + " | ".join(
+            f"{r['compile_s'][part]:.1f}" for r in results) + " |")
     for part in results[0]["startup_log_s"]:
         lines.append(f"| start-up: {part} | " + " | ".join(
             f"{r['startup_log_s'].get(part, float('nan')):.1f}" for r in results) + " |")

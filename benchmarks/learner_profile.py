@@ -102,6 +102,14 @@ def kernel_breakdown(prof, step_s: float) -> dict:
             "top_kernels": [{"s": s, "name": n, "kind": k} for s, n, k in top[:25]]}
 
 
+def compile_parts() -> dict[str, float]:
+    """torch.compile's own timers so far, seconds per part (tracing, AOT autograd, code generation, waiting for
+    the kernels' compile workers, the backward graph's compile at its first backward)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {key: sum(values) for key, values in compilation_time_metrics.items()}
+
+
 def measure_variant(name: str, policy, batch, workload, device: torch.device, peak: float, steps: int) -> dict:
     """One warm-up step, `steps` timed ones and (on a GPU) one profiled one of the variant's learner."""
     fields = VARIANTS[name] if device.type == "cuda" else {**VARIANTS[name], "compile": False}
@@ -111,13 +119,17 @@ def measure_variant(name: str, policy, batch, workload, device: torch.device, pe
     torch._dynamo.reset()  # each variant compiles from scratch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    compile_before = compile_parts()
     first_s, _ = common.timed(device, step)
+    compile_after = compile_parts()
     times = [common.timed(device, step)[0] for _ in range(steps)]
     step_s = common.median(times)
     tokens = int(batch.attention_mask.sum())
     flops = 6 * sum(p.numel() for p in policy.parameters()) * tokens
     row = {"fields": fields, "first_step_s": first_s, "step_s": step_s, "steps_s": times, "trained_tokens": tokens,
-           "mfu": flops / step_s / peak, "tokens_per_s": tokens / step_s}
+           "mfu": flops / step_s / peak, "tokens_per_s": tokens / step_s,
+           "first_step_compile_s": {key: seconds - compile_before.get(key, 0.0) for key, seconds in
+                                    compile_after.items() if seconds - compile_before.get(key, 0.0) >= 0.05}}
     if device.type == "cuda":  # kernels exist only there
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
