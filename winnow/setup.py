@@ -52,19 +52,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def start_compile_workers(device: torch.device, *compiles: bool) -> None:
-    """When anything will be torch.compiled for a GPU (`compiles`: the learner's and the engine's flags), start
-    torch's kernel-compiling worker processes now, while the model loads. Otherwise torch starts them at the
-    first compile and, until they are up, builds that compile's kernels in the main process one at a time."""
-    if device.type != "cuda" or not any(compiles):
-        return
-    try:
-        from torch._inductor.async_compile import maybe_warm_pool
-    except ImportError:  # a torch without it starts them at the first compile, as before
-        return
-    maybe_warm_pool()
-
-
 def make_run_dir(output_dir: str, run_name: str | None, prefix: str) -> Path:
     name = run_name or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = Path(output_dir) / name
