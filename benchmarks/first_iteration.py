@@ -22,8 +22,6 @@ Variants (`--variants`, run one after another on the same machine, each a fresh 
     fresh        compiled decode glue and learner layers, PyTorch's compile caches empty (TORCHINDUCTOR_CACHE_DIR
                  and TRITON_CACHE_DIR are a new folder under OUT)
     warm         the same command again with the caches `fresh` filled: a user's second launch on the machine
-    fresh_late   `fresh` with its own empty caches and torch's compile workers started at the first compile
-                 (TORCH_WARM_POOL=0), as before the run started them while it loads the model
     eager        neither compiled (the defaults): no compile at start-up, slower steady iterations
 
 Each variant also records `time/compile` of iterations 1 and 2 (torch.compile's own seconds inside the phases).
@@ -65,7 +63,6 @@ COMPILE_FLAGS = ["--engine.compile-decode", "--learner.compile"]
 VARIANTS = {  # name: (flags, compile cache folder, extra environment)
     "fresh": (COMPILE_FLAGS, "compile_cache", {}),
     "warm": (COMPILE_FLAGS, "compile_cache", {}),
-    "fresh_late": (COMPILE_FLAGS, "compile_cache_late", {"TORCH_WARM_POOL": "0"}),
     "eager": ([], "compile_cache_eager", {}),
 }
 
@@ -125,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="a directory: first_iteration.{json,md}, the runs and their logs")
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (a dry run)")
-    parser.add_argument("--variants", nargs="+", default=["fresh", "warm", "fresh_late", "eager"],
+    parser.add_argument("--variants", nargs="+", default=["fresh", "warm", "eager"],
                         choices=list(VARIANTS))
     parser.add_argument("--timeout", type=float, default=420, help="seconds per launch")
     args = parser.parse_args()
