@@ -38,6 +38,9 @@ VARIANTS = {  # name: LearnerConfig fields
     "mb16_compiled": dict(micro_batch_size=16, compile=True),
     "mb32_eager": dict(micro_batch_size=32, compile=False),
     "mb32_compiled_static": dict(micro_batch_size=32, compile=True, compile_dynamic=False),
+    # micro-batches by tokens: 20,480 = 32 rows of the workload's 640, 40,960 = 64
+    "tok20k_compiled": dict(micro_batch_tokens=20480, compile=True),
+    "tok40k_compiled": dict(micro_batch_tokens=40960, compile=True),
 }
 KINDS = [  # (kind, kernel-name pattern), first match wins
     ("attention", r"flash|fmha|attention|attn"),
@@ -128,6 +131,7 @@ def measure_variant(name: str, policy, batch, workload, device: torch.device, pe
     flops = 6 * sum(p.numel() for p in policy.parameters()) * tokens
     row = {"fields": fields, "first_step_s": first_s, "step_s": step_s, "steps_s": times, "trained_tokens": tokens,
            "mfu": flops / step_s / peak, "tokens_per_s": tokens / step_s,
+           "micro_batches": len(learner._micro_batch_rows(batch)),
            "first_step_compile_s": {key: seconds - compile_before.get(key, 0.0) for key, seconds in
                                     compile_after.items() if seconds - compile_before.get(key, 0.0) >= 0.05}}
     if device.type == "cuda":  # kernels exist only there

@@ -48,11 +48,12 @@ def make_loss_fn():
 
 def train(strategy: str = "single", *, zero_stage: int = 2, offload: bool = False, steps: int = 4,
           save_at: int = 0, ckpt: str | None = None, load: str | None = None, save_pretrained: str | None = None,
-          device: str = "cpu") -> dict:
+          device: str = "cpu", micro_batch_tokens: int = 0) -> dict:
     """Run the steps; returns {"steps": [{loss, grad_norm, lr, step}], "weight_sums": {name: sum}}."""
     tokenizer = train_char_tokenizer(["0123456789+-*= "])
     config = LearnerConfig(lr=3e-3, warmup_steps=2, lr_schedule="linear", micro_batch_size=2, max_grad_norm=1.0,
-                           strategy=strategy, sharding=StrategyConfig(zero_stage=zero_stage, offload=offload))
+                           micro_batch_tokens=micro_batch_tokens, strategy=strategy,
+                           sharding=StrategyConfig(zero_stage=zero_stage, offload=offload))
     learner = Learner(build_tiny_model(tokenizer, seed=0), config, total_steps=8, device=device)
     if load:
         learner.load_checkpoint(load)
@@ -83,11 +84,12 @@ def main() -> None:
     parser.add_argument("--load", default=None, help="resume from this checkpoint, then run --steps steps")
     parser.add_argument("--save-pretrained", default=None, help="save the final model here (from_pretrained)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--micro-batch-tokens", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     result = train(args.strategy, zero_stage=args.zero_stage, offload=args.offload, steps=args.steps,
                    save_at=args.save_at, ckpt=args.ckpt, load=args.load, save_pretrained=args.save_pretrained,
-                   device=args.device)
+                   device=args.device, micro_batch_tokens=args.micro_batch_tokens)
     if result.pop("is_main"):
         with open(args.out, "w") as f:
             json.dump(result, f)

@@ -9,7 +9,7 @@ import torch
 
 from winnow.algorithms import GRPO
 from winnow.learner.batch import make_sft_batch, make_train_batch
-from winnow.learner.learner import Learner, LearnerConfig, _schedule
+from winnow.learner.learner import Learner, LearnerConfig, _schedule, _split_largest, _token_budget_sizes
 from winnow.learner.logprobs import can_fuse_head, linear_logprobs, selective_logprobs, sequence_logprobs
 from winnow.algorithms.sft import sft_loss
 from winnow.types import Completion
@@ -103,6 +103,40 @@ def test_step_metrics_sum_over_micro_batches_as_floats(tiny_model, tiny_tokenize
     assert metrics["rows_float"] == 8.0 and isinstance(metrics["rows_float"], float)
     assert metrics["rows_tensor"] == pytest.approx(1.0) and isinstance(metrics["rows_tensor"], float)
     assert metrics["loss"] == 0.0
+
+
+def test_token_budget_micro_batch_sizes_by_hand():
+    # longest first: 20 // 10 = 2 units ([10, 8]), then 20 // 5 = 4 ([5, 5, 2, 1])
+    assert _token_budget_sizes([10, 8, 5, 5, 2, 1], 1, 20) == [2, 4]
+    # pairs (2 rows a unit): 20 // (10 * 2) = 1, then 20 // (5 * 2) = 2
+    assert _token_budget_sizes([10, 5, 2], 2, 20) == [1, 2]
+    assert _token_budget_sizes([30, 1], 1, 20) == [1, 1]  # longer than the budget: alone
+    assert _split_largest([2, 4], 4) == [1, 1, 2, 2]  # halve the largest (the first of equals) until 4
+    assert _split_largest([3], 1) == [3]
+
+
+def test_token_budget_micro_batches_give_the_same_update_within_the_budget(tiny_model, tiny_tokenizer):
+    """micro_batch_tokens changes how rows are grouped, never the step: gradients and logprobs as with
+    micro-batches of 8 rows, and every micro-batch of more than one row fits the budget."""
+    batch = _rl_batch(tiny_tokenizer)
+    loss_fn = partial(GRPO().loss, max_tokens=8)
+    results = []
+    for fields in (dict(micro_batch_size=8), dict(micro_batch_tokens=12)):
+        model = copy.deepcopy(tiny_model)
+        learner = Learner(model, LearnerConfig(lr=1e-3, **fields), total_steps=1, device="cpu")
+        micro_batches = list(learner._micro_batches(batch))
+        logprobs = learner.logprobs(model, batch)
+        metrics = learner.train_step(batch, loss_fn)
+        results.append((micro_batches, logprobs, metrics, [p.grad.clone() for p in model.parameters()]))
+    (whole, lp1, m1, g1), (budgeted, lp2, m2, g2) = results
+    assert len(whole) == 1 and len(budgeted) > 2
+    assert sum(mb.batch_size for mb in budgeted) == 8  # every row once, every response token once
+    assert sum(int(mb.response_mask.sum()) for mb in budgeted) == int(batch.response_mask.sum())
+    assert all(mb.batch_size == 1 or mb.batch_size * mb.input_ids.shape[1] <= 12 for mb in budgeted)
+    torch.testing.assert_close(lp1, lp2, atol=1e-6, rtol=1e-5)
+    assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-6)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_learning_rate_schedules():

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from dist_train import fixed_batch, make_loss_fn, train
 from winnow.engines.hf import HFEngine
-from winnow.learner.learner import Learner, LearnerConfig
+from winnow.learner.learner import Learner, LearnerConfig, _token_budget_sizes
 from winnow.learner.strategy import make_strategy
 from winnow.learner.sync import SyncError, iter_buckets, sync_weights, verify_sync
 
@@ -89,6 +89,18 @@ def test_two_ranks_match_one_process_and_resume(name, single_run, tmp_path):
     # A fresh pair of processes loads the step-2 checkpoint: steps 3 and 4 are the uninterrupted run's.
     resumed = torchrun([*SHARDED[name], "--load", str(ckpt), "--steps", "2"], tmp_path / "resumed.json")
     assert_same_losses(resumed["steps"], full["steps"][2:])
+
+
+@pytest.mark.slow
+def test_token_budget_micro_batches_on_two_ranks_match_one_process(single_run, tmp_path):
+    """--learner.micro-batch-tokens 10 gives rank 0 (lengths 3, 7, 4, 5, 5) micro-batches [7] [5 5] [4 3] and
+    rank 1 (5, 6, 6, 7, 4) [7] [6] [6] [5 4]: rank 0 splits one more so both run four backwards (FSDP's are
+    collectives), and the losses are still the single process's with micro-batches of 2."""
+    shards = [fixed_batch().attention_mask.sum(dim=1)[rank::2].sort(descending=True).values.tolist() for rank in (0, 1)]
+    assert shards == [[7, 5, 5, 4, 3], [7, 6, 6, 5, 4]]
+    assert [_token_budget_sizes(lengths, 1, 10) for lengths in shards] == [[1, 2, 2], [1, 1, 1, 2]]
+    run = torchrun(["--strategy", "fsdp2", "--micro-batch-tokens", "10"], tmp_path / "tokens.json")
+    assert_same_losses(run["steps"], single_run[0]["steps"])
 
 
 def test_single_checkpoint_resumes_to_the_same_next_loss(single_run):

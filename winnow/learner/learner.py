@@ -77,6 +77,10 @@ class LearnerConfig:
     """clip the global gradient norm to this; 0 turns clipping off"""
     micro_batch_size: int = 64
     """sequences per forward/backward; gradients accumulate over a mini-batch (memory, not maths)"""
+    micro_batch_tokens: int = 0
+    """0: micro-batches of micro_batch_size sequences. N: each micro-batch takes as many of the length-sorted
+    sequences as fit N tokens of padded width (sequences x its longest), so short sequences train in fewer, larger
+    micro-batches and long ones in smaller ones, at a steady memory peak; a sequence longer than N trains alone"""
     num_mini_batches: int = 1
     """optimizer steps per epoch: the iteration's samples are split into this many mini-batches"""
     num_epochs: int = 1
@@ -109,6 +113,9 @@ class LearnerConfig:
         for name in ("micro_batch_size", "num_mini_batches", "num_epochs", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--learner.{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        if self.micro_batch_tokens < 0:
+            raise ValueError(f"--learner.micro-batch-tokens {self.micro_batch_tokens} must be >= 0 (0: micro-batches "
+                             "of --learner.micro-batch-size sequences)")
         if self.lr <= 0:
             raise ValueError(f"--learner.lr {self.lr} must be > 0")
         if self.compile and self.strategy != "single":
@@ -287,7 +294,8 @@ class Learner:
         `batch.ref_logprobs` that are already filled (PPO fills them to shape its rewards) are kept;
         reference logprobs are computed once, before any step.
         """
-        if batch.batch_size % rows_per_unit or self.config.micro_batch_size % rows_per_unit:
+        if batch.batch_size % rows_per_unit or (self.config.micro_batch_size % rows_per_unit
+                                                and not self.config.micro_batch_tokens):
             raise ValueError(f"learner.micro_batch_size={self.config.micro_batch_size} and the batch's "
                              f"{batch.batch_size} rows must be multiples of {rows_per_unit}: an odd size would split "
                              f"a unit of rows that belong together (a preference pair's chosen and rejected)")
@@ -336,17 +344,17 @@ class Learner:
         """`forward(model, micro_batch)` over `batch` a micro-batch at a time, [B, T] float32."""
         model.eval()
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=self.device)
-        size = self.config.micro_batch_size
+        plan = self._micro_batch_rows(batch, equal_counts=False) if batch.batch_size else []
         # Sharded parameters are gathered inside forward, a collective: every rank runs as many forwards.
-        num_forwards = self.strategy.all_reduce_max(-(-batch.batch_size // size))
+        num_forwards = self.strategy.all_reduce_max(len(plan))
         for i in range(num_forwards):
-            rows = slice(i * size, (i + 1) * size) if i * size < batch.batch_size else slice(0, 1)
+            rows = plan[i] if i < len(plan) else torch.zeros(1, dtype=torch.long)
             micro = batch.select(rows)
             width = _used_width(micro)
             with self.autocast():
                 outputs = forward(model, _trim(micro, width))
-            if i * size < batch.batch_size:  # else a padding forward, thrown away
-                out[rows, :width] = outputs
+            if i < len(plan):  # else a padding forward, thrown away
+                out[rows.to(out.device), :width] = outputs.float()
         return out
 
     def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
@@ -412,19 +420,55 @@ class Learner:
         return TrainBatch(**fields)
 
     def _micro_batches(self, batch: TrainBatch, rows_per_unit: int = 1) -> Iterator[TrainBatch]:
-        # Length-aware: units (rows, or pairs of rows) sorted by length, so each micro-batch holds rows of
-        # similar length and is trimmed to its own longest row. The loss uses the mini-batch's normalisers,
-        # so the order of units is free; the order of rows inside a unit is kept.
+        """The mini-batch's micro-batches, each trimmed to its longest row. The loss uses the mini-batch's
+        normalisers, so the order of units is free; the order of rows inside a unit is kept."""
         unit = rows_per_unit
-        if batch.batch_size % unit or self.config.micro_batch_size % unit:
+        if batch.batch_size % unit or (self.config.micro_batch_size % unit and not self.config.micro_batch_tokens):
             raise ValueError(f"{batch.batch_size} rows and micro_batch_size={self.config.micro_batch_size} must "
                              f"both be multiples of {unit} (rows that belong together)")
-        lengths = batch.attention_mask.sum(dim=1).view(-1, unit).amax(dim=1)
-        units = lengths.argsort(descending=True, stable=True)
-        order = _unit_rows(units, unit)
-        for start in range(0, batch.batch_size, self.config.micro_batch_size):
-            micro = batch.select(order[start : start + self.config.micro_batch_size])
+        for rows in self._micro_batch_rows(batch, unit):
+            micro = batch.select(rows)
             yield _trim(micro, _used_width(micro))
+
+    def _micro_batch_rows(self, batch: TrainBatch, rows_per_unit: int = 1, equal_counts: bool = True
+                          ) -> list[torch.Tensor]:
+        """Each micro-batch's row indices. Length-aware: units (`rows_per_unit` consecutive rows) sorted longest
+        first, so a micro-batch holds units of similar length; `micro_batch_size` rows each, or with
+        `micro_batch_tokens` as many units as fit that many tokens of padded width. `equal_counts`: every rank
+        gets as many micro-batches (the sharded strategies' backward is a collective), by splitting its largest."""
+        unit = rows_per_unit
+        lengths = batch.attention_mask.sum(dim=1).view(-1, unit).amax(dim=1)  # [U]
+        units = lengths.argsort(descending=True, stable=True)
+        if self.config.micro_batch_tokens:
+            sizes = _token_budget_sizes(lengths[units].tolist(), unit, self.config.micro_batch_tokens)
+            if equal_counts and self.strategy.world_size > 1:
+                sizes = _split_largest(sizes, self.strategy.all_reduce_max(len(sizes)))
+        else:
+            per = self.config.micro_batch_size // unit
+            sizes = [min(per, len(units) - start) for start in range(0, len(units), per)]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [_unit_rows(units[start : start + size], unit) for start, size in zip(starts, sizes)]
+
+
+def _token_budget_sizes(lengths: list[int], rows_per_unit: int, budget: int) -> list[int]:
+    """Units per micro-batch for units sorted longest first (`lengths`, tokens of each unit's longest row): as
+    many as fit `budget` tokens of padded width (units x rows_per_unit x the first unit's length), at least one."""
+    sizes, start = [], 0
+    while start < len(lengths):
+        size = max(1, budget // (max(lengths[start], 1) * rows_per_unit))
+        sizes.append(min(size, len(lengths) - start))
+        start += sizes[-1]
+    return sizes
+
+
+def _split_largest(sizes: list[int], count: int) -> list[int]:
+    """`sizes` split into `count` micro-batches (count <= their sum), halving the largest one at a time."""
+    sizes = list(sizes)
+    while len(sizes) < count:
+        i = max(range(len(sizes)), key=sizes.__getitem__)
+        half = sizes[i] // 2
+        sizes[i : i + 1] = [sizes[i] - half, half]
+    return sizes
 
 
 def _add_metrics(totals: dict[str, float | torch.Tensor], metrics: dict[str, float | torch.Tensor]) -> None:
