@@ -8,6 +8,8 @@ Cases (each one `winnow train grpo` process, the same seed, data and reward):
     b          --runtime ray, colocated on 2 GPUs: 2 workers, each an engine replica + an FSDP2 learner rank
     b_ds       the same with DeepSpeed ZeRO-3 as the learner (skipped when deepspeed does not import)
     c          --runtime ray, split: 1 engine GPU + 1 learner GPU (single-device learner, NCCL broadcast)
+    w2, w4     weak scaling: --runtime ray, colocated on 2 / 4 GPUs (FSDP2 learner ranks), the workload per GPU
+               kept (128 / 256 prompts x 8 samples an iteration), so their ideal is 2x / 4x a's samples/s
 
 Workload: a random-init Qwen2.5-1.5B-shaped policy (`generate_shapes.SHAPES["1.5b"]`), 64 prompts x 8 samples
 per iteration, 128-token prompts, up to 512 new tokens (a random model almost never samples EOS), one optimizer
@@ -21,6 +23,7 @@ Writes OUT/ray_scaling.json and OUT/ray_scaling.md; each case's run directory an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -37,7 +40,9 @@ sys.path.insert(0, str(HERE))
 
 import grpo_common as common  # noqa: E402
 
-CASES = ["a", "b", "b_ds", "c"]
+CASES = ["a", "b", "b_ds", "c", "w2", "w4"]
+GPUS = {"a": 1, "b": 2, "b_ds": 2, "c": 2, "w2": 2, "w4": 4}
+WEAK = {"w2": 2, "w4": 4}  # prompts per iteration x this
 PHASES = ("generate", "score", "advantages", "train", "sync", "iteration")
 REWARD = f"{HERE / 'ray_scaling_reward.py'}:parity"
 
@@ -57,6 +62,9 @@ def case_flags(case: str, gpu: bool) -> list[str] | None:
             return None
         return ["--runtime", "ray", "--ray.placement", "colocated", "--ray.num-learner-ranks", "2",
                 "--learner.strategy", "deepspeed", "--learner.sharding.zero-stage", "3", *gpus]
+    if case in WEAK:
+        return ["--runtime", "ray", "--ray.placement", "colocated", "--ray.num-learner-ranks", str(WEAK[case]),
+                "--learner.strategy", "fsdp2", *gpus]
     if case == "c":
         return ["--runtime", "ray", "--ray.placement", "split", "--ray.num-replicas", "1",
                 "--ray.num-learner-ranks", "1", *gpus]
@@ -84,7 +92,8 @@ def write_policy(out: Path, cpu: bool, workload: common.Workload, num_iterations
     # in a folder of its own: next to a qwen2 config.json, AutoTokenizer would load it as Qwen2Tokenizer,
     # which splits the words differently
     save_tokenizer(tokenizer, out / "tokenizer")
-    texts = common.prompt_texts(workload, config.vocab_size, config.eos_token_id, num_iterations + 1)
+    iterations = (num_iterations + 1) * max(WEAK.values())  # enough for the largest weak-scaling case
+    texts = common.prompt_texts(workload, config.vocab_size, config.eos_token_id, iterations)
     data.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     return policy, data
 
@@ -133,6 +142,7 @@ def grpo_command(policy: Path, data: Path, out: Path, workload, iterations: int,
 
 def run_case(case: str, flags: list[str], policy: Path, data: Path, out: Path, args, workload) -> dict:
     iterations = args.warmup + args.iterations
+    workload = dataclasses.replace(workload, num_prompts=workload.num_prompts * WEAK.get(case, 1))
     command = [*grpo_command(policy, data, out, workload, iterations, case, args.cpu), *flags]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
@@ -173,7 +183,7 @@ def markdown(result: dict) -> str:
         if "samples_per_s" not in c:
             lines.append(f"| {c['case']} | | failed or skipped: {c.get('skipped', 'see its log')} | | | | | | | |")
             continue
-        gpus = 1 if c["case"] == "a" else 2
+        gpus = GPUS[c["case"]]
         ratio = f"{c['samples_per_s'] / base:.2f}x" if base else ""
         floor = f"{base * gpus:.1f}" if base else ""
         p = c["phases_median_s"]
@@ -187,7 +197,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for ray_scaling.json, ray_scaling.md and the runs")
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU, Ray with gloo (a dry run)")
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated cases to run (a, b, b_ds, c); "
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="comma-separated cases to run (a, b, b_ds, c, w2, w4); "
                         "a later call into the same --out adds its cases to the table")
     parser.add_argument("--iterations", type=int, default=2, help="measured iterations per case")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up iterations per case (not measured)")
