@@ -66,9 +66,14 @@ def train(strategy: str = "single", *, zero_stage: int = 2, offload: bool = Fals
         if save_at and learner.num_steps == save_at:
             learner.save_checkpoint(ckpt)
     weight_sums = {name: float(t.double().sum()) for name, t in learner.named_weights()}
+    # as an engine in bf16 gets them: a sharded strategy gathers bf16 shards, one process casts on the way
+    bf16 = list(learner.named_weights(gather_dtype=torch.bfloat16))
+    bf16_sums = {name: float(t.to(torch.bfloat16).double().sum()) for name, t in bf16}
+    gathered_dtypes = sorted({str(t.dtype) for _, t in bf16})
     if save_pretrained:
         learner.save(save_pretrained, tokenizer)
-    return {"steps": rows, "weight_sums": weight_sums, "is_main": learner.is_main,
+    return {"steps": rows, "weight_sums": weight_sums, "bf16_sums": bf16_sums, "gathered_dtypes": gathered_dtypes,
+            "is_main": learner.is_main,
             "world_size": learner.strategy.world_size}
 
 

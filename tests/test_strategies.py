@@ -79,6 +79,10 @@ def test_two_ranks_match_one_process_and_resume(name, single_run, tmp_path):
     assert full["weight_sums"].keys() == reference["weight_sums"].keys()
     for key, value in reference["weight_sums"].items():
         assert full["weight_sums"][key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+    # Gathered for a bf16 engine: FSDP2 all-gathers bf16 shards (half the bytes), the same bf16 weights.
+    assert full["gathered_dtypes"] == (["torch.bfloat16"] if name == "fsdp2" else ["torch.float32"])
+    for key, value in reference["bf16_sums"].items():
+        assert full["bf16_sums"][key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
     # ... and so is the model rank 0 saved with save_pretrained.
     saved = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     for key, param in saved.named_parameters():

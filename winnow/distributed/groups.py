@@ -91,7 +91,7 @@ class RayLearnerGroup:
     def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         return self._call("policy_logprobs", batch.to("cpu"), True)[0]
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_weights(self, gather_dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         raise TypeError("the Ray learner group's weights stay on its ranks: the actor group syncs them")
 
     def save_checkpoint(self, path: str | Path) -> Path:

@@ -17,7 +17,7 @@ import torch
 
 from winnow.distributed.broadcast import BroadcastGroup, free_address
 from winnow.learner.batch import make_train_batch
-from winnow.learner.sync import sync_weights, verify_sync
+from winnow.learner.sync import sync_weights, verify_sync, weight_dtype
 from winnow.loops.checkpoint import rng_state, set_rng_state
 from winnow.setup import resolve_device, setup_process
 from winnow.types import Completion, SamplingParams, TrainBatch
@@ -171,8 +171,8 @@ class Worker:
 
     def send_weights(self, bucket_mb: float, dtype: str | None = None) -> dict[str, float]:
         """Split placement, on every learner rank: gather the full weights (a collective); rank 0 broadcasts
-        them to the replicas, cast to `dtype` (the replicas' engine dtype) when given."""
-        weights = self.learner.named_weights()
+        them to the replicas, cast to `dtype` (the replicas' engine dtype) when given, gathered in it too."""
+        weights = self.learner.named_weights(getattr(torch, dtype) if dtype else None)
         if self.learner_rank != 0:
             for _ in weights:  # take part in the gather; rank 0 sends
                 pass
@@ -181,8 +181,8 @@ class Worker:
 
     def engine_weight_dtype(self) -> str | None:
         """The dtype this replica's engine holds its weights in ("bfloat16", ...), or None if it does not say."""
-        dtype = getattr(self.engine, "engine_dtype", None) or getattr(self.engine, "dtype", None)
-        return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else None
+        dtype = weight_dtype(self.engine)
+        return str(dtype).removeprefix("torch.") if dtype is not None else None
 
     def receive_weights(self) -> int:
         """Split placement, on a replica: load every bucket learner rank 0 broadcasts; returns the bucket count."""

@@ -74,9 +74,10 @@ class DeepSpeedStrategy(DataParallel):
         grad_norm = self.engine.get_global_grad_norm()
         return float(grad_norm) if grad_norm is not None else float("nan")
 
-    def full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """ZeRO-2 keeps whole parameters on every rank; ZeRO-3 gathers each one (on every rank) in turn,
-        and the copy outlives the gather, whose storage is freed when the context exits."""
+    def full_weights(self, gather_dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """ZeRO-2 keeps whole parameters on every rank; ZeRO-3 gathers each one (on every rank) in turn, in its
+        own dtype (`gather_dtype` is not applied: DeepSpeed gathers the partitions it holds), and the copy
+        outlives the gather, whose storage is freed when the context exits."""
         for name, param in self.engine.module.named_parameters():
             if self.config.zero_stage == 3:
                 with deepspeed.zero.GatheredParameters([param]):

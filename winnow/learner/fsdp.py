@@ -65,11 +65,14 @@ class FSDP2Strategy(DataParallel):
         self.scheduler.step()
         return float(grad_norm)
 
-    def full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def full_weights(self, gather_dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """One parameter at a time, all-gathered to every rank (`DTensor.full_tensor()`), so peak memory is
-        one full tensor plus what the consumer keeps, never a second full model."""
+        one full tensor plus what the consumer keeps, never a second full model; each floating-point shard cast
+        to `gather_dtype` before the gather, when given."""
         for name, param in self.model.named_parameters():
             tensor = param.detach()
+            if gather_dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(gather_dtype)  # the local shard: the gather moves the smaller dtype
             yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
     def save_pretrained(self, path: Path) -> None:

@@ -371,11 +371,12 @@ class Learner:
 
     # ------------------------------------------------------------------ weights
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_weights(self, gather_dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Full (unsharded) weights for the engine, named as in `named_parameters()`; a collective under a
-        sharded strategy: every rank must iterate it to the end. A LoRA policy gives its adapters merged
+        sharded strategy: every rank must iterate it to the end. `gather_dtype`: the dtype sharded weights are
+        gathered in (the engine's; see `Strategy.full_weights`). A LoRA policy gives its adapters merged
         into the base weights, under the base model's names (the engine runs a plain model)."""
-        return merged_weights(self.model) if self.is_lora else self.strategy.full_weights()
+        return merged_weights(self.model) if self.is_lora else self.strategy.full_weights(gather_dtype)
 
     def save(self, path: str | Path, tokenizer=None) -> Path:
         """Save the policy as a `transformers` checkpoint (loadable with `from_pretrained`); sharded

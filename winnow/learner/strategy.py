@@ -76,8 +76,10 @@ class Strategy(Protocol):
         ...
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor: ...
     def all_reduce_max(self, value: int) -> int: ...
-    def full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full (unsharded) weights, named as in the HF model's `named_parameters()`; every rank gets them."""
+    def full_weights(self, gather_dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full (unsharded) weights, named as in the HF model's `named_parameters()`; every rank gets them.
+        gather_dtype: a strategy that gathers sharded weights casts the floating-point shards to it first (half
+        the bytes of float32 for bfloat16); one that holds them whole yields them as they are."""
         ...
     def save_pretrained(self, path: Path) -> None: ...
     def save_checkpoint(self, path: Path, client_state: dict) -> None: ...
@@ -133,8 +135,8 @@ class SingleDevice:
     def all_reduce_max(self, value: int) -> int:
         return value
 
-    def full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, param in self.model.named_parameters():
+    def full_weights(self, gather_dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, param in self.model.named_parameters():  # nothing to gather: the receiver casts
             yield name, param.detach()
 
     def save_pretrained(self, path: Path) -> None:

@@ -68,6 +68,13 @@ def iter_buckets(
         yield bucket
 
 
+def weight_dtype(engine) -> torch.dtype | None:
+    """The dtype `engine` holds its weights in (vLLM's `engine_dtype`, the embedded engine's `dtype`), or None
+    when it does not say."""
+    dtype = getattr(engine, "engine_dtype", None) or getattr(engine, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def sync_weights(learner, engine, bucket_mb: float = 256.0) -> dict[str, float]:
     """Send the learner's full weights to `engine`, one `update_weights` call per bucket.
 
@@ -77,7 +84,8 @@ def sync_weights(learner, engine, bucket_mb: float = 256.0) -> dict[str, float]:
     start = time.perf_counter()
     num_buckets = num_bytes = 0
     pending = None  # one bucket of look-ahead, so the last call can say it is the last
-    for bucket in iter_buckets(learner.named_weights(), int(bucket_mb * 2**20)):
+    weights = learner.named_weights(gather_dtype=weight_dtype(engine))  # a sharded learner gathers in it
+    for bucket in iter_buckets(weights, int(bucket_mb * 2**20)):
         if pending is not None:
             engine.update_weights(pending, is_last_bucket=False)
         pending = bucket

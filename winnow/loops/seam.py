@@ -37,8 +37,9 @@ class PolicyLearner(Protocol):
         """All optimizer steps of one iteration over `batch`; the mean of their metrics."""
         ...
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full weights for the actor (a collective under a sharded strategy)."""
+    def named_weights(self, gather_dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full weights for the actor (a collective under a sharded strategy; sharded weights gathered in
+        `gather_dtype` when given)."""
         ...
 
 
