@@ -473,8 +473,8 @@ def _split_largest(sizes: list[int], count: int) -> list[int]:
 
 
 def _add_metrics(totals: dict[str, float | torch.Tensor], metrics: dict[str, float | torch.Tensor]) -> None:
-    """Add one micro-batch's metrics into `totals`; tensors stay on their device (float64), so a step pays one
-    host sync instead of one per micro-batch, each of which left the GPU idle while the host queued the next."""
+    """Add one micro-batch's metrics into `totals`; tensors stay on their device (float64), so a step waits for
+    the device once (`_host_floats`), not once per micro-batch."""
     for key, value in metrics.items():
         value = value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else float(value)
         totals[key] = totals.get(key, 0.0) + value
