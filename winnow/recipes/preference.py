@@ -69,7 +69,7 @@ class PreferenceTrainConfig(OnlineRunConfig, Generic[AlgoT]):
             problems.append(f"--rollout.num-samples {self.rollout.num_samples}: a pair needs at least 2 responses")
         if not self.offline and self.rollout.temperature <= 0:
             problems.append("rollout.temperature must be > 0: greedy decoding gives one response, not a pair")
-        if self.learner.micro_batch_size % 2:
+        if self.learner.micro_batch_size % 2 and not self.learner.micro_batch_tokens:  # a token budget keeps pairs
             problems.append(f"learner.micro_batch_size={self.learner.micro_batch_size} must be even (whole pairs)")
         if self.pairs.selection not in SELECTORS:
             problems.append(f"pairs.selection={self.pairs.selection!r} must be one of {', '.join(SELECTORS)}")
