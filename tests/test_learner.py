@@ -282,3 +282,11 @@ def test_length_sorted_micro_batches_keep_preference_pairs_together(tiny_model, 
     with pytest.raises(ValueError, match="multiples of 2"):
         Learner(copy.deepcopy(tiny_model), LearnerConfig(micro_batch_size=3), total_steps=1,
                 device="cpu").train_step(batch, loss_fn, rows_per_unit=2)
+    # A token budget groups whole pairs too (an odd micro_batch_size is then unused): 32 tokens hold one pair of
+    # 9-token rows (pair 3: 2 x 9 = 18), then two of 8 (pairs 0 and 1: 2 x 2 x 8 = 32), then pair 2.
+    seen.clear()
+    budgeted = Learner(copy.deepcopy(tiny_model), LearnerConfig(micro_batch_size=3, micro_batch_tokens=32),
+                       total_steps=1, device="cpu")
+    assert [mb.batch_size for mb in budgeted._micro_batches(batch, rows_per_unit=2)] == [2, 4, 2]
+    budgeted.train_step(batch, loss_fn, rows_per_unit=2)
+    assert seen == [3.0, 0.0, 1.0, 2.0]
