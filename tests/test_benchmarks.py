@@ -33,6 +33,15 @@ def test_grpo_benchmark_cpu_mode_runs(tmp_path):
     iteration_floor = sum(floors[f"{p}_s"] for p in ("generate", "score", "logprobs", "train", "sync"))
     assert ratio["end_to_end"] == pytest.approx(phases["end_to_end"] / iteration_floor) and ratio["end_to_end"] > 1
     assert len(result["phases_per_iteration_s"]) == 1
+    # The report over it (winnow's side alone): the iteration's floor and ratio as above, in JSON and table.
+    report, table = tmp_path / "report.json", tmp_path / "report.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grpo_report.py"), str(out), "--json", str(report),
+                    "--md", str(table)], check=True, timeout=120, env=env, cwd=ROOT / "benchmarks",
+                   capture_output=True)
+    row = json.loads(report.read_text())["phases"]["end_to_end"]
+    assert row["floor_s"] == pytest.approx(iteration_floor)
+    assert row["winnow_over_floor"] == pytest.approx(ratio["end_to_end"])
+    assert "| end_to_end |" in table.read_text()
 
 
 @pytest.mark.slow
