@@ -19,10 +19,10 @@ metrics.jsonl and notes when the first row lands. Parts:
 
 Variants (`--variants`, run one after another on the same machine, each a fresh process):
 
-    fresh        compiled decode glue and learner layers, PyTorch's compile caches empty (TORCHINDUCTOR_CACHE_DIR
-                 and TRITON_CACHE_DIR are a new folder under OUT)
-    warm         the same command again with the caches `fresh` filled: a user's second launch on the machine
-    eager        neither compiled (the defaults): no compile at start-up, slower steady iterations
+    fresh   compiled decode glue and learner layers, PyTorch's compile caches empty (TORCHINDUCTOR_CACHE_DIR
+            and TRITON_CACHE_DIR are a new folder under OUT)
+    warm    the same command again with the caches `fresh` filled: a user's second launch on the machine
+    eager   neither compiled (the defaults): no compile at start-up, slower steady iterations
 
 Each variant also records `time/compile` of iterations 1 and 2 (torch.compile's own seconds inside the phases).
 
@@ -60,10 +60,10 @@ def time_imports(env: dict) -> float:
 
 
 COMPILE_FLAGS = ["--engine.compile-decode", "--learner.compile"]
-VARIANTS = {  # name: (flags, compile cache folder, extra environment)
-    "fresh": (COMPILE_FLAGS, "compile_cache", {}),
-    "warm": (COMPILE_FLAGS, "compile_cache", {}),
-    "eager": ([], "compile_cache_eager", {}),
+VARIANTS = {  # name: (flags, compile cache folder)
+    "fresh": (COMPILE_FLAGS, "compile_cache"),
+    "warm": (COMPILE_FLAGS, "compile_cache"),
+    "eager": ([], "compile_cache_eager"),
 }
 
 
@@ -122,8 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="a directory: first_iteration.{json,md}, the runs and their logs")
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (a dry run)")
-    parser.add_argument("--variants", nargs="+", default=["fresh", "warm", "eager"],
-                        choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--timeout", type=float, default=420, help="seconds per launch")
     args = parser.parse_args()
     out = Path(args.out)
@@ -135,9 +134,8 @@ def main() -> None:
     base = grpo_command(policy, data, out, workload, 2, "first", args.cpu) + ["--learner.no-gradient-checkpointing"]
     results = []
     for name in args.variants:
-        flags, cache, extra = VARIANTS[name]
-        env = {**base_env, "TORCHINDUCTOR_CACHE_DIR": str(out / cache), "TRITON_CACHE_DIR": str(out / cache / "triton"),
-               **extra}
+        flags, cache = VARIANTS[name]
+        env = {**base_env, "TORCHINDUCTOR_CACHE_DIR": str(out / cache), "TRITON_CACHE_DIR": str(out / cache / "triton")}
         command = base + ([] if args.cpu else flags)
         first_row_s, rows, text = launch(command, env, out, name, args.timeout)
         results.append({**measure(name, first_row_s, rows, text, imports_s), "command": command[3:]})

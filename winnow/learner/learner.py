@@ -447,8 +447,7 @@ class Learner:
         else:
             per = self.config.micro_batch_size // unit
             sizes = [min(per, len(units) - start) for start in range(0, len(units), per)]
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        return [_unit_rows(units[start : start + size], unit) for start, size in zip(starts, sizes)]
+        return [_unit_rows(chunk, unit) for chunk in units.split(sizes)]
 
 
 def _token_budget_sizes(lengths: list[int], rows_per_unit: int, budget: int) -> list[int]:
