@@ -35,6 +35,8 @@ from winnow.types import TrainBatch
 
 torch = lazy_import("torch")
 sequence_logprobs = lazy_function("winnow.learner.logprobs", "sequence_logprobs")  # defines a torch.autograd.Function
+use_shared_attention = lazy_function("winnow.learner.shared_prompts", "use_shared_attention")
+shared_kernel_available = lazy_function("winnow.learner.shared_prompts", "available")
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,11 @@ class LearnerConfig:
     first micro-batch width for its exact shape, and again with a symbolic length at the next width. Measured at
     0.5B on one H200 (`benchmarks/learner_profile.py`): on long-tailed response lengths, True made the step
     1.36 s against 1.58 s for +3.6 s of first-step compile; on fixed lengths it made it 2.56 s against 2.42 s"""
+    share_prompts: bool = False
+    """rows with the same prompt (a GRPO group's samples, a preference pair) run the prompt's tokens once in the
+    policy's forward and backward: each micro-batch is one packed row, every prompt once followed by its
+    responses, no padding (`winnow.learner.shared_prompts`); the same logprobs and gradients up to float rounding.
+    Saves (n - 1) / n of the prompt tokens' work; on a GPU attention runs FlashAttention's variable-length kernel"""
     fused_logprobs: bool = True
     """project hidden states to token logprobs a chunk of rows at a time (forward and backward), never
     holding [B, T, vocab] logits; Llama-family models on the single strategy (else the model's forward)"""
@@ -174,6 +181,10 @@ class Learner:
             model.gradient_checkpointing_enable()
             if self.is_lora:  # the frozen embeddings' output needs grad, or checkpointed blocks get none
                 model.enable_input_require_grads()
+        if config.share_prompts and shared_kernel_available(self.strategy.device):
+            use_shared_attention(model)  # the packed rows' segments go to the variable-length kernel
+            if ref_model is not None:
+                use_shared_attention(ref_model)
         if config.compile:
             _compile_layers(model, config.compile_dynamic)
         factor = _schedule(config.lr_schedule, config.warmup_steps, total_steps, config.min_lr_ratio)
@@ -191,9 +202,7 @@ class Learner:
         # Sharded strategies gather parameters in the root module's forward, so they keep the full forward.
         self.fused_head = config.fused_logprobs and config.strategy == "single"
         # What the trained model computes per token: the policy's logprobs, or a critic's values.
-        self.forward: ForwardFn = forward or partial(sequence_logprobs, temperature=temperature,
-                                                     fused_head=self.fused_head, compile_head=config.compile,
-                                                     compile_dynamic=config.compile_dynamic)
+        self.forward: ForwardFn = forward or self._logprobs_forward()
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         c = self.config
@@ -334,10 +343,13 @@ class Learner:
 
     def logprobs(self, model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
         """Per-token logprobs of `batch` under `model` without gradients, [B, T]."""
-        return self._no_grad_forward(model, batch, partial(sequence_logprobs, temperature=self.temperature,
-                                                           fused_head=self.fused_head,
-                                                           compile_head=self.config.compile,
-                                                           compile_dynamic=self.config.compile_dynamic))
+        return self._no_grad_forward(model, batch, self._logprobs_forward())
+
+    def _logprobs_forward(self) -> ForwardFn:
+        """`sequence_logprobs` with this learner's temperature, head and compile settings."""
+        c = self.config
+        return partial(sequence_logprobs, temperature=self.temperature, fused_head=self.fused_head,
+                       compile_head=c.compile, compile_dynamic=c.compile_dynamic, share_prompts=c.share_prompts)
 
     @no_grad
     def _no_grad_forward(self, model: torch.nn.Module, batch: TrainBatch, forward: ForwardFn) -> torch.Tensor:
@@ -439,15 +451,30 @@ class Learner:
         gets as many micro-batches (the sharded strategies' backward is a collective), by splitting its largest."""
         unit = rows_per_unit
         lengths = batch.attention_mask.sum(dim=1).view(-1, unit).amax(dim=1)  # [U]
-        units = lengths.argsort(descending=True, stable=True)
+        if self.config.share_prompts and unit == 1 and batch.group_index is not None:
+            units, lengths = _by_group(batch.group_index, lengths)  # a group's rows together: they share a prompt
+        else:
+            units = lengths.argsort(descending=True, stable=True)
+            lengths = lengths[units]
         if self.config.micro_batch_tokens:
-            sizes = _token_budget_sizes(lengths[units].tolist(), unit, self.config.micro_batch_tokens)
+            sizes = _token_budget_sizes(lengths.tolist(), unit, self.config.micro_batch_tokens)
             if equal_counts and self.strategy.world_size > 1:
                 sizes = _split_largest(sizes, self.strategy.all_reduce_max(len(sizes)))
         else:
             per = self.config.micro_batch_size // unit
             sizes = [min(per, len(units) - start) for start in range(0, len(units), per)]
         return [_unit_rows(chunk, unit) for chunk in units.split(sizes)]
+
+
+def _by_group(group_index: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ordered so that each group's rows are consecutive, groups longest first: (order [B], each ordered row's
+    group length [B], non-increasing, which a token budget sizes micro-batches by)."""
+    _, groups = torch.unique(group_index, return_inverse=True)
+    group_lengths = torch.zeros(int(groups.max()) + 1, dtype=lengths.dtype, device=lengths.device)
+    group_lengths = group_lengths.scatter_reduce(0, groups, lengths, reduce="amax")[groups]  # [B]
+    order = groups.argsort(stable=True)
+    order = order[group_lengths[order].argsort(descending=True, stable=True)]
+    return order, group_lengths[order]
 
 
 def _token_budget_sizes(lengths: list[int], rows_per_unit: int, budget: int) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 
 from winnow.lazy import lazy_import
+from winnow.learner.shared_prompts import SharedLayout, shared_layout
 from winnow.types import TrainBatch
 
 torch = lazy_import("torch")
@@ -129,7 +130,7 @@ def can_fuse_head(model: torch.nn.Module) -> bool:
 
 def sequence_logprobs(
     model: torch.nn.Module, batch: TrainBatch, temperature: float = 1.0, fused_head: bool = False,
-    compile_head: bool = False, compile_dynamic: bool = False,
+    compile_head: bool = False, compile_dynamic: bool = False, share_prompts: bool = False,
 ) -> torch.Tensor:
     """Log-probability of each token of `batch.input_ids` given the tokens before it, [B, T] float32.
 
@@ -140,7 +141,13 @@ def sequence_logprobs(
     (and a model `can_fuse_head` accepts) the decoder runs alone and `linear_logprobs` projects its hidden
     states chunk by chunk, so no [B, T, V] logits exist in forward or backward; `compile_head` fuses each chunk's
     log-softmax and its gradient into one compiled kernel per direction (`compile_dynamic`: symbolic shapes).
+    `share_prompts`: rows with the same prompt run it once (`winnow.learner.shared_prompts`; the same logprobs up to
+    float rounding).
     """
+    layout = shared_layout(batch) if share_prompts else None
+    if layout is not None:
+        return _shared_logprobs(model, batch, layout, temperature, fused_head and can_fuse_head(model),
+                                compile_head, compile_dynamic)
     input_ids, mask = batch.input_ids, batch.response_mask
     # The first column any row needs a logit for: one before its first response token.
     has_response = mask.any(dim=0).nonzero()
@@ -173,6 +180,25 @@ def sequence_logprobs(
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     out[:, first + 1 :] = picked
     return out * mask
+
+
+def _shared_logprobs(model: torch.nn.Module, batch: TrainBatch, layout: SharedLayout, temperature: float,
+                     fused_head: bool, compile_head: bool, compile_dynamic: bool) -> torch.Tensor:
+    """`sequence_logprobs` over the packed row of `layout`: one forward, the labels' logprobs put back in the
+    batch's [B, T] places."""
+    inputs = layout.model_inputs()
+    if fused_head:
+        hidden = model.model(**inputs).last_hidden_state[0, layout.sources]  # [N, H]
+        picked = linear_logprobs(hidden, model.lm_head.weight, layout.labels, temperature, compile=compile_head,
+                                 dynamic=compile_dynamic)
+    else:  # the whole model's forward (sharded strategies gather in it), logits only at the sources
+        logits = model(**inputs, logits_to_keep=layout.sources).logits[0]  # [N, V]
+        if temperature != 1.0:
+            logits = logits / temperature
+        picked = selective_logprobs(logits, layout.labels)
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    out[layout.rows, layout.columns] = picked
+    return out * batch.response_mask
 
 
 def token_accuracy(model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
