@@ -25,12 +25,13 @@ from winnow.types import Completion
 
 def fixed_batch(num: int = 10, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 15, (2 + i,), generator=g).tolist() for i in range(3)]
     completions = []
-    for i in range(num):
-        prompt = torch.randint(3, 15, (2 + i % 3,), generator=g).tolist()
+    for i in range(num):  # rows i, i + 3, i + 6, ... answer one prompt (a group, as a GRPO rollout's samples)
         response = torch.randint(3, 15, (1 + i % 4,), generator=g).tolist()
-        completions.append(Completion(prompt, response, [-2.5] * len(response), "stop", ""))
-    batch = make_train_batch(completions, torch.randn(num, generator=g), pad_token_id=0)
+        completions.append(Completion(prompts[i % 3], response, [-2.5] * len(response), "stop", ""))
+    batch = make_train_batch(completions, torch.randn(num, generator=g), pad_token_id=0,
+                             group_index=torch.arange(num) % 3)
     batch.old_logprobs = batch.engine_logprobs.clone()
     return batch
 
@@ -48,11 +49,11 @@ def make_loss_fn():
 
 def train(strategy: str = "single", *, zero_stage: int = 2, offload: bool = False, steps: int = 4,
           save_at: int = 0, ckpt: str | None = None, load: str | None = None, save_pretrained: str | None = None,
-          device: str = "cpu", micro_batch_tokens: int = 0) -> dict:
+          device: str = "cpu", micro_batch_tokens: int = 0, share_prompts: bool = False) -> dict:
     """Run the steps; returns {"steps": [{loss, grad_norm, lr, step}], "weight_sums": {name: sum}}."""
     tokenizer = train_char_tokenizer(["0123456789+-*= "])
     config = LearnerConfig(lr=3e-3, warmup_steps=2, lr_schedule="linear", micro_batch_size=2, max_grad_norm=1.0,
-                           micro_batch_tokens=micro_batch_tokens, strategy=strategy,
+                           micro_batch_tokens=micro_batch_tokens, share_prompts=share_prompts, strategy=strategy,
                            sharding=StrategyConfig(zero_stage=zero_stage, offload=offload))
     learner = Learner(build_tiny_model(tokenizer, seed=0), config, total_steps=8, device=device)
     if load:
@@ -90,11 +91,12 @@ def main() -> None:
     parser.add_argument("--save-pretrained", default=None, help="save the final model here (from_pretrained)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--micro-batch-tokens", type=int, default=0)
+    parser.add_argument("--share-prompts", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     result = train(args.strategy, zero_stage=args.zero_stage, offload=args.offload, steps=args.steps,
                    save_at=args.save_at, ckpt=args.ckpt, load=args.load, save_pretrained=args.save_pretrained,
-                   device=args.device, micro_batch_tokens=args.micro_batch_tokens)
+                   device=args.device, micro_batch_tokens=args.micro_batch_tokens, share_prompts=args.share_prompts)
     if result.pop("is_main"):
         with open(args.out, "w") as f:
             json.dump(result, f)

@@ -56,7 +56,8 @@ def wrong(prompts, completions, reference, **columns):
 '''
 
 
-def _train_cli(tmp_path: Path, algo: str, model: Path, weights: list[float], iterations: int) -> Path:
+def _train_cli(tmp_path: Path, algo: str, model: Path, weights: list[float], iterations: int,
+               share_prompts: bool = False) -> Path:
     """Train with reward = weights[0] * right + weights[1] * wrong; `right`, listed first, is the verifier
     that held-out accuracy is measured with."""
     (tmp_path / "rewards.py").write_text(REWARDS)
@@ -65,7 +66,7 @@ def _train_cli(tmp_path: Path, algo: str, model: Path, weights: list[float], ite
         "oracle": {"rewards": [f"{tmp_path / 'rewards.py'}:right", f"{tmp_path / 'rewards.py'}:wrong"],
                    "reward_weights": weights},
         "rollout": {"prompts_per_iteration": 32, "num_samples": 8, "max_tokens": 8},
-        "learner": {"lr": 3e-5, "micro_batch_size": 256},
+        "learner": {"lr": 3e-5, "micro_batch_size": 256, "share_prompts": share_prompts},
         "eval": {"every": 0, "k": 0, "max_prompts": 200},
         "logging": {"progress": False},
         "num_iterations": iterations,
@@ -88,7 +89,8 @@ def _accuracy(run_dir: Path) -> tuple[float, float]:
 @pytest.mark.parametrize("algo", ["dr-grpo", "rloo"])
 def test_cli_run_with_user_reward_learns(quickstart_run, tmp_path, algo):
     out, _ = quickstart_run
-    run = _train_cli(tmp_path, algo, out / "sft" / "final", [1.0, 0.0], iterations=60)
+    # RLOO's learner runs each prompt once for its 8 samples (--learner.share-prompts): it must learn all the same.
+    run = _train_cli(tmp_path, algo, out / "sft" / "final", [1.0, 0.0], iterations=60, share_prompts=algo == "rloo")
     before, after = _accuracy(run)
     assert after >= before + 0.1, (before, after)
     samples = [json.loads(line) for line in (run / "samples" / "eval_00060.jsonl").read_text().splitlines()]
@@ -194,7 +196,7 @@ def test_winnow_train_ppo_raises_held_out_accuracy(quickstart_run, tmp_path):
         "model": {"path": str(sft / "final")},
         "oracle": {"rewards": ["exact"]},
         "rollout": {"prompts_per_iteration": 64, "num_samples": 1, "max_tokens": 8},
-        "learner": {"lr": 3e-5, "micro_batch_size": 256},
+        "learner": {"lr": 3e-5, "micro_batch_size": 256, "share_prompts": share_prompts},
         "algo": {"critic_lr": 3e-4},
         "eval": {"every": 0, "k": 0, "max_prompts": 200},
         "logging": {"progress": False},

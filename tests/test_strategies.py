@@ -107,6 +107,16 @@ def test_token_budget_micro_batches_on_two_ranks_match_one_process(single_run, t
     assert_same_losses(run["steps"], single_run[0]["steps"])
 
 
+@pytest.mark.slow
+def test_shared_prompts_on_two_ranks_match_one_process(single_run, tmp_path):
+    """FSDP2 ranks with --learner.share-prompts (each rank's rows of one prompt run it once, packed; the model's own
+    forward with logits only where labels are) train to the single process's losses over separate rows."""
+    rank_groups = [fixed_batch().group_index[rank::2].tolist() for rank in (0, 1)]
+    assert rank_groups == [[0, 2, 1, 0, 2], [1, 0, 2, 1, 0]]  # each rank holds two groups of two rows
+    run = torchrun(["--strategy", "fsdp2", "--share-prompts"], tmp_path / "shared.json")
+    assert_same_losses(run["steps"], single_run[0]["steps"])
+
+
 def test_single_checkpoint_resumes_to_the_same_next_loss(single_run):
     reference, ckpt = single_run
     resumed = train("single", load=str(ckpt), steps=2)
