@@ -44,6 +44,10 @@ class Workload:
     lr: float = 1e-6
     max_grad_norm: float = 1.0
     temperature: float = 1.0
+    share_prompts: bool = False
+    """winnow only: learner.share_prompts (each prompt's samples run it once in the learner)"""
+    micro_batch_tokens: int = 0
+    """winnow only: learner.micro_batch_tokens (0: micro-batches of micro_batch_size rows)"""
 
     @property
     def num_sequences(self) -> int:
@@ -197,6 +201,8 @@ def floors(cfg, num_params: int, workload: Workload, ceilings: dict) -> dict:
       written; FLOPs = 2 N per token + attention (4 x layers x heads x head_dim x context per token).
     train: 6 N x trained tokens (prompt + response) / peak (the issue's definition; activation
       checkpointing's extra forward and attention FLOPs are not counted, so this floor is optimistic).
+      train_shared: the same with each prompt's tokens counted once for its samples, the floor of a learner
+      that shares prompts (`--learner.share-prompts`).
     sync: the fp32 master weights read + the bf16 engine copy written, over bandwidth (winnow; TRL
       generates with the training weights and has no sync).
     """
@@ -220,6 +226,9 @@ def floors(cfg, num_params: int, workload: Workload, ceilings: dict) -> dict:
         decode_bytes_total += step_bytes
         decode_flops_total += step_flops
     train_flops = 6 * num_params * workload.trained_tokens
+    # The same with every prompt run once for its samples (what the learner's shared prompts run).
+    shared_flops = 6 * num_params * (workload.trained_tokens - workload.num_prompts * (workload.num_samples - 1)
+                                     * workload.prompt_len)
     return {
         "generate_s": generate_s,
         "generate_bound": "memory" if decode_bytes_total / bandwidth > decode_flops_total / peak else "compute",
@@ -227,6 +236,7 @@ def floors(cfg, num_params: int, workload: Workload, ceilings: dict) -> dict:
         "decode_flops": decode_flops_total,
         "train_s": train_flops / peak,
         "train_flops": train_flops,
+        "train_shared_s": shared_flops / peak,
         "sync_s": (4 + 2) * num_params / bandwidth,
         "score_s": 0.0,
         "logprobs_s": 0.0,
@@ -247,6 +257,9 @@ def over_floor(phases: dict, floor: dict) -> dict:
            if phases.get(phase) and floor[f"{phase}_s"]}
     if phases.get("end_to_end"):
         out["end_to_end"] = phases["end_to_end"] / iteration_floor(floor)
+        # against the floor with each prompt trained once per group (the fair floor when prompts are shared)
+        shared = iteration_floor(floor) - floor["train_s"] + floor.get("train_shared_s", floor["train_s"])
+        out["end_to_end_vs_shared_floor"] = phases["end_to_end"] / shared
     return out
 
 

@@ -163,6 +163,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="winnow_grpo.json")
     parser.add_argument("--iterations", type=int, default=None, help="measured iterations (default: 3 GPU, 2 CPU)")
     parser.add_argument("--no-compile", action="store_true", help="neither compiled decode nor compiled learner")
+    parser.add_argument("--share-prompts", action="store_true",
+                        help="learner.share_prompts: each prompt's samples run it once in the learner")
+    parser.add_argument("--micro-batch-tokens", type=int, default=0, help="learner.micro_batch_tokens (0: rows)")
     parser.add_argument("--engine", choices=["winnow", "vllm"], default="winnow",
                         help="winnow's own engine (HFEngine) or the vllm engine")
     parser.add_argument("--vllm-in-process", action="store_true",
@@ -206,7 +209,8 @@ def make_loop(model, engine, tokenizer, prompts, workload, device) -> tuple[Lear
     learner_config = LearnerConfig(lr=workload.lr, max_grad_norm=workload.max_grad_norm,
                                    micro_batch_size=workload.micro_batch_size,
                                    gradient_checkpointing=workload.gradient_checkpointing,
-                                   compile=workload.learner_compile)
+                                   compile=workload.learner_compile, share_prompts=workload.share_prompts,
+                                   micro_batch_tokens=workload.micro_batch_tokens)
     # The family reads only these rollout fields; the sampling ignores EOS (fixed length: the same work everywhere).
     sampling = SamplingParams(temperature=workload.temperature, max_tokens=workload.new_tokens,
                               n=workload.num_samples, ignore_eos=True)
@@ -259,6 +263,7 @@ def main() -> None:
         workload.measured_iterations = args.iterations
     if args.no_compile:
         workload.engine_compile = workload.learner_compile = False
+    workload.share_prompts, workload.micro_batch_tokens = args.share_prompts, args.micro_batch_tokens
     if cpu:
         torch.set_num_threads(1)
     framework = "winnow" if args.engine == "winnow" else "winnow+vllm"
@@ -327,7 +332,8 @@ def semantics(args, engine, workload) -> dict:
         "logprobs": "0: with one optimizer step per iteration pi_old = pi, winnow skips the old-logprobs pass "
                     "(as TRL does); logprobs_pass_s times what Learner.logprobs over the batch would cost",
         "train": f"Learner.train_policy: one AdamW step over all {workload.num_sequences} samples, micro-batch "
-                 f"{workload.micro_batch_size}, activation checkpointing {workload.gradient_checkpointing}, "
+                 f"{workload.micro_batch_size} (token budget {workload.micro_batch_tokens or 'off'}), shared prompts "
+                 f"{workload.share_prompts}, activation checkpointing {workload.gradient_checkpointing}, "
                  f"learner.compile {workload.learner_compile} (TRL: no compile), fused head logprobs, "
                  "micro-batches sorted by length, fp32 master "
                  "weights under bf16 autocast, loss = GRPO clipped surrogate (seq-mean-token-mean) with TIS against "

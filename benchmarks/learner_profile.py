@@ -9,7 +9,9 @@ Each variant builds a fresh random-init policy (float32 master weights, bf16 aut
 (the compile, when on: `first_step_s`) and then `--steps` timed ones. `--lengths varied` gives the responses
 long-tailed lengths, so the micro-batches have different widths (what decides how often a compile repeats:
 `mb32_compiled` compiles with symbolic shapes, `mb32_compiled_static` for the first width, then again).
-MFU is 6·N·(trained tokens) over the measured bf16 matmul peak, the benchmark's definition. The profiled
+MFU is 6·N·(trained tokens) over the measured bf16 matmul peak, the benchmark's definition; the `_shared` variants
+run each prompt once for its 8 samples, so they also record the tokens the GPU ran and its MFU over those
+(`hardware_mfu`). The profiled
 step's CUDA kernels are summed by kind (matmul, attention, compiled elementwise, the head's log-softmax,
 optimizer, copies, other), so the table says how far the matmuls alone would take MFU (`mfu_if_only_matmuls`)
 and how much is idle time between kernels.
@@ -41,6 +43,9 @@ VARIANTS = {  # name: LearnerConfig fields
     # micro-batches by tokens: 20,480 = 32 rows of the workload's 640, 40,960 = 64
     "tok20k_compiled": dict(micro_batch_tokens=20480, compile=True),
     "tok40k_compiled": dict(micro_batch_tokens=40960, compile=True),
+    # each prompt's 8 samples run it once (packed rows, FlexAttention)
+    "mb32_compiled_shared": dict(micro_batch_size=32, compile=True, share_prompts=True),
+    "tok40k_compiled_shared": dict(micro_batch_tokens=40960, compile=True, share_prompts=True),
 }
 KINDS = [  # (kind, kernel-name pattern), first match wins
     ("attention", r"flash|fmha|attention|attn"),
@@ -67,12 +72,14 @@ def build_policy(args, device):
 
 
 def make_batch(workload, vocab_size: int, varied: bool = False):
-    """The benchmark's batch: every response `new_tokens` long, or (`varied`) long-tailed lengths (exponential,
-    mean new_tokens / 4, cut at new_tokens), so micro-batches have different widths."""
+    """The benchmark's batch, `num_samples` responses to each prompt (a GRPO rollout): every response `new_tokens`
+    long, or (`varied`) long-tailed lengths (exponential, mean new_tokens / 4, cut at new_tokens), so micro-batches
+    have different widths."""
     generator = torch.Generator().manual_seed(0)
     completions = []
     for i in range(workload.num_sequences):
-        prompt = torch.randint(3, vocab_size, (workload.prompt_len,), generator=generator).tolist()
+        if i % workload.num_samples == 0:
+            prompt = torch.randint(3, vocab_size, (workload.prompt_len,), generator=generator).tolist()
         length = workload.new_tokens
         if varied:
             draw = -torch.log(torch.rand(1, generator=generator)).item() * workload.new_tokens / 4
@@ -80,7 +87,8 @@ def make_batch(workload, vocab_size: int, varied: bool = False):
         response = torch.randint(3, vocab_size, (length,), generator=generator).tolist()
         completions.append(Completion(prompt_ids=prompt, response_ids=response, logprobs=[-1.0] * len(response),
                                       finish_reason="length", text=""))
-    batch = make_train_batch(completions, torch.zeros(len(completions)), pad_token_id=0)
+    group_index = torch.arange(workload.num_sequences) // workload.num_samples
+    batch = make_train_batch(completions, torch.zeros(len(completions)), pad_token_id=0, group_index=group_index)
     batch.advantages = torch.randn(batch.batch_size, generator=generator)
     return batch
 
@@ -129,8 +137,11 @@ def measure_variant(name: str, policy, batch, workload, device: torch.device, pe
     step_s = common.median(times)
     tokens = int(batch.attention_mask.sum())
     flops = 6 * sum(p.numel() for p in policy.parameters()) * tokens
+    run_tokens = tokens - shared_tokens(learner, batch) if fields.get("share_prompts") else tokens
     row = {"fields": fields, "first_step_s": first_s, "step_s": step_s, "steps_s": times, "trained_tokens": tokens,
            "mfu": flops / step_s / peak, "tokens_per_s": tokens / step_s,
+           # with shared prompts the GPU runs fewer tokens than it trains on: the utilisation of what it ran
+           "run_tokens": run_tokens, "hardware_mfu": flops * run_tokens / tokens / step_s / peak,
            "micro_batches": len(learner._micro_batch_rows(batch)),
            "first_step_compile_s": {key: seconds - compile_before.get(key, 0.0) for key, seconds in
                                     compile_after.items() if seconds - compile_before.get(key, 0.0) >= 0.05}}
@@ -143,6 +154,13 @@ def measure_variant(name: str, policy, batch, workload, device: torch.device, pe
         matmul_s = row["kernel_seconds"]["matmul"]
         row["mfu_if_only_matmuls"] = flops / matmul_s / peak if matmul_s > 0 else None
     return row
+
+
+def shared_tokens(learner, batch) -> int:
+    """Prompt tokens the learner's shared-prompt micro-batches do not run again."""
+    from winnow.learner.shared_prompts import shared_layout
+
+    return sum(shared_layout(batch.select(rows)).num_shared_tokens for rows in learner._micro_batch_rows(batch))
 
 
 def main() -> None:
