@@ -43,7 +43,9 @@ VARIANTS = {  # name: LearnerConfig fields
     # micro-batches by tokens: 20,480 = 32 rows of the workload's 640, 40,960 = 64
     "tok20k_compiled": dict(micro_batch_tokens=20480, compile=True),
     "tok40k_compiled": dict(micro_batch_tokens=40960, compile=True),
-    # each prompt's 8 samples run it once (packed rows, FlexAttention)
+    # micro-batches by tokens, the budget from 70% of the free memory (`--learner.micro-batch-memory 0.7`)
+    "mem70_compiled": dict(micro_batch_memory=0.7, compile=True),
+    # each prompt's 8 samples run it once (packed rows, the variable-length attention kernel)
     "mb32_compiled_shared": dict(micro_batch_size=32, compile=True, share_prompts=True),
     "tok40k_compiled_shared": dict(micro_batch_tokens=40960, compile=True, share_prompts=True),
 }
@@ -142,7 +144,7 @@ def measure_variant(name: str, policy, batch, workload, device: torch.device, pe
            "mfu": flops / step_s / peak, "tokens_per_s": tokens / step_s,
            # with shared prompts the GPU runs fewer tokens than it trains on: the utilisation of what it ran
            "run_tokens": run_tokens, "hardware_mfu": flops * run_tokens / tokens / step_s / peak,
-           "micro_batches": len(learner._micro_batch_rows(batch)),
+           "micro_batches": len(learner._micro_batch_rows(batch)), "token_budget": learner.last_token_budget,
            "first_step_compile_s": {key: seconds - compile_before.get(key, 0.0) for key, seconds in
                                     compile_after.items() if seconds - compile_before.get(key, 0.0) >= 0.05}}
     if device.type == "cuda":  # kernels exist only there

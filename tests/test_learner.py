@@ -290,3 +290,46 @@ def test_length_sorted_micro_batches_keep_preference_pairs_together(tiny_model, 
     assert [mb.batch_size for mb in budgeted._micro_batches(batch, rows_per_unit=2)] == [2, 4, 2]
     budgeted.train_step(batch, loss_fn, rows_per_unit=2)
     assert seen == [3.0, 0.0, 1.0, 2.0]
+
+
+def test_activation_bytes_per_token_and_budget_by_hand():
+    from types import SimpleNamespace
+
+    from winnow.learner.memory_budget import activation_bytes_per_token, budget_tokens
+
+    # Qwen2.5-0.5B: 24 layers x (7 x 896 + 4 x 4864 + K and V of 2 heads x 64) values x 2 bytes
+    qwen05 = SimpleNamespace(num_hidden_layers=24, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                             num_key_value_heads=2)
+    assert activation_bytes_per_token(qwen05) == 24 * (6272 + 19456 + 256) * 2 == 1_247_232
+    # 0.5 x (10 GB free - 2 GB reserved) = 4 GB, at 1 MB a token: 4000 tokens; nothing free: still 1
+    assert budget_tokens(0.5, 10_000_000_000, 2_000_000_000, 1_000_000) == 4000
+    assert budget_tokens(0.5, 1_000, 2_000, 1_000_000) == 1
+
+
+def test_memory_budget_sizes_micro_batches_from_free_memory(tiny_model, tiny_tokenizer, monkeypatch):
+    """The budget follows the memory free at the step: rows of 7, 7, 6, 6, 5, 5, 4, 3 tokens make one micro-batch
+    with room for 56 tokens, and [7] [7] [6 6] [5 5] [4 3] with room for 12; the step logs the budget it used."""
+    from winnow.learner import memory_budget
+
+    batch = _rl_batch(tiny_tokenizer)
+    learner = Learner(copy.deepcopy(tiny_model), LearnerConfig(lr=1e-3), total_steps=2, device="cpu")
+    learner.config = LearnerConfig(lr=1e-3, micro_batch_memory=0.5)  # as on a GPU (refused on CPU, below)
+    per_token = memory_budget.activation_bytes_per_token(tiny_model.config)
+    reserve = memory_budget.step_reserve_bytes(learner.model, tiny_model.config.vocab_size)
+    loss_fn = partial(GRPO().loss, max_tokens=8)
+    for tokens, expected_micro_batches in ((56, 1), (12, 5)):
+        learner.model.zero_grad(set_to_none=True)  # as a step starts: the gradients are still to be allocated
+        free = reserve + 2 * tokens * per_token  # half of it for activations: `tokens` tokens
+        monkeypatch.setattr(memory_budget, "free_device_bytes", lambda device, free=free: free)
+        assert learner.token_budget() == tokens
+        assert len(list(learner._micro_batches(batch))) == expected_micro_batches
+        assert learner.train_step(batch, loss_fn)["micro_batch_tokens"] == tokens
+
+
+def test_memory_budget_needs_a_gpu_and_excludes_a_token_budget(tiny_model):
+    with pytest.raises(ValueError, match="runs on cpu: give --learner.micro-batch-tokens instead"):
+        Learner(tiny_model, LearnerConfig(micro_batch_memory=0.5), total_steps=1, device="cpu")
+    with pytest.raises(ValueError, match="give one of them"):
+        LearnerConfig(micro_batch_memory=0.5, micro_batch_tokens=1000)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        LearnerConfig(micro_batch_memory=1.5)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from winnow.lazy import lazy_function, lazy_import, no_grad
+from winnow.learner import memory_budget
 from winnow.learner.lora import adapters_off, is_lora, merged_weights, save_merged
 from winnow.learner.strategy import StrategyConfig, make_strategy
 from winnow.types import TrainBatch
@@ -37,6 +38,7 @@ torch = lazy_import("torch")
 sequence_logprobs = lazy_function("winnow.learner.logprobs", "sequence_logprobs")  # defines a torch.autograd.Function
 use_shared_attention = lazy_function("winnow.learner.shared_prompts", "use_shared_attention")
 shared_kernel_available = lazy_function("winnow.learner.shared_prompts", "available")
+
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,10 @@ class LearnerConfig:
     """0: micro-batches of micro_batch_size sequences. N: each micro-batch takes as many of the length-sorted
     sequences as fit N tokens of padded width (sequences x its longest), so short sequences train in fewer, larger
     micro-batches and long ones in smaller ones, at a steady memory peak; a sequence longer than N trains alone"""
+    micro_batch_memory: float = 0.0
+    """0: off. f in (0, 1]: micro-batches by tokens (as micro_batch_tokens), the budget set at every step so that
+    the saved activations take about f of the GPU memory free at the step's start (an estimate per token from the
+    model's shape, `winnow.learner.memory_budget`); logged as train/micro_batch_tokens. GPU only"""
     num_mini_batches: int = 1
     """optimizer steps per epoch: the iteration's samples are split into this many mini-batches"""
     num_epochs: int = 1
@@ -123,6 +129,12 @@ class LearnerConfig:
         if self.micro_batch_tokens < 0:
             raise ValueError(f"--learner.micro-batch-tokens {self.micro_batch_tokens} must be >= 0 (0: micro-batches "
                              "of --learner.micro-batch-size sequences)")
+        if not 0 <= self.micro_batch_memory <= 1:
+            raise ValueError(f"--learner.micro-batch-memory {self.micro_batch_memory} must be in [0, 1]: the fraction "
+                             "of free GPU memory for a micro-batch's activations (0: off)")
+        if self.micro_batch_memory and self.micro_batch_tokens:
+            raise ValueError("--learner.micro-batch-memory and --learner.micro-batch-tokens both size micro-batches "
+                             "by tokens: give one of them")
         if self.lr <= 0:
             raise ValueError(f"--learner.lr {self.lr} must be > 0")
         if self.compile and self.strategy != "single":
@@ -177,6 +189,9 @@ class Learner:
                              "--learner.strategy single (one GPU holds a frozen base model and small adapters), "
                              "or --lora-rank 0")
         self.strategy = make_strategy(config.strategy, device, config.sharding)
+        if config.micro_batch_memory and self.strategy.device.type != "cuda":
+            raise ValueError(f"--learner.micro-batch-memory sizes micro-batches from free GPU memory, and this learner "
+                             f"runs on {self.strategy.device.type}: give --learner.micro-batch-tokens instead")
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             if self.is_lora:  # the frozen embeddings' output needs grad, or checkpointed blocks get none
@@ -199,6 +214,8 @@ class Learner:
         self.num_skipped_steps = 0
         """optimizer steps skipped because their loss or gradient norm was not finite"""
         self.num_bad_steps_in_a_row = 0
+        self.last_token_budget = config.micro_batch_tokens
+        """the token budget the last micro-batch plan used (from micro_batch_memory: the memory free then)"""
         # Sharded strategies gather parameters in the root module's forward, so they keep the full forward.
         self.fused_head = config.fused_logprobs and config.strategy == "single"
         # What the trained model computes per token: the policy's logprobs, or a critic's values.
@@ -262,6 +279,8 @@ class Learner:
         if self.strategy.world_size > 1:  # ... and across ranks: one all-reduce for all of them
             summed = self.strategy.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64))
             totals = dict(zip(totals, summed.tolist()))
+        if self.config.micro_batch_memory:  # the budget this step's free memory gave
+            totals["micro_batch_tokens"] = float(self.last_token_budget)
         lr = self.scheduler.get_last_lr()[0]
         # A non-finite loss (the same on every rank: it was all-reduced) is never stepped on; a non-finite
         # gradient norm (global) makes the strategy skip the step itself. Either way nothing is applied.
@@ -304,7 +323,7 @@ class Learner:
         reference logprobs are computed once, before any step.
         """
         if batch.batch_size % rows_per_unit or (self.config.micro_batch_size % rows_per_unit
-                                                and not self.config.micro_batch_tokens):
+                                                and not self._by_tokens):
             raise ValueError(f"learner.micro_batch_size={self.config.micro_batch_size} and the batch's "
                              f"{batch.batch_size} rows must be multiples of {rows_per_unit}: an odd size would split "
                              f"a unit of rows that belong together (a preference pair's chosen and rejected)")
@@ -436,12 +455,29 @@ class Learner:
         """The mini-batch's micro-batches, each trimmed to its longest row. The loss uses the mini-batch's
         normalisers, so the order of units is free; the order of rows inside a unit is kept."""
         unit = rows_per_unit
-        if batch.batch_size % unit or (self.config.micro_batch_size % unit and not self.config.micro_batch_tokens):
+        if batch.batch_size % unit or (self.config.micro_batch_size % unit and not self._by_tokens):
             raise ValueError(f"{batch.batch_size} rows and micro_batch_size={self.config.micro_batch_size} must "
                              f"both be multiples of {unit} (rows that belong together)")
         for rows in self._micro_batch_rows(batch, unit):
             micro = batch.select(rows)
             yield _trim(micro, _used_width(micro))
+
+    @property
+    def _by_tokens(self) -> bool:
+        return bool(self.config.micro_batch_tokens or self.config.micro_batch_memory)
+
+    def token_budget(self) -> int:
+        """Tokens of padded width a micro-batch may hold: `micro_batch_tokens`, or from `micro_batch_memory` and the
+        memory free now (0: micro-batches by rows)."""
+        if not self.config.micro_batch_memory:
+            return self.config.micro_batch_tokens
+        model_config = getattr(self.model, "config", None)
+        if model_config is None or not hasattr(model_config, "intermediate_size"):
+            raise ValueError("--learner.micro-batch-memory estimates activations from a Llama-family config "
+                             "(hidden_size, intermediate_size, num_hidden_layers): give --learner.micro-batch-tokens")
+        reserve = memory_budget.step_reserve_bytes(self.model, model_config.vocab_size)
+        return memory_budget.budget_tokens(self.config.micro_batch_memory, memory_budget.free_device_bytes(self.device),
+                                           reserve, memory_budget.activation_bytes_per_token(model_config))
 
     def _micro_batch_rows(self, batch: TrainBatch, rows_per_unit: int = 1, equal_counts: bool = True
                           ) -> list[torch.Tensor]:
@@ -456,8 +492,9 @@ class Learner:
         else:
             units = lengths.argsort(descending=True, stable=True)
             lengths = lengths[units]
-        if self.config.micro_batch_tokens:
-            sizes = _token_budget_sizes(lengths.tolist(), unit, self.config.micro_batch_tokens)
+        if self._by_tokens:
+            self.last_token_budget = self.token_budget()
+            sizes = _token_budget_sizes(lengths.tolist(), unit, self.last_token_budget)
             if equal_counts and self.strategy.world_size > 1:
                 sizes = _split_largest(sizes, self.strategy.all_reduce_max(len(sizes)))
         else:
