@@ -54,7 +54,7 @@ def test_segment_keys_by_hand():
     assert _power_of_two(129) == 256 and _power_of_two(640) == 1024
 
 
-def test_layout_does_not_apply_to_packed_or_left_padded_rows():
+def test_layout_does_not_apply_to_packed_left_padded_or_unlabelled_rows():
     batch = make_train_batch([Completion([1, 2], [3], [0.0], "stop", "")], torch.zeros(1), pad_token_id=0)
     left_padded = copy.copy(batch)
     left_padded.attention_mask = torch.tensor([[0, 1, 1]])
@@ -62,6 +62,9 @@ def test_layout_does_not_apply_to_packed_or_left_padded_rows():
     packed = copy.copy(batch)
     packed.position_ids = torch.tensor([[0, 1, 2]])
     assert shared_layout(packed) is None
+    padding = copy.copy(batch)  # a sharded rank's padding rows: no response token to label
+    padding.response_mask = torch.zeros_like(batch.response_mask)
+    assert shared_layout(padding) is None
 
 
 def _grouped_batch(tokenizer, group_sizes=(3, 1, 4, 2), seed=0):

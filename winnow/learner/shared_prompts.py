@@ -85,7 +85,7 @@ class SharedLayout:
 def shared_layout(batch: TrainBatch) -> SharedLayout | None:
     """The packed layout of `batch` (rows right-padded, prompt = the tokens before a row's first response-mask
     token; rows with the same prompt tokens share it), or None when it does not apply: already packed rows,
-    a row with left padding or with a response but no prompt token."""
+    a row with left padding or with a response but no prompt token, no response token at all."""
     if batch.position_ids is not None or batch.batch_size == 0:
         return None
     mask = batch.response_mask > 0
@@ -96,6 +96,8 @@ def shared_layout(batch: TrainBatch) -> SharedLayout | None:
     leads = _prompt_leads(batch.input_ids, prompt_lens)
     lengths, prompt_lens, leads, is_contiguous = torch.stack([lengths, prompt_lens, leads, is_contiguous]).tolist()
     if not all(is_contiguous) or any(p == 0 and n > 0 for p, n in zip(prompt_lens, lengths)):
+        return None
+    if all(n <= p for p, n in zip(prompt_lens, lengths)):  # nothing to label (a sharded rank's padding rows)
         return None
     segments = _segments(lengths, prompt_lens, leads)
     return _expand(batch, segments, use_kernel=available(batch.input_ids.device))
