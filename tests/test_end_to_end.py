@@ -196,7 +196,7 @@ def test_winnow_train_ppo_raises_held_out_accuracy(quickstart_run, tmp_path):
         "model": {"path": str(sft / "final")},
         "oracle": {"rewards": ["exact"]},
         "rollout": {"prompts_per_iteration": 64, "num_samples": 1, "max_tokens": 8},
-        "learner": {"lr": 3e-5, "micro_batch_size": 256, "share_prompts": share_prompts},
+        "learner": {"lr": 3e-5, "micro_batch_size": 256},
         "algo": {"critic_lr": 3e-4},
         "eval": {"every": 0, "k": 0, "max_prompts": 200},
         "logging": {"progress": False},
