@@ -13,8 +13,8 @@ from winnow.algorithms import GRPO
 from winnow.learner.batch import make_train_batch
 from winnow.learner.learner import Learner, LearnerConfig, _by_group
 from winnow.learner.logprobs import sequence_logprobs
-from winnow.learner.shared_prompts import (_expand, _power_of_two, _prompt_leads, _segment_attention, _segments, segment_attention,
-                                           shared_layout)
+from winnow.learner.shared_prompts import (_expand, _power_of_two, _prompt_leads, _segment_attention, _segments,
+                                           segment_attention, shared_layout)
 from winnow.types import Completion
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length kernel needs a GPU")

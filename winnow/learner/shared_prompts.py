@@ -174,7 +174,8 @@ def _segment_attention(segments: dict[str, list[int]], seg: dict, device) -> Seg
     key_seg = torch.repeat_interleave(torch.tensor(num_keys, device=device), output_size=sum(num_keys))
     j = torch.arange(sum(num_keys), device=device) - cu_k.to(device)[:-1].long()[key_seg]
     prompt_length = seg["prompt_length"][key_seg]
-    key_index = torch.where(j < prompt_length, seg["prompt_start"][key_seg] + j, seg["start"][key_seg] + j - prompt_length)
+    key_index = torch.where(j < prompt_length, seg["prompt_start"][key_seg] + j,  # the prompt's keys, then its own
+                            seg["start"][key_seg] + j - prompt_length)
     # The longest segment and key run, rounded up to a power of two: the kernel only sizes its grid by them (blocks
     # past a segment's end exit at once), and a compiled layer specialises on their values, so every new length
     # would compile it again.
