@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from winnow.algorithms import GRPO
 from winnow.learner.batch import make_train_batch
-from winnow.learner.learner import Learner, LearnerConfig, _by_group
+from winnow.learner.learner import Learner, LearnerConfig, _by_group, _packed_budget_sizes
 from winnow.learner.logprobs import sequence_logprobs
 from winnow.learner.shared_prompts import (_expand, _power_of_two, _prompt_leads, _segment_attention, _segments,
                                            segment_attention, shared_layout)
@@ -119,6 +119,13 @@ def test_segment_attention_equals_the_dense_mask_on_gpu():
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_packed_token_budget_by_hand():
+    # Group 0: prompt 3, responses 5, 4, 1; group 1: prompt 2, responses 6, 6. Budget 12 packed tokens:
+    # [3 + 5 + 4 = 12], [3 + 1 (its prompt again) + 2 + 6 = 12], [2 + 6].
+    assert _packed_budget_sizes([3, 3, 3, 2, 2], [5, 4, 1, 6, 6], [0, 0, 0, 1, 1], 12) == [2, 2, 1]
+    assert _packed_budget_sizes([3], [20], [0], 12) == [1]  # longer than the budget: alone
+
+
 def test_prompt_leads_and_group_order_by_hand():
     ids = torch.tensor([[1, 2, 3], [4, 5, 6], [1, 2, 9], [1, 7, 7]])
     # Rows 0 and 2 share prompt [1 2]; row 3's prompt is [1] (one token), not the same.
@@ -138,7 +145,10 @@ def test_learner_step_is_the_same_with_shared_prompts(tiny_model, tiny_tokenizer
     for share in (False, True):
         model = copy.deepcopy(tiny_model)
         learner = Learner(model, LearnerConfig(lr=1e-3, share_prompts=share, **fields), total_steps=1, device="cpu")
-        groups = [mb.group_index.tolist() for mb in learner._micro_batches(batch)]
+        micro_batches = list(learner._micro_batches(batch))
+        groups = [mb.group_index.tolist() for mb in micro_batches]
+        if share and "micro_batch_tokens" in fields:  # the budget counts packed tokens
+            assert all(mb.batch_size == 1 or shared_layout(mb).input_ids.shape[1] <= 40 for mb in micro_batches)
         logprobs = learner.logprobs(model, batch)
         metrics = learner.train_step(batch, loss_fn)
         results.append((groups, logprobs, metrics, [p.grad.clone() for p in model.parameters()]))

@@ -111,6 +111,7 @@ class LearnerConfig:
     """rows with the same prompt (a GRPO group's samples, a preference pair) run the prompt's tokens once in the
     policy's forward and backward: each micro-batch is one packed row, every prompt once followed by its
     responses, no padding (`winnow.learner.shared_prompts`); the same logprobs and gradients up to float rounding.
+    A token budget then counts the packed tokens (each prompt once per micro-batch), not the padded width.
     Saves (n - 1) / n of the prompt tokens' work; on a GPU attention runs FlashAttention's variable-length kernel"""
     fused_logprobs: bool = True
     """project hidden states to token logprobs a chunk of rows at a time (forward and backward), never
@@ -487,14 +488,18 @@ class Learner:
         gets as many micro-batches (the sharded strategies' backward is a collective), by splitting its largest."""
         unit = rows_per_unit
         lengths = batch.attention_mask.sum(dim=1).view(-1, unit).amax(dim=1)  # [U]
-        if self.config.share_prompts and unit == 1 and batch.group_index is not None:
+        grouped = self.config.share_prompts and unit == 1 and batch.group_index is not None
+        if grouped:
             units, lengths = _by_group(batch.group_index, lengths)  # a group's rows together: they share a prompt
         else:
             units = lengths.argsort(descending=True, stable=True)
             lengths = lengths[units]
         if self._by_tokens:
             self.last_token_budget = self.token_budget()
-            sizes = _token_budget_sizes(lengths.tolist(), unit, self.last_token_budget)
+            if grouped:  # packed rows: the tokens they run, each prompt once per micro-batch, no padding
+                sizes = _packed_budget_sizes(*_packed_costs(batch, units), self.last_token_budget)
+            else:
+                sizes = _token_budget_sizes(lengths.tolist(), unit, self.last_token_budget)
             if equal_counts and self.strategy.world_size > 1:
                 sizes = _split_largest(sizes, self.strategy.all_reduce_max(len(sizes)))
         else:
@@ -523,6 +528,30 @@ def _token_budget_sizes(lengths: list[int], rows_per_unit: int, budget: int) -> 
         sizes.append(min(size, len(lengths) - start))
         start += sizes[-1]
     return sizes
+
+
+def _packed_costs(batch: TrainBatch, order: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+    """For the rows in `order`: prompt tokens (before the first response-mask token), the tokens after them, and
+    the group index."""
+    mask = batch.response_mask > 0
+    lengths = batch.attention_mask.sum(dim=1)
+    prompts = torch.where(mask.any(dim=1), mask.int().argmax(dim=1), lengths)
+    rows = torch.stack([prompts[order], (lengths - prompts)[order], batch.group_index[order].to(lengths.device)])
+    prompts, responses, groups = rows.tolist()
+    return prompts, responses, groups
+
+
+def _packed_budget_sizes(prompts: list[int], responses: list[int], groups: list[int], budget: int) -> list[int]:
+    """Rows per micro-batch for rows ordered by group, packed with each prompt once (`shared_prompts`): as many as
+    fit `budget` packed tokens (a group's prompt counted in each micro-batch its rows reach), at least one."""
+    sizes, tokens, count, group = [], 0, 0, None
+    for prompt, response, index in zip(prompts, responses, groups):
+        cost = response + (prompt if count == 0 or index != group else 0)
+        if count and tokens + cost > budget:
+            sizes.append(count)
+            tokens, count, cost = 0, 0, prompt + response
+        tokens, count, group = tokens + cost, count + 1, index
+    return sizes + [count] if count else sizes
 
 
 def _split_largest(sizes: list[int], count: int) -> list[int]:
