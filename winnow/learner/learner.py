@@ -39,7 +39,6 @@ sequence_logprobs = lazy_function("winnow.learner.logprobs", "sequence_logprobs"
 use_shared_attention = lazy_function("winnow.learner.shared_prompts", "use_shared_attention")
 shared_kernel_available = lazy_function("winnow.learner.shared_prompts", "available")
 
-
 log = logging.getLogger(__name__)
 
 
@@ -468,8 +467,8 @@ class Learner:
         return bool(self.config.micro_batch_tokens or self.config.micro_batch_memory)
 
     def token_budget(self) -> int:
-        """Tokens of padded width a micro-batch may hold: `micro_batch_tokens`, or from `micro_batch_memory` and the
-        memory free now (0: micro-batches by rows)."""
+        """Tokens a micro-batch may hold (of padded width; with `share_prompts`, packed): `micro_batch_tokens`, or
+        from `micro_batch_memory` and the memory free now (0: micro-batches by rows)."""
         if not self.config.micro_batch_memory:
             return self.config.micro_batch_tokens
         model_config = getattr(self.model, "config", None)
@@ -533,9 +532,9 @@ def _token_budget_sizes(lengths: list[int], rows_per_unit: int, budget: int) -> 
 def _packed_costs(batch: TrainBatch, order: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
     """For the rows in `order`: prompt tokens (before the first response-mask token), the tokens after them, and
     the group index."""
-    mask = batch.response_mask > 0
-    lengths = batch.attention_mask.sum(dim=1)
-    prompts = torch.where(mask.any(dim=1), mask.int().argmax(dim=1), lengths)
+    from winnow.learner.shared_prompts import prompt_lengths
+
+    lengths, prompts = batch.attention_mask.sum(dim=1), prompt_lengths(batch)
     rows = torch.stack([prompts[order], (lengths - prompts)[order], batch.group_index[order].to(lengths.device)])
     prompts, responses, groups = rows.tolist()
     return prompts, responses, groups

@@ -88,9 +88,7 @@ def shared_layout(batch: TrainBatch) -> SharedLayout | None:
     a row with left padding or with a response but no prompt token, no response token at all."""
     if batch.position_ids is not None or batch.batch_size == 0:
         return None
-    mask = batch.response_mask > 0
-    lengths = batch.attention_mask.sum(dim=1)
-    prompt_lens = torch.where(mask.any(dim=1), mask.int().argmax(dim=1), lengths)  # no response: nothing to label
+    lengths, prompt_lens = batch.attention_mask.sum(dim=1), prompt_lengths(batch)
     columns = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
     is_contiguous = (batch.attention_mask.bool() == (columns < lengths[:, None])).all(dim=1)
     leads = _prompt_leads(batch.input_ids, prompt_lens)
@@ -101,6 +99,13 @@ def shared_layout(batch: TrainBatch) -> SharedLayout | None:
         return None
     segments = _segments(lengths, prompt_lens, leads)
     return _expand(batch, segments, use_kernel=available(batch.input_ids.device))
+
+
+def prompt_lengths(batch: TrainBatch) -> torch.Tensor:
+    """[B] long: each row's tokens before its first response-mask token (a row with no response token: all of its
+    tokens, so it has nothing to label)."""
+    mask = batch.response_mask > 0
+    return torch.where(mask.any(dim=1), mask.int().argmax(dim=1), batch.attention_mask.sum(dim=1))
 
 
 def _prompt_leads(input_ids: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
