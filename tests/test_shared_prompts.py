@@ -119,6 +119,29 @@ def test_segment_attention_equals_the_dense_mask_on_gpu():
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
+@needs_cuda
+def test_grouped_query_kernel_equals_repeated_heads_on_gpu(monkeypatch):
+    """Fewer K/V heads given to the kernel as they are: the output and every gradient as with K/V repeated."""
+    import winnow.learner.shared_prompts as shared
+
+    completions, g = [], torch.Generator().manual_seed(1)
+    for prompt_len, sizes in [(40, [30, 7, 12]), (9, [50])]:
+        prompt = torch.randint(3, 15, (prompt_len,), generator=g).tolist()
+        completions += [Completion(prompt, [4] * size, [0.0] * size, "stop", "") for size in sizes]
+    layout = shared_layout(make_train_batch(completions, torch.zeros(len(completions)), pad_token_id=0).to("cuda"))
+    length = layout.input_ids.shape[1]
+    inputs = [torch.randn(1, heads, length, 64, generator=g).cuda().bfloat16() for heads in (6, 2, 2)]
+    results = []
+    for gqa in (True, False):
+        monkeypatch.setattr(shared, "GQA_KERNEL", gqa)
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        out = segment_attention(q, k, v, layout.attention, scale=0.125)
+        out.float().square().sum().backward()
+        results.append([out.float(), q.grad.float(), k.grad.float(), v.grad.float()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
 def test_packed_token_budget_by_hand():
     # Group 0: prompt 3, responses 5, 4, 1; group 1: prompt 2, responses 6, 6. Budget 12 packed tokens:
     # [3 + 5 + 4 = 12], [3 + 1 (its prompt again) + 2 + 6 = 12], [2 + 6].

@@ -217,6 +217,9 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if q.shape[1] != k.shape[1]:  # grouped-query heads
         if "enable_gqa" in takes:
             options["enable_gqa"] = True
+        elif GQA_KERNEL and "window_size" in takes:  # the kernel takes fewer K/V heads; this torch's wrapper does not
+            return _GROUPED_QUERY.apply(q, k, v, segments.cu_seq_q, segments.cu_seq_k, segments.max_q,
+                                        segments.max_k, scale)
         else:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
@@ -225,13 +228,48 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return varlen_attn(q, k, v, segments.cu_seq_q, segments.cu_seq_k, segments.max_q, segments.max_k, **options)
 
 
+GQA_KERNEL = True
+"""grouped-query heads go to the kernel as they are (False: K/V repeated for the query heads, as a torch without
+the kernel's grouped-query entry needs; kept for the benchmark that compares them)"""
+
+
+def _grouped_query_function():
+    """FlashAttention 2's variable-length forward and backward, given fewer K/V heads than query heads: the kernel
+    reads each K/V head for its group of query heads, where repeating K/V would copy it 7 times (Qwen2.5) and sum
+    the copies' gradients back. Causal aligned at the end of the keys, as `segment_attention`."""
+
+    class FlashGroupedQuery(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None):
+            out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+                q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False, scale=scale, window_size_left=-1,
+                window_size_right=0)
+            ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng, unused)
+            ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, out, lse, cu_q, cu_k, rng, unused = ctx.saved_tensors
+            dq, dk, dv = torch.ops.aten._flash_attention_backward(
+                grad.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, 0.0, False, rng, unused,
+                scale=ctx.scale, window_size_left=-1, window_size_right=0)
+            return dq, dk, dv, None, None, None, None, None
+
+    return FlashGroupedQuery
+
+
+_GROUPED_QUERY = None
+"""`_grouped_query_function()`'s class, made with `_VARLEN_KEYWORDS` (outside any compiled region)"""
+
+
 _VARLEN_KEYWORDS: frozenset[str] | None = None
 """the keyword arguments this torch's `varlen_attn` takes (its signature changed between releases), read once by
 `available` outside any compiled region (inspecting a signature would break a compiled layer's graph)"""
 
 
 def _varlen_parameters() -> frozenset[str]:
-    global _VARLEN_KEYWORDS
+    global _VARLEN_KEYWORDS, _GROUPED_QUERY
     if _VARLEN_KEYWORDS is None:
         try:
             from torch.nn.attention.varlen import varlen_attn
@@ -239,6 +277,7 @@ def _varlen_parameters() -> frozenset[str]:
             _VARLEN_KEYWORDS = frozenset()
         else:
             _VARLEN_KEYWORDS = frozenset(inspect.signature(varlen_attn).parameters)
+            _GROUPED_QUERY = _grouped_query_function()
     return _VARLEN_KEYWORDS
 
 
