@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import grpo_common as common  # noqa: E402
 from winnow.algorithms import GRPO  # noqa: E402
 from winnow.learner.batch import make_train_batch  # noqa: E402
+from winnow.learner import shared_prompts  # noqa: E402
 from winnow.learner.learner import Learner, LearnerConfig  # noqa: E402
 from winnow.types import Completion  # noqa: E402
 
@@ -48,6 +49,10 @@ VARIANTS = {  # name: LearnerConfig fields
     # each prompt's 8 samples run it once (packed rows, the variable-length attention kernel)
     "mb32_compiled_shared": dict(micro_batch_size=32, compile=True, share_prompts=True),
     "tok40k_compiled_shared": dict(micro_batch_tokens=40960, compile=True, share_prompts=True),
+    "tok80k_compiled_shared": dict(micro_batch_tokens=81920, compile=True, share_prompts=True),
+    # the same with K/V repeated for the query heads (what a torch without the kernel's grouped-query entry runs)
+    "tok40k_compiled_shared_repeat": dict(micro_batch_tokens=40960, compile=True, share_prompts=True,
+                                          repeat_kv=True),
 }
 KINDS = [  # (kind, kernel-name pattern), first match wins
     ("attention", r"flash|fmha|attention|attn"),
@@ -126,7 +131,9 @@ def compile_parts() -> dict[str, float]:
 def measure_variant(name: str, policy, batch, workload, device: torch.device, peak: float, steps: int) -> dict:
     """One warm-up step, `steps` timed ones and (on a GPU) one profiled one of the variant's learner."""
     fields = VARIANTS[name] if device.type == "cuda" else {**VARIANTS[name], "compile": False}
-    learner = Learner(policy, LearnerConfig(lr=1e-6, **fields), total_steps=100, device=device)
+    shared_prompts.GQA_KERNEL = not fields.get("repeat_kv", False)
+    config = LearnerConfig(lr=1e-6, **{k: v for k, v in fields.items() if k != "repeat_kv"})
+    learner = Learner(policy, config, total_steps=100, device=device)
     loss_fn = lambda lp, mb, **kw: GRPO().loss(lp, mb, max_tokens=workload.new_tokens, **kw)  # noqa: E731
     step = lambda: learner.train_policy(batch, loss_fn)  # noqa: E731
     torch._dynamo.reset()  # each variant compiles from scratch
