@@ -271,7 +271,8 @@ class RayActorGroup:
             if not mean <= config.check_tolerance:
                 raise SyncError(f"after the weight sync, engine replica {i}'s logprobs differ from the learner's by "
                                 f"{mean:.4g} per token on average (max {worst:.4g}; tolerance "
-                                f"{config.check_tolerance}): that replica is not running the learner's weights")
+                                f"{config.check_tolerance}): that replica is not running the learner's weights "
+                                f"(a lower-precision engine may need a larger --sync.check-tolerance)")
         return {"sync/logprob_diff_mean": max(d[0] for d in diffs), "sync/logprob_diff_max": max(d[1] for d in diffs)}
 
     # ------------------------------------------------------------------ sleep / wake
