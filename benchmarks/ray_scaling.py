@@ -2,6 +2,8 @@
 
     PYTHONPATH=$PWD python benchmarks/ray_scaling.py --out benchmarks/results/ray_scaling     # 2 GPUs, ~8 min
     PYTHONPATH=$PWD python benchmarks/ray_scaling.py --cpu --out /tmp/ray_scaling            # CPU dry run, tiny
+    PYTHONPATH=$PWD python benchmarks/ray_scaling.py --shape 7b --cases b --micro-batch-size 4 \
+        --extra=--sync.check-sync --out benchmarks/results/ray_scaling_7b                      # 7B on 2 GPUs
 
 Cases (each one `winnow train grpo` process, the same seed, data and reward):
     a          --runtime local, 1 GPU (learner and embedded engine in one process)
@@ -11,7 +13,8 @@ Cases (each one `winnow train grpo` process, the same seed, data and reward):
     w2, w4     weak scaling: --runtime ray, colocated on 2 / 4 GPUs (FSDP2 learner ranks), the workload per GPU
                kept (128 / 256 prompts x 8 samples an iteration), so their ideal is 2x / 4x a's samples/s
 
-Workload: a random-init Qwen2.5-1.5B-shaped policy (`generate_shapes.SHAPES["1.5b"]`), 64 prompts x 8 samples
+Workload: a random-init Qwen2.5-1.5B-shaped policy (`generate_shapes.SHAPES["1.5b"]`; `--shape 7b`: the 7B
+shape, whose 114 GiB of float32 weights, gradients and AdamW state need at least two GPUs), 64 prompts x 8 samples
 per iteration, 128-token prompts, up to 512 new tokens (a random model almost never samples EOS), one optimizer
 step per iteration, micro-batch 32, the parity reward of `grpo_common`. `--iterations` measured iterations
 after `--warmup` (CUDA graph capture, first allocations). Per case: samples/s (samples / median iteration
@@ -26,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -71,21 +75,25 @@ def case_flags(case: str, gpu: bool) -> list[str] | None:
     raise ValueError(f"unknown case {case!r}")
 
 
-def write_policy(out: Path, cpu: bool, workload: common.Workload, num_iterations: int) -> tuple[Path, Path]:
+def write_policy(out: Path, cpu: bool, workload: common.Workload, num_iterations: int, shape: str = "1.5b"
+                 ) -> tuple[Path, Path]:
     """The random-init policy and its word-level tokenizer (a folder every worker loads), and the prompts; kept
-    from an earlier call into the same OUT."""
+    from an earlier call into the same OUT. The 7B shape is initialised on the GPU and saved in bf16 (float32 on
+    the host would take minutes and 30 GB); the learner still trains in float32."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from generate_shapes import qwen_config
     from winnow.data.tiny import save_tokenizer
 
-    config = common.model_config(True) if cpu else qwen_config("1.5b")
+    config = common.model_config(True) if cpu else qwen_config(shape)
     policy, data = out / "policy", out / "prompts.jsonl"
     if (policy / "config.json").exists() and data.exists():  # an earlier call's (cases run in two calls)
         return policy, data
     torch.manual_seed(common.SEED)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    big = shape == "7b" and not cpu
+    with torch.device("cuda" if big else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if big else torch.float32)
     model.generation_config.eos_token_id = config.eos_token_id
     model.save_pretrained(policy)
     tokenizer = common.build_tokenizer(config.vocab_size, config.eos_token_id)
@@ -166,6 +174,9 @@ def run_case(case: str, flags: list[str], policy: Path, data: Path, out: Path, a
     result["samples_per_iteration"] = workload.num_sequences
     result["samples_per_s"] = workload.num_sequences / result["phases_median_s"]["iteration"]
     result["generated_tokens_per_s"] = statistics.median(r["throughput/generated_tokens_per_s"] for r in measured)
+    if "sync/logprob_diff_mean" in measured[-1]:  # --sync.check-sync: every replica against the learner
+        result["check_sync"] = {k: max(r[k] for r in rows if k in r)
+                                for k in ("sync/logprob_diff_mean", "sync/logprob_diff_max")}
     print(f"case {case}: {result['samples_per_s']:.1f} samples/s; phases {result['phases_median_s']}", flush=True)
     return result
 
@@ -190,6 +201,13 @@ def markdown(result: dict) -> str:
         peak = ", ".join(f"{v:.1f}" for v in (c["peak_memory_gib_per_gpu"] or {}).values()) or "n/a"
         lines.append(f"| {c['case']} | {gpus} | {c['samples_per_s']:.1f} | {ratio} | {floor} | {p['generate']:.2f} | "
                      f"{p['train']:.2f} | {c['sync_s']:.3f} | {p['iteration']:.2f} | {peak} |")
+    for c in result["cases"]:
+        if "check_sync" in c:
+            lines.append(f"\n{c['case']}: `--sync.check-sync` on every replica after every sync: logprobs off the "
+                         f"learner's by {c['check_sync']['sync/logprob_diff_mean']:.2e} per token on average at worst "
+                         f"(max {c['check_sync']['sync/logprob_diff_max']:.2e}).")
+    if result.get("extra_flags"):
+        lines.append(f"\nEvery case also ran with `{result['extra_flags']}`.")
     return "\n".join(lines) + "\n"
 
 
@@ -200,6 +218,10 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES),
                         help="comma-separated cases to run (a, b, b_ds, c, w2, w4); "
                         "a later call into the same --out adds its cases to the table")
+    parser.add_argument("--shape", choices=["1.5b", "7b"], default="1.5b", help="the policy's shape (GPU only)")
+    parser.add_argument("--micro-batch-size", type=int, default=0, help="learner rows per micro-batch "
+                        "(0: the workload's 32; the 7B shape needs ~4 beside a colocated engine)")
+    parser.add_argument("--extra", default="", help="more CLI flags for every case, e.g. --extra=--sync.check-sync")
     parser.add_argument("--iterations", type=int, default=2, help="measured iterations per case")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up iterations per case (not measured)")
     parser.add_argument("--case-timeout", type=float, default=300, help="seconds before a case is stopped")
@@ -207,12 +229,16 @@ def main() -> None:
     out = Path(args.out).resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
     workload = common.CPU_WORKLOAD if args.cpu else common.GPU_WORKLOAD
-    policy, data = write_policy(out, args.cpu, workload, args.warmup + args.iterations)
-    result = {"shape": "tiny" if args.cpu else "Qwen2.5-1.5B", "device": "cpu" if args.cpu else _gpu_names(),
+    if args.micro_batch_size:
+        workload = dataclasses.replace(workload, micro_batch_size=args.micro_batch_size)
+    policy, data = write_policy(out, args.cpu, workload, args.warmup + args.iterations, args.shape)
+    result = {"shape": "tiny" if args.cpu else f"Qwen2.5-{args.shape.upper()}",
+              "device": "cpu" if args.cpu else _gpu_names(), "extra_flags": args.extra,
               "workload": common.workload_dict(workload), "iterations": args.iterations, "warmup": args.warmup,
               "cases": _earlier_cases(out / "ray_scaling.json", args.cases.split(","))}
     for case in args.cases.split(","):
         flags = case_flags(case, gpu=not args.cpu)
+        flags = None if flags is None else [*flags, *shlex.split(args.extra)]
         measured = ({"case": case, "skipped": "deepspeed does not import"} if flags is None else
                     run_case(case, flags, policy, data, out, args, workload))
         result["cases"] = sorted(result["cases"] + [measured], key=lambda c: CASES.index(c["case"]))
