@@ -17,6 +17,7 @@ import torch
 
 from winnow.algorithms import GRPO
 from winnow.data.tiny import build_tiny_model, train_char_tokenizer
+from winnow.learner import fsdp
 from winnow.learner.batch import make_train_batch
 from winnow.learner.learner import Learner, LearnerConfig
 from winnow.learner.strategy import StrategyConfig
@@ -47,6 +48,12 @@ def make_loss_fn():
     return loss_fn
 
 
+def _position_sum(tensor: torch.Tensor) -> float:
+    """A checksum that moves when elements trade places (a plain sum would not): sum of x_i cos(i)."""
+    flat = tensor.detach().double().flatten()
+    return float((flat * torch.arange(flat.numel(), dtype=torch.float64).cos()).sum())
+
+
 def train(strategy: str = "single", *, zero_stage: int = 2, offload: bool = False, steps: int = 4,
           save_at: int = 0, ckpt: str | None = None, load: str | None = None, save_pretrained: str | None = None,
           device: str = "cpu", micro_batch_tokens: int = 0, share_prompts: bool = False) -> dict:
@@ -66,10 +73,12 @@ def train(strategy: str = "single", *, zero_stage: int = 2, offload: bool = Fals
                      "step": learner.num_steps})
         if save_at and learner.num_steps == save_at:
             learner.save_checkpoint(ckpt)
-    weight_sums = {name: float(t.double().sum()) for name, t in learner.named_weights()}
-    # as an engine in bf16 gets them: a sharded strategy gathers bf16 shards, one process casts on the way
+    weight_sums = {name: _position_sum(t) for name, t in learner.named_weights()}
+    # as an engine in bf16 gets them: a sharded strategy gathers bf16 shards, one process casts on the way; FSDP2
+    # in buckets of a few KB here, so that buckets end inside the model and a tensor may fill several
+    fsdp.GATHER_BUCKET_BYTES = 4096
     bf16 = list(learner.named_weights(gather_dtype=torch.bfloat16))
-    bf16_sums = {name: float(t.to(torch.bfloat16).double().sum()) for name, t in bf16}
+    bf16_sums = {name: _position_sum(t.to(torch.bfloat16)) for name, t in bf16}
     gathered_dtypes = sorted({str(t.dtype) for _, t in bf16})
     if save_pretrained:
         learner.save(save_pretrained, tokenizer)

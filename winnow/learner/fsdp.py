@@ -11,6 +11,7 @@ in parallel (resume needs the same world size); the scheduler and step count go 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterator
 
@@ -66,14 +67,62 @@ class FSDP2Strategy(DataParallel):
         return float(grad_norm)
 
     def full_weights(self, gather_dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """One parameter at a time, all-gathered to every rank (`DTensor.full_tensor()`), so peak memory is
-        one full tensor plus what the consumer keeps, never a second full model; each floating-point shard cast
-        to `gather_dtype` before the gather, when given."""
+        """The full parameters, all-gathered to every rank in buckets of about `GATHER_BUCKET_BYTES`: each rank
+        packs its shards of a bucket's parameters into one flat buffer (cast to `gather_dtype` when given) and one
+        `all_gather_into_tensor` moves them all, so a sync costs a collective per bucket, not per tensor (at 1.5B
+        on two H200s, 339 `full_tensor()` calls moved 3.09 GB in 0.25 s, 12 GB/s). Peak memory: one bucket's
+        full tensors and its gather buffer, never a second full model."""
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = 0
         for name, param in self.model.named_parameters():
             tensor = param.detach()
-            if gather_dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(gather_dtype)  # the local shard: the gather moves the smaller dtype
-            yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            if bucket and gather_dtype is None and tensor.dtype != bucket[0][1].dtype:  # a bucket has one dtype
+                yield from self._gather_bucket(bucket, gather_dtype)
+                bucket, size = [], 0
+            if not (_is_row_sharded(tensor) and tensor.is_floating_point()):  # as it is, or on its own
+                yield from self._gather_bucket(bucket, gather_dtype)
+                bucket, size = [], 0
+                if gather_dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(gather_dtype)
+                yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                continue
+            bucket.append((name, tensor))
+            size += tensor.numel() * (gather_dtype or tensor.dtype).itemsize
+            if size >= GATHER_BUCKET_BYTES:
+                yield from self._gather_bucket(bucket, gather_dtype)
+                bucket, size = [], 0
+        yield from self._gather_bucket(bucket, gather_dtype)
+
+    def _gather_bucket(self, bucket: list[tuple[str, torch.Tensor]], gather_dtype: torch.dtype | None
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+        """One all-gather for the row-sharded DTensors of `bucket` (same dtype, same mesh). FSDP2 shards dim 0 as
+        `torch.chunk` does: rank r holds rows [r * c, (r + 1) * c) of a tensor with c = ceil(rows / world), the
+        last ranks fewer or none; each rank's slot for a tensor is c rows, so every rank sends the same size."""
+        if not bucket:
+            return
+        world = self.world_size
+        dtype = gather_dtype or bucket[0][1].dtype
+        slots = []  # (offset, rows per rank, row numel) of each tensor in a rank's flat buffer
+        offset = 0
+        for _, tensor in bucket:
+            rows, row_numel = tensor.shape[0], math.prod(tensor.shape[1:])
+            per_rank = -(-rows // world)
+            slots.append((offset, per_rank, row_numel))
+            offset += per_rank * row_numel
+        local = torch.zeros(offset, dtype=dtype, device=self.device)
+        for (_, tensor), (start, _, _) in zip(bucket, slots):
+            shard = tensor.to_local()
+            local[start:start + shard.numel()].copy_(shard.reshape(-1))  # cast on the way in
+        gathered = torch.empty(world * offset, dtype=dtype, device=self.device)
+        by_rank = gathered.view(world, offset)
+        group = bucket[0][1].device_mesh.get_group()
+        if dist.get_backend(group) == "nccl":
+            dist.all_gather_into_tensor(gathered, local, group=group)
+        else:  # gloo: into each rank's row of the same buffer
+            dist.all_gather(list(by_rank.unbind(0)), local, group=group)
+        for (name, tensor), (start, per_rank, row_numel) in zip(bucket, slots):
+            rows = by_rank[:, start:start + per_rank * row_numel].reshape(world * per_rank, *tensor.shape[1:])
+            yield name, rows[: tensor.shape[0]]
 
     def save_pretrained(self, path: Path) -> None:
         """Gather a full state dict on rank 0 (in CPU memory) and write it with `save_pretrained`."""
@@ -112,3 +161,16 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
             "`_no_split_modules`); use a transformers causal LM, or learner.strategy=deepspeed"
         )
     return layers
+
+
+GATHER_BUCKET_BYTES = 256 * 2**20
+"""bytes of full parameters `FSDP2Strategy.full_weights` gathers in one collective"""
+
+
+def _is_row_sharded(tensor: torch.Tensor) -> bool:
+    """A DTensor sharded on dim 0 over a 1-D mesh (FSDP2's layout), of at least one dimension."""
+    from torch.distributed.tensor import Shard
+
+    placements = getattr(tensor, "placements", None)
+    return (placements is not None and len(placements) == 1 and placements[0] == Shard(0) and tensor.dim() >= 1
+            and tensor.device_mesh.ndim == 1)
