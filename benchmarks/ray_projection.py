@@ -126,8 +126,8 @@ def measured_pieces(results: Path, all_shapes: dict[str, Shape], links: Links) -
     pieces = {
         "gather_s_per_sample": Piece(gather, "s", "ray_scaling c.generate - a.generate, / 512 samples: the driver "
                                      "receiving and unpickling one replica's completions through Ray"),
-        "score_s_per_sample": Piece(a["phases_median_s"]["score"] / n, "s", "ray_scaling a.score / 512"),
-        "advantages_s_per_sample": Piece(a["phases_median_s"]["advantages"] / n, "s",
+        "score_s_per_sample_first_runs": Piece(a["phases_median_s"]["score"] / n, "s", "ray_scaling a.score / 512"),
+        "advantages_s_per_sample_first_runs": Piece(a["phases_median_s"]["advantages"] / n, "s",
                                          "ray_scaling a.advantages / 512 (group baselines, the padded batch)"),
         "copy_s_per_byte": Piece(copy, "s", "ray_scaling a.sync_s / a.sync_bytes: learner-to-engine copy on one GPU"),
         "wake_s": Piece(b["phases_median_s"]["sync"] - b["sync_s"], "s", "ray_scaling b: sync phase - sync_s "
@@ -165,6 +165,11 @@ def measured_pieces(results: Path, all_shapes: dict[str, Shape], links: Links) -
     gen_256 = b["phases_median_s"]["generate"] - gather * n
     pieces["rows_256_over_512"] = Piece(gen_256 / a["phases_median_s"]["generate"], "", "ray_scaling (b.generate - "
                                         "gather of 512) / a.generate: a replica's 256 rows against 512, 1.5B")
+    w4 = _case(results / "ray_scaling_weak.json", "w4")  # the most samples one driver has handled, newer code
+    for phase in ("score", "advantages"):
+        pieces[f"{phase}_s_per_sample"] = Piece(
+            w4["phases_median_s"][phase] / w4["samples_per_iteration"], "s",
+            f"ray_scaling_weak w4.{phase} / {w4['samples_per_iteration']} (4 GPUs, the driver as built now)")
     pieces.update(other_shape_pieces(results))
     run7 = _case(results / "ray_scaling_7b.json", "b")  # 7B, colocated FSDP2 on 2 GPUs, micro-batches of 4 rows
     p7, tokens7 = all_shapes["7b"], run7["samples_per_iteration"] // 2 * (w["prompt_len"] + w["new_tokens"])
@@ -208,16 +213,17 @@ class Case:
     driver_in_replicas: bool = False
     """the design change proposed for 64 GPUs: each replica scores its own samples and computes their advantages
     (a replica holds whole prompt groups), so the driver's per-sample work is one replica's, not all of it"""
-    per_tensor_sync: bool = False
-    """FSDP2's gather as the 2-GPU calibration runs measured it: fp32, one `full_tensor()` per parameter (since
-    then: the engine's bf16, in ~256 MiB buckets, one all-gather each; ZeRO-3 still gathers per parameter)"""
+    first_runs: bool = False
+    """the code as the first 2-GPU runs (`ray_scaling.json`, the calibration) measured it: FSDP2's sync in fp32,
+    one `full_tensor()` per parameter, and the driver's per-sample score and advantages of then (since then: the
+    engine's bf16 in ~256 MiB buckets, one all-gather each; advantages ~5x cheaper)"""
 
     @property
     def unit(self) -> "Case":
         """The smallest run of this design (colocated: 1 GPU; split: 1 engine + 1 learner GPU): `linear` is
         num_gpus / its GPUs x its samples/s, projected by the same formulas with nothing to communicate."""
         return Case(self.shape, self.placement, self.strategy, 1 if self.placement == "colocated" else 2,
-                    self.driver_in_replicas, self.per_tensor_sync)
+                    self.driver_in_replicas, self.first_runs)
 
 
 @dataclass
@@ -252,6 +258,8 @@ def layout(case: Case) -> Layout:
 def project(case: Case, shape: Shape, pieces: dict[str, Piece], links: Links, workload: dict) -> dict[str, Phase]:
     """Seconds per phase of one iteration of `case`."""
     v = {k: p.value for k, p in pieces.items()}
+    if case.first_runs:  # the driver's costs of the code those runs measured
+        v.update({f"{k}_s_per_sample": v[f"{k}_s_per_sample_first_runs"] for k in ("score", "advantages")})
     lay = layout(case)
     tokens_per_sample = workload["prompt_len"] + workload["new_tokens"]
     return {
@@ -321,7 +329,7 @@ def sharding_traffic_s(shape: Shape, ranks: int, micro_batches: int, strategy: s
 def sync_phase(case: Case, shape: Shape, lay: Layout, v: dict, links: Links) -> Phase:
     key = "fsdp2" if case.strategy == "fsdp2" else "ds"
     ranks, replicas = lay.ranks, lay.replicas
-    if key == "fsdp2" and not case.per_tensor_sync:
+    if key == "fsdp2" and not case.first_runs:
         num_bytes = shape.num_params * v["fsdp2_bucketed_sync_bytes_per_param"]
         gather = bucketed_gather_s(ranks, num_bytes, v["fsdp2_gather_s_per_bucket"], links)
     else:
@@ -400,9 +408,9 @@ def driver_s(lay: Layout, pieces: dict[str, Piece]) -> float:
 
 
 CALIBRATION = {
-    "b": (Case("1.5b", "colocated", "fsdp2", 2, per_tensor_sync=True), ("generate", "sync")),
-    "b_ds": (Case("1.5b", "colocated", "deepspeed", 2), ("train", "sync")),
-    "c": (Case("1.5b", "split", "fsdp2", 2, per_tensor_sync=True), ("generate", "sync")),
+    "b": (Case("1.5b", "colocated", "fsdp2", 2, first_runs=True), ("generate", "sync")),
+    "b_ds": (Case("1.5b", "colocated", "deepspeed", 2, first_runs=True), ("train", "sync")),
+    "c": (Case("1.5b", "split", "fsdp2", 2, first_runs=True), ("generate", "sync")),
 }
 """the 2-GPU cases the projection must give back, and the phases a piece was fitted on that same case (the
 others are predicted from other cases: the 1-GPU run a, or b)"""
@@ -487,8 +495,8 @@ UNMEASURED = [
     {"piece": "ZeRO-3's extra seconds per step at more ranks", "assumed": "constant: ds_extra_train_s as measured at "
      "2 ranks (its unfused AdamW over 1/N of the parameters would shrink it; more ranks' gathers could grow it)",
      "measure": "ray_scaling.py's b_ds on one host with 4 or 8 H200s, with DeepSpeed's wall_clock_breakdown"},
-    {"piece": "the driver's per-sample costs at 16,384 samples", "assumed": "linear in the samples, as measured "
-     "at 512 (gather, score, advantages)", "measure": "the driver alone on 16,384 synthetic completions (CPU)"},
+    {"piece": "the driver's per-sample costs at 16,384 samples", "assumed": "linear in the samples: score and "
+     "advantages as measured at 2,048 (0.20 and 0.05 ms a sample at 1,024), gather at 512", "measure": "the driver alone on 16,384 synthetic completions (CPU)"},
 ]
 """pieces the projection needs that no run measured, what stands in for each, and the run that would measure it"""
 
@@ -666,7 +674,7 @@ def design_section(result: dict) -> list[str]:
     ceiling, notes = result["driver_ceiling_samples_per_s"], result["design"]
     lines = ["## Where the design should change at 64 GPUs", "",
              f"1. **The driver.** As built it gathers, scores and turns into advantages every sample one after "
-             f"another: {1e3 / ceiling:.2f} ms per sample (gather + score + advantages, measured on 2 GPUs), so it "
+             f"another: {1e3 / ceiling:.2f} ms per sample (gather, measured on 2 GPUs, + score + advantages, on 4), so it "
              f"alone caps a run at **{ceiling:,.0f} samples/s** whatever the GPU count, and it grows linearly "
              "with N while the GPUs' work per iteration stays constant. At 64 GPUs (colocated FSDP2):", ""]
     lines += [f"   - {shape}: the driver is {n['driver_share_as_built']:.0%} of the iteration; linear would be "
