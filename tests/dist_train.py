@@ -62,7 +62,9 @@ def train(strategy: str = "single", *, zero_stage: int = 2, offload: bool = Fals
     config = LearnerConfig(lr=3e-3, warmup_steps=2, lr_schedule="linear", micro_batch_size=2, max_grad_norm=1.0,
                            micro_batch_tokens=micro_batch_tokens, share_prompts=share_prompts, strategy=strategy,
                            sharding=StrategyConfig(zero_stage=zero_stage, offload=offload))
-    learner = Learner(build_tiny_model(tokenizer, seed=0), config, total_steps=8, device=device)
+    # an odd intermediate size: two ranks hold uneven shards of the MLP weights (one row fewer on rank 1)
+    model = build_tiny_model(tokenizer, seed=0, intermediate_size=511)
+    learner = Learner(model, config, total_steps=8, device=device)
     if load:
         learner.load_checkpoint(load)
     batch, loss_fn = learner.shard(fixed_batch().to(learner.device)), make_loss_fn()

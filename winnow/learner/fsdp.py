@@ -76,21 +76,19 @@ class FSDP2Strategy(DataParallel):
         size = 0
         for name, param in self.model.named_parameters():
             tensor = param.detach()
-            if bucket and gather_dtype is None and tensor.dtype != bucket[0][1].dtype:  # a bucket has one dtype
+            bucketed = _is_row_sharded(tensor) and tensor.is_floating_point()
+            # a bucket is full, or has one dtype (none given), or the next tensor goes on its own
+            if bucket and (not bucketed or size >= GATHER_BUCKET_BYTES
+                           or (gather_dtype is None and tensor.dtype != bucket[0][1].dtype)):
                 yield from self._gather_bucket(bucket, gather_dtype)
                 bucket, size = [], 0
-            if not (_is_row_sharded(tensor) and tensor.is_floating_point()):  # as it is, or on its own
-                yield from self._gather_bucket(bucket, gather_dtype)
-                bucket, size = [], 0
-                if gather_dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(gather_dtype)
-                yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            if bucketed:
+                bucket.append((name, tensor))
+                size += tensor.numel() * (gather_dtype or tensor.dtype).itemsize
                 continue
-            bucket.append((name, tensor))
-            size += tensor.numel() * (gather_dtype or tensor.dtype).itemsize
-            if size >= GATHER_BUCKET_BYTES:
-                yield from self._gather_bucket(bucket, gather_dtype)
-                bucket, size = [], 0
+            if gather_dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(gather_dtype)
+            yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
         yield from self._gather_bucket(bucket, gather_dtype)
 
     def _gather_bucket(self, bucket: list[tuple[str, torch.Tensor]], gather_dtype: torch.dtype | None
@@ -109,7 +107,8 @@ class FSDP2Strategy(DataParallel):
             per_rank = -(-rows // world)
             slots.append((offset, per_rank, row_numel))
             offset += per_rank * row_numel
-        local = torch.zeros(offset, dtype=dtype, device=self.device)
+        # a slot's unused tail (a rank with fewer rows) only ever lands past a tensor's last row, which is cut off
+        local = torch.empty(offset, dtype=dtype, device=self.device)
         for (_, tensor), (start, _, _) in zip(bucket, slots):
             shard = tensor.to_local()
             local[start:start + shard.numel()].copy_(shard.reshape(-1))  # cast on the way in
