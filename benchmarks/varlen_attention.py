@@ -9,7 +9,8 @@ responses' lengths long-tailed (16-512). Qwen2.5-0.5B's attention shape: 14 quer
 
     flash_repeat   what the learner runs on a torch without grouped-query varlen: FlashAttention 2's varlen kernel,
                    K/V gathered per segment and repeated for the query heads
-    flash_gqa      the same kernel given the 2 K/V heads (its own grouped-query support), through aten directly
+    flash_gqa      the same kernel given the 2 K/V heads (its own grouped-query support), through aten directly:
+                   the learner's `shared_prompts._grouped_query_function`
     cudnn_ragged   cuDNN's attention with ragged offsets (what SDPA's cuDNN backend runs for separate rows), K/V
                    repeated; checked against flash_repeat, since its causal mask may align at the top
     sdpa_rows      for scale: the same responses as separate [rows, 640] rows, SDPA (cuDNN) with its prompt, unshared
@@ -24,6 +25,8 @@ import random
 from pathlib import Path
 
 import torch
+
+from winnow.learner import shared_prompts
 
 HEADS, KV_HEADS, HEAD_DIM = 14, 2, 64
 
@@ -41,28 +44,8 @@ def layout(num_groups: int, samples: int, prompt_len: int, lengths: list[int]):
             key_index += list(range(prompt_start, prompt_start + prompt_len)) + list(range(start, start + r))
             start += r
     cu = lambda xs: torch.tensor([0] + xs, dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()  # noqa: E731
-    pow2 = lambda v: max(128, 1 << (v - 1).bit_length())  # noqa: E731
+    pow2 = shared_prompts._power_of_two  # the learner's rounding of max_q / max_k
     return cu(q_lens), cu(k_lens), torch.tensor(key_index).cuda(), pow2(max(q_lens)), pow2(max(k_lens)), start
-
-
-class FlashGQA(torch.autograd.Function):
-    """FlashAttention 2's varlen forward and backward with fewer K/V heads than query heads."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k):
-        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False, window_size_left=-1, window_size_right=0)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng, unused)
-        ctx.max = (max_q, max_k)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, lse, cu_q, cu_k, rng, unused = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.max, 0.0, False, rng, unused,
-            window_size_left=-1, window_size_right=0)
-        return dq, dk, dv, None, None, None, None
 
 
 class CudnnRagged(torch.autograd.Function):
@@ -110,8 +93,10 @@ def main() -> None:
         except TypeError:
             return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=True)
 
+    grouped_query = shared_prompts._grouped_query_function()  # what the learner runs
+
     def flash_gqa(q, k, v):
-        return FlashGQA.apply(q, k[key_index], v[key_index], cu_q, cu_k, max_q, max_k)
+        return grouped_query.apply(q, k[key_index], v[key_index], cu_q, cu_k, max_q, max_k, None)
 
     def cudnn_ragged(q, k, v):
         k, v = k[key_index].repeat_interleave(reps, dim=1), v[key_index].repeat_interleave(reps, dim=1)
