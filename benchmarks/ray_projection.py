@@ -557,13 +557,19 @@ def calibration_table(cal: dict) -> list[str]:
              "samples/s to 3%.", "",
              "| case | phase | projected s | measured s | off | |", "|---|---|---:|---:|---:|---|"]
     for name, c in cal.items():
-        for phase in PHASES:
-            proj, meas = c["projected_s"][phase], c["measured_s"][phase]
-            how = "fitted" if phase in c["fitted_on_this_case"] else "predicted"
-            lines.append(f"| {name} | {phase} | {proj:.3f} | {meas:.3f} | {(proj - meas) / meas:+.1%} | {how} |")
-        proj, meas = c["projected_samples_per_s"], c["measured_samples_per_s"]
-        lines.append(f"| {name} | **samples/s** | {proj:.2f} | {meas:.2f} | {(proj - meas) / meas:+.1%} | |")
+        lines += [f"| {name} {row}" for row in _comparison_rows(c)]
     return lines
+
+
+def _comparison_rows(c: dict) -> list[str]:
+    """Table rows (after the first column) of one projected-against-measured case: each phase, then samples/s."""
+    rows = []
+    for phase in PHASES:
+        proj, meas = c["projected_s"][phase], c["measured_s"][phase]
+        how = "fitted" if phase in c["fitted_on_this_case"] else "predicted"
+        rows.append(f"| {phase} | {proj:.3f} | {meas:.3f} | {(proj - meas) / meas:+.1%} | {how} |")
+    proj, meas = c["projected_samples_per_s"], c["measured_samples_per_s"]
+    return rows + [f"| **samples/s** | {proj:.2f} | {meas:.2f} | {(proj - meas) / meas:+.1%} | |"]
 
 
 def check_7b_table(check: dict) -> list[str]:
@@ -572,13 +578,7 @@ def check_7b_table(check: dict) -> list[str]:
              "Its generate and train are the 7B pieces (fitted); the rest is predicted. Sync is the sync itself "
              "(`sync/seconds`: its phase also ran `--sync.check-sync`), gathered in bf16 one tensor at a time, as "
              "the code then did.", "", "| phase | projected s | measured s | off | |", "|---|---:|---:|---:|---|"]
-    for phase in PHASES:
-        proj, meas = check["projected_s"][phase], check["measured_s"][phase]
-        how = "fitted" if phase in check["fitted_on_this_case"] else "predicted"
-        lines.append(f"| {phase} | {proj:.3f} | {meas:.3f} | {(proj - meas) / meas:+.1%} | {how} |")
-    proj, meas = check["projected_samples_per_s"], check["measured_samples_per_s"]
-    lines.append(f"| **samples/s** | {proj:.2f} | {meas:.2f} | {(proj - meas) / meas:+.1%} | |")
-    return lines
+    return lines + _comparison_rows(check)
 
 
 def formulas_section(result: dict) -> list[str]:
