@@ -105,6 +105,23 @@ def test_attention_stops_at_the_last_column(interpreted, splits):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=lambda m, last=last: f"last column {last}: {m}")
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_each_row_stops_at_its_own_last_column(interpreted, splits):
+    # A refilled slot restarts at its prompt's end while an older row runs on: one last column per row. Row 0
+    # stops inside split 0, row 1 in split 2; each must match attention over its own columns alone.
+    q, keys, values, visible = _random_attention(seed=7)
+    columns = torch.arange(200, device=DEVICE)
+    last = torch.tensor([20, 150], device=DEVICE)
+    got = kernel.decode_attention(q, keys, values, visible, 0.25, splits=splits, block_n=64, last_column=last)
+    want = _attend(q, keys, values, visible & (columns[None] <= last[:, None]), 0.25)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for row in (0, 1):  # ... and what a row alone gives with its one column
+        alone = kernel.decode_attention(q[row:row + 1], keys[row:row + 1], values[row:row + 1],
+                                        visible[row:row + 1], 0.25, splits=splits, block_n=64,
+                                        last_column=last[row:row + 1])
+        torch.testing.assert_close(got[row:row + 1], alone, atol=1e-6, rtol=0)
+
+
 def test_attention_reads_nothing_past_the_last_column(interpreted):
     # Keys and values past column 70 are NaN: one read, even weighed 0, would make the output NaN (0 * NaN). The
     # tile [64, 128) holds column 70; with 2 splits of 128 columns, split 1 [128, 200) starts past it.
@@ -130,7 +147,7 @@ def test_attention_is_the_same_for_every_tile(interpreted):
     with pytest.raises(ValueError, match="block_n"):
         kernel.decode_attention(q, keys, values, visible, 0.25, splits=1, block_n=48)
     with pytest.raises(ValueError, match="one column"):
-        kernel.decode_attention(q, keys, values, visible, 0.25, splits=1, last_column=torch.tensor([3, 4]))
+        kernel.decode_attention(q, keys, values, visible, 0.25, splits=1, last_column=torch.tensor([3, 4, 5]))
 
 
 def test_splits_keep_about_four_programs_per_multiprocessor():

@@ -232,6 +232,50 @@ def test_compaction_does_not_change_sampled_responses(tiny_model, tiny_tokenizer
     assert uncompacted.decoder.active == len(prompts) * 2
 
 
+def test_refill_gives_every_request_the_responses_of_one_batch(tiny_model, tiny_tokenizer):
+    # 16 requests through 3 slots: a row that stops hands its slot to the next waiting request. Each request
+    # keeps its own key, so its response is the one the hf path samples with all 16 in one batch, and the one
+    # chunks of 3 run one after the other sample; refill takes fewer decode steps than the chunks.
+    hf, _ = engines(tiny_model, tiny_tokenizer)
+    config = dict(decode="static", attention_bucket=4, max_batch_size=3)
+    refill = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(**config), device="cpu")
+    chunks = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(**config, refill=False), device="cpu")
+    refill.decoder.check_every = chunks.decoder.check_every = 2
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=", "1", "3*4=", "7-2=", "10+10=", "8")
+    stops = tiny_tokenizer.convert_tokens_to_ids(["+", "=", "7"])
+    params = SamplingParams(temperature=1.0, max_tokens=12, n=2, seed=21, stop_token_ids=stops, ignore_eos=True)
+    want = hf.generate(prompts, params)
+    lengths = sorted(c.num_tokens for c in want)
+    assert lengths[0] < lengths[len(lengths) // 2] < lengths[-1]  # rows stopped at different steps
+    assert_same_samples(want, refill.generate(prompts, params))
+    assert refill.decoder.refills >= 2 and refill.decoder.out_tokens.shape[0] == 3
+    assert_same_samples(want, chunks.generate(prompts, params))
+    assert refill.decoder.decode_steps < chunks.decoder.decode_steps
+    # Stop strings, found on the host, free slots too; and a one-token call refills at every prefill.
+    stop = dict(temperature=1.0, max_tokens=12, n=2, seed=4, stop=["1", "5"], ignore_eos=True)
+    assert_same_samples(hf.generate(prompts, SamplingParams(**stop)), refill.generate(prompts, SamplingParams(**stop)))
+    one = dict(temperature=1.0, max_tokens=1, n=2, seed=5)
+    assert_same_samples(hf.generate(prompts, SamplingParams(**one)), refill.generate(prompts, SamplingParams(**one)))
+
+
+def test_refill_waits_for_enough_free_slots_and_then_compacts(tiny_model, tiny_tokenizer):
+    # 16 slots for 40 requests: a refill waits until an eighth of the slots (2) are free or nothing else waits;
+    # once no request waits, the last rows are compacted. The responses are still the hf path's.
+    hf, _ = engines(tiny_model, tiny_tokenizer)
+    static = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="static", attention_bucket=4,
+                                                                 max_batch_size=16), device="cpu")
+    static.decoder.min_rows, static.decoder.check_every = 1, 1
+    texts = ["12+34=", "5+7=", "99+1=", "1", "3*4=", "7-2=", "10+10=", "8", "2", "45"]
+    prompts = encode(tiny_tokenizer, *(texts * 2))
+    stops = tiny_tokenizer.convert_tokens_to_ids(["+", "=", "7"])
+    params = SamplingParams(temperature=1.0, max_tokens=12, n=2, seed=8, stop_token_ids=stops, ignore_eos=True)
+    want = hf.generate(prompts, params)
+    assert len({c.num_tokens for c in want}) >= 6  # lengths spread
+    assert_same_samples(want, static.generate(prompts, params))
+    assert 2 <= static.decoder.refills < 24  # one refill per freed slot would be 24
+    assert static.decoder.active < 16
+
+
 @pytest.mark.slow
 def test_batch_size_chunks_evenly_and_the_row_estimate_covers_the_buffers(tiny_model, tiny_tokenizer):
     engine = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="static"), device="cpu")
@@ -278,8 +322,9 @@ def gpu_engines(model, tokenizer):
 
 @needs_cuda
 def test_auto_batch_size_fits_the_memory_budget_on_gpu(tiny_model, tiny_tokenizer):
-    # A budget that holds only a few rows' buffers: the call runs in equal chunks and samples what one batch
-    # samples (keyed draws), and a roomy budget takes the whole call at once.
+    # A budget that holds only a few rows' buffers: the call runs 5 rows at a time (refilled as they finish; 4
+    # equal chunks of 4 without refill) and samples what one batch samples (keyed draws), and a roomy budget takes
+    # the whole call at once.
     prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=", "1")
     params = SamplingParams(temperature=1.0, max_tokens=12, n=4, seed=5, ignore_eos=True)
     roomy = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="graph", dtype="float32"), device="cuda")
@@ -291,7 +336,7 @@ def test_auto_batch_size_fits_the_memory_budget_on_gpu(tiny_model, tiny_tokenize
     tight.config.kv_cache_memory = 5.5 * tight.decoder.bytes_per_row(max_len) / free  # 5 rows: 4 chunks of 4
     assert tight._chunk_size(16, max_len) == 4
     assert_same_samples(roomy.generate(prompts, params), tight.generate(prompts, params))
-    assert tight.decoder.out_tokens.shape[0] == 4
+    assert tight.decoder.out_tokens.shape[0] == 5
 
 
 @needs_cuda
@@ -382,6 +427,22 @@ def test_graph_decode_compaction_on_gpu(tiny_model, tiny_tokenizer):
     # A second call starts again from all rows, reusing every graph captured so far.
     again = graph.generate(prompts, params)
     assert [c.response_ids for c in again] == [c.response_ids for c in got]
+
+
+@needs_cuda
+def test_graph_decode_refill_on_gpu(tiny_model, tiny_tokenizer):
+    # As the CPU refill tests, through captured graphs: slots refilled mid-call at their own columns, graphs
+    # captured at first use, compaction at the end; sampled responses and logprobs are the hf path's.
+    hf, graph = gpu_engines(tiny_model, tiny_tokenizer)
+    graph.config.max_batch_size = 5
+    graph.decoder.min_rows, graph.decoder.check_every = 1, 2
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=", "1", "3*4=", "7-2=", "10+10=", "8")
+    stops = tiny_tokenizer.convert_tokens_to_ids(["+", "=", "7"])
+    params = SamplingParams(temperature=1.0, max_tokens=12, n=2, seed=21, stop_token_ids=stops, ignore_eos=True)
+    want = hf.generate(prompts, params)
+    assert_same_samples(want, graph.generate(prompts, params), tolerance=1e-4)
+    assert graph.decoder.refills >= 2 and graph.decoder.out_tokens.shape[0] == 5
+    assert_same_samples(want, graph.generate(prompts, params), tolerance=1e-4)  # again, on the kept graphs
 
 
 def test_distinct_rows_index_each_prompt_once():

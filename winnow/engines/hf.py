@@ -44,7 +44,8 @@ class HFEngineConfig:
     """Settings of the embedded `hf` engine."""
 
     max_batch_size: int = 0
-    """the most sequences (prompts x samples) decoded together; larger requests run in chunks of equal size.
+    """the most sequences (prompts x samples) decoded together; the rest of a larger call wait for a free slot
+    (`refill`) or run in chunks of equal size after them.
     0 (auto): with the graph/static decoder on a GPU, as many as fit in `kv_cache_memory` (a whole GRPO rollout
     at once, where it fits: chunks of 256 made 512 rows ~1.3x slower to generate); elsewhere 256"""
     kv_cache_memory: float = 0.3
@@ -66,6 +67,11 @@ class HFEngineConfig:
     compile_decode: bool = False
     """graph/static decode: torch.compile the per-layer work around attention (fewer, fused kernels per
     token; a one-off compile of tens of seconds at the first generate)"""
+    refill: bool = True
+    """graph/static decode, a call with more sequences than decode together (max_batch_size): the waiting ones
+    take the slots of finished rows as they free up (checked every 16 tokens), so a long response holds one slot,
+    not a whole batch of finished ones. False: they run in chunks one after the other, each as long as its longest
+    response"""
     min_active_rows: int = 32
     """graph/static decode: once at most half the rows still run (checked every 16 tokens), they move to the
     front and decode continues on half as many rows, never fewer than this; 0 turns compaction off"""
@@ -142,26 +148,34 @@ class HFEngine:
                 raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
         keys = row_keys(prompt_seeds(params, len(prompts), self.generator), params.n, self.device)  # [P*n]
         expanded = [ids for ids in prompts for _ in range(params.n)]
-        chunk = self._chunk_size(len(expanded), max(len(ids) for ids in prompts) + params.max_tokens)
+        max_len = max(len(ids) for ids in prompts) + params.max_tokens
+        if self.decoder is not None and self.config.refill:
+            rows = self._row_limit(len(expanded), max_len)
+            return self._decode_static(expanded, params, keys, max_rows=rows)
+        chunk = self._chunk_size(len(expanded), max_len)
         out: list[Completion] = []
         for start in range(0, len(expanded), chunk):
             out.extend(self._generate_chunk(expanded[start:start + chunk], params, keys[start:start + chunk]))
         return out
 
-    def _chunk_size(self, num_sequences: int, max_len: int) -> int:
-        """Sequences per decode batch: at most `max_batch_size` (auto: what fits, `_rows_that_fit`), in chunks
-        of equal size, so the static decoder's buffers and graphs made for the first serve them all."""
+    def _row_limit(self, num_sequences: int, max_len: int) -> int:
+        """The most sequences decoded together: `max_batch_size`, or with 0 (auto) what fits with the graph/static
+        decoder on a GPU (`_rows_that_fit`), else 256. Says once when a call is larger."""
         limit = self.config.max_batch_size
         is_sized = limit == 0 and self.decoder is not None and self.device.type == "cuda"
         if limit == 0:
             limit = self._rows_that_fit(max_len) if is_sized else 256
-        num_chunks = -(-num_sequences // limit)
-        chunk = -(-num_sequences // num_chunks)
-        if is_sized and num_chunks > 1 and chunk != self._logged_chunk:  # slower than one batch: say why, once
-            log.info("engine: %d sequences in %d batches of %d, what fits in --engine.kv-cache-memory %.2f of the "
-                     "GPU's free memory", num_sequences, num_chunks, chunk, self.config.kv_cache_memory)
-            self._logged_chunk = chunk
-        return chunk
+        if is_sized and num_sequences > limit and limit != self._logged_chunk:  # slower than one batch: say why
+            log.info("engine: %d sequences, %d at a time (what fits in --engine.kv-cache-memory %.2f of the GPU's "
+                     "free memory)", num_sequences, limit, self.config.kv_cache_memory)
+            self._logged_chunk = limit
+        return limit
+
+    def _chunk_size(self, num_sequences: int, max_len: int) -> int:
+        """Sequences per decode batch without refill: at most `_row_limit`, in chunks of equal size, so the static
+        decoder's buffers and graphs made for the first serve them all."""
+        num_chunks = -(-num_sequences // self._row_limit(num_sequences, max_len))
+        return -(-num_sequences // num_chunks)
 
     def _rows_that_fit(self, max_len: int) -> int:
         """How many rows' decode buffers fit in `kv_cache_memory` of the GPU's free memory (the decoder's
@@ -225,16 +239,11 @@ class HFEngine:
 
     def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, keys: torch.Tensor) -> list[Completion]:
         """Responses to `prompts` (one row each, keys [B] int64 their sampling keys)."""
-        batch_size, prompt_len = len(prompts), max(len(p) for p in prompts)
-        # Left padding puts every prompt's last token in the last column, so one decode step serves all rows.
-        input_ids = torch.full((batch_size, prompt_len), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, prompt_len), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, prompt_len - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, prompt_len - len(ids) :] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         if self.decoder is not None:
-            return self._decode_static(prompts, input_ids, attention_mask, params, keys)
+            return self._decode_static(prompts, params, keys)
+        batch_size = len(prompts)
+        input_ids, attention_mask = self._left_pad(prompts)
+        prompt_len = input_ids.shape[1]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache(batch_size, prompt_len + params.max_tokens)
 
@@ -265,12 +274,25 @@ class HFEngine:
             logits = self._forward(next_tokens[:, None], attention_mask, position_ids, cache)
         return self._completions(prompts, tokens.cpu(), logprobs.cpu(), lengths.cpu(), is_done.cpu(), params)
 
-    def _decode_static(self, prompts, input_ids, attention_mask, params, keys) -> list[Completion]:
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) [B, S] on the device. Left padding puts every prompt's last token in the
+        last column, so one decode step serves all rows."""
+        batch_size, prompt_len = len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.full((batch_size, prompt_len), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, prompt_len), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, prompt_len - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, prompt_len - len(ids) :] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def _decode_static(self, prompts, params, keys, max_rows: int | None = None) -> list[Completion]:
+        """Responses to `prompts` from the graph/static decoder, at most `max_rows` decoding together."""
         stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
         stop_checker = _StopStrings(self.tokenizer, params.stop) if params.stop else None
+        input_ids, attention_mask = self._left_pad(prompts)
         tokens, logprobs, lengths, is_done = self.decoder.generate(
             input_ids, attention_mask, params, stop_ids=stop_ids, pad_token_id=self.pad_token_id, row_keys=keys,
-            stop_checker=stop_checker,
+            stop_checker=stop_checker, max_rows=max_rows,
         )
         return self._completions(prompts, tokens.cpu(), logprobs.cpu(), lengths.cpu(), is_done.cpu(), params)
 

@@ -11,9 +11,9 @@ across programs so the GPU stays busy, and a second small kernel merges the spli
 what `_attend` takes: q [b, H_kv, G, D], keys and values [b, H_kv, W, D] (views into the cache: any strides,
 the last dimension contiguous), visible [b, W] bool; it returns [b, H_kv, G, D] in q's dtype. The decoder's
 width is a length bucket (one CUDA graph per bucket), rounded up past the cache's last written column; given
-`last_column`, a one-element device tensor the kernel reads at each launch (so a replayed graph sees its
-current value), the programs stop there: columns past it are neither read nor attended to, and a split that
-starts past it loads nothing. The tile (keys per tile, warps per program) can be set per call; `_tile` gives
+`last_column`, a device tensor of one column or one per row that the kernel reads at each launch (so a replayed
+graph sees its current value), a row's programs stop there: columns past it are neither read nor attended to,
+and a split that starts past it loads nothing. The tile (keys per tile, warps per program) can be set per call; `_tile` gives
 the default.
 
 **Chunk mass.** `chunk_mass(chunks)` computes `sampling.chunk_mass`: per row of logits cut into chunks
@@ -63,7 +63,7 @@ def _attend_kernel():
     @triton.jit
     def attend(q_ptr, k_ptr, v_ptr, visible_ptr, last_column_ptr, out_ptr, part_acc_ptr, part_stat_ptr,
                stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_kw, stride_vb, stride_vh, stride_vw,
-               stride_visible, stride_ob, stride_oh, stride_og,
+               stride_visible, stride_ob, stride_oh, stride_og, stride_last,
                kv_heads, groups, width, split_len, scale,
                G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                HAS_LAST_COLUMN: tl.constexpr, PRECISION: tl.constexpr):
@@ -80,7 +80,7 @@ def _attend_kernel():
         start = split * split_len
         end = tl.minimum(start + split_len, width)
         if HAS_LAST_COLUMN:  # read from memory, not baked in: a captured graph sees its value at each replay
-            end = tl.minimum(end, tl.load(last_column_ptr).to(tl.int32) + 1)
+            end = tl.minimum(end, tl.load(last_column_ptr + row * stride_last).to(tl.int32) + 1)
         # A dynamic bound: a split that starts past the end runs no iteration (m -inf, l 0: the merge weighs it 0),
         # and the tile that holds the end loads only up to it.
         for offset in range(start, end, BLOCK_N):
@@ -185,8 +185,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """softmax(q k^T * scale, masked by `visible`) v for one token per row; shapes as the module says.
 
     splits: programs per (row, K/V head), a power of two; None: `num_splits`'s choice for this GPU.
-    last_column: a one-element integer tensor on q's device; columns past it are neither read nor attended to.
-        The kernel reads it from memory, so a captured CUDA graph follows its value. None: the whole width.
+    last_column: an integer tensor on q's device, one column for all rows or one per row [b]; columns past a
+        row's are neither read nor attended to. The kernel reads it from memory, so a captured CUDA graph follows
+        its value. None: the whole width.
     block_n, num_warps: keys per tile (a power of two of at least 16) and warps per program; None: `_tile`'s.
     """
     rows, kv_heads, groups, head_dim = q.shape
@@ -199,8 +200,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     block, num_warps = block_n or default_block, num_warps or default_warps
     if _pow2_at_least(block) != block:  # tl.arange takes powers of two, tl.dot tiles of at least 16
         raise ValueError(f"decode_attention needs block_n a power of two of at least 16, not {block}")
-    if last_column is not None and last_column.numel() != 1:
-        raise ValueError(f"last_column holds one column, not {last_column.numel()}")
+    if last_column is not None and last_column.numel() not in (1, rows):
+        raise ValueError(f"last_column holds one column, or one per row ({rows}), not {last_column.numel()}")
+    stride_last = last_column.stride(0) if last_column is not None and last_column.numel() > 1 else 0
     g_pad, programs = _pow2_at_least(groups), rows * kv_heads
     if splits is None:
         splits = num_splits(programs, width, block, torch.cuda.get_device_properties(q.device).multi_processor_count)
@@ -216,7 +218,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         q, keys, values, visible, out if last_column is None else last_column, out, part_acc, part_stat,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), visible.stride(0),
-        out.stride(0), out.stride(1), out.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), stride_last,
         kv_heads, groups, width, split_len, scale,
         G_PAD=g_pad, D=head_dim, BLOCK_N=block, SPLIT=splits > 1, HAS_LAST_COLUMN=last_column is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)  # float32: no TF32 rounding

@@ -97,6 +97,7 @@ class StaticDecoder:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (active rows, width) -> graph
         self._pool = None
         self.last_capture_seconds = 0.0
+        self.decode_steps = self.row_steps = self.refills = 0  # totals over calls: steps, rows x steps, refills
         # The decode step's per-layer glue around attention (norms, projections, RoPE, the K/V cache write, MLP,
         # residuals) is ~35 small kernels per layer eagerly; compiled, it fuses to a few. Prefill stays eager
         # (its shapes change with every prompt length).
@@ -124,48 +125,60 @@ class StaticDecoder:
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams, *,
         stop_ids: list[int], pad_token_id: int, row_keys: torch.Tensor, stop_checker=None,
+        max_rows: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decode `params.max_tokens` tokens after left-padded prompts `input_ids` [B, S]; row b samples with
-        key row_keys[b] ([B] int64, `sampling.row_keys`).
+        """Decode up to `params.max_tokens` tokens after each left-padded prompt of `input_ids` [R, S]; request
+        r samples with key row_keys[r] ([R] int64, `sampling.row_keys`).
 
-        Returns (tokens [B, N] long, logprobs [B, N] float32, lengths [B] long, is_done [B] bool) on the
-        device, N = max_tokens; row b's response is tokens[b, :lengths[b]], and is_done says it stopped.
+        At most `max_rows` requests (None: all) decode together, one slot each. The others wait in order and
+        take the slots of finished rows at the next check (refill), so a long response holds one slot, not a
+        whole batch of finished ones.
+
+        Returns (tokens [R, N] long, logprobs [R, N] float32, lengths [R] long, is_done [R] bool) on the
+        device, N = max_tokens; request r's response is tokens[r, :lengths[r]], and is_done says it stopped.
         """
-        batch_size, prompt_len = input_ids.shape
+        num_requests, prompt_len = input_ids.shape
+        rows = min(num_requests, max_rows or num_requests)
         max_tokens = params.max_tokens
         cache_len = _round_up(prompt_len + max_tokens, self.bucket)
         stops = tuple(sorted(set(stop_ids)))
         sampler = Sampler.of(params, fused=True)  # its pass over the logits as a Triton kernel where one runs
         self._fuse_replaced_layers()
-        self._prepare(batch_size, cache_len, max_tokens, sampler, stops, pad_token_id)
-        self._reset()
-        self.row_keys.copy_(row_keys)
-        if self.use_graphs:
-            self._capture(prompt_len, first_step=1)
-        self._prefill(input_ids, attention_mask)
-
-        for step in range(1, max_tokens):
-            # The token fed at this step sits in cache column prompt_len + step - 1; attend up to there.
-            width = min(_round_up(prompt_len + step, self.bucket), cache_len)
+        self._prepare(rows, cache_len, max_tokens, sampler, stops, pad_token_id)
+        self._reset(input_ids, attention_mask, row_keys)
+        self._prefill(torch.arange(rows, device=self.device), step=0)
+        finish_steps = {max_tokens - 1}  # where a group of rows started together reaches max_tokens
+        step, has_stops = 0, bool(stops) or stop_checker is not None
+        while True:
+            if step in finish_steps or (step > 0 and step % self.check_every == 0):
+                if stop_checker is not None:
+                    self._check_stop_strings(stop_checker)
+                if has_stops or self.num_waiting or step in finish_steps:
+                    num_running = int(self._running()[: self.active].sum())
+                    if self.num_waiting:
+                        if self._refill(num_running, step):
+                            finish_steps.add(step + max_tokens - 1)
+                            continue  # look again: rows of a 1-token call finish at their prefill
+                    elif num_running == 0:
+                        break
+                    else:
+                        self._compact(num_running)
+            step += 1
+            width = self._width(step)
             if self.use_graphs:
-                self._graphs[self.active, width].replay()
+                self._graph(width).replay()
             else:
                 self._step(width)
-            if step % self.check_every == 0 or step == max_tokens - 1:
-                if stop_checker is not None:
-                    self._check_stop_strings(stop_checker, step + 1)
-                if stops or stop_checker is not None:
-                    num_running = int((~self.is_done[: self.active]).sum())
-                    if num_running == 0:
-                        break
-                    if step + 1 < max_tokens and self._compact(num_running) and self.use_graphs:
-                        self._capture(prompt_len, first_step=step + 1)
+            self.decode_steps, self.row_steps = self.decode_steps + 1, self.row_steps + self.active
         if stop_checker is not None:
-            self._check_stop_strings(stop_checker, max_tokens)
-        # Slot s holds original row row_map[s]: put every row back in its place.
-        order = torch.empty_like(self.row_map)
-        order[self.row_map] = torch.arange(batch_size, device=self.device)
-        return self.out_tokens[order], self.out_logprobs[order], self.lengths[order], self.is_done[order]
+            self._check_stop_strings(stop_checker)
+        self._harvest(torch.arange(rows, device=self.device))
+        return self._results
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests of the current call that have not had a slot yet."""
+        return self._requests[0].shape[0] - self._next_request
 
     def release(self) -> None:
         """Free the KV cache, the buffers and the graphs (they are rebuilt by the next call)."""
@@ -220,39 +233,84 @@ class StaticDecoder:
         cos, sin = self.body.rotary_emb(self.k_cache[0, :1, 0], positions)  # [1, L, D] each, model dtype
         self.cos_table, self.sin_table = cos[0], sin[0]
         self.columns = torch.arange(cache_len, device=device)
+        # Every slot has its own counters: a slot refilled mid-call starts again at its prompt's end.
         self.key_valid = torch.ones(batch_size, cache_len, dtype=torch.bool, device=device)
         self.feed = torch.zeros(batch_size, dtype=torch.long, device=device)  # the token to feed next
         self.position = torch.zeros(batch_size, dtype=torch.long, device=device)  # its RoPE position
-        self.column = torch.zeros(1, dtype=torch.long, device=device)  # its cache column
-        self.out_column = torch.zeros(1, dtype=torch.long, device=device)  # where the sampled token goes
-        self.out_tokens = torch.zeros(batch_size, max_tokens, dtype=torch.long, device=device)
-        self.out_logprobs = torch.zeros(batch_size, max_tokens, dtype=torch.float32, device=device)
+        self.column = torch.zeros(batch_size, dtype=torch.long, device=device)  # its cache column
+        self.out_column = torch.zeros(batch_size, dtype=torch.long, device=device)  # where the next token goes
+        # One column past max_tokens: rows that no longer run write there, not over their response.
+        self.out_tokens = torch.zeros(batch_size, max_tokens + 1, dtype=torch.long, device=device)
+        self.out_logprobs = torch.zeros(batch_size, max_tokens + 1, dtype=torch.float32, device=device)
         self.lengths = torch.full((batch_size,), max_tokens, dtype=torch.long, device=device)
         self.is_done = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        self.row_map = torch.arange(batch_size, device=device)  # slot -> original row (compaction permutes)
+        self.row_map = torch.arange(batch_size, device=device)  # slot -> its request (compaction permutes)
         self.row_keys = torch.zeros(batch_size, dtype=torch.long, device=device)  # sampling key of each slot
         self.stop_ids = torch.tensor(stop_ids or [-1], dtype=torch.long, device=device)
         self.pad_token = torch.tensor(pad, dtype=torch.long, device=device)
         self.sampler = sampler
         self._key = key
 
-    def _reset(self) -> None:
-        self._checked_steps = 0
-        self.active = self.feed.shape[0]  # rows the step runs on: slots [0, active)
-        self.row_map.copy_(torch.arange(self.active, device=self.device))
-        self.lengths.fill_(self.out_tokens.shape[1])
-        self.is_done.zero_()
-        self.out_tokens.fill_(int(self.pad_token))
-        self.out_logprobs.zero_()
+    def _reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_keys: torch.Tensor) -> None:
+        """Start a call: its requests wait in order; the results have a row per request."""
+        rows, max_tokens = self.feed.shape[0], self.out_tokens.shape[1] - 1
+        num_requests = input_ids.shape[0]
+        self._requests = (input_ids, attention_mask, row_keys.to(self.device))
+        self._next_request = 0
+        self._results = (torch.full((num_requests, max_tokens), int(self.pad_token), device=self.device),
+                         torch.zeros(num_requests, max_tokens, device=self.device),
+                         torch.full((num_requests,), max_tokens, device=self.device),
+                         torch.zeros(num_requests, dtype=torch.bool, device=self.device))
+        self.active = rows  # rows the step runs on: slots [0, active)
+        self._starts = torch.zeros(rows, dtype=torch.long)  # host: the step each slot's request was prefilled at
+        self._checked = torch.zeros(rows, dtype=torch.long)  # host: output columns checked for stop strings
+        self.last_capture_seconds = 0.0
+
+    def _running(self) -> torch.Tensor:
+        """[slots] bool: the rows that sample a token at the next step (not stopped, short of max_tokens)."""
+        return ~self.is_done & (self.out_column < self.out_tokens.shape[1] - 1)
+
+    def _refill(self, num_running: int, step: int) -> bool:
+        """Give waiting requests the slots of finished rows, once enough are free to be worth a prefill (an
+        eighth of the slots, or every waiting request). Returns whether it did."""
+        free = self.active - num_running
+        if free == 0 or free < min(self.num_waiting, max(1, self.active // 8)):
+            return False
+        slots = (~self._running()[: self.active]).nonzero().flatten()
+        self._harvest(slots)
+        self._prefill(slots[: self.num_waiting], step)
+        self.refills += 1
+        return True
+
+    def _harvest(self, slots: torch.Tensor) -> None:
+        """Copy what the rows in `slots` sampled to their requests' rows of the results."""
+        requests, max_tokens = self.row_map[slots], self.out_tokens.shape[1] - 1
+        tokens, logprobs, lengths, is_done = self._results
+        tokens[requests] = self.out_tokens[slots, :max_tokens]
+        logprobs[requests] = self.out_logprobs[slots, :max_tokens]
+        lengths[requests] = self.lengths[slots]
+        is_done[requests] = self.is_done[slots]
+
+    def _width(self, step: int) -> int:
+        """The attention width of `step`: a bucket past the cache column of the row that has run longest."""
+        offset = min(step - int(self._starts[: self.active].min()), self.out_tokens.shape[1] - 2)
+        return min(_round_up(self._requests[0].shape[1] + offset, self.bucket), self.k_cache.shape[3])
 
     # ------------------------------------------------------------------ forward
 
-    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Run the prompts, fill cache columns [0, S), sample the first token (eager: one call per batch)."""
+    def _prefill(self, slots: torch.Tensor, step: int) -> None:
+        """Give the next waiting requests the rows `slots`: run their prompts, fill cache columns [0, S) of those
+        rows, sample their first token (eager: one call per batch)."""
+        first_request = self._next_request
+        requests = torch.arange(first_request, first_request + len(slots), device=self.device)
+        self._next_request += len(slots)
+        host_slots = slots.cpu()
+        self._starts[host_slots], self._checked[host_slots] = step, 0
+        input_ids, attention_mask, keys = (t[first_request:first_request + len(slots)] for t in self._requests)
         batch_size, prompt_len = input_ids.shape
         is_real = attention_mask.bool()
-        self.key_valid[:, :prompt_len] = is_real
-        self.key_valid[:, prompt_len:] = True
+        self.key_valid[slots, :prompt_len] = is_real
+        self.key_valid[slots, prompt_len:] = True
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         # A prompt's n samples share its rows: run each distinct row once and copy its K/V and logits to the
         # others (a GRPO rollout of n samples per prompt prefills n times less).
@@ -265,59 +323,69 @@ class StaticDecoder:
         hidden = self.body.embed_tokens(ids)
         for index, (layer, fused) in enumerate(zip(self.body.layers, self._fused)):
             q, k, v = _layer_in(layer, hidden, cos, sin, self.head_dim, fused)
-            self.k_cache[index, :, :, :prompt_len] = k[inverse]
-            self.v_cache[index, :, :, :prompt_len] = v[inverse]
+            self.k_cache[index, slots, :, :prompt_len] = k[inverse]
+            self.v_cache[index, slots, :, :prompt_len] = v[inverse]
             k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=_scaling(layer, self.head_dim))
             hidden = _layer_out(layer, hidden, attn.transpose(1, 2).reshape(len(first), prompt_len, -1), fused)
         logits = self.model.lm_head(self.body.norm(hidden[:, -1]))[inverse]
-        self.position.copy_(positions[:, -1] + 1)
-        self.column.fill_(prompt_len)
-        self.out_column.zero_()
-        self._sample_and_advance(logits)
+        self.position[slots] = positions[:, -1] + 1
+        self.column[slots] = prompt_len
+        self.row_map[slots], self.row_keys[slots] = requests, keys
+        # The first token: the draw's step is the output column, 0.
+        tokens, logprobs = self.sampler(logits, keys, 0)
+        is_stop = (tokens[:, None] == self.stop_ids).any(dim=-1)
+        max_tokens = self.out_tokens.shape[1] - 1
+        self.out_tokens[slots] = self.pad_token
+        self.out_logprobs[slots] = 0.0
+        self.out_tokens[slots, 0], self.out_logprobs[slots, 0] = tokens, logprobs
+        self.lengths[slots] = torch.where(is_stop, 1, max_tokens)
+        self.is_done[slots] = is_stop
+        self.feed[slots] = tokens
+        self.out_column[slots] = 1
 
     def _step(self, width: int) -> None:
         """One token for the active rows: the capturable unit. Reads and advances only buffers (the first
         `active` slots of each: after compaction the running rows sit there)."""
         rows = self.active
-        position = self.position[:rows]
+        running = self._running()[:rows]  # the others write only where nothing reads it, and stay where they are
+        position, column = self.position[:rows], self.column[:rows]
         cos = self.cos_table[position][:, None, None]  # [b, 1, 1, D]
         sin = self.sin_table[position][:, None, None]
-        visible = self.key_valid[:rows, :width] & (self.columns[:width] <= self.column)  # [b, W]
+        visible = self.key_valid[:rows, :width] & (self.columns[:width] <= column[:, None])  # [b, W]
         hidden = self.body.embed_tokens(self.feed[:rows, None])  # [b, 1, H]
         for index, (layer, fused) in enumerate(zip(self.body.layers, self._fused)):
             k_cache, v_cache = self.k_cache[index, :rows], self.v_cache[index, :rows]
-            q = self._layer_in(layer, hidden, cos, sin, self.head_dim, fused, k_cache, v_cache, self.column)
+            q = self._layer_in(layer, hidden, cos, sin, self.head_dim, fused, k_cache, v_cache, column)
             keys, values = k_cache[:, :, :width], v_cache[:, :, :width]  # [b, H_kv, W, D]
             # Grouped-query attention without expanding K/V: query heads j*G .. j*G+G-1 share K/V head j.
             q = q.view(rows, self.num_kv_heads, self.groups, self.head_dim)
             scale = _scaling(layer, self.head_dim)
-            # The kernel reads the cache only up to this step's column, not to the end of the width's bucket.
-            attn = self._attend(q, keys, values, visible, scale, last_column=self.column)  # [b, H_kv, G, D]
+            # The kernel reads each row's cache only up to its column, not to the end of the width's bucket.
+            attn = self._attend(q, keys, values, visible, scale, last_column=column)  # [b, H_kv, G, D]
             hidden = self._layer_out(layer, hidden, attn.reshape(rows, 1, -1), fused)
         logits = self.model.lm_head(self.body.norm(hidden[:, 0]))
-        position.add_(1)
-        self.column.add_(1)
-        self._sample_and_advance(logits)
+        position.add_(running)
+        column.add_(running)
+        self._sample_and_advance(logits, running)
 
-    def _sample_and_advance(self, logits: torch.Tensor) -> None:
-        """Sample from logits [b, V] (the active rows), record token and logprob at `out_column`, apply
-        stop tokens."""
-        rows = self.active
-        is_done, lengths = self.is_done[:rows], self.lengths[:rows]
-        # The draw's step is the output column: a device counter, so a captured graph reads its current value.
-        tokens, logprobs = self.sampler(logits, self.row_keys[:rows], self.out_column)
-        tokens = torch.where(is_done, self.pad_token, tokens)
-        logprobs = logprobs.masked_fill(is_done, 0.0)
-        self.out_tokens[:rows].index_copy_(1, self.out_column, tokens[:, None])
-        self.out_logprobs[:rows].index_copy_(1, self.out_column, logprobs[:, None])
+    def _sample_and_advance(self, logits: torch.Tensor, running: torch.Tensor) -> None:
+        """Sample from logits [b, V] (the active rows), record token and logprob at each running row's
+        `out_column`, apply stop tokens."""
+        rows, max_tokens = self.active, self.out_tokens.shape[1] - 1
+        is_done, lengths, out_column = self.is_done[:rows], self.lengths[:rows], self.out_column[:rows]
+        # The draw's step is the row's output column: a device counter, so a captured graph reads its current value.
+        tokens, logprobs = self.sampler(logits, self.row_keys[:rows], out_column)
+        at = torch.where(running, out_column, max_tokens)[:, None]  # rows that no longer run: the spare column
+        self.out_tokens[:rows].scatter_(1, at, torch.where(running, tokens, self.pad_token)[:, None])
+        self.out_logprobs[:rows].scatter_(1, at, logprobs.masked_fill(~running, 0.0)[:, None])
         # A broadcast compare, not torch.isin: isin switches to a sort-based path for many ids, which a CUDA
         # graph cannot capture.
-        is_stop = (tokens[:, None] == self.stop_ids).any(dim=-1) & ~is_done
-        lengths.copy_(torch.where(is_stop, self.out_column + 1, lengths))
+        is_stop = (tokens[:, None] == self.stop_ids).any(dim=-1) & running
+        lengths.copy_(torch.where(is_stop, out_column + 1, lengths))
         is_done.logical_or_(is_stop)
         self.feed[:rows].copy_(tokens)
-        self.out_column.add_(1)
+        out_column.add_(running)
 
     def _compact(self, num_running: int) -> bool:
         """Move the running rows to the front and halve the active rows while they still hold them all (never
@@ -330,53 +398,55 @@ class StaticDecoder:
             target //= 2
         if target == rows:
             return False
-        done = self.is_done[:rows]
-        order = torch.cat([(~done).nonzero().flatten(), done.nonzero().flatten()])  # running first
+        running = self._running()[:rows]
+        order = torch.cat([running.nonzero().flatten(), (~running).nonzero().flatten()])  # running first
         # The row keys move too: a row keeps drawing its own random numbers wherever it sits.
-        for buffer in (self.feed, self.position, self.key_valid, self.out_tokens, self.out_logprobs, self.lengths,
-                       self.is_done, self.row_map, self.row_keys):
+        for buffer in (self.feed, self.position, self.column, self.out_column, self.key_valid, self.out_tokens,
+                       self.out_logprobs, self.lengths, self.is_done, self.row_map, self.row_keys):
             buffer[:rows] = buffer[:rows][order]
         for index in range(self.k_cache.shape[0]):  # one layer at a time: a small temporary
             self.k_cache[index, :rows] = self.k_cache[index, :rows][order]
             self.v_cache[index, :rows] = self.v_cache[index, :rows][order]
+        host_order = order.cpu()
+        self._starts[:rows], self._checked[:rows] = self._starts[:rows][host_order], self._checked[:rows][host_order]
         self.active = target
         return True
 
     # ------------------------------------------------------------------ graphs and stop strings
 
-    def _capture(self, prompt_len: int, first_step: int) -> None:
-        """Capture a step graph for the active rows and every attention width from `first_step` on (kept for
-        later calls). The buffers the warm-up runs touch are restored, so this can run mid-generation."""
-        cache_len, max_tokens = self.k_cache.shape[3], self.out_tokens.shape[1]
-        widths = sorted({min(_round_up(prompt_len + step, self.bucket), cache_len)
-                         for step in range(first_step, max_tokens)})
-        missing = [w for w in widths if (self.active, w) not in self._graphs]
-        if not missing:
-            return
+    def _graph(self, width: int) -> torch.cuda.CUDAGraph:
+        """The step's graph for the active rows at `width`, captured at its first use (kept for later calls)."""
+        if (self.active, width) not in self._graphs:
+            self._capture(width)
+        return self._graphs[self.active, width]
+
+    def _capture(self, width: int) -> None:
+        """Capture a step graph for the active rows at `width`. What the warm-up run touches (the step's
+        buffers, one cache column of the active rows) is restored after, so this can run mid-generation."""
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
+        rows = self.active
         saved = {name: getattr(self, name).clone() for name in _STEP_STATE}
+        saved_cache = [cache[:, :rows, :, width - 1].clone() for cache in (self.k_cache, self.v_cache)]
         self._pool = self._pool or torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        # The warm-up writes cache column width - 1 of the active rows: a column no row has reached yet (the
-        # widths are those of steps still to come), which the real step overwrites before any row reads it.
         with torch.cuda.stream(stream):  # warm-up off the capture (cuBLAS workspaces, lazy inits)
-            for width in missing:
-                self._point_at(width)
-                self._step(width)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        for width in missing:
             self._point_at(width)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._step(width)
-            self._graphs[self.active, width] = graph
+            self._step(width)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._point_at(width)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step(width)
+        self._graphs[rows, width] = graph
         for name, value in saved.items():
             getattr(self, name).copy_(value)
+        for cache, value in zip((self.k_cache, self.v_cache), saved_cache):
+            cache[:, :rows, :, width - 1] = value
         end.record()
         torch.cuda.synchronize(self.device)
-        self.last_capture_seconds = begin.elapsed_time(end) / 1000
+        self.last_capture_seconds += begin.elapsed_time(end) / 1000
 
     def _point_at(self, width: int) -> None:
         """Safe inputs for a warm-up step at `width`: positions in range, the last column of the width."""
@@ -384,18 +454,21 @@ class StaticDecoder:
         self.column.fill_(width - 1)
         self.out_column.zero_()
 
-    def _check_stop_strings(self, stop_checker, num_steps: int) -> None:
-        """Host check of stop strings over the steps since the last check (a row ends at its first hit,
-        also when a stop token on the GPU ended it later in the same stretch)."""
-        tokens = self.out_tokens[:, :num_steps].cpu()
+    def _check_stop_strings(self, stop_checker) -> None:
+        """Host check of stop strings over each row's output columns since its last check (a row ends at its
+        first hit, also when a stop token on the GPU ended it later in the same stretch)."""
+        out_columns = self.out_column.cpu().clone()  # not a view of the buffer on a CPU device
+        if not bool((out_columns > self._checked).any()):
+            return
+        tokens = self.out_tokens.cpu()
         gpu_done, gpu_lengths = self.is_done.cpu(), self.lengths.cpu()
         hit_done, lengths = torch.zeros_like(gpu_done), gpu_lengths.clone()
-        for step in range(self._checked_steps, num_steps):
-            done_before = (gpu_done & (gpu_lengths <= step)) | hit_done
-            hit = stop_checker.update(tokens[:, : step + 1], done_before)
-            lengths = torch.where(hit, step + 1, lengths)
+        for column in range(int(self._checked.min()), int(out_columns.max())):
+            skip = (gpu_done & (gpu_lengths <= column)) | hit_done | (column < self._checked) | (column >= out_columns)
+            hit = stop_checker.update(tokens[:, : column + 1], skip)
+            lengths = torch.where(hit, column + 1, lengths)
             hit_done |= hit
-        self._checked_steps = num_steps
+        self._checked = out_columns
         self.is_done.copy_(gpu_done | hit_done)
         self.lengths.copy_(lengths)
 
@@ -494,12 +567,13 @@ def _layer_in(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 def _layer_in_cached(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
                      fused: _Fused, k_cache: torch.Tensor, v_cache: torch.Tensor, column: torch.Tensor):
-    """`_layer_in` for one decode token that writes its k and v into cache column `column` ([1] long) of
+    """`_layer_in` for one decode token that writes row b's k and v into cache column column[b] ([b] long) of
     k_cache/v_cache [b, H_kv, L, D] and returns q [b, H, 1, D]. Compiled, the writes fuse into the RoPE kernel
     (inductor scatters into the cache in place)."""
     q, k, v = _layer_in(layer, hidden, cos, sin, head_dim, fused)
-    k_cache.index_copy_(2, column, k)
-    v_cache.index_copy_(2, column, v)
+    at = column.view(-1, 1, 1, 1).expand(k.shape)  # row b writes its own column
+    k_cache.scatter_(2, at, k)
+    v_cache.scatter_(2, at, v)
     return q
 
 
