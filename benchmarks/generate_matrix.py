@@ -5,6 +5,7 @@ seeding question).
     python benchmarks/generate_matrix.py --engine vllm --shapes 7b --seeding per-prompt,none --out gen_matrix_vllm_7b.json
     python benchmarks/generate_matrix.py --cpu --engine winnow --out /tmp/gen_matrix_cpu.json   # smoke test
     python benchmarks/generate_matrix.py --engine winnow --shapes 1.5b --max-batch-size 256 --out chunked.json
+    python benchmarks/generate_matrix.py --engine winnow --max-batch-size 128 --refill both --out refill.json
 
 Workloads, on the GRPO benchmark's rollout (64 prompts x 8 samples, 128-token prompts, temperature 1, sampled-
 token logprobs; random weights):
@@ -12,6 +13,11 @@ token logprobs; random weights):
 - `longtail`: up to 512 new tokens, ending at any of a fixed set of stop ids covering 0.6% of the vocabulary,
   so a response ends with probability ~0.006 per token: lengths spread like real RL responses (median ~100,
   a few percent run to the limit). What finished rows cost (compaction, continuous batching) shows here.
+
+`--max-batch-size` below the rollout's 512 rows makes winnow decode that many at a time; `--refill on` gives the
+slots of finished rows to waiting requests (the engine's default), `off` runs equal chunks one after the other,
+`both` measures the two on the same engine in one process. Each winnow row records the decode steps and the rows x
+steps the decoder ran (the work), and how many refills it made.
 
 Seeding (vLLM only): `per-prompt` is what winnow sends by default (one seed per prompt, so a prompt's samples do
 not depend on the rest of the call or on how prompts are split across replicas); `none` sends no seed, so vLLM
@@ -86,7 +92,8 @@ def _count_at_most(ordered: list[int], value: int) -> int:
     return bisect.bisect_right(ordered, value)
 
 
-def build_engine(engine_name: str, cfg, tokenizer, workload, device, vllm_memory: float, max_batch_size: int | None):
+def build_engine(engine_name: str, cfg, tokenizer, workload, device, vllm_memory: float,
+                 max_batch_size: int | None):
     if engine_name == "vllm":
         from winnow.engines.vllm import VLLMEngine, VLLMEngineConfig
 
@@ -106,9 +113,33 @@ def build_engine(engine_name: str, cfg, tokenizer, workload, device, vllm_memory
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     batch = workload.num_sequences if max_batch_size is None else max_batch_size
-    return HFEngine(model, tokenizer, HFEngineConfig(max_batch_size=batch,
-                                                     compile_decode=device.type == "cuda"),
+    cuda = device.type == "cuda"  # on CPU the decoder's step runs eagerly, the path the GPU captures
+    return HFEngine(model, tokenizer, HFEngineConfig(max_batch_size=batch, compile_decode=cuda,
+                                                     decode="auto" if cuda else "static"),
                     device=device, copy_model=False)
+
+
+def timed_calls(engine, prompts, params, per_call: int, num_calls: int, device, label: str):
+    """Generate for `num_calls` batches of `per_call` prompts; the first is a warm-up. Returns the other calls'
+    seconds, response lengths and (winnow) the decoder's work: steps, rows x steps, refills."""
+    decoder = getattr(engine, "decoder", None)
+    times, lengths, work = [], [], []
+    for i in range(num_calls):
+        batch = prompts[i * per_call: (i + 1) * per_call]
+        before = (decoder.decode_steps, decoder.row_steps, decoder.refills) if decoder else (0, 0, 0)
+        common.sync(device)
+        t = time.perf_counter()
+        out = engine.generate(batch, params)
+        common.sync(device)
+        seconds = time.perf_counter() - t
+        print(f"{label} call {i}{' (warm-up)' if i == 0 else ''}: {seconds:.2f}s", flush=True)
+        if i:
+            times.append(seconds)
+            lengths.append([c.num_tokens for c in out])
+            if decoder:
+                now = (decoder.decode_steps, decoder.row_steps, decoder.refills)
+                work.append({key: a - b for key, a, b in zip(("decode_steps", "row_steps", "refills"), now, before)})
+    return times, lengths, work
 
 
 def run_shape(args, shape: str, device, ceilings: dict, save) -> None:
@@ -124,41 +155,33 @@ def run_shape(args, shape: str, device, ceilings: dict, save) -> None:
     start_s = time.perf_counter() - start
     num_params = sum(int(torch.Size(s).numel()) for s in _param_shapes(cfg))
     seedings = args.seeding.split(",") if args.engine == "vllm" else ["per-prompt"]
-    for workload_name in args.workloads.split(","):
+    refills = [None] if args.engine == "vllm" else {"on": [True], "off": [False], "both": [True, False]}[args.refill]
+    for workload_name, seeding, refill in ((w, s, r) for w in args.workloads.split(",") for s in seedings
+                                           for r in refills):
         base = SamplingParams(temperature=workload.temperature, max_tokens=workload.new_tokens, n=workload.num_samples,
                               ignore_eos=True)
         if workload_name == "longtail":
             base = replace(base, ignore_eos=False, stop_token_ids=stop_ids(cfg.vocab_size, cfg.eos_token_id))
-        for seeding in seedings:
-            params = replace(base, seed=0 if seeding == "per-prompt" else None)
-            times, lengths = [], []
-            for i in range(num_calls):
-                batch = prompts[i * workload.num_prompts: (i + 1) * workload.num_prompts]
-                common.sync(device)
-                t = time.perf_counter()
-                out = engine.generate(batch, params)
-                common.sync(device)
-                seconds = time.perf_counter() - t
-                print(f"{args.engine} {shape} {workload_name} {seeding} call {i}"
-                      f"{' (warm-up)' if i == 0 else ''}: {seconds:.2f}s", flush=True)
-                if i:
-                    times.append(seconds)
-                    lengths.append([c.num_tokens for c in out])
-            floors = [floor_for_lengths(cfg, num_params, workload.prompt_len, call, ceilings) for call in lengths]
-            flat = sorted(n for call in lengths for n in call)
-            row = {"engine": args.engine, "shape": shape, "workload": workload_name, "seeding": seeding,
-                   "max_batch_size": args.max_batch_size,
-                   "start_s": start_s, "generate_s": times, "generate_median_s": statistics.median(times),
-                   "tokens": [sum(call) for call in lengths],
-                   "tokens_per_s": statistics.median(sum(c) / s for c, s in zip(lengths, times)),
-                   "length_median": flat[len(flat) // 2], "length_p90": flat[int(0.9 * (len(flat) - 1))],
-                   "at_limit_fraction": sum(n == workload.new_tokens for n in flat) / len(flat),
-                   "floor_s": floors, "floor_median_s": statistics.median(floors),
-                   "x_floor": statistics.median(s / f for s, f in zip(times, floors))}
-            save(row)  # on disk once measured: a run stopped at its time limit keeps it
-            print("ROW " + json.dumps({k: row[k] for k in ("engine", "shape", "workload", "seeding",
-                                                           "generate_median_s", "tokens_per_s", "x_floor")}),
-                  flush=True)
+        if refill is not None:
+            engine.config.refill = refill
+        params = replace(base, seed=0 if seeding == "per-prompt" else None)
+        label = f"{args.engine} {shape} {workload_name} {seeding} refill {refill}"
+        times, lengths, work = timed_calls(engine, prompts, params, workload.num_prompts, num_calls, device, label)
+        floors = [floor_for_lengths(cfg, num_params, workload.prompt_len, call, ceilings) for call in lengths]
+        flat = sorted(n for call in lengths for n in call)
+        row = {"engine": args.engine, "shape": shape, "workload": workload_name, "seeding": seeding,
+               "max_batch_size": args.max_batch_size, "refill": refill, "decoder_work": work,
+               "start_s": start_s, "generate_s": times, "generate_median_s": statistics.median(times),
+               "tokens": [sum(call) for call in lengths],
+               "tokens_per_s": statistics.median(sum(c) / s for c, s in zip(lengths, times)),
+               "length_median": flat[len(flat) // 2], "length_p90": flat[int(0.9 * (len(flat) - 1))],
+               "at_limit_fraction": sum(n == workload.new_tokens for n in flat) / len(flat),
+               "floor_s": floors, "floor_median_s": statistics.median(floors),
+               "x_floor": statistics.median(s / f for s, f in zip(times, floors))}
+        save(row)  # on disk once measured: a run stopped at its time limit keeps it
+        print("ROW " + json.dumps({k: row[k] for k in ("engine", "shape", "workload", "seeding", "refill",
+                                                       "generate_median_s", "tokens_per_s", "x_floor")}),
+              flush=True)
     if args.engine == "vllm":
         engine.close()
     del engine
@@ -167,13 +190,18 @@ def run_shape(args, shape: str, device, ceilings: dict, save) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| engine | shape | workload | seeding | generate s | tokens/s | length median / p90 / at limit | "
-             "floor s | x floor |", "|---|---|---|---|---:|---:|---|---:|---:|"]
+    lines = ["| engine | shape | workload | seeding | rows at a time | refill | generate s | tokens/s | "
+             "length median / p90 / at limit | decode steps | rows x steps | floor s | x floor |",
+             "|---|---|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
+        work = r.get("decoder_work") or [{}]
+        steps, row_steps = (statistics.median(w.get(k, 0) for w in work) for k in ("decode_steps", "row_steps"))
+        batch = r.get("max_batch_size")
         lines.append(f"| {r['engine']} | {r['shape']} | {r['workload']} | {r['seeding']} | "
+                     f"{'all' if batch is None else batch or 'auto'} | {r.get('refill', '-')} | "
                      f"{r['generate_median_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['length_median']} / "
-                     f"{r['length_p90']} / {100 * r['at_limit_fraction']:.1f}% | {r['floor_median_s']:.2f} | "
-                     f"{r['x_floor']:.2f} |")
+                     f"{r['length_p90']} / {100 * r['at_limit_fraction']:.1f}% | {steps:,.0f} | {row_steps:,.0f} | "
+                     f"{r['floor_median_s']:.2f} | {r['x_floor']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +215,8 @@ def main() -> None:
     parser.add_argument("--vllm-memory", type=float, default=0.5)
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="winnow only: the engine's max_batch_size (default: the whole rollout; 0: auto)")
+    parser.add_argument("--refill", choices=["on", "off", "both"], default="on",
+                        help="winnow only: refill finished rows' slots (the default), chunks, or both")
     parser.add_argument("--cpu", action="store_true", help="smoke test: the tiny shape on CPU")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
