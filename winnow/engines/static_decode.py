@@ -354,9 +354,13 @@ class StaticDecoder:
         sin = self.sin_table[position][:, None, None]
         visible = self.key_valid[:rows, :width] & (self.columns[:width] <= column[:, None])  # [b, W]
         hidden = self.body.embed_tokens(self.feed[:rows, None])  # [b, 1, H]
+        # Where each row's new K/V go in a layer's cache seen as [b * H_kv * L, D]: row r, head h at column[r].
+        heads = torch.arange(rows * self.num_kv_heads, device=self.device).view(rows, self.num_kv_heads)
+        at = (heads * self.k_cache.shape[3] + column[:, None]).flatten()
         for index, (layer, fused) in enumerate(zip(self.body.layers, self._fused)):
             k_cache, v_cache = self.k_cache[index, :rows], self.v_cache[index, :rows]
-            q = self._layer_in(layer, hidden, cos, sin, self.head_dim, fused, k_cache, v_cache, column)
+            q = self._layer_in(layer, hidden, cos, sin, self.head_dim, fused, k_cache.view(-1, self.head_dim),
+                               v_cache.view(-1, self.head_dim), at)
             keys, values = k_cache[:, :, :width], v_cache[:, :, :width]  # [b, H_kv, W, D]
             # Grouped-query attention without expanding K/V: query heads j*G .. j*G+G-1 share K/V head j.
             q = q.view(rows, self.num_kv_heads, self.groups, self.head_dim)
@@ -566,14 +570,14 @@ def _layer_in(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 def _layer_in_cached(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
-                     fused: _Fused, k_cache: torch.Tensor, v_cache: torch.Tensor, column: torch.Tensor):
-    """`_layer_in` for one decode token that writes row b's k and v into cache column column[b] ([b] long) of
-    k_cache/v_cache [b, H_kv, L, D] and returns q [b, H, 1, D]. Compiled, the writes fuse into the RoPE kernel
-    (inductor scatters into the cache in place)."""
+                     fused: _Fused, k_cache: torch.Tensor, v_cache: torch.Tensor, at: torch.Tensor):
+    """`_layer_in` for one decode token that writes its k and v into rows `at` ([b * H_kv] long, in (row, head)
+    order) of a layer's cache seen as [b * H_kv * L, D], and returns q [b, H, 1, D]. Compiled, the writes fuse
+    into the RoPE kernel: inductor keeps an `index_copy_` into a flat input in place (a scatter, or a write into
+    a view made inside the function, would copy the whole cache every token)."""
     q, k, v = _layer_in(layer, hidden, cos, sin, head_dim, fused)
-    at = column.view(-1, 1, 1, 1).expand(k.shape)  # row b writes its own column
-    k_cache.scatter_(2, at, k)
-    v_cache.scatter_(2, at, v)
+    k_cache.index_copy_(0, at, k.reshape(-1, head_dim))
+    v_cache.index_copy_(0, at, v.reshape(-1, head_dim))
     return q
 
 
