@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from winnow.engines.hf import HFEngine, HFEngineConfig
+from winnow.engines.hf import PREFILL_SHARE, HFEngine, HFEngineConfig
 from winnow.engines.static_decode import StaticDecoder, unsupported_reason
 from winnow.learner.batch import make_train_batch
 from winnow.learner.logprobs import sequence_logprobs
@@ -276,6 +276,21 @@ def test_refill_waits_for_enough_free_slots_and_then_compacts(tiny_model, tiny_t
     assert static.decoder.active < 16
 
 
+def test_prefill_in_chunks_of_distinct_prompts_changes_nothing(tiny_model, tiny_tokenizer):
+    # A prefill memory that holds one distinct prompt at a time: 3 prompts x 2 samples prefill in 3 chunks, each
+    # prompt's K/V going to both its rows; the responses are the unchunked ones.
+    hf, static = engines(tiny_model, tiny_tokenizer, bucket=4)
+    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=")
+    params = SamplingParams(temperature=1.0, max_tokens=8, n=2, seed=3, ignore_eos=True)
+    width = max(map(len, prompts))
+    static.decoder.prefill_memory = static.decoder.prefill_bytes_per_prompt(width) + 1
+    calls = []
+    original = static.decoder._prefill_chunk
+    static.decoder._prefill_chunk = lambda *args: calls.append(args[-2]) or original(*args)
+    assert_same_samples(hf.generate(prompts, params), static.generate(prompts, params))
+    assert calls == [0, 1, 2]
+
+
 @pytest.mark.slow
 def test_batch_size_chunks_evenly_and_the_row_estimate_covers_the_buffers(tiny_model, tiny_tokenizer):
     engine = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="static"), device="cpu")
@@ -295,7 +310,9 @@ def test_batch_size_chunks_evenly_and_the_row_estimate_covers_the_buffers(tiny_m
     engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=7, n=2, seed=0))
     decoder, rows = engine.decoder, 6
     cache = decoder.k_cache.numel() * decoder.k_cache.element_size() * 2
-    assert cache <= decoder.buffer_bytes() <= rows * decoder.bytes_per_row(max(map(len, prompts)) + 7)
+    shared = sum(getattr(decoder, name).numel() * getattr(decoder, name).element_size()
+                 for name in ("cos_table", "sin_table", "columns"))  # not per row
+    assert cache <= decoder.buffer_bytes() <= rows * decoder.bytes_per_row(max(map(len, prompts)) + 7) + shared
     decoder.release()
     assert decoder.buffer_bytes() == 0
 
@@ -333,7 +350,8 @@ def test_auto_batch_size_fits_the_memory_budget_on_gpu(tiny_model, tiny_tokenize
     tight = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="graph", dtype="float32"), device="cuda")
     free, _ = torch.cuda.mem_get_info()
     free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-    tight.config.kv_cache_memory = 5.5 * tight.decoder.bytes_per_row(max_len) / free  # 5 rows: 4 chunks of 4
+    # 5 rows (4 chunks of 4 without refill) besides the prefill's share
+    tight.config.kv_cache_memory = 5.5 * tight.decoder.bytes_per_row(max_len) / free / (1 - PREFILL_SHARE)
     assert tight._chunk_size(16, max_len) == 4
     assert_same_samples(roomy.generate(prompts, params), tight.generate(prompts, params))
     assert tight.decoder.out_tokens.shape[0] == 5

@@ -50,7 +50,7 @@ class HFEngineConfig:
     at once, where it fits: chunks of 256 made 512 rows ~1.3x slower to generate); elsewhere 256"""
     kv_cache_memory: float = 0.3
     """with max_batch_size 0 on a GPU: the share of the GPU's free memory (at each call) that the decode
-    buffers (KV cache, prefill activations, logits) may take; they stay allocated while the learner trains
+    buffers (KV cache, logits, an eighth for the prefill's activations) may take; they stay allocated while the learner trains
     unless free_cache_on_sleep"""
     kv_cache: str = "auto"
     """"static" (preallocated, GPU default), "dynamic" (grows per step, CPU default) or "auto\""""
@@ -81,6 +81,8 @@ class HFEngineConfig:
 
 
 _DTYPES = ("bfloat16", "float16", "float32")  # names of torch dtypes
+PREFILL_SHARE = 0.125
+"""with max_batch_size 0: the share of the decode memory budget kept for the prefill's activations"""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -179,11 +181,13 @@ class HFEngine:
 
     def _rows_that_fit(self, max_len: int) -> int:
         """How many rows' decode buffers fit in `kv_cache_memory` of the GPU's free memory (the decoder's
-        current buffers count as free: a new shape replaces them)."""
+        current buffers count as free: a new shape replaces them), an eighth of it kept for the prefill's
+        activations (the decoder prefills in chunks of distinct prompts that fit there)."""
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         budget = self.config.kv_cache_memory * free + self.decoder.buffer_bytes()
-        return max(1, int(budget // self.decoder.bytes_per_row(max_len)))
+        self.decoder.prefill_memory = int(budget * PREFILL_SHARE)
+        return max(1, int(budget * (1 - PREFILL_SHARE) // self.decoder.bytes_per_row(max_len)))
 
     @no_grad
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, is_last_bucket: bool = True) -> None:

@@ -98,6 +98,7 @@ class StaticDecoder:
         self._pool = None
         self.last_capture_seconds = 0.0
         self.decode_steps = self.row_steps = self.refills = 0  # totals over calls: steps, rows x steps, refills
+        self.prefill_memory: int | None = None  # bytes the prefill's activations may take at once; None: no limit
         # The decode step's per-layer glue around attention (norms, projections, RoPE, the K/V cache write, MLP,
         # residuals) is ~35 small kernels per layer eagerly; compiled, it fuses to a few. Prefill stays eager
         # (its shapes change with every prompt length).
@@ -191,14 +192,20 @@ class StaticDecoder:
 
     def bytes_per_row(self, max_len: int) -> int:
         """An estimate of the device memory one row of a call takes, prompt and response `max_len` tokens:
-        its K/V cache, its share of the prefill's activations and of the step's logits and sampling."""
+        its K/V cache, its share of the step's logits and sampling, its outputs (the prefill's activations are
+        apart, `prefill_bytes_per_prompt`, and so are the RoPE tables the rows share)."""
         config, size = self.model.config, torch.finfo(self.dtype).bits // 8
         cache_len = _round_up(max_len, self.bucket)
         kv = 2 * len(self.body.layers) * self.num_kv_heads * self.head_dim * cache_len * size
-        prefill = max_len * (3 * config.intermediate_size + 6 * config.hidden_size) * size
         logits = config.vocab_size * (size + 8)  # the step's logits and the sampler's float32 passes over them
         outputs = max_len * 16  # out_tokens (int64) and out_logprobs (float32), rounded up
-        return kv + prefill + logits + outputs
+        return kv + logits + outputs + cache_len  # and the row's key_valid
+
+    def prefill_bytes_per_prompt(self, prompt_len: int) -> int:
+        """An estimate of the activations one distinct prompt of `prompt_len` tokens takes in the prefill (a
+        layer's hidden states, q/k/v, attention output and MLP intermediates)."""
+        config, size = self.model.config, torch.finfo(self.dtype).bits // 8
+        return prompt_len * (3 * config.intermediate_size + 6 * config.hidden_size) * size
 
     def buffer_bytes(self) -> int:
         """Device memory the decoder's buffers take now (0 when released)."""
@@ -307,28 +314,20 @@ class StaticDecoder:
         host_slots = slots.cpu()
         self._starts[host_slots], self._checked[host_slots] = step, 0
         input_ids, attention_mask, keys = (t[first_request:first_request + len(slots)] for t in self._requests)
-        batch_size, prompt_len = input_ids.shape
+        prompt_len = input_ids.shape[1]
         is_real = attention_mask.bool()
         self.key_valid[slots, :prompt_len] = is_real
         self.key_valid[slots, prompt_len:] = True
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         # A prompt's n samples share its rows: run each distinct row once and copy its K/V and logits to the
-        # others (a GRPO rollout of n samples per prompt prefills n times less).
+        # others (a GRPO rollout of n samples per prompt prefills n times less), in chunks of distinct prompts
+        # whose activations fit in `prefill_memory`.
         first, inverse = _distinct_rows(input_ids.masked_fill(~is_real, -1))
-        ids, is_real_first, positions_first = input_ids[first], is_real[first], positions[first]
-        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=self.device).tril()
-        # Padding queries see only themselves (a fully masked row would be NaN); their outputs are unused.
-        mask = (causal & is_real_first[:, None, None, :]) | torch.eye(prompt_len, dtype=torch.bool, device=self.device)
-        cos, sin = self.cos_table[positions_first][:, None], self.sin_table[positions_first][:, None]  # [U, 1, S, D]
-        hidden = self.body.embed_tokens(ids)
-        for index, (layer, fused) in enumerate(zip(self.body.layers, self._fused)):
-            q, k, v = _layer_in(layer, hidden, cos, sin, self.head_dim, fused)
-            self.k_cache[index, slots, :, :prompt_len] = k[inverse]
-            self.v_cache[index, slots, :, :prompt_len] = v[inverse]
-            k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=_scaling(layer, self.head_dim))
-            hidden = _layer_out(layer, hidden, attn.transpose(1, 2).reshape(len(first), prompt_len, -1), fused)
-        logits = self.model.lm_head(self.body.norm(hidden[:, -1]))[inverse]
+        chunk = len(first)
+        if self.prefill_memory is not None:
+            chunk = max(1, self.prefill_memory // self.prefill_bytes_per_prompt(prompt_len))
+        logits = torch.cat([self._prefill_chunk(slots, input_ids, is_real, positions, first, inverse, start, chunk)
+                            for start in range(0, len(first), chunk)])[inverse]
         self.position[slots] = positions[:, -1] + 1
         self.column[slots] = prompt_len
         self.row_map[slots], self.row_keys[slots] = requests, keys
@@ -343,6 +342,28 @@ class StaticDecoder:
         self.is_done[slots] = is_stop
         self.feed[slots] = tokens
         self.out_column[slots] = 1
+
+    def _prefill_chunk(self, slots, input_ids, is_real, positions, first, inverse, start: int, chunk: int):
+        """Run distinct prompts first[start:start + chunk], write their K/V to every slot that holds one of them,
+        and return their last position's logits [chunk, V]."""
+        prompt_len = input_ids.shape[1]
+        part = first[start:start + chunk]
+        mine = ((inverse >= start) & (inverse < start + len(part))).nonzero().flatten()  # the slots' positions
+        targets, sources = slots[mine], inverse[mine] - start
+        ids, is_real_first, positions_first = input_ids[part], is_real[part], positions[part]
+        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=self.device).tril()
+        # Padding queries see only themselves (a fully masked row would be NaN); their outputs are unused.
+        mask = (causal & is_real_first[:, None, None, :]) | torch.eye(prompt_len, dtype=torch.bool, device=self.device)
+        cos, sin = self.cos_table[positions_first][:, None], self.sin_table[positions_first][:, None]  # [U, 1, S, D]
+        hidden = self.body.embed_tokens(ids)
+        for index, (layer, fused) in enumerate(zip(self.body.layers, self._fused)):
+            q, k, v = _layer_in(layer, hidden, cos, sin, self.head_dim, fused)
+            self.k_cache[index, targets, :, :prompt_len] = k[sources]
+            self.v_cache[index, targets, :, :prompt_len] = v[sources]
+            k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=_scaling(layer, self.head_dim))
+            hidden = _layer_out(layer, hidden, attn.transpose(1, 2).reshape(len(part), prompt_len, -1), fused)
+        return self.model.lm_head(self.body.norm(hidden[:, -1]))
 
     def _step(self, width: int) -> None:
         """One token for the active rows: the capturable unit. Reads and advances only buffers (the first
