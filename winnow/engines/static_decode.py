@@ -9,24 +9,29 @@ rows) decode is bound by per-token host work and by attention that the generic p
 This module keeps the model's own submodules (embeddings, norms, projections, MLP, rotary tables, so any
 Llama-family variant with its biases, q/k norms or RoPE scaling computes what transformers computes) and
 replaces only the glue around them:
-- one decode step reads every input from preallocated buffers and advances them itself (the token to feed,
-  its position, the cache column, the output column), so it can be captured once as a CUDA graph and
+- one decode step reads every input from preallocated buffers and advances them itself (per row: the token to
+  feed, its position, its cache column, its output column), so it can be captured once as a CUDA graph and
   replayed with no host work or sync per token;
 - projections that read the same input run as one matmul: q/k/v, and the MLP's gate/up (the parameters become
   views of one buffer per layer, so an in-place weight sync reaches the fused matmuls and nothing is stored twice);
 - attention is grouped-query by reshaping queries to [B, H_kv, G, D] (no K/V expansion) and reads only the
   cache columns up to a length bucket (a multiple of `bucket` tokens; one graph per bucket), so early
   tokens do not pay for the whole cache; on a GPU it is one flash-decoding kernel (`kernels.decode_attention`),
-  which reads the cache only up to the step's column (a device counter), not to the end of the bucket;
+  which reads each row's cache only up to its column (a device counter), not to the end of the bucket;
 - sampling is the engine's one sampler (`sampling.Sampler`, also used by the `hf` path, so one seed gives
   the same tokens on both): an inverse-CDF draw from softmax(logits/T) with one keyed uniform per row, a
   fixed-shape, sync-free computation; the row keys are a buffer (they move with their rows when rows are
-  compacted) and the decode step is the output-column counter, a device tensor the step advances itself.
+  compacted) and the decode step is the row's output column, a device counter the step advances itself.
 Stop tokens are handled on the GPU. Stop strings and "is every row done?" are checked on the host every
 `check_every` tokens; a row that stops keeps its tokens only up to the stop (what runs after it is cut).
 At those checks, once at most half the rows still run, the running rows are moved to the front of every
-buffer and the step continues on half as many rows (graphs for that row count are captured then), so
+buffer and the step continues on half as many rows (graphs are captured at a shape's first use), so
 finished rows stop costing decode work; the outputs are put back in row order at the end.
+A call with more requests than slots (`max_rows`) keeps the rest waiting: at those checks, once an eighth of the
+slots (or every waiting request's worth) have finished, their outputs are copied out and waiting requests are
+prefilled into them, starting again at column S of their slot while the other rows run on (refill). The attention
+width follows the row that has run longest; each row's own column bounds what it reads. The prefill runs in
+chunks of distinct prompts within `prefill_memory`.
 
 On CPU the same step runs eagerly (no graphs): the tests check it against the transformers forward there.
 """
