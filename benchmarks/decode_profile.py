@@ -39,7 +39,7 @@ def role(name: str) -> str:
 @torch.inference_mode()
 def time_graph(decoder, width: int) -> float:
     """Milliseconds per replay of the captured step at `width` (20 replays after 3)."""
-    graph = decoder._graphs[decoder.active, width]
+    graph = decoder._graph(width)  # captured at its first use if the call did not reach this width
     decoder._point_at(width)
     for _ in range(3):
         graph.replay()
