@@ -292,11 +292,18 @@ class HFEngine:
         return transformers.DynamicCache(config=self.model.config)
 
     def _completions(self, prompts, tokens, logprobs, lengths, is_done, params) -> list[Completion]:
+        """Row i of the decode batch as the completion of prompts[i]: tokens, logprobs [B, max_tokens] and
+        lengths, is_done [B], on the host. Each tensor leaves in one `tolist` and the texts are decoded in one
+        call (`_decode_rows`), not row by row: at 512 rows of 512 tokens the per-row calls were ~0.3 s of host
+        time per rollout on a 2-core machine."""
+        lengths, is_done = lengths.tolist(), is_done.tolist()  # [B] ints, [B] bools
+        token_rows, logprob_rows = tokens.tolist(), logprobs.tolist()  # [B][max_tokens] each
+        response_ids = [row if n == len(row) else row[:n] for row, n in zip(token_rows, lengths)]
+        texts = _decode_rows(self.tokenizer, response_ids)
         out = []
-        for row, prompt_ids in enumerate(prompts):
-            n = int(lengths[row])
-            ids = tokens[row, :n].tolist()
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for prompt_ids, ids, row_logprobs, text, n, is_stopped in zip(
+            prompts, response_ids, logprob_rows, texts, lengths, is_done
+        ):
             for stop in params.stop:
                 if (cut := text.find(stop)) >= 0:
                     text = text[:cut]
@@ -304,8 +311,8 @@ class HFEngine:
                 Completion(
                     prompt_ids=list(prompt_ids),
                     response_ids=ids,
-                    logprobs=logprobs[row, :n].tolist(),
-                    finish_reason="stop" if bool(is_done[row]) else "length",
+                    logprobs=row_logprobs if n == len(row_logprobs) else row_logprobs[:n],
+                    finish_reason="stop" if is_stopped else "length",
                     text=text,
                 )
             )
@@ -334,3 +341,16 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list
     if ids is None:
         raise ValueError("neither the model's generation_config nor the tokenizer names an EOS token")
     return [ids] if isinstance(ids, int) else list(ids)
+
+
+def _decode_rows(tokenizer: PreTrainedTokenizerBase, rows: list[list[int]]) -> list[str]:
+    """`tokenizer.decode(row, skip_special_tokens=True)` for every row. A fast (Rust) tokenizer whose `decode`
+    transformers hands to the Rust tokenizer unchanged (neither method overridden, no space clean-up) decodes
+    the whole batch in one call, spread over threads; `decode` per row also checks every id's type in Python
+    first. Any other tokenizer decodes row by row."""
+    fast = transformers.PreTrainedTokenizerFast
+    is_plain_fast = (isinstance(tokenizer, fast) and type(tokenizer).decode is fast.decode
+                     and type(tokenizer)._decode is fast._decode and not tokenizer.clean_up_tokenization_spaces)
+    if is_plain_fast:
+        return tokenizer.backend_tokenizer.decode_batch(rows, skip_special_tokens=True)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
