@@ -293,16 +293,17 @@ class HFEngine:
 
     def _completions(self, prompts, tokens, logprobs, lengths, is_done, params) -> list[Completion]:
         """Row i of the decode batch as the completion of prompts[i]: tokens, logprobs [B, max_tokens] and
-        lengths, is_done [B], on the host. Each tensor leaves in one `tolist` and the texts are decoded in one
-        call (`_decode_rows`), not row by row: at 512 rows of 512 tokens the per-row calls were ~0.3 s of host
-        time per rollout on a 2-core machine."""
+        lengths, is_done [B], on the host. The rows leave through numpy (~1 us a row, against ~5 us for a torch
+        slice; only a response's own tokens become Python numbers, never the padding after it) and the texts are
+        decoded in one call (`_decode_rows`): 512 rows of 512 tokens take ~40 ms that way on an H200 machine's
+        host, against ~75 ms row by row."""
         lengths, is_done = lengths.tolist(), is_done.tolist()  # [B] ints, [B] bools
-        token_rows, logprob_rows = tokens.tolist(), logprobs.tolist()  # [B][max_tokens] each
-        response_ids = [row if n == len(row) else row[:n] for row, n in zip(token_rows, lengths)]
+        response_ids = [row[:n].tolist() for row, n in zip(tokens.numpy(), lengths)]
+        response_logprobs = [row[:n].tolist() for row, n in zip(logprobs.numpy(), lengths)]  # float32 widened
         texts = _decode_rows(self.tokenizer, response_ids)
         out = []
-        for prompt_ids, ids, row_logprobs, text, n, is_stopped in zip(
-            prompts, response_ids, logprob_rows, texts, lengths, is_done
+        for prompt_ids, ids, row_logprobs, text, is_stopped in zip(
+            prompts, response_ids, response_logprobs, texts, is_done
         ):
             for stop in params.stop:
                 if (cut := text.find(stop)) >= 0:
@@ -311,7 +312,7 @@ class HFEngine:
                 Completion(
                     prompt_ids=list(prompt_ids),
                     response_ids=ids,
-                    logprobs=row_logprobs if n == len(row_logprobs) else row_logprobs[:n],
+                    logprobs=row_logprobs,
                     finish_reason="stop" if is_stopped else "length",
                     text=text,
                 )
