@@ -44,6 +44,25 @@ def test_grpo_benchmark_cpu_mode_runs(tmp_path):
     assert "| end_to_end |" in table.read_text()
 
 
+def test_host_overhead_times_every_piece_against_a_baseline(tmp_path):
+    """`benchmarks/host_overhead.py` on a small workload (ragged responses, a stop string) against HEAD: every
+    piece timed on both sides, and both give the same completions, rewards and batch."""
+    out = tmp_path / "host.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--num-prompts", "4",
+                    "--num-samples", "2", "--prompt-len", "8", "--new-tokens", "16", "--ragged", "--stop", "t1",
+                    "--repeats", "1", "--baseline", "HEAD", "--out", str(out)], check=True, timeout=300, env=env,
+                   cwd=ROOT, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["same_results"] is True
+    assert result["workload"]["num_prompts"] == 4 and len(result["runs_s"]["current"]) == 1
+    for side in ("current", "baseline"):
+        times = result["median_ms"][side]
+        assert {"completions", "score", "advantages", "make_train_batch", "step/outside"} <= set(times)
+        assert all(v >= 0 for v in times.values())
+        assert times["step/wall"] >= times["step/generate"] + times["step/score"] + times["step/advantages"]
+
+
 @pytest.mark.slow
 def test_learner_profile_cpu_mode_runs(tmp_path):
     """`benchmarks/learner_profile.py` on a tiny model: one timed step; MFU is the benchmark's formula

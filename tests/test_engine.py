@@ -1,15 +1,16 @@
 """The embedded `hf` engine: determinism, sampling correctness, stops, weight sync, logprob parity."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
-from winnow.engines.hf import HFEngine, HFEngineConfig
+from winnow.engines.hf import HFEngine, HFEngineConfig, _decode_rows
 from winnow.learner.batch import make_train_batch
 from winnow.learner.logprobs import sequence_logprobs
-from winnow.types import SamplingParams
+from winnow.types import Completion, SamplingParams
 
 
 def encode(tokenizer, *texts):
@@ -205,3 +206,58 @@ def test_out_of_range_sampling_parameters_are_refused(kwargs, message):
 def test_empty_prompt_is_refused(engine):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         engine.generate([[3, 4], []], SamplingParams(max_tokens=2))
+
+
+def _completions_row_by_row(tokenizer, prompts, tokens, logprobs, lengths, is_done, params) -> list[Completion]:
+    """The engine's completions built one row at a time (its earlier code): what the batched build must equal."""
+    out = []
+    for row, prompt_ids in enumerate(prompts):
+        n = int(lengths[row])
+        ids = tokens[row, :n].tolist()
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in params.stop:
+            if (cut := text.find(stop)) >= 0:
+                text = text[:cut]
+        out.append(Completion(list(prompt_ids), ids, logprobs[row, :n].tolist(),
+                              "stop" if bool(is_done[row]) else "length", text))
+    return out
+
+
+def test_completions_of_a_decode_batch(engine, tiny_tokenizer):
+    """Rows of every length (full, short with EOS, empty, cut by a stop string) come back as the row-by-row build
+    made them: the same ids, texts, and logprobs as the same float32 values."""
+    ids = tiny_tokenizer.convert_tokens_to_ids
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    rows = [[ids(c) for c in "12+34="], [ids("3"), eos, pad, pad, pad, pad], [pad] * 6,
+            [ids(c) for c in "0==1"] + [pad, pad]]
+    tokens = torch.tensor(rows)  # [4, 6]
+    logprobs = -torch.arange(1, 25, dtype=torch.float32).reshape(4, 6) / 10  # -0.1 ... -2.4, none exact in float32
+    lengths, is_done = torch.tensor([6, 2, 0, 4]), torch.tensor([False, True, True, False])
+    prompts = [[ids("1")], [ids("2"), ids("+")], [ids("3")], [ids("4")]]
+    params = SamplingParams(max_tokens=6, stop=["+", "=="])
+    out = engine._completions(prompts, tokens, logprobs, lengths, is_done, params)
+    # "12+34=" cut at "+"; "3" then EOS (a special token: not in the text); nothing; "0==1" cut at "==".
+    assert [c.text for c in out] == ["12", "3", "", "0"]
+    assert [c.response_ids for c in out] == [rows[0], rows[1][:2], [], rows[3][:4]]
+    assert [c.finish_reason for c in out] == ["length", "stop", "stop", "length"]
+    assert out[1].logprobs == [float(torch.tensor(-0.7)), float(torch.tensor(-0.8))]  # rounded to float32
+    assert [c.prompt_ids for c in out] == prompts and out[0].prompt_ids is not prompts[0]
+    assert out == _completions_row_by_row(tiny_tokenizer, prompts, tokens, logprobs, lengths, is_done, params)
+
+
+def test_decode_rows_honours_a_tokenizer_that_changes_decode(tiny_tokenizer):
+    """The batched Rust decode stands in for `decode` only where transformers adds nothing to it: a subclass's own
+    `_decode`, or space clean-up, still decides the text."""
+
+    class Bracketed(type(tiny_tokenizer)):
+        def _decode(self, token_ids, **kwargs):
+            return "<" + super()._decode(token_ids, **kwargs) + ">"
+
+    rows = [[7, 8, 1], [], [9]]
+    assert _decode_rows(tiny_tokenizer, rows) == ["12", "", "3"]
+    bracketed = copy.copy(tiny_tokenizer)
+    bracketed.__class__ = Bracketed
+    assert _decode_rows(bracketed, rows) == ["<12>", "<>", "<3>"]
+    cleaned = copy.copy(tiny_tokenizer)
+    cleaned.clean_up_tokenization_spaces = True
+    assert _decode_rows(cleaned, rows) == [cleaned.decode(row, skip_special_tokens=True) for row in rows]

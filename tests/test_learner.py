@@ -40,6 +40,36 @@ def test_train_batch_by_hand():
         make_train_batch([Completion([1], [2, 3], [-1.0], "stop", "")])
 
 
+def _train_batch_row_by_row(completions: list[Completion], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """make_train_batch's tensors filled one row at a time."""
+    shape = (len(completions), max(len(c.prompt_ids) + len(c.response_ids) for c in completions))
+    out = {"input_ids": torch.full(shape, pad_token_id), "attention_mask": torch.zeros(shape, dtype=torch.long),
+           "response_mask": torch.zeros(shape), "engine_logprobs": torch.zeros(shape)}
+    for row, c in enumerate(completions):
+        start, end = len(c.prompt_ids), len(c.prompt_ids) + len(c.response_ids)
+        out["input_ids"][row, :end] = torch.tensor(c.prompt_ids + c.response_ids, dtype=torch.long)
+        out["attention_mask"][row, :end] = 1
+        out["response_mask"][row, start:end] = 1
+        out["engine_logprobs"][row, start:end] = torch.tensor(c.logprobs, dtype=torch.float32)
+    return out
+
+
+def test_train_batch_equals_the_row_by_row_build():
+    """Prompts and responses of mixed lengths (an empty response among them), a pad id that is not 0, logprobs that
+    round in float32, ids past 2**31: every tensor as a row-by-row build makes it, in the same dtype."""
+    g = torch.Generator().manual_seed(0)
+    completions = []
+    for prompt_len, response_len in [(3, 5), (1, 0), (7, 2), (2, 9), (5, 5)]:
+        response_ids = torch.randint(2**31, 2**33, (response_len,), generator=g).tolist()
+        logprobs = (-10 * torch.rand(response_len, generator=g, dtype=torch.float64)).tolist()
+        completions.append(Completion(torch.randint(0, 100, (prompt_len,), generator=g).tolist(), response_ids,
+                                      logprobs, "stop", ""))
+    batch = make_train_batch(completions, pad_token_id=7)
+    for name, expected in _train_batch_row_by_row(completions, pad_token_id=7).items():
+        actual = getattr(batch, name)
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected), name
+
+
 def test_sequence_logprobs_by_hand(tiny_model):
     # Two rows, prompt lengths 2 and 1, responses of 2 and 3 tokens (right-padded to 4).
     completions = [
