@@ -321,8 +321,8 @@ class HFEngine:
         """Row i of the decode batch as the completion of prompts[i]: tokens, logprobs [B, max_tokens] and
         lengths, is_done [B], on the host. The rows leave through numpy (~1 us a row, against ~5 us for a torch
         slice; only a response's own tokens become Python numbers, never the padding after it) and the texts are
-        decoded in one call (`_decode_rows`): 512 rows of 512 tokens take ~40 ms that way on an H200 machine's
-        host, against ~75 ms row by row."""
+        decoded in one call (`_decode_rows`): 512 rows of 512 tokens took ~60 ms that way on the GPU machine's
+        host, against ~105 ms row by row (`benchmarks/host_overhead.py`)."""
         lengths, is_done = lengths.tolist(), is_done.tolist()  # [B] ints, [B] bools
         response_ids = [row[:n].tolist() for row, n in zip(tokens.numpy(), lengths)]
         response_logprobs = [row[:n].tolist() for row, n in zip(logprobs.numpy(), lengths)]  # float32 widened
