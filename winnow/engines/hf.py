@@ -354,11 +354,16 @@ class _StopStrings:
         self.tail = max(len(s) for s in stops) + 8  # tokens to decode: enough to hold any stop string
 
     def update(self, tokens: torch.Tensor, is_done: torch.Tensor) -> torch.Tensor:
+        """[B] bool: the rows not done whose tokens [B, T] now end in text holding a stop string."""
         hit = torch.zeros_like(is_done)
         for row in (~is_done).nonzero().flatten().tolist():
-            text = self.tokenizer.decode(tokens[row, -self.tail :].tolist(), skip_special_tokens=True)
-            hit[row] = any(stop in text for stop in self.stops)
+            hit[row] = self.ends_in_stop(tokens[row].tolist())
         return hit
+
+    def ends_in_stop(self, ids: list[int]) -> bool:
+        """Whether the text of the last tokens of `ids` holds a stop string."""
+        text = self.tokenizer.decode(ids[-self.tail :], skip_special_tokens=True)
+        return any(stop in text for stop in self.stops)
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -487,20 +487,23 @@ class StaticDecoder:
     def _check_stop_strings(self, stop_checker) -> None:
         """Host check of stop strings over each row's output columns since its last check (a row ends at its
         first hit, also when a stop token on the GPU ended it later in the same stretch)."""
-        out_columns = self.out_column.cpu().clone()  # not a view of the buffer on a CPU device
-        if not bool((out_columns > self._checked).any()):
+        out_columns = self.out_column.cpu().tolist()
+        checked = self._checked.tolist()
+        rows = [row for row, (start, end) in enumerate(zip(checked, out_columns)) if end > start]
+        if not rows:
             return
-        tokens = self.out_tokens.cpu()
-        gpu_done, gpu_lengths = self.is_done.cpu(), self.lengths.cpu()
-        hit_done, lengths = torch.zeros_like(gpu_done), gpu_lengths.clone()
-        for column in range(int(self._checked.min()), int(out_columns.max())):
-            skip = (gpu_done & (gpu_lengths <= column)) | hit_done | (column < self._checked) | (column >= out_columns)
-            hit = stop_checker.update(tokens[:, : column + 1], skip)
-            lengths = torch.where(hit, column + 1, lengths)
-            hit_done |= hit
-        self._checked = out_columns
-        self.is_done.copy_(gpu_done | hit_done)
-        self.lengths.copy_(lengths)
+        tokens, lengths = self.out_tokens.cpu(), self.lengths.cpu().tolist()
+        is_done = self.is_done.cpu().tolist()
+        for row in rows:
+            ids = tokens[row, : out_columns[row]].tolist()
+            end = min(out_columns[row], lengths[row]) if is_done[row] else out_columns[row]  # a stop token's end
+            for column in range(checked[row], end):
+                if stop_checker.ends_in_stop(ids[: column + 1]):
+                    lengths[row], is_done[row] = column + 1, True
+                    break
+        self._checked = torch.tensor(out_columns)
+        self.is_done.copy_(torch.tensor(is_done))
+        self.lengths.copy_(torch.tensor(lengths))
 
 
 class _Fused(NamedTuple):
