@@ -213,6 +213,17 @@ def test_splitting_the_prompts_changes_no_response(tiny_model, tiny_tokenizer, d
     assert len({tuple(c.response_ids) for c in whole}) > 3
 
 
+def stopping_rollout(hf, tokenizer):
+    """(prompts, params, the hf engine's responses) of 8 prompts x 2 samples whose rows stop at different steps."""
+    prompts = encode(tokenizer, "12+34=", "5+7=", "99+1=", "1", "3*4=", "7-2=", "10+10=", "8")
+    stops = tokenizer.convert_tokens_to_ids(["+", "=", "7"])
+    params = SamplingParams(temperature=1.0, max_tokens=12, n=2, seed=21, stop_token_ids=stops, ignore_eos=True)
+    want = hf.generate(prompts, params)
+    lengths = sorted(c.num_tokens for c in want)
+    assert lengths[0] < lengths[len(lengths) // 2] < lengths[-1]  # rows stopped at different steps
+    return prompts, params, want
+
+
 def test_compaction_does_not_change_sampled_responses(tiny_model, tiny_tokenizer):
     # Rows that stop at different steps, compacted after every token down to one row: each row's key moves
     # with it, so the responses are those of the hf path and of the static path without compaction.
@@ -220,12 +231,7 @@ def test_compaction_does_not_change_sampled_responses(tiny_model, tiny_tokenizer
     _, uncompacted = engines(tiny_model, tiny_tokenizer, bucket=4)
     static.decoder.min_rows, static.decoder.check_every = 1, 1
     uncompacted.decoder.min_rows = None
-    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=", "1", "3*4=", "7-2=", "10+10=", "8")
-    stops = tiny_tokenizer.convert_tokens_to_ids(["+", "=", "7"])
-    params = SamplingParams(temperature=1.0, max_tokens=12, n=2, seed=21, stop_token_ids=stops, ignore_eos=True)
-    want = hf.generate(prompts, params)
-    lengths = sorted(c.num_tokens for c in want)
-    assert lengths[0] < lengths[len(lengths) // 2] < lengths[-1]  # rows stopped at different steps
+    prompts, params, want = stopping_rollout(hf, tiny_tokenizer)
     assert_same_samples(want, static.generate(prompts, params))
     assert static.decoder.active < len(prompts) * 2  # ... and the decoder did compact them
     assert_same_samples(want, uncompacted.generate(prompts, params))
@@ -241,12 +247,7 @@ def test_refill_gives_every_request_the_responses_of_one_batch(tiny_model, tiny_
     refill = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(**config), device="cpu")
     chunks = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(**config, refill=False), device="cpu")
     refill.decoder.check_every = chunks.decoder.check_every = 2
-    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=", "1", "3*4=", "7-2=", "10+10=", "8")
-    stops = tiny_tokenizer.convert_tokens_to_ids(["+", "=", "7"])
-    params = SamplingParams(temperature=1.0, max_tokens=12, n=2, seed=21, stop_token_ids=stops, ignore_eos=True)
-    want = hf.generate(prompts, params)
-    lengths = sorted(c.num_tokens for c in want)
-    assert lengths[0] < lengths[len(lengths) // 2] < lengths[-1]  # rows stopped at different steps
+    prompts, params, want = stopping_rollout(hf, tiny_tokenizer)
     assert_same_samples(want, refill.generate(prompts, params))
     assert refill.decoder.refills >= 2 and refill.decoder.out_tokens.shape[0] == 3
     assert_same_samples(want, chunks.generate(prompts, params))
@@ -454,10 +455,7 @@ def test_graph_decode_refill_on_gpu(tiny_model, tiny_tokenizer):
     hf, graph = gpu_engines(tiny_model, tiny_tokenizer)
     graph.config.max_batch_size = 5
     graph.decoder.min_rows, graph.decoder.check_every = 1, 2
-    prompts = encode(tiny_tokenizer, "12+34=", "5+7=", "99+1=", "1", "3*4=", "7-2=", "10+10=", "8")
-    stops = tiny_tokenizer.convert_tokens_to_ids(["+", "=", "7"])
-    params = SamplingParams(temperature=1.0, max_tokens=12, n=2, seed=21, stop_token_ids=stops, ignore_eos=True)
-    want = hf.generate(prompts, params)
+    prompts, params, want = stopping_rollout(hf, tiny_tokenizer)
     assert_same_samples(want, graph.generate(prompts, params), tolerance=1e-4)
     assert graph.decoder.refills >= 2 and graph.decoder.out_tokens.shape[0] == 5
     assert_same_samples(want, graph.generate(prompts, params), tolerance=1e-4)  # again, on the kept graphs

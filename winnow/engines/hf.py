@@ -50,8 +50,8 @@ class HFEngineConfig:
     at once, where it fits: chunks of 256 made 512 rows ~1.3x slower to generate); elsewhere 256"""
     kv_cache_memory: float = 0.3
     """with max_batch_size 0 on a GPU: the share of the GPU's free memory (at each call) that the decode
-    buffers (KV cache, logits, an eighth for the prefill's activations) may take; they stay allocated while the learner trains
-    unless free_cache_on_sleep"""
+    buffers (KV cache, logits, an eighth for the prefill's activations) may take; they stay allocated while the
+    learner trains unless free_cache_on_sleep"""
     kv_cache: str = "auto"
     """"static" (preallocated, GPU default), "dynamic" (grows per step, CPU default) or "auto\""""
     dtype: str = "auto"
@@ -133,7 +133,7 @@ class HFEngine:
             raise ValueError(f"kv_cache_memory={self.config.kv_cache_memory}: use a share of the GPU's free memory "
                              "in (0, 1] (--engine.kv-cache-memory)")
         self.decoder = self._make_decoder()
-        self._logged_chunk = 0
+        self._logged_limit = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -167,10 +167,10 @@ class HFEngine:
         is_sized = limit == 0 and self.decoder is not None and self.device.type == "cuda"
         if limit == 0:
             limit = self._rows_that_fit(max_len) if is_sized else 256
-        if is_sized and num_sequences > limit and limit != self._logged_chunk:  # slower than one batch: say why
+        if is_sized and num_sequences > limit and limit != self._logged_limit:  # slower than one batch: say why
             log.info("engine: %d sequences, %d at a time (what fits in --engine.kv-cache-memory %.2f of the GPU's "
                      "free memory)", num_sequences, limit, self.config.kv_cache_memory)
-            self._logged_chunk = limit
+            self._logged_limit = limit
         return limit
 
     def _chunk_size(self, num_sequences: int, max_len: int) -> int:

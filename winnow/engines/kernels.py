@@ -13,8 +13,8 @@ the last dimension contiguous), visible [b, W] bool; it returns [b, H_kv, G, D] 
 width is a length bucket (one CUDA graph per bucket), rounded up past the cache's last written column; given
 `last_column`, a device tensor of one column or one per row that the kernel reads at each launch (so a replayed
 graph sees its current value), a row's programs stop there: columns past it are neither read nor attended to,
-and a split that starts past it loads nothing. The tile (keys per tile, warps per program) can be set per call; `_tile` gives
-the default.
+and a split that starts past it loads nothing. The tile (keys per tile, warps per program) can be set per call;
+`_tile` gives the default.
 
 **Chunk mass.** `chunk_mass(chunks)` computes `sampling.chunk_mass`: per row of logits cut into chunks
 [B, C, K], each chunk's maximum and sum of exp(x - maximum), one program per chunk reading it once.

@@ -269,12 +269,13 @@ class StaticDecoder:
         num_requests = input_ids.shape[0]
         self._requests = (input_ids, attention_mask, row_keys.to(self.device))
         self._next_request = 0
-        self._results = (torch.full((num_requests, max_tokens), int(self.pad_token), device=self.device),
+        self._results = (self.pad_token.expand(num_requests, max_tokens).clone(),
                          torch.zeros(num_requests, max_tokens, device=self.device),
                          torch.full((num_requests,), max_tokens, device=self.device),
                          torch.zeros(num_requests, dtype=torch.bool, device=self.device))
         self.active = rows  # rows the step runs on: slots [0, active)
         self._starts = torch.zeros(rows, dtype=torch.long)  # host: the step each slot's request was prefilled at
+        self._oldest = 0  # host: the earliest of those among the active slots (the attention width follows it)
         self._checked = torch.zeros(rows, dtype=torch.long)  # host: output columns checked for stop strings
         self.last_capture_seconds = 0.0
 
@@ -305,7 +306,7 @@ class StaticDecoder:
 
     def _width(self, step: int) -> int:
         """The attention width of `step`: a bucket past the cache column of the row that has run longest."""
-        offset = min(step - int(self._starts[: self.active].min()), self.out_tokens.shape[1] - 2)
+        offset = min(step - self._oldest, self.out_tokens.shape[1] - 2)
         return min(_round_up(self._requests[0].shape[1] + offset, self.bucket), self.k_cache.shape[3])
 
     # ------------------------------------------------------------------ forward
@@ -318,6 +319,7 @@ class StaticDecoder:
         self._next_request += len(slots)
         host_slots = slots.cpu()
         self._starts[host_slots], self._checked[host_slots] = step, 0
+        self._oldest = int(self._starts[: self.active].min())
         input_ids, attention_mask, keys = (t[first_request:first_request + len(slots)] for t in self._requests)
         prompt_len = input_ids.shape[1]
         is_real = attention_mask.bool()
@@ -406,9 +408,9 @@ class StaticDecoder:
         is_done, lengths, out_column = self.is_done[:rows], self.lengths[:rows], self.out_column[:rows]
         # The draw's step is the row's output column: a device counter, so a captured graph reads its current value.
         tokens, logprobs = self.sampler(logits, self.row_keys[:rows], out_column)
-        at = torch.where(running, out_column, max_tokens)[:, None]  # rows that no longer run: the spare column
-        self.out_tokens[:rows].scatter_(1, at, torch.where(running, tokens, self.pad_token)[:, None])
-        self.out_logprobs[:rows].scatter_(1, at, logprobs.masked_fill(~running, 0.0)[:, None])
+        at = torch.where(running, out_column, max_tokens)[:, None]  # rows that no longer run: the spare column,
+        self.out_tokens[:rows].scatter_(1, at, tokens[:, None])  # which nothing reads
+        self.out_logprobs[:rows].scatter_(1, at, logprobs[:, None])
         # A broadcast compare, not torch.isin: isin switches to a sort-based path for many ids, which a CUDA
         # graph cannot capture.
         is_stop = (tokens[:, None] == self.stop_ids).any(dim=-1) & running
@@ -440,6 +442,7 @@ class StaticDecoder:
         host_order = order.cpu()
         self._starts[:rows], self._checked[:rows] = self._starts[:rows][host_order], self._checked[:rows][host_order]
         self.active = target
+        self._oldest = int(self._starts[:target].min())
         return True
 
     # ------------------------------------------------------------------ graphs and stop strings
