@@ -168,8 +168,8 @@ class HFEngine:
         if limit == 0:
             limit = self._rows_that_fit(max_len) if is_sized else 256
         if is_sized and num_sequences > limit and limit != self._logged_limit:  # slower than one batch: say why
-            log.info("engine: %d sequences, %d at a time (what fits in --engine.kv-cache-memory %.2f of the GPU's "
-                     "free memory)", num_sequences, limit, self.config.kv_cache_memory)
+            log.info("engine: %d sequences, at most %d at a time (what fits in --engine.kv-cache-memory %.2f of the "
+                     "GPU's free memory)", num_sequences, limit, self.config.kv_cache_memory)
             self._logged_limit = limit
         return limit
 
