@@ -30,6 +30,13 @@ the fastest tile per cell beside the default's (`kernels._tile`). The splits fol
 as after compaction (--rows 32).
 
     PYTHONPATH=$PWD python benchmarks/attention_decode.py --sweep --out attention_decode_sweep.json
+
+--launch-sweep times the kernel as the decoder calls it (each row's own last column, the cache filled to
+BOUNDED_SHORT columns short of the width) at every launch setting: block_n in (16, 32, 64) x num_warps in
+(1, 2, 4) x num_stages in (1, 2, 3, 4) x splits in (1, 2, 4, 8). The JSON's `launch_sweep` key holds every
+setting's time per cell; the printed table names the fastest per cell beside the default's.
+
+    PYTHONPATH=$PWD python benchmarks/attention_decode.py --launch-sweep --widths 256,512 --out launch.json
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ BACKENDS = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUD
             "math": SDPBackend.MATH}
 BOUNDED_SHORT = 64  # kernel_bounded: the cache ends this many columns before the width (half a 128 bucket)
 SWEEP_BLOCKS, SWEEP_WARPS = (32, 64, 128), (2, 4, 8)
+LAUNCH_SWEEP = {"block_n": (16, 32, 64), "num_warps": (1, 2, 4), "num_stages": (1, 2, 3, 4), "splits": (1, 2, 4, 8)}
 
 
 def ways(compile_ok: bool) -> dict:
@@ -177,6 +185,39 @@ def sweep_cell(shape: str, width: int, inputs, want, device) -> dict:
             "default": next((tile for tile in tiles if (tile["block_n"], tile["num_warps"]) == default), None)}
 
 
+def launch_sweep_cell(shape: str, width: int, inputs, device, bandwidth: float) -> dict:
+    """The kernel as the decoder calls it (a last column per row, BOUNDED_SHORT short of the width) at every
+    launch setting of LAUNCH_SWEEP: each setting's time, the fastest, and the default's (all None)."""
+    q, keys, values, visible, scale = inputs
+    rows = q.shape[0]
+    last = torch.full((rows,), width - BOUNDED_SHORT - 1, dtype=torch.long, device=q.device)
+    visible = visible.clone()
+    visible[:, width - BOUNDED_SHORT:] = False
+    args = (q, keys, values, visible, scale)
+    want = reference(*args)
+    settings = [dict(zip(LAUNCH_SWEEP, values)) for values in itertools.product(*LAUNCH_SWEEP.values())]
+    timed = []
+    for setting in [{}] + settings:
+        fn = functools.partial(kernels.decode_attention, last_column=last, **setting)
+        timed.append({**setting, **measure(fn, args, want, device)})
+    ok = [entry for entry in timed[1:] if "us" in entry]
+    return {"shape": shape, "rows": rows, "width": width, "last_column": width - BOUNDED_SHORT - 1,
+            "floor_us": floor_us(shape, rows, width - BOUNDED_SHORT, inputs[1].element_size(), bandwidth),
+            "default": timed[0], "best": min(ok, key=lambda entry: entry["us"]) if ok else None,
+            "settings": timed[1:]}
+
+
+def print_launch_sweep(sweep: list[dict]) -> None:
+    print("\nlaunch sweep (block_n, num_warps, num_stages, splits): the fastest per cell, the default, the floor")
+    for entry in sweep:
+        best, default = entry["best"], entry["default"]
+        best_text = (f"{best['block_n']}/{best['num_warps']}/{best['num_stages']}/{best['splits']} "
+                     f"{best['us']:.1f} us" if best else "every setting failed")
+        default_text = f"{default['us']:.1f} us" if "us" in default else "failed"
+        print(f"{entry['shape']:>5} rows {entry['rows']:>4} width {entry['width']:>4}: best {best_text}; "
+              f"default {default_text}; floor {entry['floor_us']:.1f} us", flush=True)
+
+
 def print_sweep(sweep: list[dict]) -> None:
     """One line per (shape, width): the fastest tile and its time beside the default tile's."""
     def name(tile):
@@ -207,14 +248,23 @@ def main() -> None:
     parser.add_argument("--widths", default="256,512,640")
     parser.add_argument("--rows", type=int, default=None, help="rows per call (default 512; 16 with --cpu)")
     parser.add_argument("--sweep", action="store_true", help="also time the kernel at each tile (GPU only)")
+    parser.add_argument("--launch-sweep", action="store_true",
+                        help="only the kernel, at every launch setting, as the decoder calls it (GPU only)")
     args = parser.parse_args()
-    if args.sweep and args.cpu:
-        parser.error("--sweep times the compiled Triton kernel: it needs a GPU")
+    if (args.sweep or args.launch_sweep) and args.cpu:
+        parser.error("--sweep and --launch-sweep time the compiled Triton kernel: they need a GPU")
     device = torch.device("cpu" if args.cpu else "cuda")
     dtype = torch.float32 if args.cpu else torch.bfloat16
     rows = args.rows or (16 if args.cpu else 512)
     bandwidth = common.measure_ceilings(device)["bandwidth_gbps"] * 1e9
     table, results, sweep = ways(compile_ok=not args.cpu), [], []
+    if args.launch_sweep:
+        launch = [launch_sweep_cell(shape, width, inputs_for(shape, rows, width, 640, device, dtype), device,
+                                    bandwidth)
+                  for shape in args.shapes.split(",") for width in map(int, args.widths.split(","))]
+        print_launch_sweep(launch)
+        Path(args.out).write_text(json.dumps({**common.environment(device), "launch_sweep": launch}, indent=1))
+        return
     for shape in args.shapes.split(","):
         for width in map(int, args.widths.split(",")):
             inputs = inputs_for(shape, rows, width, 640, device, dtype)

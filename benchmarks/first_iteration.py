@@ -26,6 +26,13 @@ Variants (`--variants`, run one after another on the same machine, each a fresh 
 
 Each variant also records `time/compile` of iterations 1 and 2 (torch.compile's own seconds inside the phases).
 
+Bytecode (`--bytecode`): `pip install` writes each package's compiled bytecode (`.pyc`) when it installs it, so a
+user's first launch reads it. A machine whose installed bytecode is not read (on the GPU machine the run's
+imports took 10.5-12.6 s until a bytecode cache was written, then 5.0-5.8 s) would count Python's compiling of
+torch's and transformers' sources in every launch. `cache` (the default) does what the install does first:
+`compileall` over the packages a run imports, into OUT/pycache (PYTHONPYCACHEPREFIX), which every launch then
+reads; `none` leaves the environment as it is.
+
 The run's own "start-up" log line splits loading and building into its parts (load, data and oracle, engine
 copy, learner, engine).
 
@@ -50,6 +57,30 @@ import grpo_common as common  # noqa: E402
 from ray_scaling import ROOT, grpo_command, write_policy  # noqa: E402
 
 PHASES = ("generate", "score", "advantages", "train", "sync")
+
+
+IMPORTED = r"""
+import sys, torch, transformers, winnow.recipes.rl, winnow.engines.hf, torch._inductor.compile_fx
+import transformers.models.qwen2.modeling_qwen2
+from pathlib import Path
+roots = set()  # each imported top-level package's folder, or a lone module's file
+for name, module in list(sys.modules.items()):
+    file = getattr(module, "__file__", None)
+    if "." not in name and file:
+        roots.add(str(Path(file).parent if Path(file).name == "__init__.py" else Path(file)))
+print("\n".join(sorted(roots)))
+"""
+
+
+def compile_bytecode(env: dict) -> dict:
+    """What `pip install` does to the packages a run imports: their bytecode, written once into the cache
+    (PYTHONPYCACHEPREFIX in env). Returns the seconds it took and how many packages."""
+    paths = subprocess.run([sys.executable, "-c", IMPORTED], env=env, capture_output=True, text=True,
+                           check=True).stdout.split()
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *paths], env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # a stray unparsable file is not an error
+    return {"seconds": time.perf_counter() - start, "paths": len(paths)}
 
 
 def time_imports(env: dict) -> float:
@@ -124,12 +155,20 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (a dry run)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--timeout", type=float, default=420, help="seconds per launch")
+    parser.add_argument("--bytecode", choices=("cache", "none"), default="cache",
+                        help="cache: compile the imported packages' bytecode first, as pip install does (see above)")
     args = parser.parse_args()
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     workload = common.CPU_WORKLOAD if args.cpu else common.GPU_WORKLOAD
     policy, data = write_policy(out, args.cpu, workload, 2)
     base_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    bytecode = None
+    if args.bytecode == "cache":
+        base_env.pop("PYTHONDONTWRITEBYTECODE", None)
+        base_env["PYTHONPYCACHEPREFIX"] = str(out / "pycache")
+        bytecode = compile_bytecode(base_env)
+        print(f"bytecode of {bytecode['paths']} packages compiled in {bytecode['seconds']:.1f} s", flush=True)
     imports_s = time_imports(base_env)
     base = grpo_command(policy, data, out, workload, 2, "first", args.cpu) + ["--learner.no-gradient-checkpointing"]
     results = []
@@ -143,7 +182,7 @@ def main() -> None:
     result = {
         **common.environment(torch.device("cpu" if args.cpu else "cuda")),
         "shape": "tiny" if args.cpu else "1.5b", "workload": common.workload_dict(workload),
-        "variants": results, "target_s": 30.0,
+        "variants": results, "target_s": 30.0, "bytecode": {"mode": args.bytecode, **(bytecode or {})},
     }
     (out / "first_iteration.json").write_text(json.dumps(result, indent=2))
     names = [r["variant"] for r in results]

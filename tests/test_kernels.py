@@ -150,10 +150,14 @@ def test_attention_is_the_same_for_every_tile(interpreted):
         kernel.decode_attention(q, keys, values, visible, 0.25, splits=1, last_column=torch.tensor([3, 4, 5]))
 
 
-def test_splits_keep_about_four_programs_per_multiprocessor():
+def test_splits_keep_about_four_small_tiles_in_flight_per_multiprocessor():
     assert kernel.num_splits(programs=1024, width=512, block=64, num_sms=132) == 1  # 512 rows x 2 heads: plenty
     assert kernel.num_splits(programs=64, width=640, block=64, num_sms=132) == 8  # 32 rows after compaction
     assert kernel.num_splits(programs=2, width=128, block=64, num_sms=132) == 2  # never more splits than tiles
+    assert kernel.num_splits(programs=256, width=512, block=32, num_sms=132) == 4  # 128 rows, head dim 64: 8 KiB
+    # 128 rows at head dimension 128: 64-key tiles of K and V hold 32 KiB, four times as much in flight a program
+    assert kernel.num_splits(programs=256, width=512, block=64, num_sms=132, tile_bytes=32768) == 1
+    assert kernel.num_splits(programs=64, width=512, block=64, num_sms=132, tile_bytes=32768) == 4
 
 
 def test_the_decoder_samples_the_same_tokens_with_the_kernel(interpreted, tiny_model, tiny_tokenizer):

@@ -13,8 +13,8 @@ the last dimension contiguous), visible [b, W] bool; it returns [b, H_kv, G, D] 
 width is a length bucket (one CUDA graph per bucket), rounded up past the cache's last written column; given
 `last_column`, a device tensor of one column or one per row that the kernel reads at each launch (so a replayed
 graph sees its current value), a row's programs stop there: columns past it are neither read nor attended to,
-and a split that starts past it loads nothing. The tile (keys per tile, warps per program) can be set per call;
-`_tile` gives the default.
+and a split that starts past it loads nothing. The launch (keys per tile, warps per program, pipeline stages,
+splits) can be set per call; `_tile` and `num_splits` give the defaults.
 
 **Chunk mass.** `chunk_mass(chunks)` computes `sampling.chunk_mass`: per row of logits cut into chunks
 [B, C, K], each chunk's maximum and sum of exp(x - maximum), one program per chunk reading it once.
@@ -162,26 +162,31 @@ def _chunk_mass_kernel():
     return chunk_mass
 
 
-def num_splits(programs: int, width: int, block: int, num_sms: int) -> int:
-    """How many programs share one (row, head)'s width: enough programs for ~4 per SM, at most one per tile,
-    a power of two (the merge kernel's constexpr)."""
+def num_splits(programs: int, width: int, block: int, num_sms: int, tile_bytes: int = 8192) -> int:
+    """How many programs share one (row, head)'s width, a power of two (the merge kernel's constexpr), at most one
+    per tile: enough that the programs' K/V tiles in flight reach ~4 tiles of 8 KiB per SM (0.5B's 32 keys x 64
+    dimensions of K and V in bf16). `benchmarks/attention_decode.py --launch-sweep` on an H200: at 128 rows, head
+    dimension 64 (256 programs) ran fastest in 4 splits, 10.5 us against 11.2 in one; head dimension 128 (256
+    programs of 32 KiB tiles) in one, 19.7 us against 23-30 in 2-4. At 512 rows one split was fastest for both."""
     splits = 1
-    while programs * splits < 4 * num_sms and splits * 2 * block <= width:
+    while programs * splits * tile_bytes < 4 * num_sms * 8192 and splits * 2 * block <= width:
         splits *= 2
     return splits
 
 
-def _tile(head_dim: int, groups: int) -> tuple[int, int]:
-    """`decode_attention`'s default tile for a shape: (keys per tile, warps per program). Chosen from
-    `benchmarks/attention_decode.py --sweep` on an H200 (512 rows, widths 256-640): at head dimension 64
-    (Qwen2.5-0.5B) 32 keys and 2 warps took 37.7 us per layer at width 512 against 43.3 us for 64 and 4; at 128
-    (1.5B, 7B) the tiles were within 2% of each other."""
-    return (32, 2) if head_dim <= 64 else (64, 4)
+def _tile(head_dim: int, groups: int) -> tuple[int, int, int | None]:
+    """`decode_attention`'s default launch for a shape: (keys per tile, warps per program, pipeline stages; None:
+    Triton's default). From `benchmarks/attention_decode.py` on an H200 at 512 rows, widths 256-512: at head
+    dimension 64 (Qwen2.5-0.5B) 32 keys, 2 warps and Triton's default stages were within 4% of the best of 144
+    launch settings (34.7 us per layer at width 512, best 33.5); at 128 (1.5B, 7B) 64 keys and 4 warps in 2 stages
+    took 61.6 us at width 512 for 1.5B and 116.2 us for 7B, against 65.5 and 122.4 us in Triton's default 3."""
+    return (32, 2, None) if head_dim <= 64 else (64, 4, 2)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
                      scale: float, *, splits: int | None = None, last_column: torch.Tensor | None = None,
-                     block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+                     block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, masked by `visible`) v for one token per row; shapes as the module says.
 
     splits: programs per (row, K/V head), a power of two; None: `num_splits`'s choice for this GPU.
@@ -189,6 +194,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         row's are neither read nor attended to. The kernel reads it from memory, so a captured CUDA graph follows
         its value. None: the whole width.
     block_n, num_warps: keys per tile (a power of two of at least 16) and warps per program; None: `_tile`'s.
+    num_stages: Triton's software-pipelining depth for the loop over tiles; None: `_tile`'s.
     """
     rows, kv_heads, groups, head_dim = q.shape
     width = keys.shape[2]
@@ -196,8 +202,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     q, keys, values = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, keys, values))
     if not supports_head_dim(head_dim):
         raise ValueError(f"decode_attention needs a power-of-two head dimension of at least 16, not {head_dim}")
-    default_block, default_warps = _tile(head_dim, groups)
-    block, num_warps = block_n or default_block, num_warps or default_warps
+    default_block, default_warps, default_stages = _tile(head_dim, groups)
+    block, num_warps, num_stages = block_n or default_block, num_warps or default_warps, num_stages or default_stages
     if _pow2_at_least(block) != block:  # tl.arange takes powers of two, tl.dot tiles of at least 16
         raise ValueError(f"decode_attention needs block_n a power of two of at least 16, not {block}")
     if last_column is not None and last_column.numel() not in (1, rows):
@@ -205,7 +211,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     stride_last = last_column.stride(0) if last_column is not None and last_column.numel() > 1 else 0
     g_pad, programs = _pow2_at_least(groups), rows * kv_heads
     if splits is None:
-        splits = num_splits(programs, width, block, torch.cuda.get_device_properties(q.device).multi_processor_count)
+        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        splits = num_splits(programs, width, block, num_sms, tile_bytes=2 * block * head_dim * keys.element_size())
     split_len = -(-width // (splits * block)) * block
     out = torch.empty_like(q)
     visible = visible.view(torch.uint8) if visible.dtype == torch.bool else visible
@@ -221,7 +228,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         out.stride(0), out.stride(1), out.stride(2), stride_last,
         kv_heads, groups, width, split_len, scale,
         G_PAD=g_pad, D=head_dim, BLOCK_N=block, SPLIT=splits > 1, HAS_LAST_COLUMN=last_column is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)  # float32: no TF32 rounding
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32: no TF32 rounding
+        num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}))
     if splits > 1:
         _merge_kernel()[(programs,)](part_acc, part_stat, out, out.stride(0), out.stride(1), out.stride(2),
                                      kv_heads, groups, G_PAD=g_pad, D=head_dim, SPLITS=splits, num_warps=4)
