@@ -217,9 +217,15 @@ def main() -> None:
                         help="winnow only: the engine's max_batch_size (default: the whole rollout; 0: auto)")
     parser.add_argument("--refill", choices=["on", "off", "both"], default="on",
                         help="winnow only: refill finished rows' slots (the default), chunks, or both")
+    parser.add_argument("--max-autotune-gemm", action="store_true",
+                        help="winnow only: inductor picks each compiled matmul's kernel by timing its candidates "
+                             "(torch._inductor.config.max_autotune_gemm) instead of taking cuBLAS's")
     parser.add_argument("--cpu", action="store_true", help="smoke test: the tiny shape on CPU")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.max_autotune_gemm:
+        import torch._inductor.config
+        torch._inductor.config.max_autotune_gemm = True
     device = torch.device("cpu" if args.cpu else "cuda")
     if args.cpu:
         torch.set_num_threads(1)
@@ -229,7 +235,8 @@ def main() -> None:
 
     def save(row: dict) -> None:
         rows.append(row)
-        result = {**common.environment(device), "ceilings": ceilings, "stop_fraction": STOP_FRACTION, "rows": rows}
+        result = {**common.environment(device), "ceilings": ceilings, "stop_fraction": STOP_FRACTION,
+                  "max_autotune_gemm": args.max_autotune_gemm, "rows": rows}
         Path(args.out).write_text(json.dumps(result, indent=2))
         Path(args.out).with_suffix(".md").write_text(markdown(rows))
 
