@@ -224,8 +224,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.max_autotune_gemm:
-        import torch._inductor.config
-        torch._inductor.config.max_autotune_gemm = True
+        from torch._inductor import config as inductor_config
+        inductor_config.max_autotune_gemm = True
     device = torch.device("cpu" if args.cpu else "cuda")
     if args.cpu:
         torch.set_num_threads(1)
