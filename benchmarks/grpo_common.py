@@ -130,6 +130,11 @@ def parity_reward_texts(completions: list[str]) -> list[float]:
     return out
 
 
+def parity_reward(prompts, completions, reference=None, **columns):
+    """`parity_reward_texts` with the reward-function signature a FunctionOracle calls."""
+    return parity_reward_texts(completions)
+
+
 # ---------------------------------------------------------------------------------------------- timing
 
 

@@ -47,10 +47,6 @@ from winnow.learner.sync import SyncConfig, sync_weights
 from winnow.types import Completion, Prompt, SamplingParams
 
 
-def parity_reward(prompts, completions, reference=None, **columns):
-    return common.parity_reward_texts(completions)
-
-
 class _ListLogger:
     def __init__(self):
         self.rows = []
@@ -205,7 +201,7 @@ def make_engine(args, model, tokenizer, workload, device: torch.device, result: 
 
 def make_loop(model, engine, tokenizer, prompts, workload, device) -> tuple[Learner, Loop]:
     """The learner and winnow's loop over the RL family, as the benchmark's docstring describes."""
-    oracle = FunctionOracle([("parity", parity_reward, 1.0)])
+    oracle = FunctionOracle([("parity", common.parity_reward, 1.0)])
     learner_config = LearnerConfig(lr=workload.lr, max_grad_norm=workload.max_grad_norm,
                                    micro_batch_size=workload.micro_batch_size,
                                    gradient_checkpointing=workload.gradient_checkpointing,

@@ -76,10 +76,6 @@ def modules_at(revision: str) -> SimpleNamespace:
     return SimpleNamespace(**loaded)
 
 
-def parity_reward(prompts, completions, reference=None, **columns):
-    return common.parity_reward_texts(completions)
-
-
 @dataclasses.dataclass
 class DecodeBatch:
     """What the engine's decode loop leaves on the host: tokens, logprobs [B, T], lengths, is_done [B]."""
@@ -154,7 +150,7 @@ def build(mods: SimpleNamespace, engine, prompts: list[Prompt], decoded: DecodeB
 
     actor = HostActor(engine, mods.hf.HFEngine._completions, decoded)
     family = mods.rl.RLFamily(actor=actor, learner=NoLearner(), oracle=mods.functions.FunctionOracle(
-        [("parity", parity_reward, 1.0)]), objective=GRPO(), rollout=rollout, eval_config=None, prompts=stream(),
+        [("parity", common.parity_reward, 1.0)]), objective=GRPO(), rollout=rollout, eval_config=None, prompts=stream(),
         eval_prompts=[], seed=0, pad_token_id=151643)
     loop = mods.base.Loop(family, learner=NoLearner(), actor=actor, num_iterations=10**9, eval_every=0,
                           logger=_NoLogger(), run_dir=Path(tempfile.mkdtemp()))
@@ -168,7 +164,7 @@ def time_pieces(side, prompts: list[Prompt]) -> dict[str, float]:
     completions = side.actor.generate([p.token_ids for p in prompts], side.sampling)
     out["completions"] = time.perf_counter() - start
     start = time.perf_counter()
-    parity_reward(None, [c.text for c in completions])
+    common.parity_reward(None, [c.text for c in completions])
     out["reward_fn"] = time.perf_counter() - start
     start = time.perf_counter()
     groups, _ = side.family.score(prompts, completions)
