@@ -247,6 +247,36 @@ def test_linear_logprobs_equals_the_full_head_forward_and_backward(compile_):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_head_weight_gradient_in_bf16_on_gpu():
+    # Under bf16 autocast the head's weight gradient is added chunk by chunk into a float32 total, by the matmul
+    # itself where this torch can (`_adds_into_float32`), else by an add that upcasts: both give the float64
+    # gradient of the same bf16-rounded inputs to bf16 precision, and the add into float32 equals adding the
+    # float32 product.
+    from winnow.learner.logprobs import _add_product
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(300, 64, device="cuda", generator=g, requires_grad=True)
+    weight = torch.randn(1000, 64, device="cuda", generator=g, requires_grad=True)
+    labels = torch.randint(0, 1000, (300,), device="cuda", generator=g)
+    upstream = torch.randn(300, device="cuda", generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = linear_logprobs(hidden, weight, labels, chunk_rows=64)
+    got_grad, = torch.autograd.grad((got * upstream).sum(), weight)
+    h, w = (t.detach().bfloat16().double().requires_grad_() for t in (hidden, weight))
+    want = torch.log_softmax(h @ w.T, -1).gather(-1, labels[:, None]).squeeze(-1)
+    want_grad, = torch.autograd.grad((want * upstream.double()).sum(), w)
+    assert got_grad.dtype == torch.float32
+    assert (got_grad.double() - want_grad).norm() < 0.02 * want_grad.norm()  # bf16 logits' rounding, not more
+    a = torch.randn(1000, 64, device="cuda", generator=g).bfloat16()
+    b = torch.randn(64, 96, device="cuda", generator=g).bfloat16()
+    total = torch.randn(1000, 96, device="cuda", generator=g)
+    product = a.float() @ b.float()
+    expected = total + product
+    _add_product(total, a, b)
+    assert (total - expected).norm() < 0.01 * product.norm()  # at most the product's bf16 rounding
+
+
 def test_fused_head_sequence_logprobs_match_the_model_forward(tiny_model):
     torch.manual_seed(0)
     completions = [Completion([1, 2, 3], [4, 5], [-1.0, -1.0], "stop", ""),
