@@ -144,12 +144,14 @@ def measure(fn, inputs, want, device) -> dict:
         return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 
-def bounded(inputs):
+def bounded(inputs, per_row: bool = False):
     """kernel_bounded's call and inputs: the cache filled to BOUNDED_SHORT columns short of the width, the
-    columns past its end not visible (as the decoder's mask has them) and not read (`last_column`)."""
+    columns past its end not visible (as the decoder's mask has them) and not read (`last_column`: one for all
+    rows, or with `per_row` one per row, as the decoder passes it)."""
     q, keys, values, visible, scale = inputs
     width = keys.shape[2]
-    last_column = torch.full((1,), width - BOUNDED_SHORT - 1, dtype=torch.long, device=q.device)
+    last_column = torch.full((q.shape[0] if per_row else 1,), width - BOUNDED_SHORT - 1, dtype=torch.long,
+                             device=q.device)
     visible = visible.clone()
     visible[:, width - BOUNDED_SHORT:] = False
     return functools.partial(kernels.decode_attention, last_column=last_column), (q, keys, values, visible, scale)
@@ -186,21 +188,15 @@ def sweep_cell(shape: str, width: int, inputs, want, device) -> dict:
 
 
 def launch_sweep_cell(shape: str, width: int, inputs, device, bandwidth: float) -> dict:
-    """The kernel as the decoder calls it (a last column per row, BOUNDED_SHORT short of the width) at every
-    launch setting of LAUNCH_SWEEP: each setting's time, the fastest, and the default's (all None)."""
-    q, keys, values, visible, scale = inputs
-    rows = q.shape[0]
-    last = torch.full((rows,), width - BOUNDED_SHORT - 1, dtype=torch.long, device=q.device)
-    visible = visible.clone()
-    visible[:, width - BOUNDED_SHORT:] = False
-    args = (q, keys, values, visible, scale)
+    """The kernel as the decoder calls it (`bounded`, a last column per row) at every launch setting of
+    LAUNCH_SWEEP: each setting's time, the fastest, and the default's (every setting left to the kernel)."""
+    call, args = bounded(inputs, per_row=True)
     want = reference(*args)
     settings = [dict(zip(LAUNCH_SWEEP, values)) for values in itertools.product(*LAUNCH_SWEEP.values())]
-    timed = []
-    for setting in [{}] + settings:
-        fn = functools.partial(kernels.decode_attention, last_column=last, **setting)
-        timed.append({**setting, **measure(fn, args, want, device)})
+    timed = [{**setting, **measure(functools.partial(call, **setting), args, want, device)}
+             for setting in [{}] + settings]
     ok = [entry for entry in timed[1:] if "us" in entry]
+    rows = inputs[0].shape[0]
     return {"shape": shape, "rows": rows, "width": width, "last_column": width - BOUNDED_SHORT - 1,
             "floor_us": floor_us(shape, rows, width - BOUNDED_SHORT, inputs[1].element_size(), bandwidth),
             "default": timed[0], "best": min(ok, key=lambda entry: entry["us"]) if ok else None,

@@ -80,7 +80,11 @@ def compile_bytecode(env: dict) -> dict:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *paths], env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # a stray unparsable file is not an error
-    return {"seconds": time.perf_counter() - start, "paths": len(paths)}
+    seconds = time.perf_counter() - start
+    written = sum(1 for _ in Path(env["PYTHONPYCACHEPREFIX"]).rglob("*.pyc"))
+    if not written:
+        raise SystemExit(f"compileall wrote no bytecode under {env['PYTHONPYCACHEPREFIX']}; run with --bytecode none")
+    return {"seconds": seconds, "paths": len(paths), "pyc_files": written}
 
 
 def time_imports(env: dict) -> float:

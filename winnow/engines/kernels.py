@@ -162,14 +162,17 @@ def _chunk_mass_kernel():
     return chunk_mass
 
 
-def num_splits(programs: int, width: int, block: int, num_sms: int, tile_bytes: int = 8192) -> int:
+SMALL_TILE_BYTES = 32 * 64 * 2 * 2  # num_splits' unit: a 32-key tile of K and V at head dimension 64 in bf16 (8 KiB)
+
+
+def num_splits(programs: int, width: int, block: int, num_sms: int, tile_bytes: int = SMALL_TILE_BYTES) -> int:
     """How many programs share one (row, head)'s width, a power of two (the merge kernel's constexpr), at most one
     per tile: enough that the programs' K/V tiles in flight reach ~4 tiles of 8 KiB per SM (0.5B's 32 keys x 64
     dimensions of K and V in bf16). `benchmarks/attention_decode.py --launch-sweep` on an H200: at 128 rows, head
     dimension 64 (256 programs) ran fastest in 4 splits, 10.5 us against 11.2 in one; head dimension 128 (256
     programs of 32 KiB tiles) in one, 19.7 us against 23-30 in 2-4. At 512 rows one split was fastest for both."""
     splits = 1
-    while programs * splits * tile_bytes < 4 * num_sms * 8192 and splits * 2 * block <= width:
+    while programs * splits * tile_bytes < 4 * num_sms * SMALL_TILE_BYTES and splits * 2 * block <= width:
         splits *= 2
     return splits
 
