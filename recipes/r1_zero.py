@@ -79,7 +79,7 @@ class R1ZeroConfig:
     device: str = "auto"
     """auto (cuda if available), cpu or cuda"""
     num_threads: int | None = None
-    """torch CPU threads (None: min(4, cores))"""
+    """torch CPU threads (None: OMP_NUM_THREADS if set, else min(4, cores))"""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """wandb / TensorBoard as well as metrics.jsonl"""
 

@@ -54,7 +54,7 @@ class QuickstartConfig:
     eval_every: int = 25
     """policy iterations between held-out evaluations"""
     num_threads: int | None = None
-    """torch CPU threads; None uses min(4, cores)"""
+    """torch CPU threads; None uses OMP_NUM_THREADS if set, else min(4, cores)"""
     device: str = "cpu"
     """the quickstart's model is tiny: the CPU is the right place for it"""
     progress: bool = True

@@ -35,12 +35,28 @@ def setup_process(seed: int, num_threads: int | None) -> None:
     """Seed every generator and set torch's CPU threads.
 
     More threads than free cores makes small-model CPU runs many times slower (measured: 40 s alone vs
-    ~600 s beside two busy processes with 2 threads), so the default is min(4, cores).
+    ~600 s beside two busy processes with 2 threads), so the default is OMP_NUM_THREADS where it is set, else
+    min(4, cores).
     """
-    torch.set_num_threads(num_threads or max(1, min(4, os.cpu_count() or 1)))
+    from_env = os.environ.get("OMP_NUM_THREADS", "")
+    default = int(from_env) if from_env.isdigit() and int(from_env) > 0 else max(1, min(4, os.cpu_count() or 1))
+    torch.set_num_threads(num_threads or default)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def start_compile_workers(device: torch.device, compiling: bool) -> None:
+    """Start torch.compile's kernel-building worker processes now, while the model loads. Inductor starts them at
+    its first compile, and until they are up (seconds) it builds that compile's kernels one at a time in this
+    process. No-op unless something is compiled for a GPU."""
+    if not compiling or device.type != "cuda":
+        return
+    try:
+        from torch._inductor import async_compile
+    except ImportError:  # a torch without Inductor compiles nothing
+        return
+    async_compile.maybe_warm_pool()
 
 
 def resolve_device(name: str) -> torch.device:

@@ -52,7 +52,7 @@ class RunConfig:
     device: str = "auto"
     """"auto" (cuda if available), "cpu" or "cuda[:N]\""""
     num_threads: int | None = None
-    """torch CPU threads; None uses min(4, cores) (more threads than cores thrash)"""
+    """torch CPU threads; None uses OMP_NUM_THREADS if set, else min(4, cores) (more threads than cores thrash)"""
     save_final: bool = True
     """save the trained policy to RUN_DIR/final"""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -37,7 +37,7 @@ class EvalRunConfig:
     device: str = "auto"
     """"auto", "cpu" or "cuda[:N]\""""
     num_threads: int | None = None
-    """torch CPU threads; None uses min(4, cores)"""
+    """torch CPU threads; None uses OMP_NUM_THREADS if set, else min(4, cores)"""
 
 
 def run_eval(config: EvalRunConfig) -> dict[str, float]:
