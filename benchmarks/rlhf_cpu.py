@@ -39,6 +39,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def served_reward_model(reward_model: Path, work: Path, start_timeout_s: float =
     port = free_port()
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
-           "MOSEC_PATH": str(work / "mosec"), "OMP_NUM_THREADS": "1", "WINNOW_ORACLE_TOKEN": ""}
+           "MOSEC_PATH": tempfile.mkdtemp(prefix="mosec-"), "OMP_NUM_THREADS": "1", "WINNOW_ORACLE_TOKEN": ""}
     log_path = work / "serve-oracle.log"
     command = [sys.executable, "-m", "winnow.cli", "serve-oracle", "--oracle.kind", "reward_model",
                "--oracle.reward-model.path", str(reward_model), "--oracle.reward-model.max-length", str(MAX_LENGTH),

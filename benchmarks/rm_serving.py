@@ -153,7 +153,7 @@ def start_server(model_dir: Path, port: int, args, tmp: Path, num_workers: int |
                  gpus_per_worker: int = 1) -> subprocess.Popen:
     # the repository first, then whatever the caller put on the path (e.g. wheels installed with --target)
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "MOSEC_PATH": str(tmp / "ipc"), "WINNOW_ORACLE_TOKEN": ""}
+    env = {**os.environ, "PYTHONPATH": path, "MOSEC_PATH": tempfile.mkdtemp(prefix="mosec-"), "WINNOW_ORACLE_TOKEN": ""}
     log = open(tmp / "server.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "winnow.cli", "serve-oracle", "--oracle.kind", "reward_model",

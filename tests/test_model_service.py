@@ -10,11 +10,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import msgpack
 import pytest
+
 
 import winnow
 
@@ -74,7 +76,7 @@ class ModelService:
         from winnow.oracles.remote import OracleUnavailableError, RemoteOracle
 
         self.num_starts += 1
-        env = {**os.environ, "MOSEC_PATH": str(self.tmp / f"ipc{self.num_starts}"), "PYTHONPATH": str(REPO),
+        env = {**os.environ, "MOSEC_PATH": tempfile.mkdtemp(prefix="mosec-"), "PYTHONPATH": str(REPO),
                "OMP_NUM_THREADS": "1", "WINNOW_ORACLE_TOKEN": ""}
         self.log = open(self.tmp / f"server{self.num_starts}.log", "w")
         self.process = subprocess.Popen(

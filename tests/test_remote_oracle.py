@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+
 
 import winnow
 from winnow.oracles import (FunctionOracle, OracleConfig, RemoteOracleConfig, RewardModelOracleConfig, RuleOracleConfig,
@@ -73,7 +75,7 @@ class Service:
     def start(self) -> None:
         self.num_starts += 1
         env = {**os.environ, "WINNOW_ORACLE_TOKEN": TOKEN, "TALLY_FILE": str(self.tally_file),
-               "MOSEC_PATH": str(self.tmp / f"ipc{self.num_starts}"), "PYTHONPATH": str(REPO)}
+               "MOSEC_PATH": tempfile.mkdtemp(prefix="mosec-"), "PYTHONPATH": str(REPO)}
         self.log = open(self.tmp / f"server{self.num_starts}.log", "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "winnow.cli", "serve-oracle", "--oracle.rule.rewards", *self.rewards,
@@ -451,3 +453,16 @@ def test_server_killed_mid_call_and_restarted_loses_and_duplicates_nothing(servi
     assert "actor paused; retrying" in caplog.text and "is back after" in caplog.text
     remote.close()
 
+
+
+def test_serve_refuses_a_mosec_path_too_long_for_its_sockets(monkeypatch):
+    # Mosec names its sockets MOSEC_PATH/ipc_STAGE_N.socket; past 107 characters it panics and never answers
+    from winnow.oracles.serve import SOCKET_PATH_MAX, _check_ipc_path, _stages
+
+    stages = _stages("pairwise")  # the longest stage names
+    monkeypatch.setenv("MOSEC_PATH", "/tmp/m")
+    _check_ipc_path(stages)
+    folder = "/tmp/" + "d" * (SOCKET_PATH_MAX - len("/tmp/") - len("/ipc_PairwiseCompareIngress_99.socket") + 1)
+    monkeypatch.setenv("MOSEC_PATH", folder)
+    with pytest.raises(SystemExit, match=r"MOSEC_PATH=/tmp/d+ is too long .*108 characters.*shorter folder"):
+        _check_ipc_path(stages)

@@ -105,8 +105,9 @@ def serve(config: ServeConfig) -> None:
                 "--namespace", "winnow_oracle"]
     _tie_controller_to_this_process()
     start_health_responder(config)
-    server = Server()
     stages = _stages(config.oracle.kind)
+    _check_ipc_path(stages)
+    server = Server()
     oracle_stage = Runtime(stages["worker"], num=num_workers, max_batch_size=config.max_batch_size,
                            max_wait_time=config.max_wait_ms, timeout=config.timeout_s, env=env)
     server.register_runtime({
@@ -119,6 +120,26 @@ def serve(config: ServeConfig) -> None:
              "waiting %d ms", served, config.host, config.port, num_workers, num_gpus, config.max_batch_size,
              config.max_wait_ms)
     server.run()
+
+
+SOCKET_PATH_MAX = 107  # a Unix socket's path on Linux: sun_path's 108 bytes, less the terminating NUL
+
+
+def _check_ipc_path(stages: dict) -> None:
+    """Mosec's processes talk over Unix sockets named MOSEC_PATH/ipc_STAGE_N.socket (MOSEC_PATH unset: a folder
+    in /tmp). A path past the sockets' limit fails inside Mosec with a panic ("path must be shorter than
+    SUN_LEN") and a server that never answers."""
+    from winnow.oracles import service
+
+    folder = os.environ.get("MOSEC_PATH")
+    if not folder:
+        return
+    names = [stage.__name__ for stage in (*stages.values(), service.HealthIngress)]
+    longest = max(len(os.path.join(folder, f"ipc_{name}_99.socket")) for name in names)
+    if longest > SOCKET_PATH_MAX:
+        raise SystemExit(f"winnow serve-oracle: MOSEC_PATH={folder} is too long for the sockets Mosec makes in it "
+                         f"({longest} characters, past a Unix socket's {SOCKET_PATH_MAX}); point MOSEC_PATH at a "
+                         "shorter folder, or unset it (Mosec then makes one in /tmp)")
 
 
 def _check_mosec_binary() -> None:
