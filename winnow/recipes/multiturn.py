@@ -17,7 +17,7 @@ from winnow.loops.episodes import EpisodeConfig, EpisodeRunner
 from winnow.loops.multiturn import MultiTurnFamily
 from winnow.recipes.base import build_actor, build_learner, check_batching, engine_copy, finish, open_run, run_loop
 from winnow.recipes.resume import finish_atomically
-from winnow.setup import load_policy, resolve_device, setup_process
+from winnow.setup import load_policy, resolve_device, setup_process, start_compile_workers
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ def train_on_env(config) -> Path:
                                PythonToolConfig(config.env_tool_timeout_s, config.env_tool_memory_mb))
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
+    start_compile_workers(device, config.engine.compile_decode or config.learner.compile)
     objective = config.algo
     policy, tokenizer = load_policy(config.model)
     budget = config.check_env_options(getattr(policy.config, "max_position_embeddings", None))

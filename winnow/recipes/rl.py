@@ -27,7 +27,7 @@ from winnow.recipes.base import (
     run_loop,
 )
 from winnow.recipes.resume import finish_atomically
-from winnow.setup import load_policy, resolve_device, setup_process
+from winnow.setup import load_policy, resolve_device, setup_process, start_compile_workers
 
 make_critic = lazy_function("winnow.learner.critic", "make_critic")  # its module defines a torch.nn.Module
 
@@ -77,6 +77,7 @@ def _train_local(config: TrainConfig) -> Path:
     """The local runtime: build the parts (timed, one start-up log line), run the loop, save."""
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
+    start_compile_workers(device, config.engine.compile_decode or config.learner.compile)
     objective = config.algo
     startup = PhaseTimer()
     with startup("load"):

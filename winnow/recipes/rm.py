@@ -35,7 +35,7 @@ from winnow.loops.reward_model import RewardModelFamily, ScoredPair, sequence_sc
 from winnow.oracles.pairwise import pairwise_texts
 from winnow.oracles.reward_model import KIND_KEY, encode_pairs
 from winnow.recipes.base import RunConfig, finish, open_run, run_loop
-from winnow.setup import ModelConfig, load_tokenizer, resolve_device, setup_process
+from winnow.setup import ModelConfig, load_tokenizer, resolve_device, setup_process, start_compile_workers
 from winnow.types import Prompt
 
 torch = lazy_import("torch")
@@ -139,6 +139,7 @@ def train_reward_model(config: RewardModelTrainConfig, model=None, tokenizer=Non
     """Train a reward model on the configured pairs; returns the run directory (the model is in RUN_DIR/final)."""
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
+    start_compile_workers(device, config.learner.compile)
     if model is None:
         model, tokenizer = load_reward_backbone(config)
     if config.kind == "pairwise":  # saved into config.json: the oracles tell the two kinds apart by it

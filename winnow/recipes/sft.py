@@ -33,7 +33,7 @@ from winnow.loops.config import EvalConfig
 from winnow.loops.sft import SFTFamily
 from winnow.oracles import OracleConfig, check_oracle_config, make_oracle
 from winnow.recipes.base import RunConfig, finish, open_run, run_loop
-from winnow.setup import ModelConfig, load_policy, resolve_device, setup_process
+from winnow.setup import ModelConfig, load_policy, resolve_device, setup_process, start_compile_workers
 from winnow.types import Prompt
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None) -> Path:
     check_oracle_config(config.oracle, default=SFTConfig().oracle, needs="reward")
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
+    start_compile_workers(device, config.learner.compile)
     if model is None:
         model, tokenizer = load_policy(config.model)
     if is_chat_source(config.data, config.messages_column):
