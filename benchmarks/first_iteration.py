@@ -36,13 +36,20 @@ reads; `none` leaves the environment as it is.
 The run's own "start-up" log line splits loading and building into its parts (load, data and oracle, engine
 copy, learner, engine).
 
+Profile (`--profile`): each variant's process runs under cProfile (its times then read high: the profiler slows
+Python-heavy tracing), and OUT/runs/VARIANT_profile.txt lists where the main thread spent the launch: the calls
+with the most cumulative and own time. Compiling that happens in Inductor's worker processes shows there as the
+main thread's wait for it.
+
 Writes OUT/first_iteration.json and OUT/first_iteration.md.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import pstats
 import re
 import subprocess
 import sys
@@ -134,6 +141,16 @@ def launch(command: list[str], env: dict, out: Path, name: str, timeout: float) 
     return first_row_s, [json.loads(line) for line in metrics.read_text().splitlines()], text
 
 
+def write_profile(stats_path: Path, text_path: Path, top: int = 70) -> None:
+    """The calls with the most cumulative time, then the most own time, from a cProfile dump."""
+    buffer = io.StringIO()
+    stats = pstats.Stats(str(stats_path), stream=buffer).strip_dirs()
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top // 2)
+    stats.print_callers(r"\(compile\)|\(visit\)|waitpid|\(bench\)|_register_to_dispatcher")  # who builds kernels
+    text_path.write_text(buffer.getvalue())
+
+
 def measure(name: str, first_row_s: float, rows: list[dict], log_text: str, imports_s: float) -> dict:
     first, second = (next(r for r in rows if r.get("step") == step) for step in (1, 2))
     phases = lambda row: {p: row.get(f"time/{p}", 0.0) for p in PHASES}  # noqa: E731
@@ -159,6 +176,7 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (a dry run)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--timeout", type=float, default=420, help="seconds per launch")
+    parser.add_argument("--profile", action="store_true", help="run each launch under cProfile (see above)")
     parser.add_argument("--bytecode", choices=("cache", "none"), default="cache",
                         help="cache: compile the imported packages' bytecode first, as pip install does (see above)")
     args = parser.parse_args()
@@ -180,13 +198,18 @@ def main() -> None:
         flags, cache = VARIANTS[name]
         env = {**base_env, "TORCHINDUCTOR_CACHE_DIR": str(out / cache), "TRITON_CACHE_DIR": str(out / cache / "triton")}
         command = base + ([] if args.cpu else flags)
-        first_row_s, rows, text = launch(command, env, out, name, args.timeout)
+        stats_path = out / "runs" / f"{name}.prof"
+        profiled = [command[0], "-m", "cProfile", "-o", str(stats_path), *command[1:]] if args.profile else command
+        first_row_s, rows, text = launch(profiled, env, out, name, args.timeout)
+        if args.profile:
+            write_profile(stats_path, out / "runs" / f"{name}_profile.txt")
         results.append({**measure(name, first_row_s, rows, text, imports_s), "command": command[3:]})
         print(f"{name}: {first_row_s:.1f} s", flush=True)
     result = {
         **common.environment(torch.device("cpu" if args.cpu else "cuda")),
         "shape": "tiny" if args.cpu else "1.5b", "workload": common.workload_dict(workload),
         "variants": results, "target_s": 30.0, "bytecode": {"mode": args.bytecode, **(bytecode or {})},
+        "profiled": args.profile,
     }
     (out / "first_iteration.json").write_text(json.dumps(result, indent=2))
     names = [r["variant"] for r in results]
