@@ -17,7 +17,7 @@ def _mean(rows, key):
 @pytest.mark.slow
 def test_grpo_raises_success_and_lowers_turns_on_guess_number(tmp_path):
     episodes = write_scripted_episodes(str(tmp_path / "episodes.jsonl"), 2000, seed=0)
-    common = ["--output-dir", str(tmp_path / "runs"), "--num-threads", "2", "--logging.no-progress"]
+    common = ["--output-dir", str(tmp_path / "runs"), "--logging.no-progress"]  # threads: as OMP_NUM_THREADS says
     main(["init-model", "--data.train", episodes, "--output-dir", str(tmp_path / "model"), "--size", "tiny"])
     main(["sft", "--model.path", str(tmp_path / "model"), "--data.train", episodes, "--assistant-turns", "all",
           "--batch-size", "64", "--num-steps", "150", "--learner.lr", "1e-3", "--learner.lr-schedule", "constant",
