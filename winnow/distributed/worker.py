@@ -19,7 +19,7 @@ from winnow.distributed.broadcast import BroadcastGroup, free_address
 from winnow.learner.batch import make_train_batch
 from winnow.learner.sync import sync_weights, verify_sync, weight_dtype
 from winnow.loops.checkpoint import rng_state, set_rng_state
-from winnow.setup import resolve_device, setup_process
+from winnow.setup import resolve_device, setup_process, start_compile_workers
 from winnow.types import Completion, SamplingParams, TrainBatch
 
 
@@ -41,6 +41,9 @@ class WorkerSpec:
     """torch CPU threads per worker"""
     device: str = "auto"
     """the worker's device ("auto": the GPU Ray gave it, else CPU)"""
+    compiles: bool = False
+    """the run torch.compiles (the engine's decode glue or the learner's layers): on a GPU the worker starts the
+    compile's worker processes before it loads the policy (`winnow.setup.start_compile_workers`)"""
 
 
 class Worker:
@@ -69,6 +72,7 @@ class Worker:
         process group waits for all of them."""
         setup_process(self.spec.seed, self.spec.num_threads)
         device = resolve_device(self.spec.device)
+        start_compile_workers(device, self.spec.compiles)
         policy, self.tokenizer = self.spec.load_policy()
         if has_engine:
             engine_model = copy.deepcopy(policy) if learner_rank is not None else policy
