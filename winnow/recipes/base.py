@@ -96,6 +96,11 @@ class OnlineRunConfig(RunConfig):
     """the Ray runtime's workers and placement (used with --runtime ray)"""
 
     @property
+    def compiles(self) -> bool:
+        """The run torch.compiles in its own processes: the embedded engine's decode glue or the learner's layers."""
+        return (self.engine_backend == "hf" and self.engine.compile_decode) or self.learner.compile
+
+    @property
     def total_steps(self) -> int:
         """Optimizer steps of the whole run (the learning-rate schedule's length)."""
         return self.num_iterations * self.learner.num_mini_batches * self.learner.num_epochs

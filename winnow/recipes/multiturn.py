@@ -40,7 +40,7 @@ def train_on_env(config) -> Path:
                                PythonToolConfig(config.env_tool_timeout_s, config.env_tool_memory_mb))
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
-    start_compile_workers(device, config.engine.compile_decode or config.learner.compile)
+    start_compile_workers(device, config.compiles)
     objective = config.algo
     policy, tokenizer = load_policy(config.model)
     budget = config.check_env_options(getattr(policy.config, "max_position_embeddings", None))

@@ -136,7 +136,7 @@ def worker_spec(config: OnlineRunConfig, objective) -> WorkerSpec:
         make_learner=partial(_make_learner, config, objective.needs_reference, config.rollout.temperature),
         make_critic=partial(_make_critic, config, objective) if getattr(objective, "needs_critic", False) else None,
         seed=config.seed, num_threads=config.num_threads, device=config.device,
-        compiles=config.engine.compile_decode or config.learner.compile)
+        compiles=config.compiles)
 
 
 def _make_engine(config: OnlineRunConfig, model: torch.nn.Module, tokenizer, device: torch.device):

@@ -98,7 +98,7 @@ def train_preference(config: PreferenceTrainConfig) -> Path:
         check_oracle_config(config.oracle, default=type(config)(algo=config.algo).oracle, needs=_oracle_needs(config))
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
-    start_compile_workers(device, config.engine.compile_decode or config.learner.compile)
+    start_compile_workers(device, config.compiles)
     policy, tokenizer = load_policy(config.model)
     if config.offline:
         return _train_offline(config, policy, tokenizer, device)

@@ -77,7 +77,7 @@ def _train_local(config: TrainConfig) -> Path:
     """The local runtime: build the parts (timed, one start-up log line), run the loop, save."""
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
-    start_compile_workers(device, config.engine.compile_decode or config.learner.compile)
+    start_compile_workers(device, config.compiles)
     objective = config.algo
     startup = PhaseTimer()
     with startup("load"):
