@@ -31,7 +31,7 @@ from winnow.loops.config import RolloutConfig
 from winnow.recipes.resume import finish_atomically, prepare_run_dir, resume_command, truncate_metrics
 from winnow.loops.seam import LocalActor
 from winnow.oracles import OracleConfig
-from winnow.setup import ModelConfig, shared_run_dir
+from winnow.setup import ModelConfig
 from winnow.types import Prompt
 
 torch = lazy_import("torch")
