@@ -39,8 +39,8 @@ def setup_process(seed: int, num_threads: int | None) -> None:
     min(4, cores).
     """
     from_env = os.environ.get("OMP_NUM_THREADS", "")
-    default = int(from_env) if from_env.isdigit() and int(from_env) > 0 else max(1, min(4, os.cpu_count() or 1))
-    torch.set_num_threads(num_threads or default)
+    from_env = int(from_env) if from_env.isdigit() else 0  # unset, 0 or not a number: the default
+    torch.set_num_threads(num_threads or from_env or max(1, min(4, os.cpu_count() or 1)))
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -87,6 +87,8 @@ def serve(config: ServeConfig) -> None:
     except ImportError as e:
         raise SystemExit(f"winnow serve-oracle needs Mosec and msgpack ({e}); pip install 'winnow[serve]'") from e
     _check_mosec_binary()
+    stages = _stages(config.oracle.kind)
+    _check_ipc_path(stages)
     if not os.environ.get(config.token_env):
         where = "anyone who can reach it" if config.host in ("127.0.0.1", "localhost", "::1") else \
             "ANY MACHINE that can reach it"
@@ -105,8 +107,6 @@ def serve(config: ServeConfig) -> None:
                 "--namespace", "winnow_oracle"]
     _tie_controller_to_this_process()
     start_health_responder(config)
-    stages = _stages(config.oracle.kind)
-    _check_ipc_path(stages)
     server = Server()
     oracle_stage = Runtime(stages["worker"], num=num_workers, max_batch_size=config.max_batch_size,
                            max_wait_time=config.max_wait_ms, timeout=config.timeout_s, env=env)
