@@ -17,7 +17,6 @@ from pathlib import Path
 import msgpack
 import pytest
 
-
 import winnow
 
 pytest.importorskip("mosec")

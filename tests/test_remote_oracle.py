@@ -15,8 +15,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import msgpack
 import pytest
-
 
 import winnow
 from winnow.oracles import (FunctionOracle, OracleConfig, RemoteOracleConfig, RewardModelOracleConfig, RuleOracleConfig,
@@ -452,7 +451,6 @@ def test_server_killed_mid_call_and_restarted_loses_and_duplicates_nothing(servi
     assert result["r"].metrics["oracle/paused_s"] > 1.5 and result["r"].metrics["oracle/num_retries"] > 0
     assert "actor paused; retrying" in caplog.text and "is back after" in caplog.text
     remote.close()
-
 
 
 def test_serve_refuses_a_mosec_path_too_long_for_its_sockets(monkeypatch):
