@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 from winnow.engines import kernels as kernel  # noqa: E402
 from winnow.engines.sampling import chunk_mass  # noqa: E402
 from winnow.engines.hf import HFEngine, HFEngineConfig  # noqa: E402
-from winnow.engines.static_decode import _attend  # noqa: E402
+from winnow.engines.static_decode import _attend, _Fused, _layer_in_cached  # noqa: E402
 from winnow.types import SamplingParams  # noqa: E402
 
 
@@ -135,6 +136,29 @@ def test_attention_reads_nothing_past_the_last_column(interpreted):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_samples_of_one_prompt_read_its_columns_from_one_row(interpreted, splits):
+    # Rows 0 and 2 are samples of one prompt of 70 columns (not a whole tile of 64), row 1 of another. Row 2 reads
+    # columns [0, 70) from row 0, whose copy it holds; its own copy is NaN here, so one read of it would show.
+    # Columns from 70 on stay each row's own, and so does the mask (row 0's left padding is not row 2's).
+    q, keys, values, visible = _random_attention(seed=8)
+    q, keys, values, visible = (torch.cat([t, t[:1]]) for t in (q, keys, values, visible))
+    keys[2, :, 70:] += 1.0  # row 2's response columns differ from row 0's
+    visible[2, :3] = True
+    want_row_2 = _attend(q[2:], keys[2:], values[2:], visible[2:], 0.25)
+    keys[2, :, :70], values[2, :, :70] = float("nan"), float("nan")
+    prompt_row, prompt_columns = torch.tensor([0, 1, 0], device=DEVICE), torch.tensor([70], device=DEVICE)
+    got = kernel.decode_attention(q, keys, values, visible, 0.25, splits=splits, block_n=64,
+                                  prompt_row=prompt_row, prompt_columns=prompt_columns)
+    torch.testing.assert_close(got[2:], want_row_2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[:2], _attend(q[:2], keys[:2], values[:2], visible[:2], 0.25), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="together"):
+        kernel.decode_attention(q, keys, values, visible, 0.25, prompt_row=prompt_row)
+    with pytest.raises(ValueError, match="one contiguous row index per row"):
+        kernel.decode_attention(q, keys, values, visible, 0.25, prompt_row=prompt_row[:2],
+                                prompt_columns=prompt_columns)
+
+
 def test_attention_is_the_same_for_every_tile(interpreted):
     # The tile changes only the order of the sums (the interpreter ignores num_warps; a GPU compiles each).
     q, keys, values, visible = _random_attention(seed=6)
@@ -160,18 +184,52 @@ def test_splits_keep_about_four_small_tiles_in_flight_per_multiprocessor():
     assert kernel.num_splits(programs=64, width=512, block=64, num_sms=132, tile_bytes=32768) == 4
 
 
-def test_the_decoder_samples_the_same_tokens_with_the_kernel(interpreted, tiny_model, tiny_tokenizer):
+@pytest.mark.parametrize("slots", [None, 4])
+def test_the_decoder_samples_the_same_tokens_with_the_kernel(interpreted, tiny_model, tiny_tokenizer, slots):
+    # Samples of one prompt read its columns from one row (the kernel's prompt_row), also when 4 slots are refilled
+    # and compacted as rows stop.
     prompts = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("12+34=", "5+7=", "9")]
-    params = SamplingParams(temperature=1.0, max_tokens=6, n=2, seed=3, ignore_eos=True)
-    config = HFEngineConfig(decode="static", attention_bucket=4, dtype="float32")
+    stops = [] if slots is None else tiny_tokenizer.convert_tokens_to_ids(["+", "=", "7"])
+    params = SamplingParams(temperature=1.0, max_tokens=6, n=2, seed=3, ignore_eos=True, stop_token_ids=stops)
+    config = HFEngineConfig(decode="static", attention_bucket=4, dtype="float32", max_batch_size=slots or 0)
     matmul = HFEngine(tiny_model, tiny_tokenizer, config, device=DEVICE)
     matmul.decoder._attend = _attend
     fused = HFEngine(tiny_model, tiny_tokenizer, config, device=DEVICE)
     fused.decoder._attend = functools.partial(kernel.decode_attention, splits=2)
+    fused.decoder._rope_cache = kernel.rope_and_cache
+    for engine in (matmul, fused):
+        engine.decoder.min_rows, engine.decoder.check_every = 1, 1
     want, got = matmul.generate(prompts, params), fused.generate(prompts, params)
     assert [c.response_ids for c in got] == [c.response_ids for c in want]
     for a, b in zip(got, want):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    if slots:
+        assert fused.decoder.refills >= 1 and len({c.num_tokens for c in got}) >= 3
+
+
+def test_rope_and_cache_writes_what_the_compiled_glue_writes(interpreted):
+    # 5 rows of Qwen2.5-1.5B's heads (12 q, 2 k/v) at head dim 16, each writing its k and v at its own column of a
+    # 12-column cache: q, k and v as the decoder's torch path computes them, nothing else in the cache touched.
+    generator = torch.Generator().manual_seed(3)
+    rows, heads, kv_heads, head_dim, cache_len = 5, 12, 2, 16, 12
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=generator)
+    cos, sin = torch.randn(rows, head_dim, generator=generator), torch.randn(rows, head_dim, generator=generator)
+    column = torch.tensor([0, 3, 11, 5, 5])
+    k_cache = torch.full((rows, kv_heads, cache_len, head_dim), 7.0, device=DEVICE)
+    v_cache = k_cache.clone()
+    want_k, want_v = k_cache.cpu().clone().view(-1, head_dim), v_cache.cpu().clone().view(-1, head_dim)
+    q = kernel.rope_and_cache(*(t.to(DEVICE) for t in (qkv, cos, sin)), k_cache, v_cache, column.to(DEVICE), heads)
+    x = qkv.view(rows, 1, -1)
+    fused = _Fused(qkv_weight=torch.eye(x.shape[-1]), qkv_sizes=(heads * head_dim,) + (kv_heads * head_dim,) * 2)
+    layer = SimpleNamespace(self_attn=SimpleNamespace(), input_layernorm=torch.nn.Identity())
+    at = (torch.arange(rows * kv_heads).view(rows, kv_heads) * cache_len + column[:, None]).flatten()
+    want_q = _layer_in_cached(layer, x, cos[:, None, None], sin[:, None, None], head_dim, fused, want_k, want_v, at)
+    torch.testing.assert_close(q.cpu(), want_q.view(rows, heads, head_dim), atol=1e-6, rtol=0)
+    torch.testing.assert_close(k_cache.cpu().view(-1, head_dim), want_k, atol=1e-6, rtol=0)
+    torch.testing.assert_close(v_cache.cpu().view(-1, head_dim), want_v, atol=0, rtol=0)
+    assert (k_cache.cpu() == 7.0).sum() == (rows * cache_len - rows) * kv_heads * head_dim
+    with pytest.raises(ValueError, match="qkv"):
+        kernel.rope_and_cache(qkv[:, 1:], cos, sin, k_cache, v_cache, column, heads)
 
 
 def test_chunk_mass_matches_the_torch_function(interpreted):

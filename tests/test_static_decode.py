@@ -277,6 +277,38 @@ def test_refill_waits_for_enough_free_slots_and_then_compacts(tiny_model, tiny_t
     assert static.decoder.active < 16
 
 
+def test_samples_of_one_prompt_point_at_a_row_that_holds_the_same_prompt(tiny_model, tiny_tokenizer):
+    # The attention kernel reads a row's prompt columns from `prompt_row`. Through refills (16 slots, 40 requests
+    # of 2 samples) and compactions down to one row, before every step each active row must point at an active
+    # row no later than itself whose prompt K/V are the same bytes as its own.
+    hf, _ = engines(tiny_model, tiny_tokenizer)
+    static = HFEngine(tiny_model, tiny_tokenizer, HFEngineConfig(decode="static", attention_bucket=4,
+                                                                 max_batch_size=16), device="cpu")
+    decoder = static.decoder
+    decoder.min_rows, decoder.check_every = 1, 1
+    checked, shared, step = [], [], decoder._step
+
+    def checked_step(width):
+        rows, columns = decoder.active, int(decoder.prompt_columns)
+        source = decoder.prompt_row[:rows]
+        assert (source <= torch.arange(rows)).all()
+        assert (decoder.prompt_id[source] == decoder.prompt_id[:rows]).all()
+        for cache in (decoder.k_cache, decoder.v_cache):
+            assert torch.equal(cache[:, source, :, :columns], cache[:, :rows, :, :columns])
+        checked.append(rows)
+        shared.append(int((source != torch.arange(rows)).sum()))
+        step(width)
+
+    decoder._step = checked_step
+    texts = ["12+34=", "5+7=", "99+1=", "1", "3*4=", "7-2=", "10+10=", "8", "2", "45"]
+    prompts = encode(tiny_tokenizer, *(texts * 2))
+    stops = tiny_tokenizer.convert_tokens_to_ids(["+", "=", "7"])
+    params = SamplingParams(temperature=1.0, max_tokens=12, n=2, seed=8, stop_token_ids=stops, ignore_eos=True)
+    assert_same_samples(hf.generate(prompts, params), static.generate(prompts, params))
+    assert decoder.refills >= 2 and min(checked) < 16  # it refilled and compacted
+    assert shared[0] == 8  # 16 slots of 8 prompts x 2 samples: one of each pair reads the other's columns
+
+
 def test_prefill_in_chunks_of_distinct_prompts_changes_nothing(tiny_model, tiny_tokenizer):
     # A prefill memory that holds one distinct prompt at a time: 3 prompts x 2 samples prefill in 3 chunks, each
     # prompt's K/V going to both its rows; the responses are the unchunked ones.

@@ -17,7 +17,10 @@ replaces only the glue around them:
 - attention is grouped-query by reshaping queries to [B, H_kv, G, D] (no K/V expansion) and reads only the
   cache columns up to a length bucket (a multiple of `bucket` tokens; one graph per bucket), so early
   tokens do not pay for the whole cache; on a GPU it is one flash-decoding kernel (`kernels.decode_attention`),
-  which reads each row's cache only up to its column (a device counter), not to the end of the bucket;
+  which reads each row's cache only up to its column (a device counter), not to the end of the bucket, and the
+  samples of one prompt read its columns from one row of theirs (`prompt_row`), not each from its own copy;
+- on a GPU, RoPE and the K/V cache writes after a layer's fused q/k/v projection run as one kernel
+  (`kernels.rope_and_cache`);
 - sampling is the engine's one sampler (`sampling.Sampler`, also used by the `hf` path, so one seed gives
   the same tokens on both): an inverse-CDF draw from softmax(logits/T) with one keyed uniform per row, a
   fixed-shape, sync-free computation; the row keys are a buffer (they move with their rows when rows are
@@ -70,7 +73,7 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 _BUFFERS = ("k_cache", "v_cache", "cos_table", "sin_table", "columns", "key_valid", "feed", "position", "column",
             "out_column", "out_tokens", "out_logprobs", "lengths", "is_done", "stop_ids", "pad_token", "row_map",
-            "row_keys")
+            "row_keys", "prompt_id", "prompt_row", "prompt_columns")
 """what `_prepare` allocates and `release` frees"""
 _STEP_STATE = ("feed", "position", "column", "out_column", "out_tokens", "out_logprobs", "lengths", "is_done")
 """the buffers a step writes besides the KV cache (saved and restored around a graph capture)"""
@@ -124,6 +127,11 @@ class StaticDecoder:
             self._attend = kernels.decode_attention
         else:
             self._attend = torch.compile(_attend, dynamic=True) if compile else _attend
+        # With the kernels, a layer with a fused q/k/v (and no q/k norms) runs its input as the compiled norm and
+        # projection, then one kernel for RoPE and the K/V cache writes (`kernels.rope_and_cache`): compiled alone,
+        # the three differently sized parts (q, k, v) take three kernels.
+        self._rope_cache = kernels.rope_and_cache if attention_kernel else None
+        self._layer_proj = torch.compile(_layer_in_projected, dynamic=None) if compile else _layer_in_projected
 
     # ------------------------------------------------------------------ public
 
@@ -258,6 +266,12 @@ class StaticDecoder:
         self.is_done = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.row_map = torch.arange(batch_size, device=device)  # slot -> its request (compaction permutes)
         self.row_keys = torch.zeros(batch_size, dtype=torch.long, device=device)  # sampling key of each slot
+        # Samples of one prompt share its K/V: each slot's prompt (one id per distinct prompt of a prefill, whose
+        # slots got the same K/V bytes), the active slot the kernel reads its prompt columns from, and how many
+        # columns that is (the call's padded prompt length).
+        self.prompt_id = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.prompt_row = torch.arange(batch_size, device=device)
+        self.prompt_columns = torch.zeros(1, dtype=torch.long, device=device)
         self.stop_ids = torch.tensor(stop_ids or [-1], dtype=torch.long, device=device)
         self.pad_token = torch.tensor(pad, dtype=torch.long, device=device)
         self.sampler = sampler
@@ -269,6 +283,8 @@ class StaticDecoder:
         num_requests = input_ids.shape[0]
         self._requests = (input_ids, attention_mask, row_keys.to(self.device))
         self._next_request = 0
+        self._num_prompts = 0  # distinct prompts prefilled so far in this call (the next prompt id)
+        self.prompt_columns.fill_(input_ids.shape[1])
         self._results = (self.pad_token.expand(num_requests, max_tokens).clone(),
                          torch.zeros(num_requests, max_tokens, device=self.device),
                          torch.full((num_requests,), max_tokens, device=self.device),
@@ -330,6 +346,8 @@ class StaticDecoder:
         # others (a GRPO rollout of n samples per prompt prefills n times less), in chunks of distinct prompts
         # whose activations fit in `prefill_memory`.
         first, inverse = _distinct_rows(input_ids.masked_fill(~is_real, -1))
+        self.prompt_id[slots] = self._num_prompts + inverse
+        self._num_prompts += len(first)
         chunk = len(first)
         if self.prefill_memory is not None:
             chunk = max(1, self.prefill_memory // self.prefill_bytes_per_prompt(prompt_len))
@@ -349,6 +367,18 @@ class StaticDecoder:
         self.is_done[slots] = is_stop
         self.feed[slots] = tokens
         self.out_column[slots] = 1
+        self._share_prompts()
+
+    def _share_prompts(self) -> None:
+        """Point every active slot at the first active slot holding its prompt (`prompt_row`, in place: captured
+        graphs read it). Slots of one prompt id hold the same prompt K/V bytes (one prefill wrote them), which
+        nothing overwrites while the slot keeps the id: a decode step writes past the prompt, and a refill gives
+        the slot a new id."""
+        rows = self.active
+        ids = self.prompt_id[:rows]
+        first = torch.full((self._num_prompts,), rows, dtype=torch.long, device=self.device)
+        first.scatter_reduce_(0, ids, torch.arange(rows, device=self.device), reduce="amin")
+        self.prompt_row[:rows] = first[ids]
 
     def _prefill_chunk(self, slots, input_ids, is_real, positions, first, inverse, start: int, chunk: int):
         """Run distinct prompts first[start:start + chunk], write their K/V to every slot that holds one of them,
@@ -378,8 +408,8 @@ class StaticDecoder:
         rows = self.active
         running = self._running()[:rows]  # the others write only where nothing reads it, and stay where they are
         position, column = self.position[:rows], self.column[:rows]
-        cos = self.cos_table[position][:, None, None]  # [b, 1, 1, D]
-        sin = self.sin_table[position][:, None, None]
+        cos_rows, sin_rows = self.cos_table[position], self.sin_table[position]  # [b, D]
+        cos, sin = cos_rows[:, None, None], sin_rows[:, None, None]  # [b, 1, 1, D]
         visible = self.key_valid[:rows, :width] & (self.columns[:width] <= column[:, None])  # [b, W]
         hidden = self.body.embed_tokens(self.feed[:rows, None])  # [b, 1, H]
         # Where each row's new K/V go in a layer's cache seen as [b * H_kv * L, D]: row r, head h at column[r].
@@ -387,14 +417,20 @@ class StaticDecoder:
         at = (heads * self.k_cache.shape[3] + column[:, None]).flatten()
         for index, (layer, fused) in enumerate(zip(self.body.layers, self._fused)):
             k_cache, v_cache = self.k_cache[index, :rows], self.v_cache[index, :rows]
-            q = self._layer_in(layer, hidden, cos, sin, self.head_dim, fused, k_cache.view(-1, self.head_dim),
-                               v_cache.view(-1, self.head_dim), at)
+            if self._rope_cache is not None and _plain_qkv(layer, fused):
+                qkv = self._layer_proj(layer, hidden, fused)
+                q = self._rope_cache(qkv.view(rows, -1), cos_rows, sin_rows, k_cache, v_cache, column, self.num_heads)
+            else:
+                q = self._layer_in(layer, hidden, cos, sin, self.head_dim, fused, k_cache.view(-1, self.head_dim),
+                                   v_cache.view(-1, self.head_dim), at)
             keys, values = k_cache[:, :, :width], v_cache[:, :, :width]  # [b, H_kv, W, D]
             # Grouped-query attention without expanding K/V: query heads j*G .. j*G+G-1 share K/V head j.
             q = q.view(rows, self.num_kv_heads, self.groups, self.head_dim)
             scale = _scaling(layer, self.head_dim)
-            # The kernel reads each row's cache only up to its column, not to the end of the width's bucket.
-            attn = self._attend(q, keys, values, visible, scale, last_column=column)  # [b, H_kv, G, D]
+            # The kernel reads each row's cache only up to its column, not to the end of the width's bucket, and
+            # a prompt's columns from the one row of its samples that `prompt_row` names.
+            attn = self._attend(q, keys, values, visible, scale, last_column=column,
+                                prompt_row=self.prompt_row[:rows], prompt_columns=self.prompt_columns)  # [b, Hkv, G, D]
             hidden = self._layer_out(layer, hidden, attn.reshape(rows, 1, -1), fused)
         logits = self.model.lm_head(self.body.norm(hidden[:, 0]))
         position.add_(running)
@@ -434,7 +470,7 @@ class StaticDecoder:
         order = torch.cat([running.nonzero().flatten(), (~running).nonzero().flatten()])  # running first
         # The row keys move too: a row keeps drawing its own random numbers wherever it sits.
         for buffer in (self.feed, self.position, self.column, self.out_column, self.key_valid, self.out_tokens,
-                       self.out_logprobs, self.lengths, self.is_done, self.row_map, self.row_keys):
+                       self.out_logprobs, self.lengths, self.is_done, self.row_map, self.row_keys, self.prompt_id):
             buffer[:rows] = buffer[:rows][order]
         for index in range(self.k_cache.shape[0]):  # one layer at a time: a small temporary
             self.k_cache[index, :rows] = self.k_cache[index, :rows][order]
@@ -443,6 +479,7 @@ class StaticDecoder:
         self._starts[:rows], self._checked[:rows] = self._starts[:rows][host_order], self._checked[:rows][host_order]
         self.active = target
         self._oldest = int(self._starts[:target].min())
+        self._share_prompts()
         return True
 
     # ------------------------------------------------------------------ graphs and stop strings
@@ -586,10 +623,12 @@ def _qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim:
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float,
-            last_column: torch.Tensor | None = None):
+            last_column: torch.Tensor | None = None, prompt_row: torch.Tensor | None = None,
+            prompt_columns: torch.Tensor | None = None):
     """Grouped-query attention of one decode token: q [b, H_kv, G, D] over keys/values [b, H_kv, W, D], where
-    visible [b, W] says which cache columns a row may read. Scores and softmax in float32. `last_column` is
-    the kernel's argument, unused here: `visible` already leaves out the columns past it."""
+    visible [b, W] says which cache columns a row may read. Scores and softmax in float32. `last_column`,
+    `prompt_row` and `prompt_columns` are the kernel's arguments, unused here: `visible` already leaves out the
+    columns past the last, and each row's own prompt columns hold what its prompt row's do."""
     scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     return torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)
@@ -611,6 +650,16 @@ def _layer_in_cached(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.
     k_cache.index_copy_(0, at, k.reshape(-1, head_dim))
     v_cache.index_copy_(0, at, v.reshape(-1, head_dim))
     return q
+
+
+def _plain_qkv(layer, fused: _Fused) -> bool:
+    """Whether the layer's q/k/v are one fused projection that RoPE follows directly (no q/k norms)."""
+    return fused.qkv_weight is not None and not hasattr(layer.self_attn, "q_norm")
+
+
+def _layer_in_projected(layer, hidden: torch.Tensor, fused: _Fused) -> torch.Tensor:
+    """A layer's input norm and fused q/k/v projection, [b, 1, (H + 2 H_kv) D], for `kernels.rope_and_cache`."""
+    return F.linear(layer.input_layernorm(hidden), fused.qkv_weight, fused.qkv_bias)
 
 
 def _layer_out(layer, hidden: torch.Tensor, attn: torch.Tensor, fused: _Fused = _Fused()) -> torch.Tensor:
