@@ -19,6 +19,9 @@ Ways (each checked against float64 attention before it is timed):
     kernel_bounded       the same kernel given `last_column` = width - 65: a cache filled to 64 columns short
                          of the width, as when the decoder's length bucket is rounded up (the columns past it
                          not visible); it reads only the columns up to there (its floor: floor_bounded_us)
+    kernel_shared_prompt kernel_bounded with the rows in groups of 8 samples of one 128-column prompt (the GRPO
+                         benchmark's): each row reads the prompt's columns from its group's first row
+                         (`prompt_row`), as the decoder does (floor_shared_us: each prompt's columns read once)
 
 Each way is captured in a CUDA graph of 20 calls and replayed (no launch overhead in the figure); the floor is
 reading the width's K and V once at the measured copy bandwidth.
@@ -61,6 +64,7 @@ SHAPES = {"0.5b": (2, 7, 64), "1.5b": (2, 6, 128), "7b": (4, 7, 128)}  # H_kv, G
 BACKENDS = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "math": SDPBackend.MATH}
 BOUNDED_SHORT = 64  # kernel_bounded: the cache ends this many columns before the width (half a 128 bucket)
+PROMPT_COLUMNS, SAMPLES = 128, 8  # kernel_shared_prompt: the prompt's columns, the rows that share them
 SWEEP_BLOCKS, SWEEP_WARPS = (32, 64, 128), (2, 4, 8)
 LAUNCH_SWEEP = {"block_n": (16, 32, 64), "num_warps": (1, 2, 4), "num_stages": (1, 2, 3, 4), "splits": (1, 2, 4, 8)}
 
@@ -157,6 +161,21 @@ def bounded(inputs, per_row: bool = False):
     return functools.partial(kernels.decode_attention, last_column=last_column), (q, keys, values, visible, scale)
 
 
+def shared_prompt(inputs):
+    """kernel_shared_prompt's call and inputs: kernel_bounded's, with rows in groups of SAMPLES whose first
+    PROMPT_COLUMNS columns of keys and values (and mask) are their group's first row's, read from there."""
+    fn, (q, keys, values, visible, scale) = bounded(inputs)
+    rows = q.shape[0]
+    first = torch.arange(rows, device=q.device) // SAMPLES * SAMPLES
+    keys, values = keys.clone(), values.clone()  # contiguous copies: the originals stay as they were
+    keys[:, :, :PROMPT_COLUMNS] = keys[first, :, :PROMPT_COLUMNS]
+    values[:, :, :PROMPT_COLUMNS] = values[first, :, :PROMPT_COLUMNS]
+    visible[:, :PROMPT_COLUMNS] = visible[first, :PROMPT_COLUMNS]
+    columns = torch.tensor([PROMPT_COLUMNS], device=q.device)
+    return (functools.partial(fn, prompt_row=first, prompt_columns=columns),
+            (q, keys, values, visible, scale))
+
+
 def cell(shape: str, width: int, inputs, want, table: dict, device, bandwidth: float) -> dict:
     """Every way of the table (and kernel_bounded where the kernel is one) at one shape and width."""
     rows, element_size = inputs[0].shape[0], inputs[1].element_size()
@@ -170,6 +189,11 @@ def cell(shape: str, width: int, inputs, want, table: dict, device, bandwidth: f
         fn, bounded_inputs = bounded(inputs)
         row["ways"]["kernel_bounded"] = measure(fn, bounded_inputs, reference(*bounded_inputs), device)
         row["floor_bounded_us"] = floor_us(shape, rows, width - BOUNDED_SHORT, element_size, bandwidth)
+    if "kernel" in table and width - BOUNDED_SHORT > PROMPT_COLUMNS and rows % SAMPLES == 0:
+        fn, shared_inputs = shared_prompt(inputs)
+        row["ways"]["kernel_shared_prompt"] = measure(fn, shared_inputs, reference(*shared_inputs), device)
+        columns = rows * (width - BOUNDED_SHORT - PROMPT_COLUMNS) + rows // SAMPLES * PROMPT_COLUMNS
+        row["floor_shared_us"] = floor_us(shape, 1, columns, element_size, bandwidth)
     return row
 
 

@@ -25,7 +25,9 @@ draws from its global generator (`VLLMEngineConfig(seeding="global")`).
 
 Every row records the floor for the lengths that were actually generated (weights read once per decode step
 while any row runs, each running row's K/V cache read up to its length, at the measured bandwidth; or the FLOPs
-at the measured matmul peak, whichever is larger) and the ratio to it.
+at the measured matmul peak, whichever is larger) and the ratio to it; and the same with each prompt's K/V read
+once a step for its samples (`floor_shared`: what an engine whose samples of one prompt read one copy of it can
+reach, as winnow's decoder and vLLM's prefix caching do).
 """
 from __future__ import annotations
 
@@ -67,8 +69,11 @@ def stop_ids(vocab_size: int, eos_id: int) -> list[int]:
     return sorted({20 + i * step for i in range(count)} | {eos_id})
 
 
-def floor_for_lengths(cfg, num_params: int, prompt_len: int, lengths: list[int], ceilings: dict) -> float:
-    """Seconds at the measured ceilings for these response lengths (prefill included; see the module doc)."""
+def floor_for_lengths(cfg, num_params: int, prompt_len: int, lengths: list[int], ceilings: dict,
+                      num_samples: int = 1) -> float:
+    """Seconds at the measured ceilings for these response lengths (prefill included; see the module doc).
+    `num_samples` > 1: lengths[i*n:(i+1)*n] are one prompt's samples, and its K/V are read once a step while any of
+    them runs (the floor of an engine whose samples of a prompt read one copy of it)."""
     peak, bandwidth = ceilings["matmul_tflops"] * 1e12, ceilings["bandwidth_gbps"] * 1e9
     layers, heads, kv_heads = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -77,10 +82,12 @@ def floor_for_lengths(cfg, num_params: int, prompt_len: int, lengths: list[int],
     prefill_flops = 2 * num_params * batch * prompt_len + 2 * layers * heads * head_dim * prompt_len**2 * batch
     seconds = max(prefill_flops / peak, (2 * num_params + batch * prompt_len * kv_bytes) / bandwidth)
     ordered = sorted(lengths)
+    longest = sorted(max(lengths[i:i + num_samples]) for i in range(0, batch, num_samples))  # per prompt
     for step in range(1, max(lengths)):  # decode step `step` feeds token `step` of every row still running
         running = batch - _count_at_most(ordered, step)
+        prompts = len(longest) - _count_at_most(longest, step)  # prompts with a sample still running
         context = prompt_len + step
-        step_bytes = 2 * num_params + running * (context + 1) * kv_bytes
+        step_bytes = 2 * num_params + (prompts * prompt_len + running * (step + 1)) * kv_bytes
         step_flops = 2 * num_params * running + 4 * layers * heads * head_dim * context * running
         seconds += max(step_bytes / bandwidth, step_flops / peak)
     return seconds
@@ -168,6 +175,8 @@ def run_shape(args, shape: str, device, ceilings: dict, save) -> None:
         label = f"{args.engine} {shape} {workload_name} {seeding} refill {refill}"
         times, lengths, work = timed_calls(engine, prompts, params, workload.num_prompts, num_calls, device, label)
         floors = [floor_for_lengths(cfg, num_params, workload.prompt_len, call, ceilings) for call in lengths]
+        shared = [floor_for_lengths(cfg, num_params, workload.prompt_len, call, ceilings, workload.num_samples)
+                  for call in lengths]
         flat = sorted(n for call in lengths for n in call)
         row = {"engine": args.engine, "shape": shape, "workload": workload_name, "seeding": seeding,
                "max_batch_size": args.max_batch_size, "refill": refill, "decoder_work": work,
@@ -177,7 +186,9 @@ def run_shape(args, shape: str, device, ceilings: dict, save) -> None:
                "length_median": flat[len(flat) // 2], "length_p90": flat[int(0.9 * (len(flat) - 1))],
                "at_limit_fraction": sum(n == workload.new_tokens for n in flat) / len(flat),
                "floor_s": floors, "floor_median_s": statistics.median(floors),
-               "x_floor": statistics.median(s / f for s, f in zip(times, floors))}
+               "x_floor": statistics.median(s / f for s, f in zip(times, floors)),
+               "floor_shared_median_s": statistics.median(shared),
+               "x_floor_shared": statistics.median(s / f for s, f in zip(times, shared))}
         save(row)  # on disk once measured: a run stopped at its time limit keeps it
         print("ROW " + json.dumps({k: row[k] for k in ("engine", "shape", "workload", "seeding", "refill",
                                                        "generate_median_s", "tokens_per_s", "x_floor")}),
@@ -190,9 +201,11 @@ def run_shape(args, shape: str, device, ceilings: dict, save) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
+    nan = float("nan")  # rows measured before the shared floor was recorded
     lines = ["| engine | shape | workload | seeding | rows at a time | refill | generate s | tokens/s | "
-             "length median / p90 / at limit | decode steps | rows x steps | floor s | x floor |",
-             "|---|---|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|"]
+             "length median / p90 / at limit | decode steps | rows x steps | floor s | x floor | shared floor s | "
+             "x shared |",
+             "|---|---|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         work = r.get("decoder_work") or [{}]
         steps, row_steps = (statistics.median(w.get(k, 0) for w in work) for k in ("decode_steps", "row_steps"))
@@ -201,7 +214,8 @@ def markdown(rows: list[dict]) -> str:
                      f"{'all' if batch is None else batch or 'auto'} | {r.get('refill', '-')} | "
                      f"{r['generate_median_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['length_median']} / "
                      f"{r['length_p90']} / {100 * r['at_limit_fraction']:.1f}% | {steps:,.0f} | {row_steps:,.0f} | "
-                     f"{r['floor_median_s']:.2f} | {r['x_floor']:.2f} |")
+                     f"{r['floor_median_s']:.2f} | {r['x_floor']:.2f} | "
+                     f"{r.get('floor_shared_median_s', nan):.2f} | {r.get('x_floor_shared', nan):.2f} |")
     return "\n".join(lines) + "\n"
 
 

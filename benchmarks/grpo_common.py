@@ -208,6 +208,8 @@ def floors(cfg, num_params: int, workload: Workload, ceilings: dict) -> dict:
       checkpointing's extra forward and attention FLOPs are not counted, so this floor is optimistic).
       train_shared: the same with each prompt's tokens counted once for its samples, the floor of a learner
       that shares prompts (`--learner.share-prompts`).
+      generate_shared: the same as generate with each prompt's K/V read once a step for its samples (an engine
+      whose samples of one prompt read one copy of it: winnow's static decoder, vLLM's prefix caching).
     sync: the fp32 master weights read + the bf16 engine copy written, over bandwidth (winnow; TRL
       generates with the training weights and has no sync).
     """
@@ -222,12 +224,16 @@ def floors(cfg, num_params: int, workload: Workload, ceilings: dict) -> dict:
     prefill_flops = 2 * num_params * batch * prompt + 2 * layers * heads * head_dim * prompt * prompt * batch
     prefill_bytes = weight_bytes + batch * prompt * kv_bytes_per_token
     generate_s = max(prefill_flops / peak, prefill_bytes / bandwidth)
+    generate_shared_s = generate_s
+    groups = workload.num_prompts
     decode_bytes_total = decode_flops_total = 0.0
     for step in range(1, workload.new_tokens):  # the first new token comes from the prefill's logits
         context = prompt + step
         step_bytes = weight_bytes + batch * context * kv_bytes_per_token + batch * kv_bytes_per_token
         step_flops = 2 * num_params * batch + 4 * layers * heads * head_dim * context * batch
         generate_s += max(step_bytes / bandwidth, step_flops / peak)
+        shared_bytes = step_bytes - (batch - groups) * prompt * kv_bytes_per_token
+        generate_shared_s += max(shared_bytes / bandwidth, step_flops / peak)
         decode_bytes_total += step_bytes
         decode_flops_total += step_flops
     train_flops = 6 * num_params * workload.trained_tokens
@@ -236,6 +242,7 @@ def floors(cfg, num_params: int, workload: Workload, ceilings: dict) -> dict:
                                      * workload.prompt_len)
     return {
         "generate_s": generate_s,
+        "generate_shared_s": generate_shared_s,
         "generate_bound": "memory" if decode_bytes_total / bandwidth > decode_flops_total / peak else "compute",
         "decode_bytes": decode_bytes_total,
         "decode_flops": decode_flops_total,
@@ -262,9 +269,13 @@ def over_floor(phases: dict, floor: dict) -> dict:
            if phases.get(phase) and floor[f"{phase}_s"]}
     if phases.get("end_to_end"):
         out["end_to_end"] = phases["end_to_end"] / iteration_floor(floor)
-        # against the floor with each prompt trained once per group (the fair floor when prompts are shared)
-        shared = iteration_floor(floor) - floor["train_s"] + floor.get("train_shared_s", floor["train_s"])
+        # against the floor with each prompt trained once per group and its K/V read once a decode step for its
+        # samples (the fair floor when prompts are shared)
+        shared = (iteration_floor(floor) - floor["train_s"] + floor.get("train_shared_s", floor["train_s"])
+                  - floor["generate_s"] + floor.get("generate_shared_s", floor["generate_s"]))
         out["end_to_end_vs_shared_floor"] = phases["end_to_end"] / shared
+        if phases.get("generate") and floor.get("generate_shared_s"):
+            out["generate_vs_shared_floor"] = phases["generate"] / floor["generate_shared_s"]
     return out
 
 

@@ -32,6 +32,12 @@ def test_grpo_benchmark_cpu_mode_runs(tmp_path):
     assert ratio["train"] == pytest.approx(phases["train"] / floors["train_s"])
     iteration_floor = sum(floors[f"{p}_s"] for p in ("generate", "score", "logprobs", "train", "sync"))
     assert ratio["end_to_end"] == pytest.approx(phases["end_to_end"] / iteration_floor) and ratio["end_to_end"] > 1
+    # the shared floor: each prompt trained once and its K/V read once a decode step for its 4 samples (on CPU
+    # the decode steps are bound by compute: the same floor)
+    assert floors["generate_shared_s"] <= floors["generate_s"] and floors["train_shared_s"] < floors["train_s"]
+    shared = iteration_floor - floors["generate_s"] - floors["train_s"] + floors["generate_shared_s"] \
+        + floors["train_shared_s"]
+    assert ratio["end_to_end_vs_shared_floor"] == pytest.approx(phases["end_to_end"] / shared)
     assert len(result["phases_per_iteration_s"]) == 1
     # The report over it (winnow's side alone): the iteration's floor and ratio as above, in JSON and table.
     report, table = tmp_path / "report.json", tmp_path / "report.md"
@@ -93,6 +99,40 @@ def test_attention_decode_cpu_mode_checks_every_way(tmp_path):
     assert {"matmul_glue_eager", "sdpa_math"} <= set(ran)
     assert all(way["max_abs_error"] < 1e-5 and way["us"] > 0 for way in ran.values())
     assert row["floor_us"] > 0
+
+
+def test_the_generation_floor_counts_a_prompt_once_for_its_samples():
+    """`generate_matrix.floor_for_lengths` by hand: one layer of one K/V head of dimension 1 (4 bytes of K/V per
+    token), no weights, 1 byte/s and no compute bound, so the floor is the bytes. A 2-token prompt, two samples of
+    3 tokens: the prefill writes 2 x 2 tokens (16 bytes); decode steps 1 and 2 read and write each row's context
+    (2 rows x 4 and 2 x 5 tokens: 32 + 40 bytes), or with the prompt read once for both (2 + 2 x 2 and 2 + 2 x 3
+    tokens: 24 + 32 bytes)."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from generate_matrix import floor_for_lengths
+
+    cfg = SimpleNamespace(num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=1)
+    ceilings = {"matmul_tflops": 1e30, "bandwidth_gbps": 1e-9}
+    assert floor_for_lengths(cfg, 0, 2, [3, 3], ceilings) == pytest.approx(16 + 32 + 40)
+    assert floor_for_lengths(cfg, 0, 2, [3, 3], ceilings, num_samples=2) == pytest.approx(16 + 24 + 32)
+    # a 1-token sample ends at the prefill; the other reads the prompt and its own tokens: 2 + 2, then 2 + 3
+    assert floor_for_lengths(cfg, 0, 2, [3, 1], ceilings, num_samples=2) == pytest.approx(16 + 16 + 20)
+
+
+@pytest.mark.slow
+def test_engine_gap_cpu_mode_compares_two_decoders(tmp_path):
+    """`benchmarks/engine_gap.py` on CPU (float32 engine and learner): the decoder against the committed file of
+    itself, each seed's gap ~0 on both sides."""
+    out = tmp_path / "gap.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine_gap.py"), "--cpu", "--seeds", "2",
+                    "--other", str(ROOT / "winnow" / "engines" / "static_decode.py"), "--out", str(out)],
+                   check=True, timeout=300, env=env, cwd=ROOT, capture_output=True)
+    result = json.loads(out.read_text())
+    for side in ("this", "other"):
+        assert result[side]["tokens"] == 2 * result["prompts"] * result["max_tokens"]
+        assert len(result[side]["seed_means"]) == 2 and result[side]["max"] < 1e-4
 
 
 @pytest.fixture(scope="module")
