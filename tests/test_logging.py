@@ -172,6 +172,25 @@ def test_plot_missing_x_column_is_a_clear_error(tmp_path):
         plot_run(run_dir, x="oracle_queries")
 
 
+def test_a_title_clears_the_offset_text_of_its_y_axis():
+    # Titles sit at a fixed height (no measuring pass at draw): one line higher where the y axis writes an offset
+    # above the axes, as matplotlib does for a series constant to 1e-9, so the two never overlap.
+    from winnow.logging.plot import _new_figure, _title_at_fixed_height
+
+    fig, axes = _new_figure(1, 2, (8.4, 3.4))
+    for ax, ys in zip(axes[0], ([1.0 + 3e-9, 1.0 + 8e-9], [0.25, 0.75])):
+        ax.plot([1, 2], ys)
+        _title_at_fixed_height(ax, "a title long enough to reach the axis's left end")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (near_constant, plain) = axes[0]
+    offset = near_constant.yaxis.get_offset_text()
+    assert offset.get_text() and not plain.yaxis.get_offset_text().get_text()
+    title_box = near_constant.title.get_window_extent(renderer)
+    assert not title_box.overlaps(offset.get_window_extent(renderer))
+    assert title_box.y0 > plain.title.get_window_extent(renderer).y0  # the plain one stays close to its axes
+
+
 def test_plot_runs_overlays_runs(tmp_path):
     runs = [_log_fake_run(tmp_path / "grpo"), _log_fake_run(tmp_path / "dpo", num_steps=6)]
     out = plot_runs(runs, "eval/gsm8k_accuracy", tmp_path / "compare.png", x="samples")
