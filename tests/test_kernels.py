@@ -186,14 +186,14 @@ def test_splits_keep_about_four_small_tiles_in_flight_per_multiprocessor():
 
 @pytest.mark.parametrize("slots", [None, 4])
 def test_the_decoder_samples_the_same_tokens_with_the_kernel(interpreted, tiny_model, tiny_tokenizer, slots):
-    # Samples of one prompt read its columns from one row (the kernel's prompt_row), also when 4 slots are refilled
-    # and compacted as rows stop.
+    # Both kernels against the torch path: samples of one prompt read its columns from one row (the kernel's
+    # prompt_row), also when 4 slots are refilled and compacted as rows stop; RoPE and the cache writes in one kernel.
     prompts = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("12+34=", "5+7=", "9")]
     stops = [] if slots is None else tiny_tokenizer.convert_tokens_to_ids(["+", "=", "7"])
     params = SamplingParams(temperature=1.0, max_tokens=6, n=2, seed=3, ignore_eos=True, stop_token_ids=stops)
     config = HFEngineConfig(decode="static", attention_bucket=4, dtype="float32", max_batch_size=slots or 0)
     matmul = HFEngine(tiny_model, tiny_tokenizer, config, device=DEVICE)
-    matmul.decoder._attend = _attend
+    matmul.decoder._attend, matmul.decoder._rope_cache = _attend, None  # the torch path (a GPU turns both on)
     fused = HFEngine(tiny_model, tiny_tokenizer, config, device=DEVICE)
     fused.decoder._attend = functools.partial(kernel.decode_attention, splits=2)
     fused.decoder._rope_cache = kernel.rope_and_cache
