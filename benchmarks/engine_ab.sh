@@ -15,7 +15,7 @@ part=$1; old_dir=$2; out=$3; shapes=${4:-0.5b,1.5b}
 mkdir -p "$out"
 here=$PWD
 other=/tmp/engine_ab_other
-rm -rf "$other" && cp -r "$here" "$other" || exit 1
+rm -rf "$other" && mkdir -p "$other" && cp -r "$here/winnow" "$here/benchmarks" "$other/" || exit 1
 cp "$old_dir/kernels.py" "$old_dir/static_decode.py" "$other/winnow/engines/" || exit 1
 run() {  # run NAME SECONDS ROOT CMD...: CMD in ROOT with ROOT's winnow, its output in OUT/NAME.log
   local name=$1 seconds=$2 root=$3; shift 3

@@ -66,6 +66,12 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="the tiny model on CPU: checks the script")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.seeds < 2:
+        parser.error(f"--seeds {args.seeds}: at least 2 (the report gives the spread of the seeds' means)")
+    if not args.cpu and not torch.cuda.is_available():
+        parser.error("no GPU here: the comparison runs the bf16 engine on a GPU; --cpu checks the script on CPU")
+    if not Path(args.other).is_file():
+        parser.error(f"--other {args.other}: no such file (a static_decode.py of another revision)")
     device = torch.device("cpu" if args.cpu else "cuda")
     workload = common.CPU_WORKLOAD if args.cpu else common.GPU_WORKLOAD
     model = common.build_model(args.cpu, device)

@@ -412,15 +412,16 @@ class StaticDecoder:
         cos, sin = cos_rows[:, None, None], sin_rows[:, None, None]  # [b, 1, 1, D]
         visible = self.key_valid[:rows, :width] & (self.columns[:width] <= column[:, None])  # [b, W]
         hidden = self.body.embed_tokens(self.feed[:rows, None])  # [b, 1, H]
-        # Where each row's new K/V go in a layer's cache seen as [b * H_kv * L, D]: row r, head h at column[r].
-        heads = torch.arange(rows * self.num_kv_heads, device=self.device).view(rows, self.num_kv_heads)
-        at = (heads * self.k_cache.shape[3] + column[:, None]).flatten()
+        at = None  # where the compiled path writes K/V; the RoPE kernel finds the columns itself
         for index, (layer, fused) in enumerate(zip(self.body.layers, self._fused)):
             k_cache, v_cache = self.k_cache[index, :rows], self.v_cache[index, :rows]
             if self._rope_cache is not None and _plain_qkv(layer, fused):
                 qkv = self._layer_proj(layer, hidden, fused)
                 q = self._rope_cache(qkv.view(rows, -1), cos_rows, sin_rows, k_cache, v_cache, column, self.num_heads)
             else:
+                if at is None:  # a layer's cache seen as [b * H_kv * L, D]: row r, head h at column[r]
+                    heads = torch.arange(rows * self.num_kv_heads, device=self.device).view(rows, self.num_kv_heads)
+                    at = (heads * self.k_cache.shape[3] + column[:, None]).flatten()
                 q = self._layer_in(layer, hidden, cos, sin, self.head_dim, fused, k_cache.view(-1, self.head_dim),
                                    v_cache.view(-1, self.head_dim), at)
             keys, values = k_cache[:, :, :width], v_cache[:, :, :width]  # [b, H_kv, W, D]
