@@ -172,22 +172,27 @@ def test_plot_missing_x_column_is_a_clear_error(tmp_path):
         plot_run(run_dir, x="oracle_queries")
 
 
-def test_a_title_clears_the_offset_text_of_its_y_axis():
+@pytest.mark.parametrize("num_rows", [1, 4])
+def test_a_title_clears_the_offset_text_of_its_y_axis_and_the_figure_title(num_rows):
     # Titles sit at a fixed height (no measuring pass at draw): one line higher where the y axis writes an offset
-    # above the axes, as matplotlib does for a series constant to 1e-9, so the two never overlap.
-    from winnow.logging.plot import _new_figure, _title_at_fixed_height
+    # above the axes, as matplotlib does for a series constant to 1e-9, so the two never overlap; nor does the
+    # raised title of the first row overlap the figure's title.
+    from winnow.logging.plot import _grid_figure
 
-    fig, axes = _new_figure(1, 2, (8.4, 3.4))
-    for ax, ys in zip(axes[0], ([1.0 + 3e-9, 1.0 + 8e-9], [0.25, 0.75])):
-        ax.plot([1, 2], ys)
-        _title_at_fixed_height(ax, "a title long enough to reach the axis's left end")
+    # the near-constant one in the middle column, under the figure's title
+    series = {"train/plain_metric_with_a_long_name": ([1, 2], [0.25, 0.75]),
+              "train/near_constant_metric_name": ([1, 2], [1.0 + 3e-9, 1.0 + 8e-9])}
+    series.update({f"train/more_{i}": ([1, 2], [i, i + 1.0]) for i in range(3 * num_rows - 2)})
+    fig = _grid_figure(series, "step", "run: train/*")
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    (near_constant, plain) = axes[0]
+    plain, near_constant = fig.axes[:2]
     offset = near_constant.yaxis.get_offset_text()
     assert offset.get_text() and not plain.yaxis.get_offset_text().get_text()
     title_box = near_constant.title.get_window_extent(renderer)
     assert not title_box.overlaps(offset.get_window_extent(renderer))
+    assert not title_box.overlaps(fig._suptitle.get_window_extent(renderer))
+    assert title_box.y1 <= fig.bbox.y1  # inside the figure
     assert title_box.y0 > plain.title.get_window_extent(renderer).y0  # the plain one stays close to its axes
 
 

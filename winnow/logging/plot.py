@@ -144,6 +144,10 @@ def _series(records: list[dict[str, Any]], key: str, x: str) -> tuple[list[float
 
 def _save_grid(series: dict[str, tuple[list[float], list[float]]], x: str, title: str, path: Path) -> Path:
     """One subplot per metric, `_NUM_COLS` to a row."""
+    return _save(_grid_figure(series, x, title), path)
+
+
+def _grid_figure(series: dict[str, tuple[list[float], list[float]]], x: str, title: str) -> Figure:
     num_cols = min(_NUM_COLS, len(series))
     num_rows = math.ceil(len(series) / num_cols)
     figsize = (_SUBPLOT_SIZE[0] * num_cols, _SUBPLOT_SIZE[1] * num_rows + 0.4)  # +0.4 in for the suptitle
@@ -157,8 +161,8 @@ def _save_grid(series: dict[str, tuple[list[float], list[float]]], x: str, title
         ax.grid(alpha=0.3)
     for ax in flat_axes[len(series):]:
         ax.set_visible(False)
-    fig.suptitle(title)
-    return _save(fig, path)
+    fig.suptitle(title, y=1 - 0.08 / figsize[1])  # at the top edge: a first-row title raised over an offset fits below
+    return fig
 
 
 def _title_at_fixed_height(ax, title: str) -> None:
