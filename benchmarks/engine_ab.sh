@@ -9,7 +9,8 @@
 #
 # OLD_DIR holds the other revision's winnow/engines/kernels.py and static_decode.py (e.g. from
 # `git show REV:winnow/engines/static_decode.py`); OUT gets every result (JSON, tables, one log per step). Every
-# step has its own time limit, so one that hangs or fails leaves the others' results.
+# step has its own time limit, so one that hangs or fails leaves the others' results; the script exits 1
+# when any step failed.
 set -uo pipefail
 part=$1; old_dir=$2; out=$3; shapes=${4:-0.5b,1.5b}
 mkdir -p "$out"
@@ -17,10 +18,13 @@ here=$PWD
 other=/tmp/engine_ab_other
 rm -rf "$other" && mkdir -p "$other" && cp -r "$here/winnow" "$here/benchmarks" "$other/" || exit 1
 cp "$old_dir/kernels.py" "$old_dir/static_decode.py" "$other/winnow/engines/" || exit 1
+failed=()
 run() {  # run NAME SECONDS ROOT CMD...: CMD in ROOT with ROOT's winnow, its output in OUT/NAME.log
-  local name=$1 seconds=$2 root=$3; shift 3
+  local name=$1 seconds=$2 root=$3 status; shift 3
   (cd "$root" && PYTHONPATH="${PYTHONPATH:-}:$root:$root/benchmarks" timeout "$seconds" "$@") > "$out/$name.log" 2>&1
-  echo "$name: exit $? ($(tail -1 "$out/$name.log" | cut -c1-150))"
+  status=$?
+  echo "$name: exit $status ($(tail -1 "$out/$name.log" | cut -c1-150))"
+  [ $status -eq 0 ] || failed+=("$name")
 }
 if [ "$part" = check ]; then
   run gpu_tests 240 "$here" python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
@@ -42,4 +46,7 @@ elif [ "$part" = speed ]; then
   done
 else
   echo "usage: bash benchmarks/engine_ab.sh check|speed OLD_DIR OUT [SHAPES]"; exit 2
+fi
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "failed: ${failed[*]} (their logs are in $out)"; exit 1
 fi
