@@ -393,3 +393,170 @@ def test_memory_budget_needs_a_gpu_and_excludes_a_token_budget(tiny_model):
         LearnerConfig(micro_batch_memory=0.5, micro_batch_tokens=1000)
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
         LearnerConfig(micro_batch_memory=1.5)
+
+
+# ---------------------------------------------------------------------- the first forward run while scoring
+
+def _counting_forward(learner: Learner) -> list[int]:
+    """Count the learner's forward calls (a list, so the caller sees the count grow)."""
+    calls, forward = [], learner.forward
+
+    def counted(model, batch):
+        calls.append(batch.batch_size)
+        return forward(model, batch)
+
+    learner.forward = counted
+    return calls
+
+
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_forward_run_ahead_gives_the_same_step_bit_for_bit(tiny_model, tiny_tokenizer, share_prompts):
+    """The first micro-batch's forward, run before the batch has its advantages, then its loss and backward once
+    they exist: the same parameters after the step, to the bit, as the step run in one go, and one forward fewer
+    in the step itself (the one run ahead is used, not run again)."""
+    batch = _rl_batch(tiny_tokenizer)
+    batch.group_index = torch.arange(8) // 4
+    loss_fn = partial(GRPO().loss, max_tokens=8)
+    config = LearnerConfig(lr=1e-2, micro_batch_size=3, share_prompts=share_prompts)
+    results = []
+    for run_ahead in (False, True):
+        model = copy.deepcopy(tiny_model)
+        learner = Learner(model, config, total_steps=1, device="cpu")
+        calls = _counting_forward(learner)
+        torch.manual_seed(3)  # the step's row order is drawn from it
+        if run_ahead:
+            pending = copy.copy(batch)
+            pending.advantages = torch.zeros(8)  # not known yet when the forward runs
+            ahead = learner.forward_ahead(pending)
+            assert ahead is not None and ahead.outputs.requires_grad and calls == [3]
+            pending.advantages = batch.advantages
+            metrics = learner.train_policy(pending, loss_fn, ahead=ahead)
+        else:
+            metrics = learner.train_policy(batch, loss_fn)
+        results.append((metrics, calls, [p.detach().clone() for p in model.parameters()]))
+    (m1, c1, p1), (m2, c2, p2) = results
+    assert c1 == [3, 3, 2] and c2 == [3, 3, 2]  # three micro-batches each; the first one ahead of the step
+    assert m1 == m2 and m1["loss"] != 0.0
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+    assert not all(torch.equal(a, b) for a, b in zip(p1, tiny_model.parameters()))  # the step moved them
+
+
+def test_forward_ahead_only_where_the_step_is_one_pass(tiny_model, tiny_tokenizer):
+    batch = _rl_batch(tiny_tokenizer)
+    for fields in (dict(num_mini_batches=2), dict(num_epochs=2), dict(forward_while_scoring=False)):
+        learner = Learner(copy.deepcopy(tiny_model), LearnerConfig(**fields), total_steps=1, device="cpu")
+        assert learner.forward_ahead(batch) is None, fields
+    learner = Learner(copy.deepcopy(tiny_model), LearnerConfig(), total_steps=1, device="cpu")
+    ahead = learner.forward_ahead(batch)
+    with pytest.raises(ValueError, match="a forward run ahead for another batch"):
+        learner.train_policy(copy.copy(batch), partial(GRPO().loss, max_tokens=8), ahead=ahead)
+
+
+class _ReplayActor:
+    """An actor that returns the same completions every iteration (the engine is not what this tests)."""
+
+    def __init__(self, completions):
+        self.completions, self.sleeps = completions, 0
+
+    def generate(self, prompts, params):
+        return [copy.copy(c) for c in self.completions]
+
+    def sleep(self):
+        self.sleeps += 1
+
+
+@pytest.mark.parametrize("scored", ["all", "one_unscored"])
+def test_rl_family_trains_the_forward_run_while_scoring_or_throws_it_away(tiny_model, tiny_tokenizer, scored):
+    """The RL family launches the learner's first forward before scoring. With every sample scored it trains on
+    it (`train/forward_while_scoring` 1); with a sample left unscored the batch has other rows, so that forward
+    is thrown away and the step runs as before. The weights equal a run without it to the bit when it trained;
+    else the gradients do, up to float rounding (the thrown-away forward drew a row order, the step another; Adam's
+    first step, lr x sign(g), would magnify that rounding on tiny gradients)."""
+    from winnow.loops import PhaseTimer, RLFamily, RolloutConfig
+    from winnow.oracles.functions import FunctionOracle
+    from winnow.types import Prompt
+
+    prompts = [Prompt("a", [3, 4]), Prompt("b", [5, 6, 7])]
+    completions = [Completion(p.token_ids, [8 + i, 9, 10][: 1 + i % 3], [-1.0] * (1 + i % 3), "stop",
+                              f"{p.text}{i}") for p in prompts for i in range(4)]
+
+    def reward(prompts, completions, **_):
+        return [None if scored == "one_unscored" and c == "b1" else float(c[-1]) % 3 for c in completions]
+
+    results = []
+    for run_ahead in (False, True):
+        model = copy.deepcopy(tiny_model)
+        learner = Learner(model, LearnerConfig(lr=1e-2, micro_batch_size=3, forward_while_scoring=run_ahead),
+                          total_steps=1, device="cpu")
+        actor = _ReplayActor(completions)
+        family = RLFamily(actor=actor, learner=learner, oracle=FunctionOracle([("r", reward, 1.0)], max_retries=0),
+                          objective=GRPO(), rollout=RolloutConfig(max_tokens=3, num_samples=4), eval_config=None,
+                          prompts=iter([prompts]), eval_prompts=[], seed=0, pad_token_id=tiny_tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        batch, _ = family.collect(1, PhaseTimer())
+        metrics = family.train(batch)
+        results.append((metrics, actor.sleeps, [p.detach().clone() for p in model.parameters()],
+                        [p.grad.clone() for p in model.parameters()]))
+    (m1, s1, p1, g1), (m2, s2, p2, g2) = results
+    assert batch.batch_size == (8 if scored == "all" else 7)
+    assert "forward_while_scoring" not in m1
+    assert m2.get("forward_while_scoring") == (1.0 if scored == "all" else None)
+    assert (s1, s2) == (1, 1)  # the actor slept before scoring, in both
+    if scored == "all":
+        assert m1["loss"] == m2["loss"] and all(torch.equal(a, b) for a, b in zip(p1, p2))
+    else:
+        assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_the_loop_wakes_an_actor_the_family_put_to_sleep_when_nothing_trains(tiny_model, tiny_tokenizer, tmp_path):
+    """The RL family lets the actor sleep before scoring. An iteration with nothing to train (every sample
+    unscored) never reaches the sync that wakes it, so the loop wakes it itself: the next iteration generates
+    awake and trains, on the forward it ran while scoring."""
+    from winnow.loops import Loop, RLFamily, RolloutConfig
+    from winnow.oracles.functions import FunctionOracle
+    from winnow.types import Prompt
+
+    class StrictActor(_ReplayActor):
+        asleep = False
+
+        def generate(self, prompts, params):
+            assert not self.asleep, "generate while asleep"
+            return super().generate(prompts, params)
+
+        def sleep(self):
+            super().sleep()
+            self.asleep = True
+
+        def wake(self):
+            self.asleep = False
+
+        def sync(self, learner, config, probe, seed):
+            return {}
+
+    prompts = [Prompt("a", [3, 4])]
+    actor = StrictActor([Completion([3, 4], [5 + i], [-1.0], "stop", str(i)) for i in range(4)])
+    scorable = [False]
+
+    def reward(prompts, completions, **_):
+        return [float(c) if scorable[0] else None for c in completions]
+
+    learner = Learner(copy.deepcopy(tiny_model), LearnerConfig(lr=1e-2), total_steps=2, device="cpu")
+    family = RLFamily(actor=actor, learner=learner, oracle=FunctionOracle([("r", reward, 1.0)], max_retries=0),
+                      objective=GRPO(), rollout=RolloutConfig(max_tokens=1, num_samples=4), eval_config=None,
+                      prompts=iter([prompts, prompts]), eval_prompts=[], seed=0,
+                      pad_token_id=tiny_tokenizer.pad_token_id)
+    loop = Loop(family, learner=learner, actor=actor, num_iterations=2, eval_every=0, logger=_NoLogger(),
+                run_dir=tmp_path)
+    first = loop.step(1)
+    scorable[0] = True
+    second = loop.step(2)
+    assert first["oracle/unscored"] == 4.0 and "train/loss" not in first
+    assert second["train/forward_while_scoring"] == 1.0 and learner.num_steps == 1
+    assert actor.sleeps == 3  # before each scoring, and the loop's own before the train step (a no-op twice)
+
+
+class _NoLogger:
+    def log(self, row, step=None):
+        pass

@@ -70,8 +70,12 @@ class RayLearnerGroup:
     def shard(self, batch: TrainBatch, rows_per_unit: int = 1) -> TrainBatch:
         return batch  # every rank gets the whole batch and takes its own rows
 
+    def forward_ahead(self, batch: TrainBatch, rows_per_unit: int = 1) -> None:
+        """None: the ranks get the batch with its advantages, in one call (`train_policy`)."""
+        return None
+
     def train_policy(self, batch: TrainBatch, loss_fn, needs_reference: bool = False, on_mini_batch=None,
-                     rows_per_unit: int = 1) -> dict[str, float]:
+                     rows_per_unit: int = 1, ahead=None) -> dict[str, float]:
         import ray
 
         # PPO's critic step (`CriticStep`) runs on each rank with that rank's critic: only its loss travels.

@@ -112,6 +112,12 @@ class LearnerConfig:
     responses, no padding (`winnow.learner.shared_prompts`); the same logprobs and gradients up to float rounding.
     A token budget then counts the packed tokens (each prompt once per micro-batch), not the padded width.
     Saves (n - 1) / n of the prompt tokens' work; on a GPU attention runs FlashAttention's variable-length kernel"""
+    forward_while_scoring: bool = True
+    """RL: the forward of an iteration's first micro-batch runs on the device while the host scores the rollout
+    (its loss and backward once the advantages exist), so the device does not wait idle on the reward. The same
+    step, bit for bit. Taken where the iteration is one optimizer step (num_mini_batches = num_epochs = 1) on the
+    single strategy without micro_batch_memory, for objectives without a critic or a reference; a rollout that
+    loses samples in scoring (unscored, dropped groups) throws that forward away and trains as before"""
     fused_logprobs: bool = True
     """project hidden states to token logprobs a chunk of rows at a time (forward and backward), never
     holding [B, T, vocab] logits; Llama-family models on the single strategy (else the model's forward)"""
@@ -160,6 +166,20 @@ def _schedule(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[
 
 
 _SCHEDULES = {"constant", "linear", "cosine"}
+
+
+@dataclass
+class ForwardAhead:
+    """The forward of the first micro-batch of the optimizer step `train_policy(batch)` will take, run before the
+    batch's advantages exist (`Learner.forward_ahead`): `train_policy(batch, ..., ahead=this)` takes its loss and
+    backward instead of running it again."""
+
+    batch: TrainBatch
+    """the batch it was run for: `train_policy` must get this object (its advantages filled in since)"""
+    order: torch.Tensor
+    """[U] the units' order of the step's one epoch, drawn as `train_policy` draws it"""
+    outputs: torch.Tensor
+    """[b, T] the first micro-batch's forward outputs (logprobs), with their autograd graph"""
 
 
 class Learner:
@@ -252,11 +272,29 @@ class Learner:
 
     # ------------------------------------------------------------------ steps
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, rows_per_unit: int = 1) -> dict[str, float]:
+    def forward_ahead(self, batch: TrainBatch, rows_per_unit: int = 1) -> ForwardAhead | None:
+        """Launch the forward of the first micro-batch that `train_policy(batch)` will train, before `batch` has its
+        advantages: the device runs it while the host scores the rollout. None where the step cannot take it
+        (see `LearnerConfig.forward_while_scoring`). Nothing here waits for the device."""
+        c = self.config
+        if not (c.forward_while_scoring and self.strategy.world_size == 1 and c.num_epochs == 1
+                and c.num_mini_batches == 1 and not c.micro_batch_memory and batch.batch_size):
+            return None
+        self.model.train()
+        order = torch.randperm(batch.batch_size // rows_per_unit, device=self.device)  # as train_policy draws it
+        mini_batch = batch.to(self.device).select(_unit_rows(order, rows_per_unit))
+        micro = next(self._micro_batches(mini_batch, rows_per_unit))
+        with self.autocast():
+            outputs = self.forward(self.model, micro)  # [b, T]
+        return ForwardAhead(batch, order, outputs)
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, rows_per_unit: int = 1,
+                   first_outputs: torch.Tensor | None = None) -> dict[str, float]:
         """One optimizer step over `batch` (a mini-batch), accumulating over micro-batches.
 
         rows_per_unit: consecutive rows that must stay together and in order in one micro-batch (2 for
         preference pairs, [chosen, rejected]); micro-batches are formed from whole units.
+        first_outputs: the first micro-batch's forward outputs, already run (`forward_ahead`).
         """
         self.model.train()
         self.strategy.zero_grad()
@@ -268,9 +306,15 @@ class Learner:
         batch = self._pad_to_global_max(batch)
         totals: dict[str, float | torch.Tensor] = {}
         micro_batches = list(self._micro_batches(batch, rows_per_unit))
+        if first_outputs is not None and first_outputs.shape != micro_batches[0].response_mask.shape:
+            raise RuntimeError(f"the forward run ahead has shape {tuple(first_outputs.shape)}, the step's first "
+                               f"micro-batch {tuple(micro_batches[0].response_mask.shape)}: it was run for other rows")
         for i, micro in enumerate(micro_batches):
             with self.autocast():
-                outputs = self.forward(self.model, micro)  # [b, T] logprobs (a critic: values)
+                if i == 0 and first_outputs is not None:
+                    outputs = first_outputs
+                else:
+                    outputs = self.forward(self.model, micro)  # [b, T] logprobs (a critic: values)
                 loss, metrics = loss_fn(outputs, micro, num_sequences=num_sequences, num_tokens=num_tokens)
             self.strategy.backward(loss, is_last_micro_batch=i == len(micro_batches) - 1)
             # Losses and metrics use the mini-batch's normalisers, so they add up across micro-batches.
@@ -312,6 +356,7 @@ class Learner:
     def train_policy(
         self, batch: TrainBatch, loss_fn: LossFn, needs_reference: bool = False,
         on_mini_batch: Callable[[TrainBatch], dict[str, float]] | None = None, rows_per_unit: int = 1,
+        ahead: ForwardAhead | None = None,
     ) -> dict[str, float]:
         """All optimizer steps of one policy iteration: num_epochs x num_mini_batches, each over a shuffled
         mini-batch of whole units (`rows_per_unit` consecutive rows that stay together and in order: 1 for RL
@@ -321,7 +366,12 @@ class Learner:
         (PPO's critic step); its metrics are averaged with the policy's. `batch.old_logprobs` and
         `batch.ref_logprobs` that are already filled (PPO fills them to shape its rewards) are kept;
         reference logprobs are computed once, before any step.
+
+        `ahead`: `forward_ahead(batch)`'s result; the step takes its first micro-batch's forward from it.
         """
+        if ahead is not None and ahead.batch is not batch:
+            raise ValueError("train_policy got a forward run ahead for another batch: pass the batch that "
+                             "forward_ahead ran for")
         if batch.batch_size % rows_per_unit or (self.config.micro_batch_size % rows_per_unit
                                                 and not self._by_tokens):
             raise ValueError(f"learner.micro_batch_size={self.config.micro_batch_size} and the batch's "
@@ -335,14 +385,18 @@ class Learner:
             batch.ref_logprobs = self.reference_logprobs(batch)
         steps: list[dict[str, float]] = []
         for _ in range(self.config.num_epochs):
-            order = torch.randperm(batch.batch_size // rows_per_unit, device=self.device)
+            if ahead is not None:  # one epoch of one mini-batch (forward_ahead checked), in the order it drew
+                order, first_outputs, ahead = ahead.order, ahead.outputs, None
+            else:
+                order = torch.randperm(batch.batch_size // rows_per_unit, device=self.device)
+                first_outputs = None
             # tensor_split: exactly num_mini_batches steps on every rank, however few units it holds
             for units in order.tensor_split(self.config.num_mini_batches):
                 # Fewer units than mini-batches (groups were dropped) leaves some empty: no step, no crash.
                 if self.strategy.all_reduce_max(len(units)) == 0:
                     continue
                 mini_batch = batch.select(_unit_rows(units, rows_per_unit))
-                steps.append(self.train_step(mini_batch, loss_fn, rows_per_unit))
+                steps.append(self.train_step(mini_batch, loss_fn, rows_per_unit, first_outputs))
                 if on_mini_batch is not None:
                     steps[-1].update(on_mini_batch(mini_batch))
         if not steps:

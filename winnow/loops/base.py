@@ -5,7 +5,8 @@ and how the policy is evaluated.
 
 One iteration, each phase timed as `time/<phase>`:
 
-    batch, metrics = family.collect(iteration, timer)   # RL: generate → score → advantages
+    batch, metrics = family.collect(iteration, timer)   # RL: generate → score → advantages (the actor asleep
+                                                        # from scoring on, the learner's first forward running)
                                                         # online preference: generate → judge
                                                         # offline preference, SFT: the next dataset batch
     family.train(batch)                                 # optimizer steps, the actor asleep        (train)
@@ -182,6 +183,8 @@ class Loop:
                 with timer("sync"):
                     self.actor.wake()
                     metrics.update(self.actor.sync(self.learner, self.sync_config, self.probe, self.seed))
+        elif self.actor is not None:
+            self.actor.wake()  # nothing to train, but a family may have let the actor sleep while it scored
         if iteration == self.num_iterations or (self.eval_every > 0 and iteration % self.eval_every == 0):
             with timer("eval"):
                 metrics.update(self.evaluate())

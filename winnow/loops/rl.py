@@ -70,6 +70,8 @@ class RLFamily:
         self.idle_reason = ""
         """why the last collected batch carries no reward signal ("" when it does); the loop stops a run that
         stays idle for `rollout.max_idle_iterations` iterations"""
+        self.ahead: Any = None
+        """the learner's forward of the collected batch's first micro-batch, run while scoring (`forward_ahead`)"""
 
     # ------------------------------------------------------------------ the family's phases
 
@@ -79,16 +81,19 @@ class RLFamily:
             params = self.rollout.sampling_params(seed=iteration_seed(self.seed, iteration))
             completions = self.actor.generate([p.token_ids for p in prompts], params)
         with timer("score"):
+            every_sample = self.forward_ahead(prompts, completions)
             groups, metrics = self.score(prompts, completions)
         with timer("advantages"):
-            batch, advantage_metrics = self.advantages(groups)
+            batch, advantage_metrics = self.advantages(groups, every_sample)
         return batch, {**metrics, **advantage_metrics}
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
         loss_fn = partial(self.objective.loss, max_tokens=self.rollout.max_tokens)
         on_mini_batch = self.train_critic if self.objective.needs_critic else None
-        return self.learner.train_policy(self.learner.shard(batch), loss_fn, self.objective.needs_reference,
-                                         on_mini_batch=on_mini_batch)
+        ahead, self.ahead = self.ahead, None
+        metrics = self.learner.train_policy(self.learner.shard(batch), loss_fn, self.objective.needs_reference,
+                                            on_mini_batch=on_mini_batch, ahead=ahead)
+        return metrics if ahead is None else {**metrics, "forward_while_scoring": 1.0}
 
     def evaluate(self) -> EvalResult:
         if not self.eval_prompts:
@@ -109,6 +114,24 @@ class RLFamily:
         self.prompts.load_state_dict(state["prompts"])
 
     # ------------------------------------------------------------------ steps of collect
+
+    def forward_ahead(self, prompts: list[Prompt], completions: list[Completion]) -> TrainBatch | None:
+        """Before scoring: the batch of every sample (rewards to come), and the learner's forward of its first
+        micro-batch launched on it, which the device runs while the host scores (`LearnerConfig.forward_while_
+        scoring`). The actor sleeps first, freeing its memory for that forward (scoring does not use it).
+        `advantages` trains this batch if scoring keeps every sample; else the forward is thrown away.
+        None (and nothing run) for objectives that value or compare the batch before the step (a critic, a
+        reference), and where groups are dropped by their rewards (`--rollout.drop-uniform-groups`)."""
+        self.ahead = None
+        objective = self.objective
+        if (objective.needs_critic or objective.needs_reference
+                or (self.rollout.drop_uniform_groups and objective.uses_group_baseline) or not completions):
+            return None
+        group_index = torch.arange(len(completions)) // (len(completions) // len(prompts))  # [B], as `score` groups
+        batch = make_train_batch(completions, None, None, self.pad_token_id, group_index=group_index)
+        self.actor.sleep()
+        self.ahead = self.learner.forward_ahead(self.learner.shard(batch))
+        return batch
 
     def score(self, prompts: list[Prompt], completions: list[Completion]) -> tuple[list[Group], dict[str, float]]:
         """Ask the oracle for every completion's reward; group them by prompt."""
@@ -157,10 +180,12 @@ class RLFamily:
             metrics["gold/oracle_pair_accuracy"] = agreement
         return metrics
 
-    def advantages(self, groups: list[Group]) -> tuple[TrainBatch | None, dict[str, float]]:
+    def advantages(self, groups: list[Group], every_sample: TrainBatch | None = None
+                   ) -> tuple[TrainBatch | None, dict[str, float]]:
         """The batch of scored samples with the objective's advantages. Unscored samples leave their group
         (never trained on as a zero reward). With a group baseline a group needs two scored samples, else it
-        is dropped (and with `drop_uniform_groups` a flat group too); without one every scored sample is kept."""
+        is dropped (and with `drop_uniform_groups` a flat group too); without one every scored sample is kept.
+        `every_sample`: the batch of all the groups' samples in order (`forward_ahead`), used when all are kept."""
         group_baseline = self.objective.uses_group_baseline
         completions, rewards, group_index = [], [], []
         num_uniform = num_small = num_dropped_uniform = 0
@@ -181,6 +206,8 @@ class RLFamily:
                    "rollout/dropped_groups": float(num_small + num_dropped_uniform),
                    "rollout/trained_samples": float(len(completions))}
         self.idle_reason = self._idle_reason(groups, num_small, num_uniform)
+        if len(completions) < sum(len(g.completions) for g in groups):
+            every_sample, self.ahead = None, None  # samples left: the forward run ahead was for other rows
         if not completions:
             return None, metrics
         reward_tensor = torch.tensor(rewards, dtype=torch.float32)  # [B]
@@ -188,8 +215,11 @@ class RLFamily:
             worst = max(rewards, key=abs)
             raise ValueError(f"a reward of {worst!r} does not fit a float32 (|r| < 3.4e38): rewards must be finite "
                              f"numbers of a sane scale; fix the reward function or its weight (--oracle.rewards)")
-        batch = make_train_batch(completions, None, reward_tensor, self.pad_token_id,
-                                 group_index=torch.tensor(group_index))
+        if every_sample is not None:
+            batch, batch.rewards = every_sample, reward_tensor
+        else:
+            batch = make_train_batch(completions, None, reward_tensor, self.pad_token_id,
+                                     group_index=torch.tensor(group_index))
         if self.objective.needs_critic:
             batch = self.value(batch)
         result = self.objective.advantages(batch)

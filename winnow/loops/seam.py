@@ -32,8 +32,13 @@ class PolicyLearner(Protocol):
         """This rank's rows of a batch every rank holds."""
         ...
 
+    def forward_ahead(self, batch: TrainBatch, rows_per_unit: int = 1):
+        """Launch the forward of the first micro-batch `train_policy(batch)` will train, before the batch's
+        advantages exist; a handle for `train_policy(..., ahead=)`, or None where the learner does not."""
+        ...
+
     def train_policy(self, batch: TrainBatch, loss_fn, needs_reference: bool = False, on_mini_batch=None,
-                     rows_per_unit: int = 1) -> dict[str, float]:
+                     rows_per_unit: int = 1, ahead=None) -> dict[str, float]:
         """All optimizer steps of one iteration over `batch`; the mean of their metrics."""
         ...
 
