@@ -48,6 +48,8 @@ class Workload:
     """winnow only: learner.share_prompts (each prompt's samples run it once in the learner)"""
     micro_batch_tokens: int = 0
     """winnow only: learner.micro_batch_tokens (0: micro-batches of micro_batch_size rows)"""
+    forward_while_scoring: bool = True
+    """winnow only: learner.forward_while_scoring (the first micro-batch's forward runs while the host scores)"""
 
     @property
     def num_sequences(self) -> int:
@@ -267,6 +269,8 @@ def over_floor(phases: dict, floor: dict) -> dict:
     `iteration_floor`."""
     out = {phase: phases[phase] / floor[f"{phase}_s"] for phase in ("generate", "train", "sync")
            if phases.get(phase) and floor[f"{phase}_s"]}
+    if phases.get("learner") and floor["train_s"]:  # the learner's seconds, where they span more than `train`
+        out["train"] = phases["learner"] / floor["train_s"]
     if phases.get("end_to_end"):
         out["end_to_end"] = phases["end_to_end"] / iteration_floor(floor)
         # against the floor with each prompt trained once per group and its K/V read once a decode step for its
@@ -314,9 +318,10 @@ def summarize(phase_rows: list[dict[str, float]], workload: Workload, num_params
     out = {"phases_median_s": med, "phases_per_iteration_s": phase_rows}
     if med.get("generate"):
         out["generated_tokens_per_s"] = workload.generated_tokens / med["generate"]
-    if med.get("train"):
-        out["trained_tokens_per_s"] = workload.trained_tokens / med["train"]
-        achieved = 6 * num_params * workload.trained_tokens / med["train"]
+    learner = med.get("learner") or med.get("train")  # the learner's seconds where a side times them apart
+    if learner:
+        out["trained_tokens_per_s"] = workload.trained_tokens / learner
+        achieved = 6 * num_params * workload.trained_tokens / learner
         out["learner_model_tflops"] = achieved / 1e12
         out["learner_mfu"] = achieved / (ceilings["matmul_tflops"] * 1e12)
     return out

@@ -162,6 +162,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--share-prompts", action="store_true",
                         help="learner.share_prompts: each prompt's samples run it once in the learner")
     parser.add_argument("--micro-batch-tokens", type=int, default=0, help="learner.micro_batch_tokens (0: rows)")
+    parser.add_argument("--no-forward-while-scoring", action="store_true",
+                        help="learner.forward_while_scoring off: the learner's first forward waits for the scores")
     parser.add_argument("--engine", choices=["winnow", "vllm"], default="winnow",
                         help="winnow's own engine (HFEngine) or the vllm engine")
     parser.add_argument("--vllm-in-process", action="store_true",
@@ -206,7 +208,8 @@ def make_loop(model, engine, tokenizer, prompts, workload, device) -> tuple[Lear
                                    micro_batch_size=workload.micro_batch_size,
                                    gradient_checkpointing=workload.gradient_checkpointing,
                                    compile=workload.learner_compile, share_prompts=workload.share_prompts,
-                                   micro_batch_tokens=workload.micro_batch_tokens)
+                                   micro_batch_tokens=workload.micro_batch_tokens,
+                                   forward_while_scoring=workload.forward_while_scoring)
     # The family reads only these rollout fields; the sampling ignores EOS (fixed length: the same work everywhere).
     sampling = SamplingParams(temperature=workload.temperature, max_tokens=workload.new_tokens,
                               n=workload.num_samples, ignore_eos=True)
@@ -237,6 +240,11 @@ def run_iterations(runtime: Loop, engine, workload, args, device: torch.device, 
         phases["logprobs"] = 0.0  # not a separate pass at one optimizer step per iteration (see semantics)
         phases["end_to_end"] = wall
         phases["weight_sync_inner"] = engine.last_sync_seconds
+        # The learner's seconds: with its first forward run while the host scores, from that forward's launch (in
+        # the score phase, after the batch is built) to the step's end; a bound from above, since the host's
+        # scoring runs beside it. Learner rates and floor ratios use these, never `train` alone.
+        phases["learner"] = phases["train"] + (phases["score"] + phases["advantages"]
+                                               if workload.forward_while_scoring and args.engine == "winnow" else 0.0)
         assert log["rollout/generated_tokens"] == workload.generated_tokens, log["rollout/generated_tokens"]
         assert log["rollout/trained_samples"] == workload.num_sequences, log["rollout/trained_samples"]
         kind = "warm-up" if iteration <= workload.warmup_iterations else "measured"
@@ -260,6 +268,7 @@ def main() -> None:
     if args.no_compile:
         workload.engine_compile = workload.learner_compile = False
     workload.share_prompts, workload.micro_batch_tokens = args.share_prompts, args.micro_batch_tokens
+    workload.forward_while_scoring = not args.no_forward_while_scoring
     if cpu:
         torch.set_num_threads(1)
     framework = "winnow" if args.engine == "winnow" else "winnow+vllm"
@@ -323,8 +332,12 @@ def semantics(args, engine, workload) -> dict:
                     f", compile_decode {workload.engine_compile}: bf16 engine copy, preallocated KV cache, attention in 128-column buckets, all "
                     f"{workload.num_sequences} sequences in one decode batch, ignore_eos, temperature 1, no top-k/p; "
                     "includes graph capture when shapes are new (warm-up only) and detokenising every response",
-        "score": "FunctionOracle over the parity reward (decoded text), grouping",
-        "advantages": "GRPO group advantages (std-scaled) + building the right-padded TrainBatch on the host",
+        "score": "FunctionOracle over the parity reward (decoded text), grouping"
+                 + (", after building the right-padded TrainBatch on the host and launching the learner's first "
+                    "micro-batch forward (learner.forward_while_scoring), which the GPU runs meanwhile"
+                    if workload.forward_while_scoring else ""),
+        "advantages": "GRPO group advantages (std-scaled)" + ("" if workload.forward_while_scoring else
+                                                              " + building the right-padded TrainBatch on the host"),
         "logprobs": "0: with one optimizer step per iteration pi_old = pi, winnow skips the old-logprobs pass "
                     "(as TRL does); logprobs_pass_s times what Learner.logprobs over the batch would cost",
         "train": f"Learner.train_policy: one AdamW step over all {workload.num_sequences} samples, micro-batch "
@@ -335,6 +348,9 @@ def semantics(args, engine, workload) -> dict:
                  "weights under bf16 autocast, loss = GRPO clipped surrogate (seq-mean-token-mean) with TIS against "
                  "the engine logprobs, grad-norm clip 1.0",
         "sync": "engine.update_weights(learner.named_weights()): in-process fp32 -> bf16 copy into the engine",
+        "learner": "train" + (" + score + advantages: the learner's first forward runs in the score phase (see "
+                              "score); the learner's rates (trained tok/s, MFU) and x_floor's train use this"
+                              if workload.forward_while_scoring else ": the learner's rates use this"),
     }
 
 
@@ -342,7 +358,7 @@ def print_summary(result: dict, rows: list[dict]) -> None:
     med, fl = result["phases_median_s"], result["floors"]
     print(f"\nwinnow, one GRPO iteration ({result['device']}), median of {len(rows)}:")
     print(f"{'phase':<12} {'seconds':>9} {'floor':>9}")
-    for phase in ("generate", "score", "advantages", "logprobs", "train", "sync", "end_to_end"):
+    for phase in ("generate", "score", "advantages", "logprobs", "train", "learner", "sync", "end_to_end"):
         floor = fl.get(f"{phase}_s")
         print(f"{phase:<12} {med.get(phase, 0.0):>9.3f} {'' if floor is None else f'{floor:9.3f}'}")
     peak = result["peak_memory_gib"]

@@ -129,7 +129,10 @@ class NoLearner:
     def shard(self, batch):
         return batch
 
-    def train_policy(self, batch, loss_fn, needs_reference, on_mini_batch=None):
+    def forward_ahead(self, batch, rows_per_unit=1):
+        return None
+
+    def train_policy(self, batch, loss_fn, needs_reference, on_mini_batch=None, ahead=None):
         return {}
 
 
