@@ -29,7 +29,12 @@ def test_grpo_benchmark_cpu_mode_runs(tmp_path):
     assert phases["end_to_end"] >= phases["generate"] + phases["train"]
     assert result["floors"]["train_s"] > 0 and result["floors"]["generate_s"] > 0
     floors, ratio = result["floors"], result["x_floor"]
-    assert ratio["train"] == pytest.approx(phases["train"] / floors["train_s"])
+    # The learner's seconds: train and, with its first forward run while the host scores (the default), the score
+    # and advantages phases that forward spans. Its rates and floor ratio use them, never train alone.
+    assert phases["learner"] == pytest.approx(phases["train"] + phases["score"] + phases["advantages"])
+    assert ratio["train"] == pytest.approx(phases["learner"] / floors["train_s"])
+    achieved = 6 * result["num_params"] * workload["trained_tokens"] / phases["learner"]
+    assert result["learner_mfu"] == pytest.approx(achieved / (result["ceilings"]["matmul_tflops"] * 1e12))
     iteration_floor = sum(floors[f"{p}_s"] for p in ("generate", "score", "logprobs", "train", "sync"))
     assert ratio["end_to_end"] == pytest.approx(phases["end_to_end"] / iteration_floor) and ratio["end_to_end"] > 1
     # the shared floor: each prompt trained once and its K/V read once a decode step for its 4 samples (on CPU
