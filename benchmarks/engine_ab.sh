@@ -12,6 +12,7 @@
 # step has its own time limit, so one that hangs or fails leaves the others' results; the script exits 1
 # when any step failed.
 set -uo pipefail
+[ $# -ge 3 ] || { echo "usage: bash benchmarks/engine_ab.sh check|speed OLD_DIR OUT [SHAPES]"; exit 2; }
 part=$1; old_dir=$2; out=$3; shapes=${4:-0.5b,1.5b}
 mkdir -p "$out"
 here=$PWD

@@ -8,6 +8,7 @@
 # "--share-prompts --micro-batch-tokens 81920") go to every run. OUT gets each run's JSON and log; a line per run
 # gives its phases' medians and its ratio to the floor it measured. Exits 1 when a run failed.
 set -uo pipefail
+[ $# -ge 2 ] || { echo "usage: bash benchmarks/grpo_flag_ab.sh OUT FLAG [BASE_FLAGS]"; exit 2; }
 out=$1; flag=$2; base=${3:---share-prompts --micro-batch-tokens 81920}
 mkdir -p "$out"
 export PYTHONPATH="${PYTHONPATH:-}:$PWD:$PWD/benchmarks"

@@ -243,8 +243,9 @@ def run_iterations(runtime: Loop, engine, workload, args, device: torch.device, 
         # The learner's seconds: with its first forward run while the host scores, from that forward's launch (in
         # the score phase, after the batch is built) to the step's end; a bound from above, since the host's
         # scoring runs beside it. Learner rates and floor ratios use these, never `train` alone.
+        # Either engine: the learner and the family are winnow's with both.
         phases["learner"] = phases["train"] + (phases["score"] + phases["advantages"]
-                                               if workload.forward_while_scoring and args.engine == "winnow" else 0.0)
+                                               if workload.forward_while_scoring else 0.0)
         assert log["rollout/generated_tokens"] == workload.generated_tokens, log["rollout/generated_tokens"]
         assert log["rollout/trained_samples"] == workload.num_sequences, log["rollout/trained_samples"]
         kind = "warm-up" if iteration <= workload.warmup_iterations else "measured"

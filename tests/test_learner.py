@@ -453,16 +453,24 @@ def test_forward_ahead_only_where_the_step_is_one_pass(tiny_model, tiny_tokenize
 
 
 class _ReplayActor:
-    """An actor that returns the same completions every iteration (the engine is not what this tests)."""
+    """An actor that returns the same completions every iteration (the engine is not what this tests), and
+    refuses to generate while asleep, as a sleeping vLLM engine cannot."""
 
     def __init__(self, completions):
-        self.completions, self.sleeps = completions, 0
+        self.completions, self.sleeps, self.asleep = completions, 0, False
 
     def generate(self, prompts, params):
+        assert not self.asleep, "generate while asleep"
         return [copy.copy(c) for c in self.completions]
 
     def sleep(self):
-        self.sleeps += 1
+        self.sleeps, self.asleep = self.sleeps + 1, True
+
+    def wake(self):
+        self.asleep = False
+
+    def sync(self, learner, config, probe, seed):
+        return {}
 
 
 @pytest.mark.parametrize("scored", ["all", "one_unscored"])
@@ -518,25 +526,8 @@ def test_the_loop_wakes_an_actor_the_family_put_to_sleep_when_nothing_trains(tin
     from winnow.oracles.functions import FunctionOracle
     from winnow.types import Prompt
 
-    class StrictActor(_ReplayActor):
-        asleep = False
-
-        def generate(self, prompts, params):
-            assert not self.asleep, "generate while asleep"
-            return super().generate(prompts, params)
-
-        def sleep(self):
-            super().sleep()
-            self.asleep = True
-
-        def wake(self):
-            self.asleep = False
-
-        def sync(self, learner, config, probe, seed):
-            return {}
-
     prompts = [Prompt("a", [3, 4])]
-    actor = StrictActor([Completion([3, 4], [5 + i], [-1.0], "stop", str(i)) for i in range(4)])
+    actor = _ReplayActor([Completion([3, 4], [5 + i], [-1.0], "stop", str(i)) for i in range(4)])
     scorable = [False]
 
     def reward(prompts, completions, **_):

@@ -19,7 +19,7 @@ from winnow.lazy import lazy_import
 from winnow.algorithms.objectives import PolicyObjective
 from winnow.eval.accuracy import EvalResult, evaluate_accuracy
 from winnow.learner.batch import make_train_batch
-from winnow.learner.learner import Learner
+from winnow.learner.learner import ForwardAhead, Learner
 from winnow.loops.base import Counters, PhaseTimer
 from winnow.loops.checkpoint import counters_state, load_counters
 from winnow.loops.config import EvalConfig, RolloutConfig
@@ -70,7 +70,7 @@ class RLFamily:
         self.idle_reason = ""
         """why the last collected batch carries no reward signal ("" when it does); the loop stops a run that
         stays idle for `rollout.max_idle_iterations` iterations"""
-        self.ahead: Any = None
+        self.ahead: ForwardAhead | None = None
         """the learner's forward of the collected batch's first micro-batch, run while scoring (`forward_ahead`)"""
 
     # ------------------------------------------------------------------ the family's phases
