@@ -17,14 +17,17 @@ metrics.jsonl and notes when the first row lands. Parts:
     first train      its one-off part: iteration 1's train - iteration 2's (the compiled decoder layers)
     steady iteration iteration 2's phases
 
-Variants (`--variants`, run one after another on the same machine, each a fresh process):
+Variants (`--variants`, run one after another on the same machine, each a fresh process; a name may repeat,
+to alternate two of them):
 
-    fresh   compiled decode glue and learner layers, PyTorch's compile caches empty (TORCHINDUCTOR_CACHE_DIR
-            and TRITON_CACHE_DIR are a new folder under OUT)
-    warm    the same command again with the caches `fresh` filled: a user's second launch on the machine
-    eager   neither compiled (the defaults): no compile at start-up, slower steady iterations
+    fresh        compiled decode glue and learner layers, PyTorch's compile caches empty (TORCHINDUCTOR_CACHE_DIR
+                 and TRITON_CACHE_DIR a new folder under OUT), with the run's compile-ahead helpers (the default)
+    fresh-alone  the same without them (--no-compile-ahead): the run compiles everything itself
+    warm         the same command again with the caches the last fresh launch filled: a user's second launch
+    eager        neither compiled (the defaults): no compile at start-up, slower steady iterations
 
-Each variant also records `time/compile` of iterations 1 and 2 (torch.compile's own seconds inside the phases).
+Each variant also records `time/compile` of iterations 1 and 2 (torch.compile's own seconds inside the phases)
+and how long the run waited for its compile-ahead helpers (the run's log line).
 
 Bytecode (`--bytecode`): `pip install` writes each package's compiled bytecode (`.pyc`) when it installs it, so a
 user's first launch reads it. A machine whose installed bytecode is not read (on the GPU machine the run's
@@ -102,11 +105,20 @@ def time_imports(env: dict) -> float:
 
 
 COMPILE_FLAGS = ["--engine.compile-decode", "--learner.compile"]
-VARIANTS = {  # name: (flags, compile cache folder)
-    "fresh": (COMPILE_FLAGS, "compile_cache"),
-    "warm": (COMPILE_FLAGS, "compile_cache"),
-    "eager": ([], "compile_cache_eager"),
+VARIANTS = {  # name: (flags, compile caches: "new" empty ones, "last" those of the last fresh launch, or "eager")
+    "fresh": (COMPILE_FLAGS, "new"),
+    "fresh-alone": (COMPILE_FLAGS + ["--no-compile-ahead"], "new"),
+    "warm": (COMPILE_FLAGS, "last"),
+    "eager": ([], "eager"),
 }
+
+
+def compile_ahead_wait(log_text: str) -> dict[str, float]:
+    """The run's "compile ahead: the run waited 3.1 s (engine), 0.4 s (learner) ..." log line, by part."""
+    match = re.search(r"compile ahead: the run waited (.*) for its helpers", log_text)
+    if match is None:
+        return {}
+    return {part: float(seconds) for seconds, part in re.findall(r"([\d.]+) s \((\w+)\)", match.group(1))}
 
 
 def startup_parts(log_text: str) -> dict[str, float]:
@@ -165,6 +177,7 @@ def measure(name: str, first_row_s: float, rows: list[dict], log_text: str, impo
             "steady_iteration": sum(two.values()),
         },
         "startup_log_s": startup_parts(log_text),
+        "compile_ahead_wait_s": compile_ahead_wait(log_text),
         "compile_s": {"iteration_1": first.get("time/compile", 0.0), "iteration_2": second.get("time/compile", 0.0)},
         "first_iteration_phases_s": one, "second_iteration_phases_s": two,
     }
@@ -174,7 +187,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="a directory: first_iteration.{json,md}, the runs and their logs")
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (a dry run)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["fresh", "warm", "eager"], choices=list(VARIANTS),
+                        help="launches in this order (a name may repeat: each fresh launch gets empty caches)")
     parser.add_argument("--timeout", type=float, default=420, help="seconds per launch")
     parser.add_argument("--profile", action="store_true", help="run each launch under cProfile (see above)")
     parser.add_argument("--bytecode", choices=("cache", "none"), default="cache",
@@ -193,10 +207,18 @@ def main() -> None:
         print(f"bytecode of {bytecode['paths']} packages compiled in {bytecode['seconds']:.1f} s", flush=True)
     imports_s = time_imports(base_env)
     base = grpo_command(policy, data, out, workload, 2, "first", args.cpu) + ["--learner.no-gradient-checkpointing"]
-    results = []
-    for name in args.variants:
-        flags, cache = VARIANTS[name]
-        env = {**base_env, "TORCHINDUCTOR_CACHE_DIR": str(out / cache), "TRITON_CACHE_DIR": str(out / cache / "triton")}
+    results, last_fresh = [], None
+    for i, name in enumerate(args.variants):
+        flags, caches = VARIANTS[name]
+        if caches == "new":
+            cache = last_fresh = out / f"compile_cache_{i}"
+        elif caches == "last":
+            if last_fresh is None:
+                raise SystemExit("--variants: warm reuses the caches of a fresh launch before it")
+            cache = last_fresh
+        else:
+            cache = out / "compile_cache_eager"
+        env = {**base_env, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
         command = base + ([] if args.cpu else flags)
         stats_path = out / "runs" / f"{name}.prof"
         profiled = [command[0], "-m", "cProfile", "-o", str(stats_path), *command[1:]] if args.profile else command
@@ -204,7 +226,7 @@ def main() -> None:
         if args.profile:
             write_profile(stats_path, out / "runs" / f"{name}_profile.txt")
         results.append({**measure(name, first_row_s, rows, text, imports_s), "command": command[3:]})
-        print(f"{name}: {first_row_s:.1f} s", flush=True)
+        print(f"{name}: {first_row_s:.1f} s; compile-ahead wait {results[-1]['compile_ahead_wait_s']}", flush=True)
     result = {
         **common.environment(torch.device("cpu" if args.cpu else "cuda")),
         "shape": "tiny" if args.cpu else "1.5b", "workload": common.workload_dict(workload),
@@ -222,6 +244,10 @@ def main() -> None:
     for part in ("iteration_1", "iteration_2"):
         lines.append(f"| torch.compile in {part.replace('_', ' ')} | " + " | ".join(
             f"{r['compile_s'][part]:.1f}" for r in results) + " |")
+    for part in ("engine", "learner"):
+        lines.append(f"| waited for the {part}'s compile-ahead helper | " + " | ".join(
+            f"{r['compile_ahead_wait_s'][part]:.1f}" if part in r["compile_ahead_wait_s"] else "-" for r in results)
+            + " |")
     for part in results[0]["startup_log_s"]:
         lines.append(f"| start-up: {part} | " + " | ".join(
             f"{r['startup_log_s'].get(part, float('nan')):.1f}" for r in results) + " |")

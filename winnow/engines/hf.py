@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, TYPE_CHECKING
 
+from winnow import compile_ahead
 from winnow.lazy import inference_mode, lazy_import, no_grad
 from winnow.engines.sampling import Sampler, prompt_seeds, row_keys
 from winnow.engines.static_decode import StaticDecoder, unsupported_reason
@@ -138,6 +139,7 @@ class HFEngine:
     # ------------------------------------------------------------------ public API
 
     @inference_mode
+    @compile_ahead.gate("engine")  # a compiling run's first calls wait for its helper's compile (`compile_ahead`)
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """Sample `params.n` responses per prompt; completions[i*n:(i+1)*n] answer prompts[i].
 

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
+from winnow import compile_ahead
 from winnow.lazy import lazy_function, lazy_import, no_grad
 from winnow.learner import memory_budget
 from winnow.learner.lora import adapters_off, is_lora, merged_weights, save_merged
@@ -272,6 +273,7 @@ class Learner:
 
     # ------------------------------------------------------------------ steps
 
+    @compile_ahead.gate("learner")
     def forward_ahead(self, batch: TrainBatch, rows_per_unit: int = 1) -> ForwardAhead | None:
         """Launch the forward of the first micro-batch that `train_policy(batch)` will train, before `batch` has its
         advantages: the device runs it while the host scores the rollout. None where the step cannot take it
@@ -353,6 +355,7 @@ class Learner:
                 f"(last: loss {loss}, gradient norm {grad_norm}); none was applied. Lower --learner.lr, check "
                 f"the rewards and the data, or allow more with --learner.max-bad-steps")
 
+    @compile_ahead.gate("learner")
     def train_policy(
         self, batch: TrainBatch, loss_fn: LossFn, needs_reference: bool = False,
         on_mini_batch: Callable[[TrainBatch], dict[str, float]] | None = None, rows_per_unit: int = 1,
@@ -424,6 +427,7 @@ class Learner:
         return partial(sequence_logprobs, temperature=self.temperature, fused_head=self.fused_head,
                        compile_head=c.compile, compile_dynamic=c.compile_dynamic, share_prompts=c.share_prompts)
 
+    @compile_ahead.gate("learner")
     @no_grad
     def _no_grad_forward(self, model: torch.nn.Module, batch: TrainBatch, forward: ForwardFn) -> torch.Tensor:
         """`forward(model, micro_batch)` over `batch` a micro-batch at a time, [B, T] float32."""

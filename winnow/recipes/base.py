@@ -94,6 +94,10 @@ class OnlineRunConfig(RunConfig):
     settings in `ray`; RL objectives without a critic)"""
     ray: RayConfig = field(default_factory=RayConfig)
     """the Ray runtime's workers and placement (used with --runtime ray)"""
+    compile_ahead: bool = True
+    """with --engine.compile-decode or --learner.compile, a local run on one GPU: at launch, helper processes
+    replay the first iteration on a one-layer copy of the model to fill torch's compile caches while this process
+    loads, so a machine's first compiled launch compiles little itself (`winnow.compile_ahead`)"""
 
     @property
     def compiles(self) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from winnow import compile_ahead
 from winnow.data import batches
 from winnow.envs.config import EnvOptions
 from winnow.lazy import lazy_function
@@ -78,6 +79,14 @@ def _train_local(config: TrainConfig) -> Path:
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
     start_compile_workers(device, config.compiles)
+    compile_ahead.start(config, device)  # helpers compile the first iteration's graphs while this process loads
+    try:
+        return _train_local_parts(config, device)
+    finally:
+        compile_ahead.stop()
+
+
+def _train_local_parts(config: TrainConfig, device) -> Path:
     objective = config.algo
     startup = PhaseTimer()
     with startup("load"):
@@ -86,25 +95,16 @@ def _train_local(config: TrainConfig) -> Path:
         train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
         oracle, gold = _make_oracles(config, train_prompts, eval_prompts)
     try:
-        actor, learner, critic = _build_parts(config, policy, tokenizer, device, startup)
+        actor, learner, critic = build_parts(config, policy, tokenizer, device, startup)
         log_startup(startup)
         run_dir = open_run(config, objective.name, learner.is_main)
         log.info("run %s: %d train / %d eval prompts, %d samples per iteration, %d optimizer steps per iteration",
                  run_dir, len(train_prompts), len(eval_prompts), config.rollout.samples_per_iteration,
                  config.learner.num_mini_batches * config.learner.num_epochs)
-        # Rank 0 alone evaluates; the sync check's probe is the held-out prompts, else the first training prompts.
-        probe = [p.token_ids for p in (eval_prompts or train_prompts)]
 
         def make_loop(logger, bar) -> Loop:
-            family = RLFamily(
-                actor=actor, learner=learner, oracle=oracle, objective=objective, rollout=config.rollout,
-                eval_config=config.eval, prompts=batches(train_prompts, config.rollout.prompts_per_iteration,
-                                                         seed=config.seed),
-                eval_prompts=eval_prompts if learner.is_main else [], seed=config.seed,
-                pad_token_id=tokenizer.pad_token_id, critic=critic, gold=gold)
-            return Loop(family, learner=learner, actor=actor, num_iterations=config.num_iterations,
-                        eval_every=config.eval.every, sync=config.sync, probe=probe, seed=config.seed, logger=logger,
-                        run_dir=run_dir, progress=bar, max_idle_iterations=config.rollout.max_idle_iterations)
+            return make_rl_loop(config, actor, learner, critic, oracle, gold, tokenizer, train_prompts, eval_prompts,
+                                run_dir=run_dir, logger=logger, bar=bar)
 
         run_loop(config, run_dir, learner, make_loop, total=config.num_iterations, desc=objective.name,
                  critic=critic)
@@ -113,6 +113,22 @@ def _train_local(config: TrainConfig) -> Path:
     if config.save_final and critic is not None:
         finish_atomically(run_dir / "critic", critic.save, critic.model)
     return finish(config, run_dir, learner, tokenizer)
+
+
+def make_rl_loop(config: TrainConfig, actor, learner, critic, oracle, gold, tokenizer, train_prompts, eval_prompts, *,
+                 run_dir: Path, logger, bar) -> Loop:
+    """The RL run's loop over its built parts (also what `winnow.compile_ahead` replays on a one-layer policy)."""
+    objective = config.algo
+    family = RLFamily(
+        actor=actor, learner=learner, oracle=oracle, objective=objective, rollout=config.rollout,
+        eval_config=config.eval, prompts=batches(train_prompts, config.rollout.prompts_per_iteration, seed=config.seed),
+        eval_prompts=eval_prompts if learner.is_main else [], seed=config.seed,
+        pad_token_id=tokenizer.pad_token_id, critic=critic, gold=gold)
+    # Rank 0 alone evaluates; the sync check's probe is the held-out prompts, else the first training prompts.
+    probe = [p.token_ids for p in (eval_prompts or train_prompts)]
+    return Loop(family, learner=learner, actor=actor, num_iterations=config.num_iterations,
+                eval_every=config.eval.every, sync=config.sync, probe=probe, seed=config.seed, logger=logger,
+                run_dir=run_dir, progress=bar, max_idle_iterations=config.rollout.max_idle_iterations)
 
 
 def _make_oracles(config: TrainConfig, train_prompts, eval_prompts):
@@ -132,7 +148,7 @@ def _make_oracles(config: TrainConfig, train_prompts, eval_prompts):
     return oracle, gold
 
 
-def _build_parts(config: TrainConfig, policy, tokenizer, device, startup: PhaseTimer):
+def build_parts(config: TrainConfig, policy, tokenizer, device, startup: PhaseTimer):
     """The actor (on the engine's own copy of the policy), the learner and PPO's critic (None for the other
     objectives), each part timed into `startup`."""
     objective = config.algo

@@ -1,0 +1,134 @@
+"""Compile ahead: the run's numbered gates against its helpers, the memory formats' stable pickling, and a real run
+whose helpers fill torch's compile caches so that the run itself compiles nothing (CPU, Inductor's C++ backend)."""
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from winnow import compile_ahead
+from winnow.compile_ahead import _Helper, _Helpers
+
+
+def _sleeper(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_the_run_waits_for_its_helpers_marker_then_goes_on_alone_once_the_helper_ended(tmp_path):
+    # The helper finishes call 1 after ~0.5 s, then exits without reaching call 2.
+    helper = _sleeper(f"import time, pathlib; time.sleep(0.5); pathlib.Path({str(tmp_path / 'engine-1')!r}).touch(); "
+                      f"time.sleep(0.3)")
+    helpers = _Helpers(tmp_path, processes={"engine": helper})
+    start = time.perf_counter()
+    helpers.wait("engine")
+    assert (tmp_path / "engine-1").exists() and time.perf_counter() - start >= 0.4
+    helpers.wait("engine")  # no marker 2: returns when the helper exits, and the part is the run's own from then on
+    assert helper.poll() == 0 and "engine" not in helpers.processes
+    start = time.perf_counter()
+    helpers.wait("engine")
+    assert time.perf_counter() - start < 0.1
+    helpers.wait("learner")  # a part without a helper never waits
+    helpers.stop()
+    assert not tmp_path.exists()  # nothing failed: the folder goes
+
+
+def test_a_failed_helper_is_reported_and_its_log_kept(tmp_path, caplog):
+    helpers = _Helpers(tmp_path, processes={"learner": _sleeper("import sys; sys.exit(3)")})
+    (tmp_path / "learner.log").write_text("Traceback ...")
+    with caplog.at_level(logging.WARNING, logger="winnow.compile_ahead"):
+        helpers.wait("learner")
+    assert "the learner helper failed (exit 3" in caplog.text and str(tmp_path / "learner.log") in caplog.text
+    helpers.stop()
+    assert (tmp_path / "learner.log").exists()
+
+
+def test_a_helper_numbers_its_calls_as_they_begin_and_marks_them_as_they_end(tmp_path):
+    helper = _Helper("learner", tmp_path)
+    with helper.call("learner"):  # train_policy, which runs a no-grad forward inside it
+        with helper.call("learner"):
+            pass
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["learner-2"]
+    with helper.call("engine"):  # another part's calls are not this helper's to mark
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["learner-1", "learner-2"]
+
+
+def test_gates_do_nothing_without_helpers():
+    assert compile_ahead._role is None
+    with compile_ahead.stage("engine"):
+        pass
+
+
+def test_memory_formats_pickle_by_name_and_load_back():
+    compile_ahead.pickle_memory_formats_by_name()
+    for memory_format in (torch.contiguous_format, torch.channels_last, torch.preserve_format):
+        data = pickle.dumps(memory_format)
+        assert b"memory_format_named" in data and pickle.loads(data) is memory_format
+
+
+def test_parts_to_compile_follow_the_run_config():
+    from winnow.algorithms import OBJECTIVES
+    from winnow.recipes.rl import TrainConfig
+
+    config = TrainConfig(algo=OBJECTIVES["grpo"]())
+    assert compile_ahead.parts_to_compile(config) == []  # nothing compiled
+    config.engine.compile_decode, config.learner.compile = True, True
+    assert compile_ahead.parts_to_compile(config) == ["engine", "learner"]
+    assert compile_ahead.parts_to_compile(replace(config, engine_backend="vllm")) == ["learner"]
+    assert compile_ahead.parts_to_compile(replace(config, compile_ahead=False)) == []
+    assert compile_ahead.parts_to_compile(replace(config, runtime="ray")) == []
+    assert compile_ahead.parts_to_compile(replace(config, resume="auto")) == []
+
+
+RUN = """
+import json, sys
+import winnow.compile_ahead as compile_ahead
+compile_ahead.DEVICE_TYPES = ("cuda", "cpu")
+import torch._dynamo.utils as dynamo_utils
+from winnow.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print("COUNTERS " + json.dumps(dict(dynamo_utils.counters["inductor"])))
+"""
+
+
+@pytest.mark.slow
+def test_a_compiling_run_finds_its_graphs_compiled_by_its_helpers(tmp_path):
+    """The engine's decode glue and the learner's layers and head, compiled on CPU with empty caches: the helpers
+    compile every graph of the first iteration, and the run reads them all from the cache (a miss would mean the
+    replay traced another graph, or that the cache keys differ between the processes)."""
+    from winnow.data.tiny import build_tiny_model, save_tiny, train_char_tokenizer
+
+    tokenizer = train_char_tokenizer(["0123456789+= "])
+    save_tiny(build_tiny_model(tokenizer, seed=0), tokenizer, tmp_path / "model")
+    # Prompts of several lengths: every batch is padded, in the run and in its helpers.
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (13, 4), (250, 31), (7, 77)] * 8]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "reward.py").write_text("def odd(prompts, completions, reference, **columns):\n"
+                                        "    return [float(len(c) % 2) for c in completions]\n")
+    (tmp_path / "run.py").write_text(RUN)
+    command = [sys.executable, str(tmp_path / "run.py"), "train", "grpo", "--model.path", str(tmp_path / "model"),
+               "--data.train", str(tmp_path / "prompts.jsonl"), "--oracle.rule.rewards", f"{tmp_path / 'reward.py'}:odd",
+               "--device", "cpu", "--engine.decode", "static", "--engine.compile-decode", "--learner.compile",
+               "--learner.compile-dynamic", "--rollout.prompts-per-iteration", "4", "--rollout.num-samples", "4",
+               "--rollout.max-tokens", "3", "--eval.every", "0", "--eval.max-prompts", "4", "--num-iterations", "1",
+               "--logging.no-progress", "--no-save-final", "--output-dir", str(tmp_path / "runs"), "--run-name", "run"]
+    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counters = json.loads(done.stdout.split("COUNTERS ")[-1])
+    assert "helper processes" in done.stderr  # both parts had a helper
+    assert counters.get("fxgraph_cache_hit", 0) >= 4, (counters, done.stderr[-3000:])
+    assert counters.get("fxgraph_cache_miss", 0) == 0, (counters, done.stderr[-3000:])
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in row for row in rows)  # the run trained, on the graphs its helpers compiled

@@ -1,0 +1,223 @@
+"""Compile ahead: a compiling run's first iteration, replayed at launch in helper processes that fill torch's
+compile caches while the run itself imports and loads its model.
+
+A run that compiles (`--engine.compile-decode`, `--learner.compile`) on a machine whose compile caches are empty
+spends ~15 s of its first iteration in Inductor at 1.5B: the decode step's glue at the first generate, the
+learner layer's forward and backward at the first train step. Neither needs the trained weights, only the
+shapes. So at launch, before the run loads its checkpoint, `start` spawns one helper per compiled part (the
+engine's, the learner's), each running `python -m winnow.recipes.compile_ahead`:
+
+    the run's config ─► the same prompts, the same engine, learner and RL loop, on a ONE-layer random-init copy
+    of the model's architecture (decoder layers share one compiled graph), a random reward instead of the run's
+    oracle ─► one iteration (the first evaluation, collect, train, sync), the other part left eager
+
+The helpers' compiles land in the on-disk caches the run reads (Inductor's FX graph and autograd caches,
+Triton's kernels). The run then meets each compile as a second launch would: it traces and loads from the
+cache instead of generating and building kernels.
+
+The run and its helpers pass the same numbered gates (`stage`): the k-th call of a part (the engine's
+`generate`; the learner's `forward_ahead`, `train_policy` and no-grad forwards) waits, in the run, until that
+part's helper has finished its own k-th call, so the run never compiles a graph its helper is compiling. A gate
+stops waiting when its helper has exited (done or failed: the run then compiles what is left itself).
+
+What is not compiled ahead: shapes that depend on what the trained policy generates (the learner's micro-batch
+lengths when responses end early; the decode step's rows after compaction). The learner helper's responses all
+run to `--rollout.max-tokens`, so its learner shapes are those of a rollout whose longest responses reach the limit
+(with `--learner.compile-dynamic` the lengths are symbolic and any length is served). Where the run's shapes
+differ it compiles them itself, as without this.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEVICE_TYPES = ("cuda",)
+"""where helpers start (a CPU compile is slow and rare; the tests add "cpu" to run the real thing there)"""
+POLL_S = 0.02
+HELPER_TIMEOUT_S = 600.0
+"""a helper still running after this long is stopped (it would only be compiling what the run compiles anyway)"""
+
+
+@dataclass
+class _Helpers:
+    """The run's side: each part's helper process and how many of that part's gates the run has passed."""
+
+    folder: Path
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    passed: dict[str, int] = field(default_factory=dict)
+    waited_s: dict[str, float] = field(default_factory=dict)
+    failed: bool = False
+
+    def wait(self, part: str) -> None:
+        """Before the run's next call of `part`: wait until its helper has finished the same call, or has ended."""
+        process = self.processes.get(part)
+        if process is None:
+            return
+        self.passed[part] = k = self.passed.get(part, 0) + 1
+        marker, start = self.folder / f"{part}-{k}", time.perf_counter()
+        while not marker.exists() and process.poll() is None:
+            if time.perf_counter() - start > HELPER_TIMEOUT_S:
+                process.kill()
+                process.wait()
+                break
+            time.sleep(POLL_S)
+        self.waited_s[part] = self.waited_s.get(part, 0.0) + time.perf_counter() - start
+        if marker.exists():
+            return
+        del self.processes[part]  # the helper ended before this call: the run compiles the rest itself
+        if process.returncode != 0:
+            self.failed = True
+            log.warning("compile ahead: the %s helper failed (exit %s; its log: %s); the run compiles its graphs "
+                        "itself", part, process.returncode, self.folder / f"{part}.log")
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+        if self.waited_s:
+            log.info("compile ahead: the run waited %s for its helpers' compiles",
+                     ", ".join(f"{seconds:.1f} s ({part})" for part, seconds in self.waited_s.items()))
+        if not self.failed:  # a failed helper's log stays for the user to read
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@dataclass
+class _Helper:
+    """A helper's side: which part it compiles, and how many of that part's calls it has begun."""
+
+    part: str
+    folder: Path
+    begun: int = 0
+
+    @contextlib.contextmanager
+    def call(self, part: str) -> Iterator[None]:
+        """Number the call as it begins (as the run numbers its waits; a call may nest another), mark it done
+        when it returns."""
+        if part != self.part:
+            yield
+            return
+        self.begun = k = self.begun + 1
+        yield
+        (self.folder / f"{part}-{k}").touch()
+
+
+_role: _Helpers | _Helper | None = None
+
+
+def become_helper(part: str, folder: Path) -> None:
+    """This process is `part`'s helper (`winnow.recipes.compile_ahead`): its calls of `part` mark their ends."""
+    global _role
+    _role = _Helper(part, folder)
+    pickle_memory_formats_by_name()
+
+
+@contextlib.contextmanager
+def stage(part: str) -> Iterator[None]:
+    """A numbered gate around a call of `part` that may compile: in the run, wait first for its helper to have
+    finished the same call; in a helper, say when it has. Elsewhere nothing."""
+    if isinstance(_role, _Helper):
+        with _role.call(part):
+            yield
+        return
+    if isinstance(_role, _Helpers):
+        _role.wait(part)
+    yield
+
+
+def gate(part: str) -> Callable[[F], F]:
+    """A method decorator: each call runs inside `stage(part)`."""
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        def gated(*args, **kwargs):
+            with stage(part):
+                return method(*args, **kwargs)
+        return gated  # type: ignore[return-value]
+    return decorate
+
+
+def parts_to_compile(config) -> list[str]:
+    """The parts a run compiles that a helper can compile ahead (`--compile-ahead`): a fresh local run of one
+    process with one learner device (a resumed run's first calls are not the replayed ones)."""
+    if not (config.compile_ahead and config.runtime == "local" and config.learner.strategy == "single"
+            and not config.resume and int(os.environ.get("WORLD_SIZE", "1")) <= 1):
+        return []
+    parts = []
+    if config.engine_backend == "hf" and config.engine.compile_decode:
+        parts.append("engine")
+    if config.learner.compile:
+        parts.append("learner")
+    return parts
+
+
+def memory_format_named(name: str):
+    """`torch.<name>`, a memory format (how `pickle_memory_formats_by_name` pickles one)."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def _reduce_memory_format(memory_format) -> tuple:
+    return memory_format_named, (str(memory_format).removeprefix("torch."),)
+
+
+def pickle_memory_formats_by_name() -> None:
+    """Pickle `torch.memory_format`s by their name in `torch`, the same in every process. Torch's compile caches
+    key a graph by pickling its inputs' metadata, memory format included; a memory format (`torch.contiguous_format`)
+    has no module of its own, so pickle names it after the first module in `sys.modules` whose `torch` attribute
+    reaches it, which depends on the order a process imported its modules (the run's and its helper's differ), and
+    the same graph got a different key in each."""
+    import copyreg
+
+    import torch
+
+    copyreg.pickle(torch.memory_format, _reduce_memory_format)
+
+
+def start(config, device) -> None:
+    """Spawn a helper for each part `config` compiles on `device` (a CUDA device), before the run loads its model.
+    The helpers end with the run (`stop`, at exit, or by the kernel if the run is killed)."""
+    global _role
+    parts = parts_to_compile(config) if device.type in DEVICE_TYPES else []
+    if not parts or _role is not None:
+        return
+    pickle_memory_formats_by_name()
+    folder = Path(tempfile.mkdtemp(prefix="winnow-compile-ahead-"))
+    with open(folder / "config.pickle", "wb") as f:
+        pickle.dump(config, f)
+    helpers = _Helpers(folder)
+    for part in parts:
+        with open(folder / f"{part}.log", "wb") as out:
+            helpers.processes[part] = subprocess.Popen(
+                [sys.executable, "-m", "winnow.recipes.compile_ahead", str(folder), part],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    _role = helpers
+    atexit.register(stop)
+    log.info("compile ahead: %s compiled at launch in %s", " and ".join(parts),
+             "a helper process" if len(parts) == 1 else "helper processes")
+
+
+def stop() -> dict[str, float]:
+    """End the helpers (if any still run); returns how long the run waited for each part's helper."""
+    global _role
+    if not isinstance(_role, _Helpers):
+        return {}
+    helpers, _role = _role, None
+    helpers.stop()
+    return dict(helpers.waited_s)

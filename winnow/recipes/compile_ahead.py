@@ -1,0 +1,99 @@
+"""A compile-ahead helper (`winnow.compile_ahead`): `python -m winnow.recipes.compile_ahead FOLDER PART` replays the
+RL run whose config is FOLDER/config.pickle, for its evaluation at 0 and first iteration, on a one-layer random-init
+copy of its model, with only PART ("engine" or "learner") compiled, marking in FOLDER each call of PART it has
+finished. The run waits on those marks before its own calls, and finds their graphs in torch's compile caches."""
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from winnow.compile_ahead import become_helper
+from winnow.loops.base import PhaseTimer
+from winnow.loops.config import RolloutConfig
+from winnow.oracles.workers import die_with_parent
+from winnow.recipes.base import _NullLogger, load_splits
+from winnow.recipes.rl import build_parts, make_rl_loop
+from winnow.setup import load_tokenizer, resolve_device, setup_process
+from winnow.types import RewardResult
+
+
+class _RandomRewards:
+    """The helper's oracle: a reward in [0, 1) per completion, so every group trains (the run's own oracle may be
+    a served model or a grader the helper must not call)."""
+
+    def __init__(self, seed: int):
+        self.random = random.Random(seed)
+
+    def reward(self, prompts, completions, references, columns=None):
+        return RewardResult([self.random.random() for _ in completions])
+
+    def close(self) -> None:
+        return None
+
+
+def _full_length(rollout):
+    """`rollout` whose responses all run to max_tokens (the learner helper's: its random policy's lengths say
+    nothing of the run's, and a micro-batch at full length is the one shape known ahead)."""
+    class FullLengthRollout(RolloutConfig):
+        def sampling_params(self, seed: int | None = None):
+            return replace(super().sampling_params(seed), ignore_eos=True, stop=[])
+
+    return FullLengthRollout(**{f.name: getattr(rollout, f.name) for f in fields(rollout)})
+
+
+def one_layer_policy(model_config, device):
+    """A random-init float32 model of `model_config.path`'s architecture with one decoder layer, on `device`."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_config.path,
+                                                     trust_remote_code=model_config.trust_remote_code)
+    config.num_hidden_layers = 1
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:1]
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                             trust_remote_code=model_config.trust_remote_code)
+
+
+def replay_first_iteration(config, part: str, folder: Path) -> None:
+    """The run's evaluation at 0 and first iteration, as `winnow.recipes.rl` runs them, on a one-layer policy, with
+    only `part` compiled."""
+    # The learner helper samples with the embedded engine even where the run uses vLLM (a second vLLM would take
+    # its share of the GPU); its rollouts only shape the learner's batch.
+    config = replace(config, num_iterations=1, compile_ahead=False, resume=None, save_final=False,
+                     engine_backend="hf" if part == "learner" else config.engine_backend,
+                     engine=replace(config.engine, compile_decode=config.engine.compile_decode and part == "engine"),
+                     learner=replace(config.learner, compile=config.learner.compile and part == "learner",
+                                     compile_dynamic=config.learner.compile_dynamic and part == "learner"))
+    if part == "learner":
+        config = replace(config, rollout=_full_length(config.rollout))
+    setup_process(config.seed, config.num_threads)
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(config.model.tokenizer or config.model.path, config.model.trust_remote_code)
+    train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
+    policy = one_layer_policy(config.model, device)
+    actor, learner, critic = build_parts(config, policy, tokenizer, device, PhaseTimer())
+    loop = make_rl_loop(config, actor, learner, critic, _RandomRewards(config.seed), None, tokenizer, train_prompts,
+                        eval_prompts, run_dir=folder / f"{part}-run", logger=_NullLogger(), bar=None)
+    loop.run()
+
+
+def _main(argv: list[str]) -> int:
+    die_with_parent()
+    folder, part = Path(argv[0]), argv[1]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with open(folder / "config.pickle", "rb") as f:
+        config: Any = pickle.load(f)
+    become_helper(part, folder)
+    replay_first_iteration(config, part, folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
