@@ -18,7 +18,7 @@ from winnow.loops.config import RolloutConfig
 from winnow.oracles.workers import die_with_parent
 from winnow.recipes.base import _NullLogger, load_splits
 from winnow.recipes.rl import build_parts, make_rl_loop
-from winnow.setup import load_tokenizer, resolve_device, setup_process
+from winnow.setup import load_tokenizer, resolve_device, setup_process, start_compile_workers
 from winnow.types import RewardResult
 
 
@@ -75,6 +75,7 @@ def replay_first_iteration(config, part: str, folder: Path) -> None:
         config = replace(config, rollout=_full_length(config.rollout))
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
+    start_compile_workers(device, True)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.path, config.model.trust_remote_code)
     train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
     policy = one_layer_policy(config.model, device)
