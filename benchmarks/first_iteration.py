@@ -24,6 +24,7 @@ to alternate two of them):
                  and TRITON_CACHE_DIR a new folder under OUT), with the run's compile-ahead helpers (the default)
     fresh-alone  the same without them (--no-compile-ahead): the run compiles everything itself
     warm         the same command again with the caches the last fresh launch filled: a user's second launch
+    warm-alone   the same without the helpers
     eager        neither compiled (the defaults): no compile at start-up, slower steady iterations
 
 Each variant also records `time/compile` of iterations 1 and 2 (torch.compile's own seconds inside the phases)
@@ -109,6 +110,7 @@ VARIANTS = {  # name: (flags, compile caches: "new" empty ones, "last" those of 
     "fresh": (COMPILE_FLAGS, "new"),
     "fresh-alone": (COMPILE_FLAGS + ["--no-compile-ahead"], "new"),
     "warm": (COMPILE_FLAGS, "last"),
+    "warm-alone": (COMPILE_FLAGS + ["--no-compile-ahead"], "last"),
     "eager": ([], "eager"),
 }
 
@@ -214,7 +216,7 @@ def main() -> None:
             cache = last_fresh = out / f"compile_cache_{i}"
         elif caches == "last":
             if last_fresh is None:
-                raise SystemExit("--variants: warm reuses the caches of a fresh launch before it")
+                raise SystemExit(f"--variants: {name} reuses the caches of a fresh launch before it")
             cache = last_fresh
         else:
             cache = out / "compile_cache_eager"

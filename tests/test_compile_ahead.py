@@ -74,6 +74,11 @@ def test_memory_formats_pickle_by_name_and_load_back():
         assert b"memory_format_named" in data and pickle.loads(data) is memory_format
 
 
+def test_helpers_start_only_where_the_device_may_be_a_gpu():
+    assert compile_ahead.may_run_on("auto") and compile_ahead.may_run_on("cuda") and compile_ahead.may_run_on("cuda:1")
+    assert not compile_ahead.may_run_on("cpu")
+
+
 def test_parts_to_compile_follow_the_run_config():
     from winnow.algorithms import OBJECTIVES
     from winnow.recipes.rl import TrainConfig

@@ -5,7 +5,8 @@ A run that compiles (`--engine.compile-decode`, `--learner.compile`) on a machin
 spends ~15 s of its first iteration in Inductor at 1.5B: the decode step's glue at the first generate, the
 learner layer's forward and backward at the first train step. Neither needs the trained weights, only the
 shapes. So at launch, before the run loads its checkpoint, `start` spawns one helper per compiled part (the
-engine's, the learner's), each running `python -m winnow.recipes.compile_ahead`:
+engine's, the learner's), each running `python -m winnow.recipes.compile_ahead` (spawned first thing, it imports
+while the run does):
 
     the run's config ─► the same prompts, the same engine, learner and RL loop, on a ONE-layer random-init copy
     of the model's architecture (decoder layers share one compiled graph), a random reward instead of the run's
@@ -21,10 +22,11 @@ part's helper has finished its own k-th call, so the run never compiles a graph 
 stops waiting when its helper has exited (done or failed: the run then compiles what is left itself).
 
 What is not compiled ahead: shapes that depend on what the trained policy generates (the learner's micro-batch
-lengths when responses end early; the decode step's rows after compaction). The learner helper's responses all
-run to `--rollout.max-tokens`, so its learner shapes are those of a rollout whose longest responses reach the limit
-(with `--learner.compile-dynamic` the lengths are symbolic and any length is served). Where the run's shapes
-differ it compiles them itself, as without this.
+lengths when responses end early; the decode step's rows after compaction). The learner helper's responses run to
+`--rollout.max-tokens` but one (one token shorter, so that its batch is padded as a rollout's is and both the padded
+and the full micro-batch's graphs are compiled): its learner shapes are those of a rollout whose longest responses
+reach the limit (with `--learner.compile-dynamic` the lengths are symbolic and any length is served). Where the
+run's shapes differ it compiles them itself, as without this.
 """
 from __future__ import annotations
 
@@ -68,6 +70,8 @@ class _Helpers:
         process = self.processes.get(part)
         if process is None:
             return
+        if not self.passed:  # the run's first call that may compile (torch is imported by now)
+            pickle_memory_formats_by_name()
         self.passed[part] = k = self.passed.get(part, 0) + 1
         marker, start = self.folder / f"{part}-{k}", time.perf_counter()
         while not marker.exists() and process.poll() is None:
@@ -121,10 +125,10 @@ class _Helper:
 _role: _Helpers | _Helper | None = None
 
 
-def become_helper(part: str, folder: Path) -> None:
+def become_helper(part: str, folder: Path, device_types: tuple[str, ...]) -> None:
     """This process is `part`'s helper (`winnow.recipes.compile_ahead`): its calls of `part` mark their ends."""
-    global _role
-    _role = _Helper(part, folder)
+    global _role, DEVICE_TYPES
+    _role, DEVICE_TYPES = _Helper(part, folder), device_types
     pickle_memory_formats_by_name()
 
 
@@ -190,17 +194,23 @@ def pickle_memory_formats_by_name() -> None:
     copyreg.pickle(torch.memory_format, _reduce_memory_format)
 
 
-def start(config, device) -> None:
-    """Spawn a helper for each part `config` compiles on `device` (a CUDA device), before the run loads its model.
-    The helpers end with the run (`stop`, at exit, or by the kernel if the run is killed)."""
+def may_run_on(device_name: str) -> bool:
+    """Whether `--device` may name a device helpers compile for, decided without importing torch ("auto" may be a
+    GPU: a helper that finds none exits at once)."""
+    return device_name == "auto" or device_name.split(":")[0] in DEVICE_TYPES
+
+
+def start(config) -> None:
+    """Spawn a helper for each part `config` compiles, first thing in the run (before it imports torch and loads its
+    model: the helpers import in parallel). The helpers end with the run (`stop`, at exit, or by the kernel if the run
+    is killed)."""
     global _role
-    parts = parts_to_compile(config) if device.type in DEVICE_TYPES else []
+    parts = parts_to_compile(config) if may_run_on(config.device) else []
     if not parts or _role is not None:
         return
-    pickle_memory_formats_by_name()
     folder = Path(tempfile.mkdtemp(prefix="winnow-compile-ahead-"))
     with open(folder / "config.pickle", "wb") as f:
-        pickle.dump(config, f)
+        pickle.dump({"config": config, "device_types": DEVICE_TYPES}, f)
     helpers = _Helpers(folder)
     for part in parts:
         with open(folder / f"{part}.log", "wb") as out:

@@ -12,6 +12,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+from winnow import compile_ahead
 from winnow.compile_ahead import become_helper
 from winnow.loops.base import PhaseTimer
 from winnow.loops.config import RolloutConfig
@@ -19,7 +20,9 @@ from winnow.oracles.workers import die_with_parent
 from winnow.recipes.base import _NullLogger, load_splits
 from winnow.recipes.rl import build_parts, make_rl_loop
 from winnow.setup import load_tokenizer, resolve_device, setup_process, start_compile_workers
-from winnow.types import RewardResult
+from winnow.types import Completion, RewardResult
+
+log = logging.getLogger(__name__)
 
 
 class _RandomRewards:
@@ -44,6 +47,26 @@ def _full_length(rollout):
             return replace(super().sampling_params(seed), ignore_eos=True, stop=[])
 
     return FullLengthRollout(**{f.name: getattr(rollout, f.name) for f in fields(rollout)})
+
+
+class _OneShortResponse:
+    """The learner helper's actor: its responses all run to max_tokens but the last one, one token shorter. A
+    rollout's batch is padded (responses end early, prompts differ in length), and the learner's graph for a padded
+    micro-batch (with an attention mask) is not the one for a full one; the helper's batch then has both kinds."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def __getattr__(self, name: str):
+        return getattr(self.actor, name)
+
+    def generate(self, prompts: list[list[int]], params) -> list[Completion]:
+        completions = self.actor.generate(prompts, params)
+        if completions and len(completions[-1].response_ids) > 1:
+            last = completions[-1]
+            completions[-1] = replace(last, response_ids=last.response_ids[:-1], logprobs=last.logprobs[:-1],
+                                      finish_reason="stop")
+        return completions
 
 
 def one_layer_policy(model_config, device):
@@ -75,11 +98,16 @@ def replay_first_iteration(config, part: str, folder: Path) -> None:
         config = replace(config, rollout=_full_length(config.rollout))
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
+    if device.type not in compile_ahead.DEVICE_TYPES:  # --device auto found no GPU: the run compiles nothing ahead
+        log.info("compile ahead: no %s device here; nothing to compile", " or ".join(compile_ahead.DEVICE_TYPES))
+        return
     start_compile_workers(device, True)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.path, config.model.trust_remote_code)
     train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
     policy = one_layer_policy(config.model, device)
     actor, learner, critic = build_parts(config, policy, tokenizer, device, PhaseTimer())
+    if part == "learner":
+        actor = _OneShortResponse(actor)
     loop = make_rl_loop(config, actor, learner, critic, _RandomRewards(config.seed), None, tokenizer, train_prompts,
                         eval_prompts, run_dir=folder / f"{part}-run", logger=_NullLogger(), bar=None)
     loop.run()
@@ -90,9 +118,9 @@ def _main(argv: list[str]) -> int:
     folder, part = Path(argv[0]), argv[1]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with open(folder / "config.pickle", "rb") as f:
-        config: Any = pickle.load(f)
-    become_helper(part, folder)
-    replay_first_iteration(config, part, folder)
+        spec: dict[str, Any] = pickle.load(f)
+    become_helper(part, folder, spec["device_types"])
+    replay_first_iteration(spec["config"], part, folder)
     return 0
 
 

@@ -76,11 +76,11 @@ def train(config: TrainConfig) -> Path:
 
 def _train_local(config: TrainConfig) -> Path:
     """The local runtime: build the parts (timed, one start-up log line), run the loop, save."""
-    setup_process(config.seed, config.num_threads)
-    device = resolve_device(config.device)
-    start_compile_workers(device, config.compiles)
-    compile_ahead.start(config, device)  # helpers compile the first iteration's graphs while this process loads
+    compile_ahead.start(config)  # helpers compile the first iteration's graphs while this process imports and loads
     try:
+        setup_process(config.seed, config.num_threads)
+        device = resolve_device(config.device)
+        start_compile_workers(device, config.compiles)
         return _train_local_parts(config, device)
     finally:
         compile_ahead.stop()
