@@ -51,7 +51,7 @@ def test_a_failed_helper_is_reported_and_its_log_kept(tmp_path, caplog):
 
 
 def test_a_helper_numbers_its_calls_as_they_begin_and_marks_them_as_they_end(tmp_path):
-    helper = _Helper("learner", tmp_path)
+    helper = _Helper("learner", tmp_path, spawned_at=time.time())
     with helper.call("learner"):  # train_policy, which runs a no-grad forward inside it
         with helper.call("learner"):
             pass
@@ -137,3 +137,6 @@ def test_a_compiling_run_finds_its_graphs_compiled_by_its_helpers(tmp_path):
     assert counters.get("fxgraph_cache_miss", 0) == 0, (counters, done.stderr[-3000:])
     rows = [json.loads(line) for line in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in row for row in rows)  # the run trained, on the graphs its helpers compiled
+    logs = tmp_path / "runs" / "run" / "compile_ahead"  # the helpers' logs, kept with the run
+    assert "learner call 2 done" in (logs / "learner.log").read_text()
+    assert "engine call 1 done" in (logs / "engine.log").read_text()

@@ -64,6 +64,7 @@ class _Helpers:
     passed: dict[str, int] = field(default_factory=dict)
     waited_s: dict[str, float] = field(default_factory=dict)
     failed: bool = False
+    logs_to: Path | None = None
 
     def wait(self, part: str) -> None:
         """Before the run's next call of `part`: wait until its helper has finished the same call, or has ended."""
@@ -98,6 +99,10 @@ class _Helpers:
         if self.waited_s:
             log.info("compile ahead: the run waited %s for its helpers' compiles",
                      ", ".join(f"{seconds:.1f} s ({part})" for part, seconds in self.waited_s.items()))
+        if self.logs_to is not None:
+            self.logs_to.mkdir(parents=True, exist_ok=True)
+            for log_file in self.folder.glob("*.log"):
+                shutil.copy(log_file, self.logs_to / log_file.name)
         if not self.failed:  # a failed helper's log stays for the user to read
             shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -108,6 +113,8 @@ class _Helper:
 
     part: str
     folder: Path
+    spawned_at: float
+    """the run's clock (time.time) when it spawned this helper"""
     begun: int = 0
 
     @contextlib.contextmanager
@@ -120,16 +127,24 @@ class _Helper:
         self.begun = k = self.begun + 1
         yield
         (self.folder / f"{part}-{k}").touch()
+        log.info("compile ahead: %s call %d done, %.1f s after the run spawned this helper", part, k,
+                 time.time() - self.spawned_at)
 
 
 _role: _Helpers | _Helper | None = None
 
 
-def become_helper(part: str, folder: Path, device_types: tuple[str, ...]) -> None:
+def become_helper(part: str, folder: Path, device_types: tuple[str, ...], spawned_at: float) -> None:
     """This process is `part`'s helper (`winnow.recipes.compile_ahead`): its calls of `part` mark their ends."""
     global _role, DEVICE_TYPES
-    _role, DEVICE_TYPES = _Helper(part, folder), device_types
+    _role, DEVICE_TYPES = _Helper(part, folder, spawned_at), device_types
     pickle_memory_formats_by_name()
+
+
+def keep_logs(run_dir: Path) -> None:
+    """Copy the helpers' logs into RUN_DIR/compile_ahead/ when the run ends (what they compiled, and when)."""
+    if isinstance(_role, _Helpers):
+        _role.logs_to = Path(run_dir) / "compile_ahead"
 
 
 @contextlib.contextmanager
@@ -210,7 +225,7 @@ def start(config) -> None:
         return
     folder = Path(tempfile.mkdtemp(prefix="winnow-compile-ahead-"))
     with open(folder / "config.pickle", "wb") as f:
-        pickle.dump({"config": config, "device_types": DEVICE_TYPES}, f)
+        pickle.dump({"config": config, "device_types": DEVICE_TYPES, "spawned_at": time.time()}, f)
     helpers = _Helpers(folder)
     for part in parts:
         with open(folder / f"{part}.log", "wb") as out:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from winnow import compile_ahead
 from winnow.lazy import lazy_import
 
 if TYPE_CHECKING:
@@ -49,7 +50,10 @@ def setup_process(seed: int, num_threads: int | None) -> None:
 def start_compile_workers(device: torch.device, compiling: bool) -> None:
     """Start torch.compile's kernel-building worker processes now, while the model loads. Inductor starts them at
     its first compile, and until they are up (seconds) it builds that compile's kernels one at a time in this
-    process. No-op unless something is compiled for a GPU."""
+    process. No-op unless something is compiled for a GPU. A compiling run also keys its graphs as its
+    compile-ahead helpers do (`compile_ahead.pickle_memory_formats_by_name`), with helpers or without."""
+    if compiling:
+        compile_ahead.pickle_memory_formats_by_name()
     if not compiling or device.type != "cuda":
         return
     try:

@@ -8,6 +8,7 @@ import logging
 import pickle
 import random
 import sys
+import time
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ def replay_first_iteration(config, part: str, folder: Path) -> None:
     train_prompts, eval_prompts = load_splits(config, tokenizer, config.eval.max_prompts)
     policy = one_layer_policy(config.model, device)
     actor, learner, critic = build_parts(config, policy, tokenizer, device, PhaseTimer())
+    log.info("compile ahead: the %s helper built its one-layer run", part)
     if part == "learner":
         actor = _OneShortResponse(actor)
     loop = make_rl_loop(config, actor, learner, critic, _RandomRewards(config.seed), None, tokenizer, train_prompts,
@@ -119,7 +121,9 @@ def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with open(folder / "config.pickle", "rb") as f:
         spec: dict[str, Any] = pickle.load(f)
-    become_helper(part, folder, spec["device_types"])
+    become_helper(part, folder, spec["device_types"], spec["spawned_at"])
+    log.info("compile ahead: the %s helper imported, %.1f s after the run spawned it", part,
+             time.time() - spec["spawned_at"])
     replay_first_iteration(spec["config"], part, folder)
     return 0
 

@@ -98,6 +98,7 @@ def _train_local_parts(config: TrainConfig, device) -> Path:
         actor, learner, critic = build_parts(config, policy, tokenizer, device, startup)
         log_startup(startup)
         run_dir = open_run(config, objective.name, learner.is_main)
+        compile_ahead.keep_logs(run_dir)
         log.info("run %s: %d train / %d eval prompts, %d samples per iteration, %d optimizer steps per iteration",
                  run_dir, len(train_prompts), len(eval_prompts), config.rollout.samples_per_iteration,
                  config.learner.num_mini_batches * config.learner.num_epochs)
