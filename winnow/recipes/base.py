@@ -196,7 +196,7 @@ def run_loop(config, run_dir: Path, learner: Learner, make_loop: Callable[[Any, 
         truncate_metrics(run_dir, resume_from)
     learners = {"policy": learner, **({"critic": critic} if critic is not None else {})}
     with (MetricsLogger(run_dir, config.logging, run_dir.name, dataclasses.asdict(config)) if is_main
-          else _NullLogger()) as logger, \
+          else NullLogger()) as logger, \
             progress(total, desc=desc, enabled=config.logging.progress and is_main) as bar, \
             (contextlib.nullcontext() if bar.disable else logging_redirect_tqdm()):
         # Under a drawn bar, log records go through tqdm.write, above the bar, instead of tearing it.
@@ -217,8 +217,8 @@ def finish(config: RunConfig, run_dir: Path, learner: Learner, tokenizer) -> Pat
     return run_dir
 
 
-class _NullLogger:
-    """The metrics logger of ranks other than 0: they train, rank 0 logs."""
+class NullLogger:
+    """The metrics logger of ranks other than 0 (they train, rank 0 logs) and of compile-ahead helpers."""
 
     def __enter__(self):
         return self

@@ -18,7 +18,7 @@ from winnow.compile_ahead import become_helper
 from winnow.loops.base import PhaseTimer
 from winnow.loops.config import RolloutConfig
 from winnow.oracles.workers import die_with_parent
-from winnow.recipes.base import _NullLogger, load_splits
+from winnow.recipes.base import NullLogger, load_splits
 from winnow.recipes.rl import build_parts, make_rl_loop
 from winnow.setup import load_tokenizer, resolve_device, setup_process, start_compile_workers
 from winnow.types import Completion, RewardResult
@@ -111,7 +111,7 @@ def replay_first_iteration(config, part: str, folder: Path) -> None:
     if part == "learner":
         actor = _OneShortResponse(actor)
     loop = make_rl_loop(config, actor, learner, critic, _RandomRewards(config.seed), None, tokenizer, train_prompts,
-                        eval_prompts, run_dir=folder / f"{part}-run", logger=_NullLogger(), bar=None)
+                        eval_prompts, run_dir=folder / f"{part}-run", logger=NullLogger(), bar=None)
     loop.run()
 
 
