@@ -226,6 +226,24 @@ def test_the_start_up_line_reads_back_as_its_parts(caplog):
     assert startup_parts("no such line") == {}
 
 
+def test_the_compile_ahead_wait_line_reads_back_by_part(tmp_path, caplog):
+    """The run's "waited ... for its helpers' compiles" line (compile_ahead's stop) is what first_iteration.py reads
+    the waits from: each part's seconds, to the line's 0.1 s."""
+    import logging
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from first_iteration import compile_ahead_wait
+    from winnow.compile_ahead import _Helpers
+
+    helpers = _Helpers(tmp_path, waited_s={"engine": 2.24, "learner": 13.61})
+    with caplog.at_level(logging.INFO, logger="winnow.compile_ahead"):
+        helpers.stop()
+    line = caplog.records[-1].getMessage()
+    assert line == "compile ahead: the run waited 2.2 s (engine), 13.6 s (learner) for its helpers' compiles"
+    assert compile_ahead_wait("2026-12-01 INFO winnow.compile_ahead: " + line) == {"engine": 2.2, "learner": 13.6}
+    assert compile_ahead_wait("no such line") == {}
+
+
 def test_vllm_versions_summary_keeps_the_rows_of_releases_not_rerun(tmp_path):
     """`benchmarks/vllm_versions_cpu.py --summarise-only` on one release's reports: its row comes from its JUnit
     report, log and package versions; the other releases' rows stay as OUT's JSON had them, in version order."""
