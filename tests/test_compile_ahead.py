@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -122,12 +123,13 @@ def test_a_compiling_run_finds_its_graphs_compiled_by_its_helpers(tmp_path):
                                         "    return [float(len(c) % 2) for c in completions]\n")
     (tmp_path / "run.py").write_text(RUN)
     command = [sys.executable, str(tmp_path / "run.py"), "train", "grpo", "--model.path", str(tmp_path / "model"),
-               "--data.train", str(tmp_path / "prompts.jsonl"), "--oracle.rule.rewards", f"{tmp_path / 'reward.py'}:odd",
+               "--data.train", str(tmp_path / "prompts.jsonl"),
+               "--oracle.rule.rewards", f"{tmp_path / 'reward.py'}:odd",
                "--device", "cpu", "--engine.decode", "static", "--engine.compile-decode", "--learner.compile",
                "--learner.compile-dynamic", "--rollout.prompts-per-iteration", "4", "--rollout.num-samples", "4",
                "--rollout.max-tokens", "3", "--eval.every", "0", "--eval.max-prompts", "4", "--num-iterations", "1",
                "--logging.no-progress", "--no-save-final", "--output-dir", str(tmp_path / "runs"), "--run-name", "run"]
-    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
            "TRITON_CACHE_DIR": str(tmp_path / "triton")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
