@@ -71,8 +71,6 @@ class _Helpers:
         process = self.processes.get(part)
         if process is None:
             return
-        if not self.passed:  # the run's first call that may compile (torch is imported by now)
-            pickle_memory_formats_by_name()
         self.passed[part] = k = self.passed.get(part, 0) + 1
         marker, start = self.folder / f"{part}-{k}", time.perf_counter()
         while not marker.exists() and process.poll() is None:
@@ -138,7 +136,6 @@ def become_helper(part: str, folder: Path, device_types: tuple[str, ...], spawne
     """This process is `part`'s helper (`winnow.recipes.compile_ahead`): its calls of `part` mark their ends."""
     global _role, DEVICE_TYPES
     _role, DEVICE_TYPES = _Helper(part, folder, spawned_at), device_types
-    pickle_memory_formats_by_name()
 
 
 def keep_logs(run_dir: Path) -> None:
@@ -201,7 +198,8 @@ def pickle_memory_formats_by_name() -> None:
     key a graph by pickling its inputs' metadata, memory format included; a memory format (`torch.contiguous_format`)
     has no module of its own, so pickle names it after the first module in `sys.modules` whose `torch` attribute
     reaches it, which depends on the order a process imported its modules (the run's and its helper's differ), and
-    the same graph got a different key in each."""
+    the same graph got a different key in each. Every compiling run and helper calls this before it compiles
+    (`winnow.setup.start_compile_workers`)."""
     import copyreg
 
     import torch

@@ -9,14 +9,13 @@ import pickle
 import random
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from winnow import compile_ahead
 from winnow.compile_ahead import become_helper
 from winnow.loops.base import PhaseTimer
-from winnow.loops.config import RolloutConfig
 from winnow.oracles.workers import die_with_parent
 from winnow.recipes.base import NullLogger, load_splits
 from winnow.recipes.rl import build_parts, make_rl_loop
@@ -40,18 +39,9 @@ class _RandomRewards:
         return None
 
 
-def _full_length(rollout):
-    """`rollout` whose responses all run to max_tokens (the learner helper's: its random policy's lengths say
-    nothing of the run's, and a micro-batch at full length is the one shape known ahead)."""
-    class FullLengthRollout(RolloutConfig):
-        def sampling_params(self, seed: int | None = None):
-            return replace(super().sampling_params(seed), ignore_eos=True, stop=[])
-
-    return FullLengthRollout(**{f.name: getattr(rollout, f.name) for f in fields(rollout)})
-
-
-class _OneShortResponse:
-    """The learner helper's actor: its responses all run to max_tokens but the last one, one token shorter. A
+class _FullLengthResponses:
+    """The learner helper's actor: every response runs to max_tokens (its random policy's lengths say nothing of the
+    run's, and a micro-batch at full length is the one shape known ahead) but the last one, one token shorter. A
     rollout's batch is padded (responses end early, prompts differ in length), and the learner's graph for a padded
     micro-batch (with an attention mask) is not the one for a full one; the helper's batch then has both kinds."""
 
@@ -62,7 +52,7 @@ class _OneShortResponse:
         return getattr(self.actor, name)
 
     def generate(self, prompts: list[list[int]], params) -> list[Completion]:
-        completions = self.actor.generate(prompts, params)
+        completions = self.actor.generate(prompts, replace(params, ignore_eos=True, stop=[]))
         if completions and len(completions[-1].response_ids) > 1:
             last = completions[-1]
             completions[-1] = replace(last, response_ids=last.response_ids[:-1], logprobs=last.logprobs[:-1],
@@ -95,8 +85,6 @@ def replay_first_iteration(config, part: str, folder: Path) -> None:
                      engine=replace(config.engine, compile_decode=config.engine.compile_decode and part == "engine"),
                      learner=replace(config.learner, compile=config.learner.compile and part == "learner",
                                      compile_dynamic=config.learner.compile_dynamic and part == "learner"))
-    if part == "learner":
-        config = replace(config, rollout=_full_length(config.rollout))
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
     if device.type not in compile_ahead.DEVICE_TYPES:  # --device auto found no GPU: the run compiles nothing ahead
@@ -109,7 +97,7 @@ def replay_first_iteration(config, part: str, folder: Path) -> None:
     actor, learner, critic = build_parts(config, policy, tokenizer, device, PhaseTimer())
     log.info("compile ahead: the %s helper built its one-layer run", part)
     if part == "learner":
-        actor = _OneShortResponse(actor)
+        actor = _FullLengthResponses(actor)
     loop = make_rl_loop(config, actor, learner, critic, _RandomRewards(config.seed), None, tokenizer, train_prompts,
                         eval_prompts, run_dir=folder / f"{part}-run", logger=NullLogger(), bar=None)
     loop.run()
