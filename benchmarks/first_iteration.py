@@ -27,8 +27,10 @@ to alternate two of them):
     warm-alone   the same without the helpers
     eager        neither compiled (the defaults): no compile at start-up, slower steady iterations
 
-Each variant also records `time/compile` of iterations 1 and 2 (torch.compile's own seconds inside the phases)
-and how long the run waited for its compile-ahead helpers (the run's log line).
+Each variant also records `time/compile` of iterations 1 and 2 (torch.compile's own seconds inside the phases),
+how long the run waited for its compile-ahead helpers (the run's log line), and the helpers' own timeline from
+their logs (seconds after spawn when each had built its one-layer run, what that took, when each call was done;
+the logs are copied to OUT/runs/I_VARIANT_PART.log).
 
 Bytecode (`--bytecode`): `pip install` writes each package's compiled bytecode (`.pyc`) when it installs it, so a
 user's first launch reads it. A machine whose installed bytecode is not read (on the GPU machine the run's
@@ -55,6 +57,7 @@ import json
 import os
 import pstats
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -123,6 +126,24 @@ def compile_ahead_wait(log_text: str) -> dict[str, float]:
     return {part: float(seconds) for seconds, part in re.findall(r"([\d.]+) s \((\w+)\)", match.group(1))}
 
 
+def helper_timeline(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Each compile-ahead helper's log kept in RUN_DIR/compile_ahead: seconds after the run spawned it when it had
+    imported, had built its one-layer run, had finished each call."""
+    timeline = {}
+    for log_file in sorted((run_dir / "compile_ahead").glob("*.log")):
+        text, marks = log_file.read_text(), {}
+        for what, seconds in re.findall(r"helper (imported|built its one-layer run), ([\d.]+) s after", text):
+            marks[what.split()[0]] = float(seconds)
+        for k, seconds in re.findall(r"\w+ call (\d+) done, ([\d.]+) s after", text):
+            marks[f"call {k}"] = float(seconds)
+        built = re.search(r"built its one-layer run, [\d.]+ s after the run spawned it \((.*)\)", text)
+        if built:
+            marks.update({f"build: {name}": float(seconds)
+                          for name, seconds in re.findall(r"([\w ]+?) ([\d.]+) s(?:, |$)", built.group(1))})
+        timeline[log_file.stem] = marks
+    return timeline
+
+
 def startup_parts(log_text: str) -> dict[str, float]:
     """The parts of the run's "start-up 12.3 s: load 4.1 s, engine copy 0.2 s, ..." log line."""
     match = re.search(r"start-up [\d.]+ s: (.*)", log_text)
@@ -136,6 +157,7 @@ def launch(command: list[str], env: dict, out: Path, name: str, timeout: float) 
     """Run the CLI once; seconds from launch until iteration 1's metrics row lands, the rows, and the log."""
     metrics = out / "runs" / "first" / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
+    shutil.rmtree(out / "runs" / "first" / "compile_ahead", ignore_errors=True)  # the last launch's helpers' logs
     log_path = out / "runs" / f"{name}.log"
     start = time.perf_counter()
     with open(log_path, "w") as log:
@@ -165,7 +187,7 @@ def write_profile(stats_path: Path, text_path: Path, top: int = 70) -> None:
     text_path.write_text(buffer.getvalue())
 
 
-def measure(name: str, first_row_s: float, rows: list[dict], log_text: str, imports_s: float) -> dict:
+def measure(name: str, first_row_s: float, rows: list[dict], log_text: str, imports_s: float, run_dir: Path) -> dict:
     first, second = (next(r for r in rows if r.get("step") == step) for step in (1, 2))
     phases = lambda row: {p: row.get(f"time/{p}", 0.0) for p in PHASES}  # noqa: E731
     one, two = phases(first), phases(second)
@@ -180,6 +202,7 @@ def measure(name: str, first_row_s: float, rows: list[dict], log_text: str, impo
         },
         "startup_log_s": startup_parts(log_text),
         "compile_ahead_wait_s": compile_ahead_wait(log_text),
+        "compile_ahead_helpers_s": helper_timeline(run_dir),
         "compile_s": {"iteration_1": first.get("time/compile", 0.0), "iteration_2": second.get("time/compile", 0.0)},
         "first_iteration_phases_s": one, "second_iteration_phases_s": two,
     }
@@ -227,7 +250,10 @@ def main() -> None:
         first_row_s, rows, text = launch(profiled, env, out, name, args.timeout)
         if args.profile:
             write_profile(stats_path, out / "runs" / f"{name}_profile.txt")
-        results.append({**measure(name, first_row_s, rows, text, imports_s), "command": command[3:]})
+        results.append({**measure(name, first_row_s, rows, text, imports_s, out / "runs" / "first"),
+                        "command": command[3:]})
+        for log_file in (out / "runs" / "first" / "compile_ahead").glob("*.log"):
+            shutil.copy(log_file, out / "runs" / f"{i}_{name}_{log_file.name}")
         print(f"{name}: {first_row_s:.1f} s; compile-ahead wait {results[-1]['compile_ahead_wait_s']}", flush=True)
     result = {
         **common.environment(torch.device("cpu" if args.cpu else "cuda")),
@@ -250,6 +276,12 @@ def main() -> None:
         lines.append(f"| waited for the {part}'s compile-ahead helper | " + " | ".join(
             f"{r['compile_ahead_wait_s'][part]:.1f}" if part in r["compile_ahead_wait_s"] else "-" for r in results)
             + " |")
+    for helper in sorted({name for r in results for name in r["compile_ahead_helpers_s"]}):
+        for mark in ("built", "call 1", "call 2"):
+            if any(mark in r["compile_ahead_helpers_s"].get(helper, {}) for r in results):
+                lines.append(f"| {helper} helper: {mark}, s after spawn | " + " | ".join(
+                    f"{r['compile_ahead_helpers_s'][helper][mark]:.1f}"
+                    if mark in r["compile_ahead_helpers_s"].get(helper, {}) else "-" for r in results) + " |")
     for part in results[0]["startup_log_s"]:
         lines.append(f"| start-up: {part} | " + " | ".join(
             f"{r['startup_log_s'].get(part, float('nan')):.1f}" for r in results) + " |")

@@ -62,6 +62,35 @@ def test_a_helper_numbers_its_calls_as_they_begin_and_marks_them_as_they_end(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["learner-1", "learner-2"]
 
 
+def test_the_learner_helper_makes_up_full_length_responses_and_pads_the_last():
+    from winnow.recipes.compile_ahead import _FullLengthResponses
+    from winnow.types import SamplingParams
+
+    completions = _FullLengthResponses(actor=None).generate([[5, 6], [7]], SamplingParams(max_tokens=4, n=2))
+    assert [c.response_ids for c in completions] == [[6] * 4, [6] * 4, [7] * 4, [7] * 3]
+    assert [c.finish_reason for c in completions] == ["length"] * 3 + ["stop"]
+    assert [c.prompt_ids for c in completions] == [[5, 6], [5, 6], [7], [7]]
+    assert all(c.logprobs == [-1.0] * c.num_tokens for c in completions)
+
+
+def test_the_learner_helper_samples_fewer_per_prompt_only_where_micro_batches_keep_their_shape():
+    from winnow.algorithms import OBJECTIVES
+    from winnow.recipes.compile_ahead import learner_samples
+    from winnow.recipes.rl import TrainConfig
+
+    config = TrainConfig(algo=OBJECTIVES["grpo"]())
+    config.rollout.prompts_per_iteration, config.rollout.num_samples, config.learner.micro_batch_size = 64, 8, 32
+    assert learner_samples(config) == 2  # 128 rows: four whole micro-batches of 32, not sixteen
+    config.rollout.prompts_per_iteration = 16
+    assert learner_samples(config) == 4  # 64 rows: two micro-batches
+    config.rollout.prompts_per_iteration = 12
+    assert learner_samples(config) == 8  # 96 rows: 12 x 2 or 12 x 4 would leave a part micro-batch
+    config.rollout.prompts_per_iteration = 64
+    for learner in (replace(config.learner, micro_batch_tokens=4096), replace(config.learner, share_prompts=True),
+                    replace(config.learner, num_mini_batches=2)):
+        assert learner_samples(replace(config, learner=learner)) == 8
+
+
 def test_gates_do_nothing_without_helpers():
     assert compile_ahead._role is None
     with compile_ahead.stage("engine"):

@@ -22,11 +22,11 @@ part's helper has finished its own k-th call, so the run never compiles a graph 
 stops waiting when its helper has exited (done or failed: the run then compiles what is left itself).
 
 What is not compiled ahead: shapes that depend on what the trained policy generates (the learner's micro-batch
-lengths when responses end early; the decode step's rows after compaction). The learner helper's responses run to
-`--rollout.max-tokens` but one (one token shorter, so that its batch is padded as a rollout's is and both the padded
-and the full micro-batch's graphs are compiled): its learner shapes are those of a rollout whose longest responses
-reach the limit (with `--learner.compile-dynamic` the lengths are symbolic and any length is served). Where the
-run's shapes differ it compiles them itself, as without this.
+lengths when responses end early; the decode step's rows after compaction). The learner helper samples nothing: its
+responses are made up, `--rollout.max-tokens` long but the last, one token shorter (so that its batch is padded as a
+rollout's is and both the padded and the full micro-batch's graphs are compiled): its learner shapes are those of a
+rollout whose longest responses reach the limit (with `--learner.compile-dynamic` the lengths are symbolic and any
+length is served). Where the run's shapes differ it compiles them itself, as without this.
 """
 from __future__ import annotations
 
@@ -113,6 +113,8 @@ class _Helper:
     folder: Path
     spawned_at: float
     """the run's clock (time.time) when it spawned this helper"""
+    compile_seconds: Callable[[], float] = lambda: 0.0
+    """seconds this process has spent in torch.compile so far (`winnow.loops.base.compile_seconds`)"""
     begun: int = 0
 
     @contextlib.contextmanager
@@ -125,17 +127,23 @@ class _Helper:
         self.begun = k = self.begun + 1
         yield
         (self.folder / f"{part}-{k}").touch()
-        log.info("compile ahead: %s call %d done, %.1f s after the run spawned this helper", part, k,
-                 time.time() - self.spawned_at)
+        log.info("compile ahead: %s call %d done, %.1f s after the run spawned this helper (torch.compile %.1f s so "
+                 "far)", part, k, seconds_since_spawn(), self.compile_seconds())
 
 
 _role: _Helpers | _Helper | None = None
 
 
-def become_helper(part: str, folder: Path, device_types: tuple[str, ...], spawned_at: float) -> None:
+def become_helper(part: str, folder: Path, device_types: tuple[str, ...], spawned_at: float,
+                  compile_seconds: Callable[[], float]) -> None:
     """This process is `part`'s helper (`winnow.recipes.compile_ahead`): its calls of `part` mark their ends."""
     global _role, DEVICE_TYPES
-    _role, DEVICE_TYPES = _Helper(part, folder, spawned_at), device_types
+    _role, DEVICE_TYPES = _Helper(part, folder, spawned_at, compile_seconds), device_types
+
+
+def seconds_since_spawn() -> float:
+    """In a helper: seconds since the run spawned it (the run's clock); elsewhere 0."""
+    return time.time() - _role.spawned_at if isinstance(_role, _Helper) else 0.0
 
 
 def keep_logs(run_dir: Path) -> None:
