@@ -95,9 +95,10 @@ class OnlineRunConfig(RunConfig):
     ray: RayConfig = field(default_factory=RayConfig)
     """the Ray runtime's workers and placement (used with --runtime ray)"""
     compile_ahead: bool = True
-    """with --engine.compile-decode or --learner.compile, a local run on one GPU: at launch, helper processes
-    replay the first iteration on a one-layer copy of the model to fill torch's compile caches while this process
-    loads, so a machine's first compiled launch compiles little itself (`winnow.compile_ahead`)"""
+    """with --engine.compile-decode or --learner.compile, an RL run (`winnow train grpo|ppo|...`; preference runs
+    ignore it) local on one GPU: at launch, helper processes replay the first iteration on a one-layer copy of the
+    model to fill torch's compile caches while this process loads, so a machine's first compiled launch compiles
+    little itself (`winnow.compile_ahead`)"""
 
     @property
     def compiles(self) -> bool:
