@@ -250,9 +250,9 @@ def main() -> None:
         first_row_s, rows, text = launch(profiled, env, out, name, args.timeout)
         if args.profile:
             write_profile(stats_path, out / "runs" / f"{name}_profile.txt")
-        results.append({**measure(name, first_row_s, rows, text, imports_s, out / "runs" / "first"),
-                        "command": command[3:]})
-        for log_file in (out / "runs" / "first" / "compile_ahead").glob("*.log"):
+        run_dir = out / "runs" / "first"
+        results.append({**measure(name, first_row_s, rows, text, imports_s, run_dir), "command": command[3:]})
+        for log_file in (run_dir / "compile_ahead").glob("*.log"):
             shutil.copy(log_file, out / "runs" / f"{i}_{name}_{log_file.name}")
         print(f"{name}: {first_row_s:.1f} s; compile-ahead wait {results[-1]['compile_ahead_wait_s']}", flush=True)
     result = {

@@ -128,7 +128,7 @@ class _Helper:
         yield
         (self.folder / f"{part}-{k}").touch()
         log.info("compile ahead: %s call %d done, %.1f s after the run spawned this helper (torch.compile %.1f s so "
-                 "far)", part, k, seconds_since_spawn(), self.compile_seconds())
+                 "far)", part, k, time.time() - self.spawned_at, self.compile_seconds())
 
 
 _role: _Helpers | _Helper | None = None
