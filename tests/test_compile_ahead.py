@@ -51,6 +51,30 @@ def test_a_failed_helper_is_reported_and_its_log_kept(tmp_path, caplog):
     assert (tmp_path / "learner.log").exists()
 
 
+def test_the_run_waits_for_every_helper_of_a_part(tmp_path):
+    # Two learner helpers: one marks call 1 after ~0.2 s, the other after ~0.6 s; the kernels helper gates nothing.
+    touch = "import time, pathlib; time.sleep({}); pathlib.Path({!r}).touch(); time.sleep(5)"
+    helpers = _Helpers(tmp_path, processes={
+        "learner": _sleeper(touch.format(0.2, str(tmp_path / "learner-1"))),
+        "learner-padded": _sleeper(touch.format(0.6, str(tmp_path / "learner-padded-1"))),
+        "kernels": _sleeper("import time; time.sleep(5)")})
+    start = time.perf_counter()
+    helpers.wait("kernels")  # no part of that name: nothing to wait for
+    assert time.perf_counter() - start < 0.1
+    helpers.wait("learner")
+    assert time.perf_counter() - start >= 0.5 and (tmp_path / "learner-padded-1").exists()
+    assert helpers.passed == {"learner": 1}
+    helpers.stop()
+
+
+def test_a_helper_that_ends_on_its_own_with_an_error_is_reported_when_the_run_stops(tmp_path, caplog):
+    helpers = _Helpers(tmp_path, processes={"kernels": _sleeper("import sys; sys.exit(2)")})
+    helpers.processes["kernels"].wait()
+    with caplog.at_level(logging.WARNING, logger="winnow.compile_ahead"):
+        helpers.stop()
+    assert "the kernels helper failed (exit 2" in caplog.text and tmp_path.exists()
+
+
 def test_a_helper_numbers_its_calls_as_they_begin_and_marks_them_as_they_end(tmp_path):
     helper = _Helper("learner", tmp_path, spawned_at=time.time())
     with helper.call("learner"):  # train_policy, which runs a no-grad forward inside it
@@ -60,6 +84,10 @@ def test_a_helper_numbers_its_calls_as_they_begin_and_marks_them_as_they_end(tmp
     with helper.call("engine"):  # another part's calls are not this helper's to mark
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["learner-1", "learner-2"]
+    padded = _Helper("learner-padded", tmp_path, spawned_at=time.time())  # marks under its own name
+    with padded.call("learner"):
+        pass
+    assert (tmp_path / "learner-padded-1").exists()
 
 
 def test_the_learner_helper_makes_up_full_length_responses_and_pads_the_last():
@@ -71,6 +99,33 @@ def test_the_learner_helper_makes_up_full_length_responses_and_pads_the_last():
     assert [c.finish_reason for c in completions] == ["length"] * 3 + ["stop"]
     assert [c.prompt_ids for c in completions] == [[5, 6], [5, 6], [7], [7]]
     assert all(c.logprobs == [-1.0] * c.num_tokens for c in completions)
+    full = _FullLengthResponses(actor=None, pad_last=False).generate([[5, 6], [7]], SamplingParams(max_tokens=4, n=2))
+    assert [c.response_ids for c in full] == [[6] * 4, [6] * 4, [7] * 4, [7] * 4]
+    assert [c.finish_reason for c in full] == ["length"] * 4
+
+
+def test_the_padded_micro_batch_has_a_helper_of_its_own_where_micro_batches_are_rows():
+    from winnow.algorithms import OBJECTIVES
+    from winnow.recipes.compile_ahead import helper_config
+    from winnow.recipes.rl import TrainConfig
+
+    config = TrainConfig(algo=OBJECTIVES["grpo"]())
+    config.engine.compile_decode, config.learner.compile = True, True
+    config.rollout.prompts_per_iteration, config.rollout.num_samples, config.learner.micro_batch_size = 64, 8, 32
+    assert compile_ahead.padded_apart(config) == 4  # 4 prompts x 8 samples: one micro-batch of 32
+    assert compile_ahead.helpers_to_start(config) == ["engine", "kernels", "learner", "learner-padded"]
+    padded, full = helper_config(config, "learner-padded"), helper_config(config, "learner")
+    assert (padded.rollout.prompts_per_iteration, padded.rollout.num_samples) == (4, 8)
+    assert (full.rollout.prompts_per_iteration, full.rollout.num_samples) == (64, 2)
+    assert padded.learner.compile and not padded.engine.compile_decode and padded.num_iterations == 1
+    engine = helper_config(config, "engine")
+    assert engine.engine.compile_decode and not engine.learner.compile and engine.rollout == config.rollout
+    for learner in (replace(config.learner, micro_batch_size=12),  # 12 rows: not whole prompts' samples
+                    replace(config.learner, micro_batch_tokens=4096), replace(config.learner, num_mini_batches=2),
+                    replace(config.learner, micro_batch_size=1024)):  # more rows than the run has
+        assert compile_ahead.padded_apart(replace(config, learner=learner)) is None
+        assert compile_ahead.helpers_to_start(replace(config, learner=learner)) == ["engine", "kernels", "learner"]
+    assert compile_ahead.helpers_to_start(replace(config, engine_backend="vllm")) == ["learner", "learner-padded"]
 
 
 def test_the_learner_helper_samples_fewer_per_prompt_only_where_micro_batches_keep_their_shape():
@@ -155,7 +210,8 @@ def test_a_compiling_run_finds_its_graphs_compiled_by_its_helpers(tmp_path):
                "--data.train", str(tmp_path / "prompts.jsonl"),
                "--oracle.rule.rewards", f"{tmp_path / 'reward.py'}:odd",
                "--device", "cpu", "--engine.decode", "static", "--engine.compile-decode", "--learner.compile",
-               "--learner.compile-dynamic", "--rollout.prompts-per-iteration", "4", "--rollout.num-samples", "4",
+               "--learner.compile-dynamic", "--learner.micro-batch-size", "8", "--rollout.prompts-per-iteration", "4",
+               "--rollout.num-samples", "4",
                "--rollout.max-tokens", "3", "--eval.every", "0", "--eval.max-prompts", "4", "--num-iterations", "1",
                "--logging.no-progress", "--no-save-final", "--output-dir", str(tmp_path / "runs"), "--run-name", "run"]
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
@@ -163,11 +219,13 @@ def test_a_compiling_run_finds_its_graphs_compiled_by_its_helpers(tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     counters = json.loads(done.stdout.split("COUNTERS ")[-1])
-    assert "helper processes" in done.stderr  # both parts had a helper
+    assert "helper processes (engine, kernels, learner, learner-padded)" in done.stderr
     assert counters.get("fxgraph_cache_hit", 0) >= 4, (counters, done.stderr[-3000:])
     assert counters.get("fxgraph_cache_miss", 0) == 0, (counters, done.stderr[-3000:])
     rows = [json.loads(line) for line in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in row for row in rows)  # the run trained, on the graphs its helpers compiled
     logs = tmp_path / "runs" / "run" / "compile_ahead"  # the helpers' logs, kept with the run
     assert "learner call 2 done" in (logs / "learner.log").read_text()
+    assert "learner call 2 done" in (logs / "learner-padded.log").read_text()  # one micro-batch of 8: 2 prompts x 4
+    assert "no GPU here" in (logs / "kernels.log").read_text()
     assert "engine call 1 done" in (logs / "engine.log").read_text()

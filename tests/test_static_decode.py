@@ -493,6 +493,59 @@ def test_graph_decode_refill_on_gpu(tiny_model, tiny_tokenizer):
     assert_same_samples(want, graph.generate(prompts, params), tolerance=1e-4)  # again, on the kept graphs
 
 
+KERNELS_AHEAD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+from triton.runtime import jit
+from winnow.data.tiny import train_char_tokenizer
+from winnow.engines.hf import HFEngine, HFEngineConfig
+from winnow.engines.static_decode import compile_kernels
+from winnow.types import SamplingParams
+
+compiled = []
+original = jit.JITFunction._do_compile
+def counted(self, *args, **kwargs):
+    compiled.append(self.fn.__name__)
+    return original(self, *args, **kwargs)
+jit.JITFunction._do_compile = counted
+tokenizer = train_char_tokenizer(["0123456789+-*= "])
+config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id)
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(config)
+prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("12+34=", "5+7=", "99+1=", "1")]
+params = SamplingParams(temperature=1.0, max_tokens=40, n=4, seed=0)
+launched = compile_kernels(model.config, torch.bfloat16, torch.device("cuda"), params, rows=16,
+                           max_len=max(map(len, prompts)) + 40, bucket=16, min_rows=2)
+ahead = list(compiled)
+engine = HFEngine(model, tokenizer, HFEngineConfig(decode="graph", attention_bucket=16, min_active_rows=2),
+                  device="cuda")
+engine.decoder.check_every = 4
+completions = engine.generate(prompts, params)
+print(json.dumps({"launched": launched, "ahead": ahead, "generate": compiled[len(ahead):],
+                  "lengths": [c.num_tokens for c in completions], "active": engine.decoder.active}))
+"""
+
+
+@needs_cuda
+def test_kernels_compiled_ahead_leave_the_decoder_nothing_to_compile(tmp_path):
+    # In a process of its own, on an empty Triton cache: `compile_kernels` at the engine's sizes, then the engine's
+    # first call (sampled, so rows stop early and compaction halves them): the call compiles no kernel.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", KERNELS_AHEAD], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["launched"] == ["chunk_mass", "rope_cache", "attend"]
+    assert {"chunk_mass", "rope_cache", "attend"} <= set(result["ahead"])
+    assert result["generate"] == [], result
+    assert result["active"] < 16  # the call compacted its rows: those attention launches were compiled ahead too
+
+
 def test_distinct_rows_index_each_prompt_once():
     """The prefill runs each distinct prompt row once (a prompt's n samples share it): first occurrences in
     order, and every row mapped back to its own."""

@@ -4,29 +4,35 @@ compile caches while the run itself imports and loads its model.
 A run that compiles (`--engine.compile-decode`, `--learner.compile`) on a machine whose compile caches are empty
 spends ~15 s of its first iteration in Inductor at 1.5B: the decode step's glue at the first generate, the
 learner layer's forward and backward at the first train step. Neither needs the trained weights, only the
-shapes. So at launch, before the run loads its checkpoint, `start` spawns one helper per compiled part (the
-engine's, the learner's), each running `python -m winnow.recipes.compile_ahead` (spawned first thing, it imports
-while the run does):
+shapes. So at launch, before the run loads its checkpoint, `start` spawns helpers, each running
+`python -m winnow.recipes.compile_ahead FOLDER NAME` (spawned first thing, it imports while the run does):
 
-    the run's config ─► the same prompts, the same engine, learner and RL loop, on a ONE-layer random-init copy
-    of the model's architecture (decoder layers share one compiled graph), a random reward instead of the run's
-    oracle ─► one iteration (the first evaluation, collect, train, sync), the other part left eager
+    engine           the run's config ─► the same prompts, the same engine, learner and RL loop, on a ONE-layer
+    learner          random-init copy of the model's architecture (decoder layers share one compiled graph), a
+    learner-padded   random reward instead of the run's oracle ─► one iteration (the first evaluation, collect,
+                     train, sync), only its part compiled, the other left eager
+    kernels          the static decoder's own Triton kernels (`static_decode.compile_kernels`), launched once at
+                     the model's sizes: no model, no data, done before the others have built their run
+
+The learner's graphs for a full micro-batch and for a padded one (an attention mask) are compiled one after the other
+in one process; where the run's micro-batches are rows of one mini-batch (`padded_apart`), "learner" compiles the
+full one and "learner-padded", on a batch of exactly one padded micro-batch, the other, side by side.
 
 The helpers' compiles land in the on-disk caches the run reads (Inductor's FX graph and autograd caches,
 Triton's kernels). The run then meets each compile as a second launch would: it traces and loads from the
 cache instead of generating and building kernels.
 
 The run and its helpers pass the same numbered gates (`stage`): the k-th call of a part (the engine's
-`generate`; the learner's `forward_ahead`, `train_policy` and no-grad forwards) waits, in the run, until that
-part's helper has finished its own k-th call, so the run never compiles a graph its helper is compiling. A gate
-stops waiting when its helper has exited (done or failed: the run then compiles what is left itself).
+`generate`; the learner's `forward_ahead`, `train_policy` and no-grad forwards) waits, in the run, until each of
+that part's helpers has finished its own k-th call, so the run never compiles a graph a helper is compiling. A gate
+stops waiting for a helper that has exited (done or failed: the run then compiles what is left itself). The kernels
+helper has no gate: a kernel it has not compiled yet is compiled where it is first launched, as without it.
 
 What is not compiled ahead: shapes that depend on what the trained policy generates (the learner's micro-batch
-lengths when responses end early; the decode step's rows after compaction). The learner helper samples nothing: its
-responses are made up, `--rollout.max-tokens` long but the last, one token shorter (so that its batch is padded as a
-rollout's is and both the padded and the full micro-batch's graphs are compiled): its learner shapes are those of a
-rollout whose longest responses reach the limit (with `--learner.compile-dynamic` the lengths are symbolic and any
-length is served). Where the run's shapes differ it compiles them itself, as without this.
+lengths when responses end early; the decode step's rows after compaction). The learner helpers sample nothing: their
+responses are made up, `--rollout.max-tokens` long, the padded micro-batch's last one a token shorter: their learner
+shapes are those of a rollout whose longest responses reach the limit (with `--learner.compile-dynamic` the lengths
+are symbolic and any length is served). Where the run's shapes differ it compiles them itself, as without this.
 """
 from __future__ import annotations
 
@@ -48,6 +54,8 @@ from typing import Any, Callable, Iterator, TypeVar
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+PART_OF = {"engine": "engine", "kernels": None, "learner": "learner", "learner-padded": "learner"}
+"""each helper's part: the calls whose gates wait for it (the kernels helper's: none)"""
 DEVICE_TYPES = ("cuda",)
 """where helpers start (a CPU compile is slow and rare; the tests add "cpu" to run the real thing there)"""
 POLL_S = 0.02
@@ -57,7 +65,7 @@ HELPER_TIMEOUT_S = 600.0
 
 @dataclass
 class _Helpers:
-    """The run's side: each part's helper process and how many of that part's gates the run has passed."""
+    """The run's side: each helper's process (by name) and how many of each part's gates the run has passed."""
 
     folder: Path
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -67,32 +75,43 @@ class _Helpers:
     logs_to: Path | None = None
 
     def wait(self, part: str) -> None:
-        """Before the run's next call of `part`: wait until its helper has finished the same call, or has ended."""
-        process = self.processes.get(part)
-        if process is None:
+        """Before the run's next call of `part`: wait until each of its helpers has finished the same call, or has
+        ended."""
+        names = [name for name in self.processes if PART_OF.get(name, name) == part]
+        if not names:
             return
         self.passed[part] = k = self.passed.get(part, 0) + 1
-        marker, start = self.folder / f"{part}-{k}", time.perf_counter()
+        start = time.perf_counter()
+        for name in names:
+            self._wait_for(name, k, start)
+        self.waited_s[part] = self.waited_s.get(part, 0.0) + time.perf_counter() - start
+
+    def _wait_for(self, name: str, k: int, start: float) -> None:
+        process, marker = self.processes[name], self.folder / f"{name}-{k}"
         while not marker.exists() and process.poll() is None:
             if time.perf_counter() - start > HELPER_TIMEOUT_S:
                 process.kill()
                 process.wait()
                 break
             time.sleep(POLL_S)
-        self.waited_s[part] = self.waited_s.get(part, 0.0) + time.perf_counter() - start
         if marker.exists():
             return
-        del self.processes[part]  # the helper ended before this call: the run compiles the rest itself
+        del self.processes[name]  # the helper ended before this call: the run compiles the rest itself
+        self._check(name, process)
+
+    def _check(self, name: str, process: subprocess.Popen) -> None:
         if process.returncode != 0:
             self.failed = True
             log.warning("compile ahead: the %s helper failed (exit %s; its log: %s); the run compiles its graphs "
-                        "itself", part, process.returncode, self.folder / f"{part}.log")
+                        "itself", name, process.returncode, self.folder / f"{name}.log")
 
     def stop(self) -> None:
-        for process in self.processes.values():
+        for name, process in self.processes.items():
             if process.poll() is None:
                 process.kill()
                 process.wait()
+            else:  # it ended on its own (the kernels helper, which no gate waits for): did it fail?
+                self._check(name, process)
         self.processes.clear()
         if self.waited_s:
             log.info("compile ahead: the run waited %s for its helpers' compiles",
@@ -107,15 +126,19 @@ class _Helpers:
 
 @dataclass
 class _Helper:
-    """A helper's side: which part it compiles, and how many of that part's calls it has begun."""
+    """A helper's side: its name (`PART_OF`), and how many of its part's calls it has begun."""
 
-    part: str
+    name: str
     folder: Path
     spawned_at: float
     """the run's clock (time.time) when it spawned this helper"""
     compile_seconds: Callable[[], float] = lambda: 0.0
     """seconds this process has spent in torch.compile so far (`winnow.loops.base.compile_seconds`)"""
     begun: int = 0
+
+    @property
+    def part(self) -> str | None:
+        return PART_OF.get(self.name, self.name)
 
     @contextlib.contextmanager
     def call(self, part: str) -> Iterator[None]:
@@ -126,7 +149,7 @@ class _Helper:
             return
         self.begun = k = self.begun + 1
         yield
-        (self.folder / f"{part}-{k}").touch()
+        (self.folder / f"{self.name}-{k}").touch()
         log.info("compile ahead: %s call %d done, %.1f s after the run spawned this helper (torch.compile %.1f s so "
                  "far)", part, k, time.time() - self.spawned_at, self.compile_seconds())
 
@@ -134,11 +157,11 @@ class _Helper:
 _role: _Helpers | _Helper | None = None
 
 
-def become_helper(part: str, folder: Path, device_types: tuple[str, ...], spawned_at: float,
+def become_helper(name: str, folder: Path, device_types: tuple[str, ...], spawned_at: float,
                   compile_seconds: Callable[[], float]) -> None:
-    """This process is `part`'s helper (`winnow.recipes.compile_ahead`): its calls of `part` mark their ends."""
+    """This process is the helper `name` (`winnow.recipes.compile_ahead`): its calls of its part mark their ends."""
     global _role, DEVICE_TYPES
-    _role, DEVICE_TYPES = _Helper(part, folder, spawned_at, compile_seconds), device_types
+    _role, DEVICE_TYPES = _Helper(name, folder, spawned_at, compile_seconds), device_types
 
 
 def seconds_since_spawn() -> float:
@@ -190,6 +213,32 @@ def parts_to_compile(config) -> list[str]:
     return parts
 
 
+def helpers_to_start(config) -> list[str]:
+    """The helpers a run starts (`PART_OF`): the engine's with the kernels helper beside it, the learner's, split in
+    two where `padded_apart`."""
+    names = []
+    for part in parts_to_compile(config):
+        if part == "engine":
+            names += ["engine", "kernels"]
+        else:
+            names += ["learner", "learner-padded"] if padded_apart(config) is not None else ["learner"]
+    return names
+
+
+def padded_apart(config) -> int | None:
+    """Where a learner helper of its own compiles the graphs of a padded micro-batch: the prompts whose samples
+    make exactly one of the run's micro-batches. That is where micro-batches are `micro_batch_size` rows of one
+    mini-batch, prompts not shared, a whole number of prompts' samples, and the run has at least one. None elsewhere
+    (micro-batches by tokens or memory, several mini-batches): there one helper compiles both kinds, on the run's
+    batch with its last response a token short."""
+    rollout, learner = config.rollout, config.learner
+    rows, samples = learner.micro_batch_size, rollout.num_samples
+    if (learner.micro_batch_tokens or learner.micro_batch_memory or learner.share_prompts
+            or learner.num_mini_batches != 1 or rows % samples or rows // samples > rollout.prompts_per_iteration):
+        return None
+    return rows // samples
+
+
 def memory_format_named(name: str):
     """`torch.<name>`, a memory format (how `pickle_memory_formats_by_name` pickles one)."""
     import torch
@@ -226,22 +275,22 @@ def start(config) -> None:
     model: the helpers import in parallel). The helpers end with the run (`stop`, at exit, or by the kernel if the run
     is killed)."""
     global _role
-    parts = parts_to_compile(config) if may_run_on(config.device) else []
-    if not parts or _role is not None:
+    names = helpers_to_start(config) if may_run_on(config.device) else []
+    if not names or _role is not None:
         return
     folder = Path(tempfile.mkdtemp(prefix="winnow-compile-ahead-"))
     with open(folder / "config.pickle", "wb") as f:
         pickle.dump({"config": config, "device_types": DEVICE_TYPES, "spawned_at": time.time()}, f)
     helpers = _Helpers(folder)
-    for part in parts:
-        with open(folder / f"{part}.log", "wb") as out:
-            helpers.processes[part] = subprocess.Popen(
-                [sys.executable, "-m", "winnow.recipes.compile_ahead", str(folder), part],
+    for name in names:
+        with open(folder / f"{name}.log", "wb") as out:
+            helpers.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "winnow.recipes.compile_ahead", str(folder), name],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     _role = helpers
     atexit.register(stop)
-    log.info("compile ahead: %s compiled at launch in %s", " and ".join(parts),
-             "a helper process" if len(parts) == 1 else "helper processes")
+    log.info("compile ahead: %s compiled at launch in helper processes (%s)",
+             " and ".join(parts_to_compile(config)), ", ".join(names))
 
 
 def stop() -> dict[str, float]:

@@ -547,6 +547,56 @@ class StaticDecoder:
         self.lengths.copy_(torch.tensor(lengths))
 
 
+@inference_mode
+def compile_kernels(model_config, dtype: torch.dtype, device: torch.device, params: SamplingParams, rows: int,
+                    max_len: int, bucket: int = 128, min_rows: int | None = 32) -> list[str]:
+    """Launch, on scratch buffers laid out as a `StaticDecoder`'s, each Triton kernel its calls would launch for a
+    model of `model_config` (a config with its heads, K/V heads, head dimension and vocabulary) in `dtype`, a first
+    call of `rows` rows sampled with `params` and sequences of up to `max_len` tokens: the sampler's pass over the
+    logits; RoPE with the cache writes; the attention at every width bucket up to `max_len`, for the rows and each
+    row count compaction halves them to (down to `min_rows`), which decide its split count. Triton compiles a kernel
+    for each new specialization at its first launch and keeps it in its on-disk cache, with the C launcher it builds
+    for it (~2.5 s at the 1.5B shape on an H200); a process that runs this first (`winnow.compile_ahead`'s kernels
+    helper) leaves decoders launched after it only the cache to read. What decides a specialization is as the
+    decoder has it: dtypes, strides (the cache length a multiple of `bucket`), per-row columns and prompt rows,
+    splits. Returns the kernels launched: none off a GPU; the sampler's alone for a head dimension the other kernels
+    do not take."""
+    if not kernels.available(device):
+        return []
+    launched = []
+    sampler = Sampler.of(params, fused=True)
+    keys = torch.arange(rows, device=device)
+    if not (sampler.is_greedy or sampler.is_truncating):  # the untruncated draw's pass over the logits
+        logits = torch.zeros(rows, model_config.vocab_size, dtype=dtype, device=device)
+        sampler(logits, keys, 0)  # the prefill's first token
+        sampler(logits, keys, torch.zeros(rows, dtype=torch.long, device=device))  # a decode step's
+        launched.append("chunk_mass")
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    if not kernels.supports_head_dim(head_dim):
+        return launched
+    cache_len = _round_up(max_len, bucket)
+    cache = torch.zeros(rows, kv_heads, cache_len, head_dim, dtype=dtype, device=device)  # a layer's K (and V)
+    column = torch.zeros(rows, dtype=torch.long, device=device)
+    cos = torch.ones(rows, head_dim, dtype=dtype, device=device)
+    qkv = torch.zeros(rows, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
+    q = kernels.rope_and_cache(qkv, cos, torch.zeros_like(cos), cache, cache, column, heads)
+    q = q.view(rows, kv_heads, heads // kv_heads, head_dim)
+    active = rows
+    while True:
+        for width in range(bucket, cache_len + 1, bucket):
+            kernels.decode_attention(q[:active], cache[:active, :, :width], cache[:active, :, :width],
+                                     torch.ones(active, width, dtype=torch.bool, device=device), head_dim ** -0.5,
+                                     last_column=column[:active], prompt_row=torch.arange(active, device=device),
+                                     prompt_columns=torch.ones(1, dtype=torch.long, device=device))
+        if min_rows is None or active // 2 < max(min_rows, 1):  # as `_compact` halves the active rows
+            break
+        active //= 2
+    torch.cuda.synchronize(device)
+    return launched + ["rope_cache", "attend"]
+
+
 class _Fused(NamedTuple):
     """A layer's projections that read the same input, as one weight each (None: the layer's own modules)."""
     qkv_weight: torch.Tensor | None = None

@@ -1,9 +1,11 @@
-"""A compile-ahead helper (`winnow.compile_ahead`): `python -m winnow.recipes.compile_ahead FOLDER PART` replays the
+"""A compile-ahead helper (`winnow.compile_ahead`): `python -m winnow.recipes.compile_ahead FOLDER NAME` replays the
 RL run whose config is FOLDER/config.pickle, for its evaluation at 0 and first iteration, on a one-layer random-init
-copy of its model, with only PART ("engine" or "learner") compiled, marking in FOLDER each call of PART it has
-finished. The run waits on those marks before its own calls, and finds their graphs in torch's compile caches."""
+copy of its model, with only NAME's part ("engine", "learner", "learner-padded") compiled, marking in FOLDER each call
+of that part it has finished. The run waits on those marks before its own calls, and finds their graphs in torch's
+compile caches. NAME "kernels" launches the static decoder's Triton kernels once at the run's sizes instead."""
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import random
@@ -11,6 +13,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from winnow import compile_ahead
@@ -40,15 +43,15 @@ class _RandomRewards:
 
 
 class _FullLengthResponses:
-    """The learner helper's actor, which samples nothing: the learner compiles for the batch's shapes, not for its
+    """A learner helper's actor, which samples nothing: the learner compiles for the batch's shapes, not for its
     tokens, and a one-layer random policy's lengths say nothing of the run's. Every response is `max_tokens` long (a
-    micro-batch at full length is the one shape known ahead) but the last, one token shorter: a rollout's batch is
-    padded (responses end early, prompts differ in length), and the learner's graph for a padded micro-batch (with an
-    attention mask) is not the one for a full one; the helper's batch then has both kinds. The tokens repeat each
-    prompt's last one; the helper's reward is random."""
+    micro-batch at full length is the one shape known ahead), but with `pad_last` the last, one token shorter: a
+    rollout's batch is padded (responses end early, prompts differ in length), and the learner's graph for a padded
+    micro-batch (with an attention mask) is not the one for a full one; the micro-batch that holds the last response
+    is padded. The tokens repeat each prompt's last one; the helper's reward is random."""
 
-    def __init__(self, actor):
-        self.actor = actor
+    def __init__(self, actor, pad_last: bool = True):
+        self.actor, self.pad_last = actor, pad_last
 
     def __getattr__(self, name: str):
         return getattr(self.actor, name)
@@ -57,7 +60,7 @@ class _FullLengthResponses:
         length = params.max_tokens
         completions = [Completion(prompt, [prompt[-1]] * length, [-1.0] * length, "length", "")
                        for prompt in prompts for _ in range(params.n)]
-        if completions and length > 1:
+        if self.pad_last and completions and length > 1:
             last = completions[-1]
             completions[-1] = replace(last, response_ids=last.response_ids[:-1], logprobs=last.logprobs[:-1],
                                       finish_reason="stop")
@@ -93,19 +96,30 @@ def one_layer_policy(model_config, device):
                                                              trust_remote_code=model_config.trust_remote_code)
 
 
-def replay_first_iteration(config, part: str, folder: Path) -> None:
+def helper_config(config, name: str):
+    """The config helper `name` replays: one iteration, only its part compiled. A learner helper's engine is the
+    embedded one even where the run uses vLLM (a second vLLM would take its share of the GPU): it samples nothing
+    (`_FullLengthResponses`), only takes the synced weights. Its batch: for "learner", the run's prompts with fewer
+    responses each where the learner's shapes allow (`learner_samples`); for "learner-padded", as many prompts as make
+    one micro-batch (`compile_ahead.padded_apart`)."""
+    part = compile_ahead.PART_OF[name]
+    rollout = config.rollout
+    if name == "learner":
+        rollout = replace(rollout, num_samples=learner_samples(config))
+    elif name == "learner-padded":
+        rollout = replace(rollout, prompts_per_iteration=compile_ahead.padded_apart(config))
+    return replace(config, num_iterations=1, compile_ahead=False, resume=None, save_final=False,
+                   engine_backend="hf" if part == "learner" else config.engine_backend,
+                   engine=replace(config.engine, compile_decode=config.engine.compile_decode and part == "engine"),
+                   learner=replace(config.learner, compile=config.learner.compile and part == "learner",
+                                   compile_dynamic=config.learner.compile_dynamic and part == "learner"),
+                   rollout=rollout)
+
+
+def replay_first_iteration(run_config, name: str, folder: Path) -> None:
     """The run's evaluation at 0 and first iteration, as `winnow.recipes.rl` runs them, on a one-layer policy, with
-    only `part` compiled."""
-    # The learner helper's engine is the embedded one even where the run uses vLLM (a second vLLM would take its
-    # share of the GPU): it samples nothing (`_FullLengthResponses`), only takes the synced weights. Its batch has
-    # fewer responses per prompt where the learner's shapes allow (`learner_samples`).
-    config = replace(config, num_iterations=1, compile_ahead=False, resume=None, save_final=False,
-                     engine_backend="hf" if part == "learner" else config.engine_backend,
-                     engine=replace(config.engine, compile_decode=config.engine.compile_decode and part == "engine"),
-                     learner=replace(config.learner, compile=config.learner.compile and part == "learner",
-                                     compile_dynamic=config.learner.compile_dynamic and part == "learner"),
-                     rollout=replace(config.rollout, num_samples=learner_samples(config) if part == "learner"
-                                     else config.rollout.num_samples))
+    only helper `name`'s part compiled (`helper_config`)."""
+    config, part = helper_config(run_config, name), compile_ahead.PART_OF[name]
     start = time.perf_counter()
     setup_process(config.seed, config.num_threads)
     device = resolve_device(config.device)
@@ -120,26 +134,70 @@ def replay_first_iteration(config, part: str, folder: Path) -> None:
     with build("model"):
         policy = one_layer_policy(config.model, device)
     actor, learner, critic = build_parts(config, policy, tokenizer, device, build)
-    log.info("compile ahead: the %s helper built its one-layer run, %.1f s after the run spawned it (%s)", part,
+    log.info("compile ahead: the %s helper built its one-layer run, %.1f s after the run spawned it (%s)", name,
              compile_ahead.seconds_since_spawn(),
              ", ".join(f"{name} {seconds:.1f} s" for name, seconds in build.seconds.items()))
-    if part == "learner":
-        actor = _FullLengthResponses(actor)
+    if part == "learner":  # the full micro-batch's graphs alone where another helper compiles the padded one's
+        actor = _FullLengthResponses(actor, pad_last=name == "learner-padded"
+                                     or compile_ahead.padded_apart(run_config) is None)
     loop = make_rl_loop(config, actor, learner, critic, _RandomRewards(config.seed), None, tokenizer, train_prompts,
                         eval_prompts, run_dir=folder / f"{part}-run", logger=NullLogger(), bar=None)
     loop.run()
 
 
+def _model_sizes(model_config):
+    """The model's config: its config.json read as it is where the model is a local folder (the sizes the kernels
+    take; importing transformers would take the kernels helper seconds), else transformers' config."""
+    path = Path(model_config.path) / "config.json"
+    if path.is_file():
+        raw = json.loads(path.read_text())
+        return SimpleNamespace(**raw.get("text_config", raw))
+    import transformers
+
+    loaded = transformers.AutoConfig.from_pretrained(model_config.path,
+                                                     trust_remote_code=model_config.trust_remote_code)
+    return loaded.get_text_config()
+
+
+def compile_kernels(config) -> None:
+    """The kernels helper: the static decoder's Triton kernels launched once at the run's sizes
+    (`static_decode.compile_kernels`), for the rows of its first rollout and the longest prompt it takes, before the
+    engine helper and the run get to them."""
+    import torch
+
+    from winnow.engines.hf import resolve_dtype
+    from winnow.engines.static_decode import compile_kernels as launch_kernels
+
+    device = resolve_device(config.device)
+    if device.type != "cuda":
+        log.info("compile ahead: no GPU here; no kernels to compile")
+        return
+    model_config = _model_sizes(config.model)
+    rows = config.rollout.samples_per_iteration
+    if config.engine.max_batch_size:
+        rows = min(rows, config.engine.max_batch_size)
+    max_len = config.data.max_prompt_tokens + config.rollout.max_tokens  # the longest a first call's rows reach
+    with torch.cuda.device(device):
+        launched = launch_kernels(model_config, resolve_dtype(config.engine.dtype, device), device,
+                                  config.rollout.sampling_params(), rows, max_len, config.engine.attention_bucket,
+                                  config.engine.min_active_rows or None)
+    log.info("compile ahead: the kernels helper launched %s, %.1f s after the run spawned it",
+             ", ".join(launched) or "none", compile_ahead.seconds_since_spawn())
+
+
 def _main(argv: list[str]) -> int:
     die_with_parent()
-    folder, part = Path(argv[0]), argv[1]
+    folder, name = Path(argv[0]), argv[1]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with open(folder / "config.pickle", "rb") as f:
         spec: dict[str, Any] = pickle.load(f)
-    become_helper(part, folder, spec["device_types"], spec["spawned_at"], compile_seconds)
-    log.info("compile ahead: the %s helper imported, %.1f s after the run spawned it", part,
+    become_helper(name, folder, spec["device_types"], spec["spawned_at"], compile_seconds)
+    log.info("compile ahead: the %s helper imported, %.1f s after the run spawned it", name,
              compile_ahead.seconds_since_spawn())
-    replay_first_iteration(spec["config"], part, folder)
+    if name == "kernels":
+        compile_kernels(spec["config"])
+    else:
+        replay_first_iteration(spec["config"], name, folder)
     return 0
 
 
