@@ -128,7 +128,7 @@ def compile_ahead_wait(log_text: str) -> dict[str, float]:
 
 def helper_timeline(run_dir: Path) -> dict[str, dict[str, float]]:
     """Each compile-ahead helper's log kept in RUN_DIR/compile_ahead: seconds after the run spawned it when it had
-    imported, had built its one-layer run, had finished each call."""
+    imported, had built its one-layer run, had finished each call (the kernels helper: when it was done)."""
     timeline = {}
     for log_file in sorted((run_dir / "compile_ahead").glob("*.log")):
         text, marks = log_file.read_text(), {}
@@ -136,6 +136,8 @@ def helper_timeline(run_dir: Path) -> dict[str, dict[str, float]]:
             marks[what.split()[0]] = float(seconds)
         for k, seconds in re.findall(r"\w+ call (\d+) done, ([\d.]+) s after", text):
             marks[f"call {k}"] = float(seconds)
+        for seconds in re.findall(r"kernels helper launched .*, ([\d.]+) s after", text):
+            marks["done"] = float(seconds)
         built = re.search(r"built its one-layer run, [\d.]+ s after the run spawned it \((.*)\)", text)
         if built:
             marks.update({f"build: {name}": float(seconds)
@@ -277,7 +279,7 @@ def main() -> None:
             f"{r['compile_ahead_wait_s'][part]:.1f}" if part in r["compile_ahead_wait_s"] else "-" for r in results)
             + " |")
     for helper in sorted({name for r in results for name in r["compile_ahead_helpers_s"]}):
-        for mark in ("built", "call 1", "call 2"):
+        for mark in ("built", "call 1", "call 2", "done"):
             if any(mark in r["compile_ahead_helpers_s"].get(helper, {}) for r in results):
                 lines.append(f"| {helper} helper: {mark}, s after spawn | " + " | ".join(
                     f"{r['compile_ahead_helpers_s'][helper][mark]:.1f}"
