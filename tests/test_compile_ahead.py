@@ -126,6 +126,8 @@ def test_the_padded_micro_batch_has_a_helper_of_its_own_where_micro_batches_are_
         assert compile_ahead.padded_apart(replace(config, learner=learner)) is None
         assert compile_ahead.helpers_to_start(replace(config, learner=learner)) == ["engine", "kernels", "learner"]
     assert compile_ahead.helpers_to_start(replace(config, engine_backend="vllm")) == ["learner", "learner-padded"]
+    hf_loop = replace(config, engine=replace(config.engine, decode="hf"))  # launches no kernel of winnow's
+    assert compile_ahead.helpers_to_start(hf_loop) == ["engine", "learner", "learner-padded"]
 
 
 def test_the_learner_helper_samples_fewer_per_prompt_only_where_micro_batches_keep_their_shape():

@@ -214,12 +214,13 @@ def parts_to_compile(config) -> list[str]:
 
 
 def helpers_to_start(config) -> list[str]:
-    """The helpers a run starts (`PART_OF`): the engine's with the kernels helper beside it, the learner's, split in
-    two where `padded_apart`."""
+    """The helpers a run starts (`PART_OF`): the engine's with the kernels helper beside it (unless the engine decodes
+    with transformers' own loop, which launches no kernel of winnow's), the learner's, split in two where
+    `padded_apart`."""
     names = []
     for part in parts_to_compile(config):
         if part == "engine":
-            names += ["engine", "kernels"]
+            names += ["engine"] if config.engine.decode == "hf" else ["engine", "kernels"]
         else:
             names += ["learner", "learner-padded"] if padded_apart(config) is not None else ["learner"]
     return names
