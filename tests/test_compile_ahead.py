@@ -75,6 +75,34 @@ def test_a_helper_that_ends_on_its_own_with_an_error_is_reported_when_the_run_st
     assert "the kernels helper failed (exit 2" in caplog.text and tmp_path.exists()
 
 
+def test_finished_helpers_leave_a_record_and_a_launch_that_finds_it_starts_none(tmp_path, monkeypatch, caplog):
+    from winnow.algorithms import OBJECTIVES
+    from winnow.recipes.rl import TrainConfig
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    config = TrainConfig(algo=OBJECTIVES["grpo"]())
+    config.engine.compile_decode, config.learner.compile, config.device = True, True, "cuda"
+    record = compile_ahead.record_path(config)
+    assert record.parent == tmp_path / "inductor" / "winnow-compile-ahead"
+    assert compile_ahead.record_path(replace(config, output_dir="elsewhere", run_name="again")) == record
+    assert compile_ahead.record_path(replace(config, rollout=replace(config.rollout, max_tokens=99))) != record
+    # A helper still running when the run stops (killed) or one that failed: no record.
+    for code in ("import time; time.sleep(5)", "import sys; sys.exit(1)"):
+        helpers = _Helpers(tmp_path / "helpers", processes={"engine": _sleeper(code)}, record=record)
+        time.sleep(0.3)
+        helpers.stop()
+        assert not record.exists()
+    helpers = _Helpers(tmp_path / "helpers", processes={"engine": _sleeper("pass"), "kernels": _sleeper("pass")},
+                       record=record)
+    for process in helpers.processes.values():
+        process.wait()
+    helpers.stop()
+    assert record.exists()
+    with caplog.at_level(logging.INFO, logger="winnow.compile_ahead"):
+        compile_ahead.start(config)  # a GPU run whose graphs an earlier launch compiled: nothing spawned
+    assert compile_ahead._role is None and "no helpers" in caplog.text
+
+
 def test_a_helper_numbers_its_calls_as_they_begin_and_marks_them_as_they_end(tmp_path):
     helper = _Helper("learner", tmp_path, spawned_at=time.time())
     with helper.call("learner"):  # train_policy, which runs a no-grad forward inside it

@@ -28,6 +28,11 @@ that part's helpers has finished its own k-th call, so the run never compiles a 
 stops waiting for a helper that has exited (done or failed: the run then compiles what is left itself). The kernels
 helper has no gate: a kernel it has not compiled yet is compiled where it is first launched, as without it.
 
+A launch on caches that already hold its graphs starts no helper: helpers that all finished leave a record in
+Inductor's cache folder (`record_path`: the run's model config, rollout, learner, engine, evaluation and objective
+settings and torch's version, hashed), and a later launch that finds its record there compiles nothing ahead (on
+warm caches the four helpers cost a 1.5B launch ~4.5 s: their imports beside the run's, and the engine gate's wait).
+
 What is not compiled ahead: shapes that depend on what the trained policy generates (the learner's micro-batch
 lengths when responses end early; the decode step's rows after compaction). The learner helpers sample nothing: their
 responses are made up, `--rollout.max-tokens` long, the padded micro-batch's last one a token shorter: their learner
@@ -39,9 +44,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import getpass
+import hashlib
+import importlib.metadata
 import logging
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +82,9 @@ class _Helpers:
     waited_s: dict[str, float] = field(default_factory=dict)
     failed: bool = False
     logs_to: Path | None = None
+    record: Path | None = None
+    """written when every helper has finished its replay (`record_path`): a later launch of these settings skips
+    them"""
 
     def wait(self, part: str) -> None:
         """Before the run's next call of `part`: wait until each of its helpers has finished the same call, or has
@@ -106,13 +118,19 @@ class _Helpers:
                         "itself", name, process.returncode, self.folder / f"{name}.log")
 
     def stop(self) -> None:
+        finished = True
         for name, process in self.processes.items():
             if process.poll() is None:
+                finished = False
                 process.kill()
                 process.wait()
             else:  # it ended on its own (the kernels helper, which no gate waits for): did it fail?
                 self._check(name, process)
         self.processes.clear()
+        if finished and not self.failed and self.record is not None:
+            with contextlib.suppress(OSError):  # a cache folder we may not write: the next launch starts helpers
+                self.record.parent.mkdir(parents=True, exist_ok=True)
+                self.record.write_text("the compile-ahead helpers of a launch with these settings finished\n")
         if self.waited_s:
             log.info("compile ahead: the run waited %s for its helpers' compiles",
                      ", ".join(f"{seconds:.1f} s ({part})" for part, seconds in self.waited_s.items()))
@@ -226,6 +244,27 @@ def helpers_to_start(config) -> list[str]:
     return names
 
 
+def record_path(config) -> Path | None:
+    """Where a launch of `config`'s shapes records that its helpers finished: a file named after what its first
+    iteration's graphs depend on (the model's config.json, the rollout, learner, engine, evaluation and objective
+    settings, the device, the prompt length limit, torch's version), in the folder of Inductor's caches
+    (TORCHINDUCTOR_CACHE_DIR, else torch's default), so that it goes when the caches go. None where that folder
+    cannot be named."""
+    model_json = Path(config.model.path or "") / "config.json"
+    try:
+        settings = {
+            "model": model_json.read_text() if model_json.is_file() else str(config.model.path),
+            **{name: repr(getattr(config, name, None)) for name in ("algo", "rollout", "learner", "engine", "eval",
+                                                                    "device", "engine_backend")},
+            "max_prompt_tokens": config.data.max_prompt_tokens, "torch": importlib.metadata.version("torch")}
+        folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(
+            tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser()))
+    except (OSError, KeyError, ImportError):  # no installed torch, no user name
+        return None
+    key = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:20]
+    return Path(folder) / "winnow-compile-ahead" / key
+
+
 def padded_apart(config) -> int | None:
     """Where a learner helper of its own compiles the graphs of a padded micro-batch: the prompts whose samples
     make exactly one of the run's micro-batches. That is where micro-batches are `micro_batch_size` rows of one
@@ -279,10 +318,15 @@ def start(config) -> None:
     names = helpers_to_start(config) if may_run_on(config.device) else []
     if not names or _role is not None:
         return
+    record = record_path(config)
+    if record is not None and record.exists():
+        log.info("compile ahead: an earlier launch with these settings compiled this run's graphs into the caches "
+                 "(%s); no helpers", record)
+        return
     folder = Path(tempfile.mkdtemp(prefix="winnow-compile-ahead-"))
     with open(folder / "config.pickle", "wb") as f:
         pickle.dump({"config": config, "device_types": DEVICE_TYPES, "spawned_at": time.time()}, f)
-    helpers = _Helpers(folder)
+    helpers = _Helpers(folder, record=record)
     for name in names:
         with open(folder / f"{name}.log", "wb") as out:
             helpers.processes[name] = subprocess.Popen(
