@@ -97,8 +97,9 @@ class OnlineRunConfig(RunConfig):
     compile_ahead: bool = True
     """with --engine.compile-decode or --learner.compile, an RL run (`winnow train grpo|ppo|...`; preference runs
     ignore it) local on one GPU: at launch, helper processes replay the first iteration on a one-layer copy of the
-    model to fill torch's compile caches while this process loads, so a machine's first compiled launch compiles
-    little itself (`winnow.compile_ahead`)"""
+    model (and compile the decoder's Triton kernels) to fill the compile caches while this process loads, so a
+    machine's first compiled launch compiles little itself; a launch whose graphs an earlier one's helpers compiled
+    starts none (`winnow.compile_ahead`)"""
 
     @property
     def compiles(self) -> bool:
