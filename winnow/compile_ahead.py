@@ -250,10 +250,10 @@ def record_path(config) -> Path | None:
     settings, the device, the prompt length limit, torch's version), in the folder of Inductor's caches
     (TORCHINDUCTOR_CACHE_DIR, else torch's default), so that it goes when the caches go. None where that folder
     cannot be named."""
-    model_json = Path(config.model.path or "") / "config.json"
+    model_json = Path(config.model.path) / "config.json" if config.model.path else None
     try:
         settings = {
-            "model": model_json.read_text() if model_json.is_file() else str(config.model.path),
+            "model": model_json.read_text() if model_json and model_json.is_file() else str(config.model.path),
             **{name: repr(getattr(config, name, None)) for name in ("algo", "rollout", "learner", "engine", "eval",
                                                                     "device", "engine_backend")},
             "max_prompt_tokens": config.data.max_prompt_tokens, "torch": importlib.metadata.version("torch")}
