@@ -32,6 +32,8 @@ A launch on caches that already hold its graphs starts no helper: helpers that a
 Inductor's cache folder (`record_path`: the run's model config, rollout, learner, engine, evaluation and objective
 settings and torch's version, hashed), and a later launch that finds its record there compiles nothing ahead (on
 warm caches the four helpers cost a 1.5B launch ~4.5 s: their imports beside the run's, and the engine gate's wait).
+The record keys settings, not data: a launch on other prompts whose shapes differ compiles the difference itself, as
+without helpers; deleting the record folder brings the helpers back.
 
 What is not compiled ahead: shapes that depend on what the trained policy generates (the learner's micro-batch
 lengths when responses end early; the decode step's rows after compaction). The learner helpers sample nothing: their
