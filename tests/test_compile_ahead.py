@@ -82,6 +82,7 @@ def test_finished_helpers_leave_a_record_and_a_launch_that_finds_it_starts_none(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     config = TrainConfig(algo=OBJECTIVES["grpo"]())
     config.engine.compile_decode, config.learner.compile, config.device = True, True, "cuda"
+    config.model.path = str(tmp_path / "model")
     record = compile_ahead.record_path(config)
     assert record.parent == tmp_path / "inductor" / "winnow-compile-ahead"
     assert compile_ahead.record_path(replace(config, output_dir="elsewhere", run_name="again")) == record
@@ -138,7 +139,7 @@ def test_the_padded_micro_batch_has_a_helper_of_its_own_where_micro_batches_are_
     from winnow.recipes.rl import TrainConfig
 
     config = TrainConfig(algo=OBJECTIVES["grpo"]())
-    config.engine.compile_decode, config.learner.compile = True, True
+    config.engine.compile_decode, config.learner.compile, config.model.path = True, True, "Qwen/Qwen2.5-1.5B"
     config.rollout.prompts_per_iteration, config.rollout.num_samples, config.learner.micro_batch_size = 64, 8, 32
     assert compile_ahead.padded_apart(config) == 4  # 4 prompts x 8 samples: one micro-batch of 32
     assert compile_ahead.helpers_to_start(config) == ["engine", "kernels", "learner", "learner-padded"]
@@ -154,6 +155,7 @@ def test_the_padded_micro_batch_has_a_helper_of_its_own_where_micro_batches_are_
         assert compile_ahead.padded_apart(replace(config, learner=learner)) is None
         assert compile_ahead.helpers_to_start(replace(config, learner=learner)) == ["engine", "kernels", "learner"]
     assert compile_ahead.helpers_to_start(replace(config, engine_backend="vllm")) == ["learner", "learner-padded"]
+    assert compile_ahead.helpers_to_start(replace(config, model=replace(config.model, path=None))) == []
     hf_loop = replace(config, engine=replace(config.engine, decode="hf"))  # launches no kernel of winnow's
     assert compile_ahead.helpers_to_start(hf_loop) == ["engine", "learner", "learner-padded"]
 

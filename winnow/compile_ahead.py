@@ -238,6 +238,8 @@ def helpers_to_start(config) -> list[str]:
     with transformers' own loop, which launches no kernel of winnow's), the learner's, split in two where
     `padded_apart`."""
     names = []
+    if not config.model.path:  # the run stops at once, asking for one
+        return names
     for part in parts_to_compile(config):
         if part == "engine":
             names += ["engine"] if config.engine.decode == "hf" else ["engine", "kernels"]

@@ -136,12 +136,12 @@ def replay_first_iteration(run_config, name: str, folder: Path) -> None:
     actor, learner, critic = build_parts(config, policy, tokenizer, device, build)
     log.info("compile ahead: the %s helper built its one-layer run, %.1f s after the run spawned it (%s)", name,
              compile_ahead.seconds_since_spawn(),
-             ", ".join(f"{name} {seconds:.1f} s" for name, seconds in build.seconds.items()))
+             ", ".join(f"{step} {seconds:.1f} s" for step, seconds in build.seconds.items()))
     if part == "learner":  # the full micro-batch's graphs alone where another helper compiles the padded one's
         actor = _FullLengthResponses(actor, pad_last=name == "learner-padded"
                                      or compile_ahead.padded_apart(run_config) is None)
     loop = make_rl_loop(config, actor, learner, critic, _RandomRewards(config.seed), None, tokenizer, train_prompts,
-                        eval_prompts, run_dir=folder / f"{part}-run", logger=NullLogger(), bar=None)
+                        eval_prompts, run_dir=folder / f"{name}-run", logger=NullLogger(), bar=None)
     loop.run()
 
 
